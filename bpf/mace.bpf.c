@@ -1,0 +1,146 @@
+// SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
+/*
+ * mace.bpf.c: per-device kernel timestamps of our own ICMP echo probes.
+ *
+ * Three BTF tracepoints see every packet of every namespace on every CPU:
+ *   net_dev_start_xmit  a packet leaves a device (before the driver may change it)
+ *   netif_rx            a packet is queued to a device's backlog (veth, lo): the point
+ *                       where capture timestamps are taken (netdev_tstamp_prequeue)
+ *   netif_receive_skb   a packet is taken up by the stack (NICs, bridges, after backlog)
+ * Foreign packets must cost as little as possible: the first check is skb->protocol,
+ * then one read of the IPv4 header, then one read of ICMP header + nonce. Only probes
+ * carrying this run's nonce (set in .rodata before load, one program set per run) reach
+ * the ring buffer, so concurrent runs never see each other's events. Nothing is written
+ * to any map for foreign traffic.
+ */
+#include "vmlinux_min.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_endian.h>
+#include "mace.h"
+
+#define ETH_P_IP 0x0800
+#define IPPROTO_ICMP 1
+#define ICMP_ECHOREPLY 0
+#define ICMP_ECHO 8
+#define IP_OFFSET_MASK 0x1fff
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+/* Set by the loader before load (one program set per run); nonce 0 matches nothing. */
+const volatile struct mace_config cfg = {};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 22); /* 4 MiB: ~87k events of 48 bytes */
+} events SEC(".maps");
+
+/* Events we could not record (ring buffer full), per CPU; summed by the loader. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} lost SEC(".maps");
+
+struct iphdr_min {
+	__u8 ver_ihl;
+	__u8 tos;
+	__be16 tot_len;
+	__be16 id;
+	__be16 frag_off;
+	__u8 ttl;
+	__u8 protocol;
+	__be16 check;
+	__be32 saddr;
+	__be32 daddr;
+};
+
+struct icmp_probe {
+	__u8 type;
+	__u8 code;
+	__be16 checksum;
+	__be16 id;
+	__be16 seq;
+	__u64 nonce; /* first MACE_NONCE_LEN payload bytes */
+};
+
+static __always_inline void count_lost(void)
+{
+	__u32 zero = 0;
+	__u64 *n = bpf_map_lookup_elem(&lost, &zero);
+
+	if (n)
+		*n += 1; /* per-CPU slot: no atomic needed */
+}
+
+/* l3 points at the IPv4 header of skb; record an event if it is one of our probes. */
+static __always_inline int record(const struct sk_buff *skb, unsigned char *l3,
+				  const struct net_device *dev, __u8 hook)
+{
+	struct iphdr_min ip;
+	struct icmp_probe icmp;
+	struct mace_event *e;
+	__u8 ihl;
+
+	if (bpf_probe_read_kernel(&ip, sizeof(ip), l3))
+		return 0;
+	if (ip.protocol != IPPROTO_ICMP || (ip.ver_ihl >> 4) != 4)
+		return 0;
+	if (ip.frag_off & bpf_htons(IP_OFFSET_MASK))
+		return 0; /* a later fragment: no ICMP header */
+	ihl = (ip.ver_ihl & 0x0f) * 4;
+	if (ihl < sizeof(ip))
+		return 0;
+	if (bpf_probe_read_kernel(&icmp, sizeof(icmp), l3 + ihl))
+		return 0;
+	if (icmp.nonce != cfg.nonce || cfg.nonce == 0)
+		return 0;
+	if (icmp.type != ICMP_ECHO && icmp.type != ICMP_ECHOREPLY)
+		return 0;
+
+	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e) {
+		count_lost();
+		return 0;
+	}
+	e->ts_ns = bpf_ktime_get_ns();
+	e->netns = BPF_CORE_READ(dev, nd_net.net, ns.inum);
+	e->ifindex = BPF_CORE_READ(dev, ifindex);
+	e->saddr = ip.saddr;
+	e->daddr = ip.daddr;
+	e->seq = bpf_ntohs(icmp.seq);
+	e->packet = icmp.type == ICMP_ECHO ? MACE_PKT_REQUEST : MACE_PKT_REPLY;
+	e->hook = hook;
+	bpf_probe_read_kernel_str(e->dev, sizeof(e->dev), dev->name);
+	e->cpu = bpf_get_smp_processor_id();
+	bpf_ringbuf_submit(e, 0);
+	return 0;
+}
+
+SEC("tp_btf/net_dev_start_xmit")
+int BPF_PROG(mace_xmit, const struct sk_buff *skb, const struct net_device *dev)
+{
+	if (skb->protocol != bpf_htons(ETH_P_IP))
+		return 0;
+	/* Leaving a device, skb->data is at L2; the IPv4 header is at network_header. */
+	return record(skb, skb->head + skb->network_header, dev, MACE_HOOK_XMIT);
+}
+
+SEC("tp_btf/netif_rx")
+int BPF_PROG(mace_rx, struct sk_buff *skb)
+{
+	if (skb->protocol != bpf_htons(ETH_P_IP))
+		return 0;
+	/* After eth_type_trans, skb->data is at L3 (network_header is not reset yet). */
+	return record(skb, skb->data, skb->dev, MACE_HOOK_RX);
+}
+
+SEC("tp_btf/netif_receive_skb")
+int BPF_PROG(mace_receive, struct sk_buff *skb)
+{
+	if (skb->protocol != bpf_htons(ETH_P_IP))
+		return 0;
+	return record(skb, skb->data, skb->dev, MACE_HOOK_RECEIVE);
+}

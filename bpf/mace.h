@@ -1,0 +1,41 @@
+/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/*
+ * Event record shared by the kernel side (mace.bpf.c) and the user side
+ * (mace_tools/kernel/events.py decodes it with struct format "<QIIIIHBB16sI4x" (48 bytes)).
+ * Change both together; tests/test_events.py checks the size.
+ */
+#ifndef __MACE_H
+#define __MACE_H
+
+#define MACE_NONCE_LEN 8
+
+enum mace_hook {
+	MACE_HOOK_XMIT = 0,	/* net:net_dev_start_xmit: leaving a device, before the driver */
+	MACE_HOOK_RX = 1,	/* net:netif_rx: queued to a device's backlog (veth, lo) */
+	MACE_HOOK_RECEIVE = 2,	/* net:netif_receive_skb: taken up by the stack */
+};
+
+enum mace_packet {
+	MACE_PKT_REQUEST = 0,	/* ICMP echo request */
+	MACE_PKT_REPLY = 1,	/* ICMP echo reply */
+};
+
+/* Per-run configuration, written into .rodata by the loader before load. */
+struct mace_config {
+	__u64 nonce;		/* first MACE_NONCE_LEN payload bytes of this run's probes; 0: none */
+};
+
+struct mace_event {
+	__u64 ts_ns;		/* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
+	__u32 netns;		/* inode of the device's network namespace */
+	__u32 ifindex;
+	__u32 saddr;		/* IPv4 addresses as seen at this device (network order) */
+	__u32 daddr;
+	__u16 seq;		/* ICMP sequence number (host order) */
+	__u8 packet;		/* enum mace_packet */
+	__u8 hook;		/* enum mace_hook */
+	char dev[16];
+	__u32 cpu;		/* CPU the event was recorded on (diagnostics) */
+};
+
+#endif /* __MACE_H */

@@ -1,0 +1,13 @@
+"""One exception type for every user-facing failure.
+
+Raised anywhere below the CLI with a one-line message; the CLI prints
+``<tool>: <message>`` on stderr and exits with ``exit_code`` (2, as ping does on errors).
+"""
+
+from __future__ import annotations
+
+
+class MaceError(Exception):
+    def __init__(self, message: str, exit_code: int = 2) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

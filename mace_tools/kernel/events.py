@@ -1,0 +1,38 @@
+"""Decoding of struct mace_event (bpf/mace.h) into model.KernelEvent."""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+from mace_tools.model import Hook, KernelEvent, Packet
+
+# struct mace_event: ts_ns, netns, ifindex, saddr, daddr, seq, packet, hook, dev[16], cpu, pad
+EVENT = struct.Struct("<QIIIIHBB16sI4x")
+
+_HOOKS = tuple(Hook)
+_PACKETS = tuple(Packet)
+_addr_cache: dict[int, str] = {}
+_dev_cache: dict[bytes, str] = {}
+
+
+def _addr(raw: int) -> str:
+    # saddr/daddr were copied in network order and unpacked little-endian: repack the same way.
+    text = _addr_cache.get(raw)
+    if text is None:
+        text = _addr_cache[raw] = socket.inet_ntoa(raw.to_bytes(4, "little"))
+    return text
+
+
+def _dev(raw: bytes) -> str:
+    name = _dev_cache.get(raw)
+    if name is None:
+        name = _dev_cache[raw] = raw.split(b"\0", 1)[0].decode(errors="replace")
+    return name
+
+
+def decode(buf: memoryview | bytes, offset: int = 0) -> KernelEvent:
+    ts, netns, ifindex, saddr, daddr, seq, packet, hook, dev, _cpu = EVENT.unpack_from(buf, offset)
+    return KernelEvent(
+        ts, seq, _PACKETS[packet], _HOOKS[hook], ifindex, netns, _dev(dev), _addr(saddr), _addr(daddr)
+    )

@@ -1,0 +1,173 @@
+"""The project's only ctypes code: libbpf.so.1 (system libbpf1) and libc's setns().
+
+Kept tiny on purpose: open/load/attach a BPF object, read a map element, enter a network
+namespace. Everything above works with plain ints and bytes. libbpf 1.x conventions: pointer
+returning calls give NULL and set errno; int returning calls give -errno.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+
+from mace_tools.errors import MaceError
+
+_c_void_p = ctypes.c_void_p
+_c_char_p = ctypes.c_char_p
+_c_int = ctypes.c_int
+
+CLONE_NEWNET = 0x40000000
+
+# libbpf_print_fn_t: int (*)(enum libbpf_print_level, const char *, va_list)
+_PRINT_FN = ctypes.CFUNCTYPE(_c_int, _c_int, _c_char_p, _c_void_p)
+
+
+class _Lib:
+    """Lazily bound libbpf with argument types declared once."""
+
+    def __init__(self) -> None:
+        try:
+            lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
+        except OSError as exc:
+            raise MaceError(
+                "libbpf.so.1 not found: install the system libbpf (Debian: apt-get install libbpf1)"
+            ) from exc
+        sig = {
+            "bpf_object__open_file": (_c_void_p, [_c_char_p, _c_void_p]),
+            "bpf_object__load": (_c_int, [_c_void_p]),
+            "bpf_object__close": (None, [_c_void_p]),
+            "bpf_object__find_map_by_name": (_c_void_p, [_c_void_p, _c_char_p]),
+            "bpf_object__find_program_by_name": (_c_void_p, [_c_void_p, _c_char_p]),
+            "bpf_map__initial_value": (_c_void_p, [_c_void_p, ctypes.POINTER(ctypes.c_size_t)]),
+            "bpf_map__fd": (_c_int, [_c_void_p]),
+            "bpf_map__max_entries": (ctypes.c_uint32, [_c_void_p]),
+            "bpf_program__attach": (_c_void_p, [_c_void_p]),
+            "bpf_program__fd": (_c_int, [_c_void_p]),
+            "bpf_link__destroy": (_c_int, [_c_void_p]),
+            "bpf_map_lookup_elem": (_c_int, [_c_int, _c_void_p, _c_void_p]),
+            "bpf_obj_get_info_by_fd": (_c_int, [_c_int, _c_void_p, ctypes.POINTER(ctypes.c_uint32)]),
+            "libbpf_num_possible_cpus": (_c_int, []),
+            "libbpf_set_print": (_c_void_p, [_c_void_p]),
+        }
+        for name, (restype, argtypes) in sig.items():
+            fn = getattr(lib, name)
+            fn.restype = restype
+            fn.argtypes = argtypes
+        self.lib = lib
+        self._printer = _install_printer(lib)
+
+
+def _install_printer(lib: ctypes.CDLL) -> object:
+    """Silence libbpf unless MACE_DEBUG is set: its messages are for developers, not users."""
+    if not os.environ.get("MACE_DEBUG"):
+        lib.libbpf_set_print(None)
+        return None
+    libc = ctypes.CDLL(None)
+    libc.vsnprintf.argtypes = [_c_char_p, ctypes.c_size_t, _c_char_p, _c_void_p]
+
+    def _print(level: int, fmt: bytes, args: int) -> int:
+        buf = ctypes.create_string_buffer(2048)
+        libc.vsnprintf(buf, len(buf), fmt, args)
+        sys.stderr.write("libbpf: " + buf.value.decode(errors="replace"))
+        return 0
+
+    printer = _PRINT_FN(_print)
+    lib.libbpf_set_print(ctypes.cast(printer, _c_void_p))
+    return printer  # keep the callback alive
+
+
+_lib: _Lib | None = None
+
+
+def libbpf() -> ctypes.CDLL:
+    global _lib
+    if _lib is None:
+        _lib = _Lib()
+    return _lib.lib
+
+
+def last_errno() -> int:
+    return ctypes.get_errno()
+
+
+def map_initial_value(map_ptr: int) -> memoryview:
+    """Writable view of a global-data map (.rodata/.bss) before load, as skeletons use it."""
+    size = ctypes.c_size_t(0)
+    addr = libbpf().bpf_map__initial_value(map_ptr, ctypes.byref(size))
+    if not addr:
+        raise MaceError("BPF object has no initial value for its .rodata map")
+    return memoryview((ctypes.c_char * size.value).from_address(addr)).cast("B")
+
+
+def lookup_percpu_u64(map_fd: int, key: int, ncpus: int) -> list[int]:
+    """Per-CPU values of one u64 slot of a PERCPU_ARRAY map."""
+    values = (ctypes.c_uint64 * ncpus)()
+    k = ctypes.c_uint32(key)
+    if libbpf().bpf_map_lookup_elem(map_fd, ctypes.byref(k), values) != 0:
+        return []
+    return list(values)
+
+
+class _ProgInfo(ctypes.Structure):
+    # Leading fields of struct bpf_prog_info (uapi); the kernel fills what fits info_len.
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("tag", ctypes.c_uint8 * 8),
+        ("jited_prog_len", ctypes.c_uint32),
+        ("xlated_prog_len", ctypes.c_uint32),
+        ("jited_prog_insns", ctypes.c_uint64),
+        ("xlated_prog_insns", ctypes.c_uint64),
+        ("load_time", ctypes.c_uint64),
+        ("created_by_uid", ctypes.c_uint32),
+        ("nr_map_ids", ctypes.c_uint32),
+        ("map_ids", ctypes.c_uint64),
+        ("name", ctypes.c_char * 16),
+        ("ifindex", ctypes.c_uint32),
+        ("gpl_compatible_etc", ctypes.c_uint32),
+        ("netns_dev", ctypes.c_uint64),
+        ("netns_ino", ctypes.c_uint64),
+        ("nr_jited_ksyms", ctypes.c_uint32),
+        ("nr_jited_func_lens", ctypes.c_uint32),
+        ("jited_ksyms", ctypes.c_uint64),
+        ("jited_func_lens", ctypes.c_uint64),
+        ("btf_id", ctypes.c_uint32),
+        ("func_info_rec_size", ctypes.c_uint32),
+        ("func_info", ctypes.c_uint64),
+        ("nr_func_info", ctypes.c_uint32),
+        ("nr_line_info", ctypes.c_uint32),
+        ("line_info", ctypes.c_uint64),
+        ("jited_line_info", ctypes.c_uint64),
+        ("nr_jited_line_info", ctypes.c_uint32),
+        ("line_info_rec_size", ctypes.c_uint32),
+        ("jited_line_info_rec_size", ctypes.c_uint32),
+        ("nr_prog_tags", ctypes.c_uint32),
+        ("prog_tags", ctypes.c_uint64),
+        ("run_time_ns", ctypes.c_uint64),
+        ("run_cnt", ctypes.c_uint64),
+    ]
+
+
+def prog_run_stats(prog_fd: int) -> tuple[int, int]:
+    """(run_time_ns, run_cnt) of a loaded program; both 0 unless kernel.bpf_stats_enabled=1."""
+    info = _ProgInfo()
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    if libbpf().bpf_obj_get_info_by_fd(prog_fd, ctypes.byref(info), ctypes.byref(size)) != 0:
+        return (0, 0)
+    return (info.run_time_ns, info.run_cnt)
+
+
+def setns(fd: int) -> None:
+    """Move the calling thread into the network namespace open at fd (Python 3.11 lacks os.setns)."""
+    if hasattr(os, "setns"):  # Python >= 3.12
+        try:
+            os.setns(fd, CLONE_NEWNET)
+        except OSError as exc:
+            raise MaceError(f"cannot enter network namespace: {exc.strerror}") from exc
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise MaceError(f"cannot enter network namespace: {os.strerror(err)}")

@@ -1,0 +1,142 @@
+"""Records that flow one way: probe sender -> kernel events -> correlation -> output.
+
+Plain dataclasses, no behaviour beyond small derived properties, so every stage can be
+unit-tested with hand-made values. Times are integers in nanoseconds; a name says which
+clock: ``*_mono_ns`` is CLOCK_MONOTONIC (the clock of bpf_ktime_get_ns), ``*_real_ns`` is
+CLOCK_REALTIME (the clock of SO_TIMESTAMPNS and of packet captures). Only values of the same
+clock are ever subtracted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import NamedTuple
+
+
+class Hook(IntEnum):
+    """Kernel hook that produced an event (values shared with bpf/mace.h)."""
+
+    XMIT = 0  # net:net_dev_start_xmit -- leaving a device, before the driver
+    RX = 1  # net:netif_rx -- queued to a device's receive backlog (veth, lo)
+    RECEIVE = 2  # net:netif_receive_skb -- processed by the stack (NICs, bridge, after backlog)
+
+
+class Packet(IntEnum):
+    """Which packet of a probe an event belongs to (values shared with bpf/mace.h)."""
+
+    REQUEST = 0
+    REPLY = 1
+
+
+class KernelEvent(NamedTuple):
+    """One probe packet seen at one device by the eBPF backend.
+
+    A NamedTuple, not a dataclass: at flood rates tens of thousands are made per second
+    and tuple construction is several times cheaper.
+    """
+
+    ts_mono_ns: int
+    seq: int  # ICMP sequence number (host order)
+    packet: Packet
+    hook: Hook
+    ifindex: int
+    netns: int  # inode of the device's network namespace
+    dev: str
+    src: str  # IPv4 source/destination as seen at this device (shows NAT)
+    dst: str
+
+    @property
+    def leaving(self) -> bool:
+        return self.hook is Hook.XMIT
+
+
+@dataclass(frozen=True, slots=True)
+class Stage:
+    """A device a probe packet crossed, as shown in the per-stage path."""
+
+    packet: Packet
+    dev: str
+    ifindex: int
+    netns: int
+    leaving: bool
+    t_ns: int  # since the probe's send point (CLOCK_MONOTONIC difference)
+    src: str
+    dst: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.dev}@{self.netns}"
+
+
+@dataclass(slots=True)
+class Probe:
+    """An echo request as the sender sent it."""
+
+    seq: int
+    sent_mono_ns: int  # just before sendto(): the probe's send point for egress
+    sent_real_ns: int  # just before sendto(): start of the raw RTT, as iputils does it
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """An echo reply as the receiver got it from the socket."""
+
+    seq: int
+    src: str
+    ttl: int
+    icmp_bytes: int  # ICMP header + payload, as iputils prints it ("64 bytes from")
+    recv_real_ns: int  # SO_TIMESTAMPNS: kernel receive timestamp, as iputils uses it
+    recv_mono_ns: int  # when userspace read it (for deadlines only, not for RTT)
+
+
+@dataclass(slots=True)
+class Measurement:
+    """One reply with its raw and (when kernel data is complete) corrected times."""
+
+    seq: int
+    src: str
+    ttl: int
+    icmp_bytes: int
+    rtt_raw_ns: int
+    dup: bool = False
+    # None when the kernel data is missing or incomplete: never an invented correction.
+    rtt_corrected_ns: int | None = None
+    egress_ns: int | None = None  # probe send point -> request leaves the host's outer device
+    ingress_ns: int | None = None  # reply reaches the outer device -> reply reaches the prober
+    outer_dev: str | None = None  # "dev@netns" of the host's outermost device
+    path: list[Stage] = field(default_factory=list)
+    recv_real_ns: int = 0
+
+    @property
+    def corrected(self) -> bool:
+        return self.rtt_corrected_ns is not None
+
+
+@dataclass(slots=True)
+class RunSummary:
+    """What a run adds up to; built by stats.summarize()."""
+
+    transmitted: int
+    received: int  # distinct sequence numbers answered (duplicates excluded, as iputils)
+    duplicates: int
+    errors: int
+    elapsed_ms: int  # first send to last activity, as iputils' "time Nms"
+    rtt_raw_ms: list[float]  # received, non-duplicate replies in arrival order
+    rtt_corrected_ms: list[float]  # the subset with kernel data
+    egress_ms: list[float]
+    ingress_ms: list[float]
+    kernel_events_lost: int  # ring buffer full / map full, summed over CPUs
+
+    @property
+    def loss_percent(self) -> float:
+        if self.transmitted == 0:
+            return 0.0
+        return 100.0 * (self.transmitted - self.received) / self.transmitted
+
+    @property
+    def coverage(self) -> float:
+        """Fraction of received replies that got a corrected RTT (1.0 when none received)."""
+        if not self.rtt_raw_ms:
+            return 1.0
+        return len(self.rtt_corrected_ms) / len(self.rtt_raw_ms)
