@@ -1,0 +1,74 @@
+"""The ICMP socket the probes leave from and the replies come back to.
+
+A raw IPPROTO_ICMP socket, as iputils uses when privileged: we write the whole ICMP
+message (so the payload carries the run nonce at a fixed place) and read replies with
+their kernel receive timestamp (SO_TIMESTAMPNS), which is what iputils' RTT ends at.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+
+from mace_tools.errors import MaceError
+
+SOL_RAW = 255
+ICMP_FILTER = 1
+# ICMP types the socket passes up (as iputils): echo reply and the errors worth reporting.
+_PASSED_TYPES = (0, 3, 4, 5, 11, 12)
+_FILTER_MASK = ~sum(1 << t for t in _PASSED_TYPES) & 0xFFFFFFFF
+_TIMESTAMPNS = struct.Struct("=qq")
+RECV_BUFFER = 1 << 20  # room for a flood's replies while we drain kernel events
+
+
+class IcmpSocket:
+    """Raw ICMP socket, created in the current thread's network namespace."""
+
+    def __init__(self, ttl: int | None = None, device: str | None = None,
+                 source: str | None = None) -> None:
+        try:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+        except PermissionError as exc:
+            raise MaceError("raw ICMP socket not permitted: run as root (or with CAP_NET_RAW)") \
+                from exc
+        self.sock = sock
+        try:
+            sock.setsockopt(SOL_RAW, ICMP_FILTER, struct.pack("=I", _FILTER_MASK))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_TIMESTAMPNS, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECV_BUFFER)
+            if ttl is not None:
+                sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
+            if device is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device.encode())
+            if source is not None:
+                sock.bind((source, 0))
+        except OSError as exc:
+            sock.close()
+            what = f"interface '{device}'" if device else f"address '{source}'" if source else ""
+            raise MaceError(f"cannot use {what or 'socket option'}: {exc.strerror}") from exc
+        sock.setblocking(False)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def send(self, message: bytes, dst: str) -> None:
+        self.sock.sendto(message, (dst, 0))
+
+    def recv(self) -> tuple[bytes, int] | None:
+        """One datagram and its kernel receive time (CLOCK_REALTIME ns), or None if none waits."""
+        try:
+            data, ancdata, _flags, _addr = self.sock.recvmsg(65535, 64)
+        except BlockingIOError:
+            return None
+        for level, kind, value in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SO_TIMESTAMPNS:
+                sec, nsec = _TIMESTAMPNS.unpack_from(value)
+                return data, sec * 1_000_000_000 + nsec
+        return data, time.clock_gettime_ns(time.CLOCK_REALTIME)
+
+    def source_address(self) -> str:
+        return self.sock.getsockname()[0]
+
+    def close(self) -> None:
+        self.sock.close()
