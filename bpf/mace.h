@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
 /*
  * Event record shared by the kernel side (mace.bpf.c) and the user side
- * (mace_tools/kernel/events.py decodes it with struct format "<QIIIIHBB16sI4x" (48 bytes)).
+ * (mace_tools/kernel/events.py decodes it with struct format "<QIIIIHBB16sI" (48 bytes)).
  * Change both together; tests/test_events.py checks the size.
  */
 #ifndef __MACE_H

@@ -117,10 +117,6 @@ class Backend:
         assert self._ring is not None
         return self._ring.consume(lambda buf, off: sink(decode(buf, off)))
 
-    def wait(self, timeout_s: float) -> bool:
-        assert self._ring is not None
-        return self._ring.wait(timeout_s)
-
     def lost(self) -> int:
         """Events the kernel side could not record (ring buffer full), all CPUs."""
         return sum(native.lookup_percpu_u64(self._lost_fd, 0, self._ncpus))

@@ -7,8 +7,8 @@ import struct
 
 from mace_tools.model import Hook, KernelEvent, Packet
 
-# struct mace_event: ts_ns, netns, ifindex, saddr, daddr, seq, packet, hook, dev[16], cpu, pad
-EVENT = struct.Struct("<QIIIIHBB16sI4x")
+# struct mace_event: ts_ns, netns, ifindex, saddr, daddr, seq, packet, hook, dev[16], cpu
+EVENT = struct.Struct("<QIIIIHBB16sI")
 
 _HOOKS = tuple(Hook)
 _PACKETS = tuple(Packet)

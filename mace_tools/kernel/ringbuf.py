@@ -4,14 +4,13 @@ libbpf's ring_buffer__poll would call back into Python through ctypes once per e
 which costs more than decoding the event. The ring buffer's memory layout is stable uapi
 (see kernel/bpf/ringbuf.c and libbpf's ringbuf.c): page 0 holds the consumer position
 (we write it), page 1 the producer position, then the data area mapped twice so a record
-never wraps. Each record has an 8-byte header: u32 length with BUSY (bit 31, still being
+never wraps. The map fd itself is pollable (readable when records wait). Each record has an 8-byte header: u32 length with BUSY (bit 31, still being
 written) and DISCARD (bit 30) flags, and a u32 page offset.
 """
 
 from __future__ import annotations
 
 import mmap
-import select
 from collections.abc import Callable
 
 _BUSY = 1 << 31
@@ -33,8 +32,6 @@ class RingBuffer:
         self._prod = memoryview(self._prod_map)[:8].cast("Q")
         self._data = memoryview(self._prod_map)[page:]
         self._data32 = self._data.cast("I")
-        self._epoll = select.epoll()
-        self._epoll.register(map_fd, select.EPOLLIN)
 
     def consume(self, handle: Callable[[memoryview, int], None]) -> int:
         """Call handle(data, offset) for every committed record; return how many."""
@@ -57,12 +54,7 @@ class RingBuffer:
             self._cons[0] = cons  # release the space to the producers
         return count
 
-    def wait(self, timeout_s: float) -> bool:
-        """Block until the kernel signals new data (or timeout); True if signalled."""
-        return bool(self._epoll.poll(timeout_s))
-
     def close(self) -> None:
-        self._epoll.close()
         for view in (self._cons, self._prod, self._data, self._data32):
             view.release()
         self._cons_map.close()
