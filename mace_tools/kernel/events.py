@@ -34,5 +34,6 @@ def _dev(raw: bytes) -> str:
 def decode(buf: memoryview | bytes, offset: int = 0) -> KernelEvent:
     ts, netns, ifindex, saddr, daddr, seq, packet, hook, dev, _cpu = EVENT.unpack_from(buf, offset)
     return KernelEvent(
-        ts, seq, _PACKETS[packet], _HOOKS[hook], ifindex, netns, _dev(dev), _addr(saddr), _addr(daddr)
+        ts, seq, _PACKETS[packet], _HOOKS[hook], ifindex, netns, _dev(dev),
+        _addr(saddr), _addr(daddr),
     )

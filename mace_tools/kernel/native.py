@@ -47,7 +47,8 @@ class _Lib:
             "bpf_program__fd": (_c_int, [_c_void_p]),
             "bpf_link__destroy": (_c_int, [_c_void_p]),
             "bpf_map_lookup_elem": (_c_int, [_c_int, _c_void_p, _c_void_p]),
-            "bpf_obj_get_info_by_fd": (_c_int, [_c_int, _c_void_p, ctypes.POINTER(ctypes.c_uint32)]),
+            "bpf_obj_get_info_by_fd": (
+                _c_int, [_c_int, _c_void_p, ctypes.POINTER(ctypes.c_uint32)]),
             "libbpf_num_possible_cpus": (_c_int, []),
             "libbpf_set_print": (_c_void_p, [_c_void_p]),
         }
@@ -160,7 +161,7 @@ def prog_run_stats(prog_fd: int) -> tuple[int, int]:
 
 
 def setns(fd: int) -> None:
-    """Move the calling thread into the network namespace open at fd (Python 3.11 lacks os.setns)."""
+    """Move the calling thread into the netns open at fd (Python 3.11 has no os.setns)."""
     if hasattr(os, "setns"):  # Python >= 3.12
         try:
             os.setns(fd, CLONE_NEWNET)

@@ -4,8 +4,9 @@ libbpf's ring_buffer__poll would call back into Python through ctypes once per e
 which costs more than decoding the event. The ring buffer's memory layout is stable uapi
 (see kernel/bpf/ringbuf.c and libbpf's ringbuf.c): page 0 holds the consumer position
 (we write it), page 1 the producer position, then the data area mapped twice so a record
-never wraps. The map fd itself is pollable (readable when records wait). Each record has an 8-byte header: u32 length with BUSY (bit 31, still being
-written) and DISCARD (bit 30) flags, and a u32 page offset.
+never wraps. The map fd itself is pollable (readable when records wait). Each record has
+an 8-byte header: u32 length with BUSY (bit 31, still being written) and DISCARD (bit 30)
+flags, and a u32 page offset.
 """
 
 from __future__ import annotations

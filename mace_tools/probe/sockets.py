@@ -18,7 +18,9 @@ ICMP_FILTER = 1
 # ICMP types the socket passes up (as iputils): echo reply and the errors worth reporting.
 _PASSED_TYPES = (0, 3, 4, 5, 11, 12)
 _FILTER_MASK = ~sum(1 << t for t in _PASSED_TYPES) & 0xFFFFFFFF
-_TIMESTAMPNS = struct.Struct("=qq")
+# Python 3.11's socket module lacks these (asm-generic/socket.h; SO_ == SCM_ here).
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+_TIMESTAMPNS = struct.Struct("=qq")  # struct timespec, 64-bit
 RECV_BUFFER = 1 << 20  # room for a flood's replies while we drain kernel events
 
 
@@ -35,7 +37,7 @@ class IcmpSocket:
         self.sock = sock
         try:
             sock.setsockopt(SOL_RAW, ICMP_FILTER, struct.pack("=I", _FILTER_MASK))
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_TIMESTAMPNS, 1)
+            sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECV_BUFFER)
             if ttl is not None:
                 sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
@@ -62,7 +64,7 @@ class IcmpSocket:
         except BlockingIOError:
             return None
         for level, kind, value in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SO_TIMESTAMPNS:
+            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
                 sec, nsec = _TIMESTAMPNS.unpack_from(value)
                 return data, sec * 1_000_000_000 + nsec
         return data, time.clock_gettime_ns(time.CLOCK_REALTIME)

@@ -1,0 +1,148 @@
+"""`mace-ping`: iputils ping options in, raw and corrected RTTs out.
+
+Parsing and wiring only: options -> PingOptions -> Pinger -> an output sink. Start-up
+matters (cron jobs run `mace-ping -c 1` by the thousand): nothing heavy is imported here;
+libbpf is bound when the run starts, scapy and rich are never imported on this path.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+from typing import Annotated
+
+import typer
+from typer.exceptions import TyperException
+
+from mace_tools import __version__
+from mace_tools.errors import MaceError
+
+PROG = "mace-ping"
+MAX_PAYLOAD = 65507  # 65535 - 20 (IPv4) - 8 (ICMP), as iputils
+
+app = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _fail(message: str) -> MaceError:
+    return MaceError(message, exit_code=2)
+
+
+def _resolve(host: str) -> str:
+    """IPv4 address of host (IPv6 comes later), failing as iputils does."""
+    try:
+        infos = socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_RAW)
+    except socket.gaierror as exc:
+        raise _fail(f"{host}: {exc.strerror}") from exc
+    return infos[0][4][0]
+
+
+@app.command(help="Ping HOST from a container's network namespace; print raw and "
+                  "container-corrected RTTs from per-packet eBPF kernel timestamps.")
+def ping(
+    host: Annotated[str, typer.Argument(metavar="HOST", show_default=False)],
+    count: Annotated[int | None, typer.Option("-c", help="stop after COUNT replies sent",
+                                              min=1)] = None,
+    interval: Annotated[float | None, typer.Option(
+        "-i", help="seconds between probes (default 1; 0 with -f)", min=0.0)] = None,
+    size: Annotated[int, typer.Option("-s", help="payload bytes", min=0,
+                                      max=MAX_PAYLOAD)] = 56,
+    ttl: Annotated[int | None, typer.Option("-t", help="IP time to live", min=1,
+                                            max=255)] = None,
+    linger: Annotated[float, typer.Option("-W", help="seconds to wait for a reply",
+                                          min=0.0)] = 10.0,
+    deadline: Annotated[float | None, typer.Option("-w", help="stop after SECONDS",
+                                                   min=0.0)] = None,
+    quiet: Annotated[bool, typer.Option("-q", help="only the summary")] = False,
+    numeric: Annotated[bool, typer.Option(
+        "-n", help="numeric output (replies are always shown by address: no reverse DNS)")]
+    = False,
+    timestamps: Annotated[bool, typer.Option("-D", help="print unix time before each line")]
+    = False,
+    outstanding: Annotated[bool, typer.Option("-O", help="report unanswered probes")] = False,
+    interface: Annotated[str | None, typer.Option("-I", help="interface name or source "
+                                                  "address")] = None,
+    flood: Annotated[bool, typer.Option("-f", help="flood ping")] = False,
+    ipv4: Annotated[bool, typer.Option("-4", help="IPv4 only (the default)")] = False,
+    netns: Annotated[str | None, typer.Option(
+        "--netns", help="probe from this network namespace: `ip netns` name or path")] = None,
+    pid: Annotated[int | None, typer.Option("--pid", help="probe from PID's network namespace",
+                                            min=1)] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="one RIPE Atlas style JSON document "
+                                           "at the end")] = False,
+    ndjson: Annotated[bool, typer.Option("--ndjson", help="one JSON record per probe, then a "
+                                         "summary")] = False,
+    version: Annotated[bool, typer.Option("-V", "--version", help="print version")] = False,
+) -> None:
+    if version:
+        print(f"{PROG} {__version__}")
+        raise typer.Exit(0)
+    from mace_tools.output.live import make_sink
+    from mace_tools.pinger import Pinger, PingOptions
+    from mace_tools.probe import netns as netns_mod
+
+    if json_out and ndjson:
+        raise _fail("--json and --ndjson are mutually exclusive")
+    addr = _resolve(host)
+    device, source = _split_interface(interface)
+    opts = PingOptions(
+        dst_addr=addr,
+        count=count,
+        interval_s=(0.0 if flood else 1.0) if interval is None else interval,
+        size=size,
+        ttl=ttl,
+        linger_s=linger,
+        deadline_s=deadline,
+        flood=flood,
+        device=device,
+        source=source,
+        netns_path=netns_mod.resolve(netns, pid),
+        report_outstanding=outstanding,
+    )
+    mode = "json" if json_out else "ndjson" if ndjson else "text"
+    sink = make_sink(mode, dst_name=host, dst_addr=addr, size=size, quiet=quiet,
+                     timestamps=timestamps, flood=flood, interface=interface)
+    result = Pinger(opts, sink).run()
+    sink.finish(result)
+    received = sum(1 for m in result.measurements if not m.dup)
+    if received == 0 or (count is not None and deadline is not None and received < count):
+        raise typer.Exit(1)
+
+
+def _split_interface(value: str | None) -> tuple[str | None, str | None]:
+    """-I takes an interface name or a source address, as iputils."""
+    if value is None:
+        return None, None
+    try:
+        socket.inet_aton(value)
+    except OSError:
+        return value, None
+    return None, value
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: one line on stderr and ping's exit code for any failure."""
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=argv if argv is not None else sys.argv[1:], prog_name=PROG,
+                     standalone_mode=False)
+    except typer.Exit as exc:
+        return exc.exit_code
+    except MaceError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except TyperException as exc:
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        print(f"{PROG}: {message}", file=sys.stderr)
+        return getattr(exc, "exit_code", 2)
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,309 @@
+"""The ping run: send probes, read replies and kernel events, correlate, report.
+
+One thread, one epoll over the ICMP socket and the ring buffer. Kernel events of a reply
+are committed to the ring buffer before the reply reaches the socket, so draining the
+ring before correlating a reply always finds them: no waiting, no guessing.
+
+What the run reports goes to a ``PingSink`` (the output layer); the run itself prints
+nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from mace_tools.correlate import correlate
+from mace_tools.errors import MaceError
+from mace_tools.model import KernelEvent, Measurement, Probe, Reply
+from mace_tools.probe import netns
+from mace_tools.probe.icmp import (
+    NONCE_LEN,
+    ParsedIcmp,
+    build_echo_request,
+    is_our_reply,
+    parse_ip_icmp,
+)
+from mace_tools.probe.sockets import IcmpSocket
+
+if TYPE_CHECKING:  # libbpf is bound only when a run starts
+    from mace_tools.kernel.backend import Backend
+
+NS_PER_S = 1_000_000_000
+FLOOD_MIN_RATE_S = 0.01  # iputils -f: next probe on reply, or 100 per second at least
+
+_UNREACH = {
+    0: "Destination Net Unreachable",
+    1: "Destination Host Unreachable",
+    2: "Destination Protocol Unreachable",
+    3: "Destination Port Unreachable",
+    4: "Frag needed and DF set",
+    5: "Source Route Failed",
+    9: "Destination Net Prohibited",
+    10: "Destination Host Prohibited",
+    13: "Packet filtered",
+}
+_TIME_EXCEEDED = {0: "Time to live exceeded", 1: "Frag reassembly time exceeded"}
+
+
+@dataclass(slots=True)
+class PingOptions:
+    dst_addr: str
+    count: int | None = None  # -c
+    interval_s: float = 1.0  # -i
+    size: int = 56  # -s
+    ttl: int | None = None  # -t
+    linger_s: float = 10.0  # -W: how long to wait for replies after the last probe
+    deadline_s: float | None = None  # -w
+    flood: bool = False  # -f
+    device: str | None = None  # -I NAME
+    source: str | None = None  # -I ADDR
+    netns_path: Path | None = None  # --netns / --pid
+    report_outstanding: bool = False  # -O
+
+
+@dataclass(slots=True)
+class RunResult:
+    nonce: bytes
+    source_addr: str
+    transmitted: int = 0
+    errors: int = 0
+    elapsed_ms: int = 0
+    start_real_ns: int = 0
+    kernel_events_lost: int = 0
+    kernel: bool = True  # False when probes cannot carry the nonce (size < 8)
+    measurements: list[Measurement] = field(default_factory=list)
+    unanswered: list[int] = field(default_factory=list)  # seqs with no reply at the end
+
+
+class PingSink(Protocol):
+    def sent(self, seq: int) -> None: ...
+    def reply(self, m: Measurement) -> None: ...
+    def icmp_error(self, seq: int, src: str, text: str) -> None: ...
+    def no_answer_yet(self, seq: int) -> None: ...
+
+
+class _Probes:
+    """Probes in flight and the kernel events gathered for them, by 16-bit ICMP seq."""
+
+    def __init__(self) -> None:
+        self.sent: dict[int, Probe] = {}
+        self.events: dict[int, list[KernelEvent]] = {}
+        self.answered: set[int] = set()
+
+    def add(self, probe: Probe) -> None:
+        self.sent[probe.seq] = probe
+        self.events[probe.seq] = []
+        self.answered.discard(probe.seq)
+
+    def add_event(self, ev: KernelEvent) -> None:
+        bucket = self.events.get(ev.seq)
+        if bucket is not None:  # late events of a finished probe are of no use
+            bucket.append(ev)
+
+    def take_events(self, seq: int) -> list[KernelEvent]:
+        """A reply's events; the probe's are dropped so a duplicate never reuses them."""
+        return self.events.pop(seq, [])
+
+
+class Pinger:
+    def __init__(self, opts: PingOptions, sink: PingSink,
+                 backend_factory: Callable[[bytes], Backend] | None = None) -> None:
+        self.opts = opts
+        self.sink = sink
+        self.nonce = _new_nonce()
+        self.ident = os.getpid() & 0xFFFF
+        self._backend_factory = backend_factory
+        self._probes = _Probes()
+
+    def run(self) -> RunResult:
+        opts = self.opts
+        with netns.entered(opts.netns_path):
+            sock = IcmpSocket(opts.ttl, opts.device, opts.source)
+            try:
+                prober_netns = netns.inode()
+                source = _source_of(opts.dst_addr, opts.device, opts.source)
+            except BaseException:
+                sock.close()
+                raise
+        try:
+            result = RunResult(nonce=self.nonce, source_addr=source)
+            result.kernel = opts.size >= NONCE_LEN
+            backend = self._open_backend() if result.kernel else None
+            try:
+                self._loop(sock, backend, prober_netns, result)
+            finally:
+                if backend is not None:
+                    result.kernel_events_lost = backend.lost()
+                    backend.close()
+        finally:
+            sock.close()
+        return result
+
+    def _open_backend(self) -> Backend:
+        if self._backend_factory is not None:
+            return self._backend_factory(self.nonce)
+        from mace_tools.kernel.backend import Backend
+
+        backend = Backend(self.nonce)
+        backend.open()
+        return backend
+
+    def _loop(self, sock: IcmpSocket, backend: Backend | None, prober_netns: int,
+              result: RunResult) -> None:
+        opts = self.opts
+        probes = self._probes
+        poller = select.epoll()
+        poller.register(sock.fileno(), select.EPOLLIN)
+        if backend is not None:
+            poller.register(backend.fd, select.EPOLLIN)
+        interval_ns = int((FLOOD_MIN_RATE_S if opts.flood and opts.interval_s <= 0
+                           else opts.interval_s) * NS_PER_S)
+        start = time.monotonic_ns()
+        result.start_real_ns = time.clock_gettime_ns(time.CLOCK_REALTIME)
+        deadline = start + int(opts.deadline_s * NS_PER_S) if opts.deadline_s else None
+        next_send = start
+        last_send = start
+        received = 0
+        try:
+            while True:
+                now = time.monotonic_ns()
+                if deadline is not None and now >= deadline:
+                    break
+                more = opts.count is None or result.transmitted < opts.count
+                if not more:
+                    outstanding = result.transmitted - received
+                    if outstanding <= 0 or now >= last_send + int(opts.linger_s * NS_PER_S):
+                        break
+                if more and now >= next_send:
+                    if opts.report_outstanding and result.transmitted:
+                        prev = result.transmitted & 0xFFFF
+                        if prev not in probes.answered:
+                            self.sink.no_answer_yet(prev)
+                    self._send(sock, result.transmitted + 1)
+                    result.transmitted += 1
+                    last_send = now
+                    next_send = max(next_send + interval_ns, now) if not opts.flood \
+                        else now + interval_ns
+                    continue
+                wake = [next_send if more else last_send + int(opts.linger_s * NS_PER_S)]
+                if deadline is not None:
+                    wake.append(deadline)
+                timeout_s = max(0.0, (min(wake) - time.monotonic_ns()) / NS_PER_S)
+                for fd, _ in poller.poll(timeout_s):
+                    if backend is not None and fd == backend.fd:
+                        backend.drain(probes.add_event)
+                got = self._receive(sock, backend, prober_netns, result)
+                received += got
+                if got and opts.flood and opts.interval_s <= 0:
+                    next_send = time.monotonic_ns()  # flood: next probe as soon as answered
+        except KeyboardInterrupt:
+            pass  # Ctrl-C: stop sending, report what we have (as ping does)
+        finally:
+            poller.close()
+        result.elapsed_ms = (time.monotonic_ns() - start) // 1_000_000
+        answered = probes.answered
+        result.unanswered = [n for n in range(1, result.transmitted + 1)
+                             if (n & 0xFFFF) not in answered]
+
+    def _send(self, sock: IcmpSocket, n: int) -> None:
+        seq = n & 0xFFFF
+        sent_real = time.clock_gettime_ns(time.CLOCK_REALTIME)
+        message = build_echo_request(self.ident, seq, self.nonce, self.opts.size, sent_real)
+        probe = Probe(seq, 0, sent_real)
+        self._probes.add(probe)
+        probe.sent_mono_ns = time.monotonic_ns()  # send point: just before sendto()
+        try:
+            sock.send(message, self.opts.dst_addr)
+        except OSError as exc:
+            raise MaceError(f"sendto: {exc.strerror}", exit_code=2) from exc
+        self.sink.sent(seq)
+
+    def _receive(self, sock: IcmpSocket, backend: Backend | None, prober_netns: int,
+                 result: RunResult) -> int:
+        """Read every waiting datagram; return how many new (non-duplicate) replies."""
+        new = 0
+        probes = self._probes
+        drained = False
+        while (got := sock.recv()) is not None:
+            data, recv_real = got
+            parsed = parse_ip_icmp(data)
+            if parsed is None:
+                continue  # malformed or truncated: not ours, never fatal
+            if parsed.icmp_type != 0:
+                self._maybe_error(parsed, result)
+                continue
+            if not is_our_reply(parsed, self.nonce) or parsed.seq not in probes.sent:
+                continue  # another program's echo reply
+            if backend is not None and not drained:
+                backend.drain(probes.add_event)  # events precede socket delivery
+                drained = True
+            dup = parsed.seq in probes.answered
+            reply = Reply(parsed.seq, parsed.src, parsed.ttl, parsed.icmp_len, recv_real,
+                          time.monotonic_ns())
+            events = [] if dup else probes.take_events(parsed.seq)
+            m = correlate(probes.sent[parsed.seq], reply, events, prober_netns)
+            m.dup = dup
+            if not dup:
+                probes.answered.add(parsed.seq)
+                new += 1
+            result.measurements.append(m)
+            self.sink.reply(m)
+        return new
+
+    def _maybe_error(self, parsed: ParsedIcmp, result: RunResult) -> None:
+        """An ICMP error quoting one of our probes is reported as iputils does."""
+        seq = _quoted_probe_seq(parsed.quoted, self.ident, self.nonce)
+        if seq is None or seq not in self._probes.sent:
+            return
+        table = _UNREACH if parsed.icmp_type == 3 else _TIME_EXCEEDED \
+            if parsed.icmp_type == 11 else {}
+        text = table.get(parsed.code, f"ICMP type {parsed.icmp_type} code {parsed.code}")
+        result.errors += 1
+        self.sink.icmp_error(seq, parsed.src, text)
+
+
+def _quoted_probe_seq(quoted: bytes, ident: int, nonce: bytes) -> int | None:
+    """Seq of our echo request quoted in an ICMP error, or None if it is not ours."""
+    if len(quoted) < 20 or quoted[0] >> 4 != 4:
+        return None
+    ihl = (quoted[0] & 0x0F) * 4
+    icmp = quoted[ihl:]
+    if len(icmp) < 8 or icmp[0] != 8:
+        return None
+    seq = int.from_bytes(icmp[6:8], "big")
+    payload = icmp[8:8 + NONCE_LEN]
+    if len(payload) == NONCE_LEN:
+        return seq if payload == nonce else None
+    # RFC 792 quotes only 8 bytes: fall back on the id (not rewritten on our side of NAT).
+    return seq if int.from_bytes(icmp[4:6], "big") == ident else None
+
+
+def _new_nonce() -> bytes:
+    while True:
+        nonce = os.urandom(NONCE_LEN)
+        if any(nonce):
+            return nonce
+
+
+def _source_of(dst: str, device: str | None, source: str | None) -> str:
+    """Source address the kernel picks for dst in the current netns; fails as ping does
+    when there is no route."""
+    if source is not None:
+        return source
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        if device is not None:
+            udp.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device.encode())
+        udp.connect((dst, 1025))
+        return udp.getsockname()[0]
+    except OSError as exc:
+        raise MaceError(f"connect: {exc.strerror}") from exc
+    finally:
+        udp.close()
