@@ -12,7 +12,7 @@ import sys
 from typing import Annotated
 
 import typer
-from typer.exceptions import TyperException
+from click.exceptions import ClickException
 
 from mace_tools import __version__
 from mace_tools.errors import MaceError
@@ -135,10 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     except MaceError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return exc.exit_code
-    except TyperException as exc:
-        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
-        print(f"{PROG}: {message}", file=sys.stderr)
-        return getattr(exc, "exit_code", 2)
+    except ClickException as exc:  # bad option or value: one line, as ping's usage errors
+        print(f"{PROG}: {exc.format_message()}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         return 130
     return 0
