@@ -83,6 +83,7 @@ class RunResult:
 
 
 class PingSink(Protocol):
+    def start(self, source_addr: str) -> None: ...
     def sent(self, seq: int) -> None: ...
     def reply(self, m: Measurement) -> None: ...
     def icmp_error(self, seq: int, src: str, text: str) -> None: ...
@@ -134,6 +135,7 @@ class Pinger:
                 raise
         try:
             result = RunResult(nonce=self.nonce, source_addr=source)
+            self.sink.start(source)
             result.kernel = opts.size >= NONCE_LEN
             backend = self._open_backend() if result.kernel else None
             try:
@@ -178,7 +180,8 @@ class Pinger:
                     break
                 more = opts.count is None or result.transmitted < opts.count
                 if not more:
-                    outstanding = result.transmitted - received
+                    # as iputils: a probe answered by an ICMP error is done too
+                    outstanding = result.transmitted - received - result.errors
                     if outstanding <= 0 or now >= last_send + int(opts.linger_s * NS_PER_S):
                         break
                 if more and now >= next_send:
@@ -239,7 +242,7 @@ class Pinger:
             if parsed.icmp_type != 0:
                 self._maybe_error(parsed, result)
                 continue
-            if not is_our_reply(parsed, self.nonce) or parsed.seq not in probes.sent:
+            if not is_our_reply(parsed, self.nonce, self.ident) or parsed.seq not in probes.sent:
                 continue  # another program's echo reply
             if backend is not None and not drained:
                 backend.drain(probes.add_event)  # events precede socket delivery

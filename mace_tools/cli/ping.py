@@ -128,8 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     """Console entry point: one line on stderr and ping's exit code for any failure."""
     command = typer.main.get_command(app)
     try:
-        command.main(args=argv if argv is not None else sys.argv[1:], prog_name=PROG,
-                     standalone_mode=False)
+        # Without standalone mode click returns (not raises) the code of typer.Exit.
+        status = command.main(args=argv if argv is not None else sys.argv[1:], prog_name=PROG,
+                              standalone_mode=False)
     except typer.Exit as exc:
         return exc.exit_code
     except MaceError as exc:
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
-    return 0
+    return status if isinstance(status, int) else 0
 
 
 if __name__ == "__main__":

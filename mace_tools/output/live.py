@@ -1,0 +1,127 @@
+"""Sinks that turn a run's events into output as they happen: text, JSON, NDJSON.
+
+The Pinger calls start/sent/reply/icmp_error/no_answer_yet while it runs and finish once;
+the sinks only format (output/text.py, output/atlas.py) and write.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import IO, Any
+
+from mace_tools.model import Measurement, RunSummary
+from mace_tools.output import atlas, text
+from mace_tools.pinger import RunResult
+from mace_tools.stats import summarize
+
+
+class _Sink:
+    def __init__(self, *, dst_name: str, dst_addr: str, size: int, quiet: bool = False,
+                 timestamps: bool = False, flood: bool = False, interface: str | None = None,
+                 out: IO[str] | None = None) -> None:
+        self.dst_name, self.dst_addr, self.size = dst_name, dst_addr, size
+        self.quiet, self.timestamps, self.flood, self.interface = quiet, timestamps, flood, \
+            interface
+        self.out = out or sys.stdout
+        self.source = ""
+
+    def _write(self, line: str) -> None:
+        self.out.write(line + "\n")
+        self.out.flush()
+
+    def start(self, source_addr: str) -> None:
+        self.source = source_addr
+
+    def sent(self, seq: int) -> None: ...
+    def reply(self, m: Measurement) -> None: ...
+    def icmp_error(self, seq: int, src: str, text_: str) -> None: ...
+    def no_answer_yet(self, seq: int) -> None: ...
+
+    def _summary(self, result: RunResult) -> RunSummary:
+        return summarize(result.measurements, result.transmitted, result.errors,
+                         result.elapsed_ms, result.kernel_events_lost)
+
+    def _document(self, result: RunResult, results: list[dict[str, Any]]) -> dict[str, Any]:
+        first_ttl = next((m.ttl for m in result.measurements), None)
+        return atlas.document(
+            dst_name=self.dst_name, dst_addr=self.dst_addr, src_addr=self.source,
+            size=self.size, start_real_ns=result.start_real_ns, summary=self._summary(result),
+            nonce=result.nonce, results=results, first_ttl=first_ttl)
+
+    def finish(self, result: RunResult) -> None:
+        raise NotImplementedError
+
+
+class TextSink(_Sink):
+    """iputils text; -q prints only header and summary; -f prints dots as iputils."""
+
+    def start(self, source_addr: str) -> None:
+        super().start(source_addr)
+        self._write(text.header(self.dst_name, self.dst_addr, self.size, source_addr,
+                                self.interface))
+
+    def _dots(self, chars: str) -> None:
+        self.out.write(chars)
+        self.out.flush()
+
+    def sent(self, seq: int) -> None:
+        if self.flood and not self.quiet:
+            self._dots(".")
+
+    def reply(self, m: Measurement) -> None:
+        if self.flood:
+            if not self.quiet and not m.dup:
+                self._dots("\b \b")
+        elif not self.quiet:
+            self._write(text.reply_line(m, self.timestamps))
+
+    def icmp_error(self, seq: int, src: str, text_: str) -> None:
+        if self.flood and not self.quiet:
+            self._dots("\bE")
+        elif not self.quiet:
+            self._write(text.error_line(seq, src, text_))
+
+    def no_answer_yet(self, seq: int) -> None:
+        if not self.quiet and not self.flood:
+            self._write(text.no_answer_line(seq))
+
+    def finish(self, result: RunResult) -> None:
+        if self.flood and not self.quiet:
+            self.out.write("\n")
+        self._write(text.summary(self.dst_name, self._summary(result), result.kernel))
+
+
+def _results_in_seq_order(result: RunResult) -> list[dict[str, Any]]:
+    records = [(m.seq, atlas.reply_record(m)) for m in result.measurements]
+    records += [(n & 0xFFFF, atlas.timeout_record(n & 0xFFFF)) for n in result.unanswered]
+    return [rec for _, rec in sorted(records, key=lambda r: r[0])]
+
+
+class JsonSink(_Sink):
+    """One RIPE Atlas style document at the end."""
+
+    def finish(self, result: RunResult) -> None:
+        self._write(json.dumps(self._document(result, _results_in_seq_order(result))))
+
+
+class NdjsonSink(_Sink):
+    """A record per reply as it arrives, timeouts at the end, then a summary record."""
+
+    def reply(self, m: Measurement) -> None:
+        self._write(json.dumps({"type": "reply", **atlas.reply_record(m)}))
+
+    def finish(self, result: RunResult) -> None:
+        for n in result.unanswered:
+            self._write(json.dumps({"type": "timeout", **atlas.timeout_record(n & 0xFFFF)}))
+        doc = self._document(result, [])
+        del doc["result"]
+        doc["type"] = "summary"  # the Atlas document's "ping" type marks the full document
+        self._write(json.dumps(doc))
+
+
+SINKS = {"text": TextSink, "json": JsonSink, "ndjson": NdjsonSink}
+
+
+def make_sink(mode: str, **kwargs: Any) -> _Sink:
+    return SINKS[mode](**kwargs)
