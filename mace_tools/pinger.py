@@ -114,11 +114,11 @@ class _Probes:
 
 
 class Pinger:
-    def __init__(self, opts: PingOptions, sink: PingSink,
+    def __init__(self, opts: PingOptions, sink: PingSink, nonce: bytes | None = None,
                  backend_factory: Callable[[bytes], Backend] | None = None) -> None:
         self.opts = opts
         self.sink = sink
-        self.nonce = _new_nonce()
+        self.nonce = nonce or _new_nonce()
         self.ident = os.getpid() & 0xFFFF
         self._backend_factory = backend_factory
         self._probes = _Probes()

@@ -12,9 +12,9 @@ import sys
 from typing import Annotated
 
 import typer
-from click.exceptions import ClickException
 
 from mace_tools import __version__
+from mace_tools.cli.common import run_app
 from mace_tools.errors import MaceError
 
 PROG = "mace-ping"
@@ -76,6 +76,10 @@ def ping(
                                            "at the end")] = False,
     ndjson: Annotated[bool, typer.Option("--ndjson", help="one JSON record per probe, then a "
                                          "summary")] = False,
+    nonce: Annotated[str | None, typer.Option(
+        "--nonce", help="the run's 8-byte probe nonce as 16 hex digits (default: random); "
+        "lets a capture filter on it (icmp[8:4], icmp[12:4]); must differ between "
+        "concurrent runs")] = None,
     version: Annotated[bool, typer.Option("-V", "--version", help="print version")] = False,
 ) -> None:
     if version:
@@ -106,11 +110,23 @@ def ping(
     mode = "json" if json_out else "ndjson" if ndjson else "text"
     sink = make_sink(mode, dst_name=host, dst_addr=addr, size=size, quiet=quiet,
                      timestamps=timestamps, flood=flood, interface=interface)
-    result = Pinger(opts, sink).run()
+    result = Pinger(opts, sink, nonce=_parse_nonce(nonce)).run()
     sink.finish(result)
     received = sum(1 for m in result.measurements if not m.dup)
     if received == 0 or (count is not None and deadline is not None and received < count):
         raise typer.Exit(1)
+
+
+def _parse_nonce(value: str | None) -> bytes | None:
+    if value is None:
+        return None
+    try:
+        raw = bytes.fromhex(value)
+    except ValueError:
+        raw = b""
+    if len(raw) != 8 or not any(raw):
+        raise _fail(f"invalid nonce '{value}': need 16 hex digits, not all zero")
+    return raw
 
 
 def _split_interface(value: str | None) -> tuple[str | None, str | None]:
@@ -125,23 +141,7 @@ def _split_interface(value: str | None) -> tuple[str | None, str | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point: one line on stderr and ping's exit code for any failure."""
-    command = typer.main.get_command(app)
-    try:
-        # Without standalone mode click returns (not raises) the code of typer.Exit.
-        status = command.main(args=argv if argv is not None else sys.argv[1:], prog_name=PROG,
-                              standalone_mode=False)
-    except typer.Exit as exc:
-        return exc.exit_code
-    except MaceError as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except ClickException as exc:  # bad option or value: one line, as ping's usage errors
-        print(f"{PROG}: {exc.format_message()}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        return 130
-    return status if isinstance(status, int) else 0
+    return run_app(app, PROG, argv)
 
 
 if __name__ == "__main__":

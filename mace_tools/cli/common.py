@@ -1,0 +1,32 @@
+"""What every mace command does around its typer app: one line on stderr and ping's
+exit codes for any failure, never a traceback."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from click.exceptions import ClickException
+
+from mace_tools.errors import MaceError
+
+
+def run_app(app: typer.Typer, prog: str, argv: list[str] | None = None,
+            errors: tuple[type[Exception], ...] = ()) -> int:
+    """Run app; MaceError and `errors` print `prog: message` and exit 2 (or their code)."""
+    command = typer.main.get_command(app)
+    try:
+        # Without standalone mode click returns (not raises) the code of typer.Exit.
+        status = command.main(args=argv if argv is not None else sys.argv[1:], prog_name=prog,
+                              standalone_mode=False)
+    except typer.Exit as exc:
+        return exc.exit_code
+    except (MaceError, *errors) as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return getattr(exc, "exit_code", 2)
+    except ClickException as exc:  # bad option or value: one line, as ping's usage errors
+        print(f"{prog}: {exc.format_message()}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    return status if isinstance(status, int) else 0

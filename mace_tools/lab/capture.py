@@ -1,0 +1,178 @@
+"""The independent truth: a tcpdump capture on a device, with nanosecond timestamps.
+
+The capture must not perturb what it measures. Its tap runs on the departing packet's
+path before net_dev_start_xmit, so per-packet work there delays the very departure it
+stamps: with --immediate-mode (a wakeup per packet) tcpdump's TX stamps came out 12-40 µs
+early here. So: a kernel filter that keeps only one run's probes (by nonce), TPACKET_V3
+blocks without immediate mode, and, after the run, a wait until the kernel has retired
+the last block (libpcap's 1 s timeout) so tcpdump has written every packet.
+
+tcpdump's timestamps come from the kernel's packet tap, not from our BPF programs: on a
+veth, a departing packet is stamped in dev_queue_xmit_nit (just before
+net_dev_start_xmit) and an arriving one at netif_rx (netdev_tstamp_prequeue=1). Both are
+CLOCK_REALTIME, so only differences (RTTs) are compared with mace's CLOCK_MONOTONIC ones.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import struct
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from mace_tools.lab.topology import LabError
+
+PCAP_NANO_MAGIC = 0xA1B23C4D
+LINKTYPE_ETHERNET = 1
+_ETH_P_IP = b"\x08\x00"
+
+
+@dataclass(frozen=True, slots=True)
+class CapturedEcho:
+    seq: int
+    request_real_ns: int
+    reply_real_ns: int | None
+
+    @property
+    def rtt_ns(self) -> int | None:
+        return None if self.reply_real_ns is None else self.reply_real_ns - self.request_real_ns
+
+
+@dataclass(frozen=True, slots=True)
+class IcmpPacket:
+    ts_real_ns: int
+    src: bytes
+    dst: bytes
+    icmp_type: int
+    ident: int
+    seq: int
+    payload: bytes
+
+
+def read_pcap(path: Path) -> list[IcmpPacket]:
+    """ICMP packets of a nanosecond Ethernet pcap (others are skipped)."""
+    data = path.read_bytes()
+    if len(data) < 24:
+        return []
+    magic, = struct.unpack_from("<I", data)
+    if magic != PCAP_NANO_MAGIC:
+        raise LabError(f"{path}: not a nanosecond pcap (magic {magic:#x})")
+    linktype, = struct.unpack_from("<I", data, 20)
+    if linktype != LINKTYPE_ETHERNET:
+        raise LabError(f"{path}: link type {linktype}, expected Ethernet")
+    packets, off = [], 24
+    while off + 16 <= len(data):
+        sec, nsec, caplen, _ = struct.unpack_from("<IIII", data, off)
+        frame = data[off + 16: off + 16 + caplen]
+        off += 16 + caplen
+        if len(frame) < 14 + 20 + 8 or frame[12:14] != _ETH_P_IP:
+            continue
+        ip = frame[14:]
+        ihl = (ip[0] & 0x0F) * 4
+        if ip[9] != 1 or len(ip) < ihl + 8:
+            continue
+        icmp = ip[ihl:]
+        ident, seq = struct.unpack_from("!HH", icmp, 4)
+        packets.append(IcmpPacket(sec * 1_000_000_000 + nsec, ip[12:16], ip[16:20], icmp[0],
+                                  ident, seq, icmp[8:]))
+    return packets
+
+
+def match_echoes(packets: list[IcmpPacket],
+                 key: Callable[[IcmpPacket], bool]) -> dict[int, CapturedEcho]:
+    """Request -> first reply per seq, for packets whose key(packet) is truthy."""
+    requests: dict[int, int] = {}
+    replies: dict[int, int] = {}
+    for p in packets:
+        if not key(p):
+            continue
+        if p.icmp_type == 8:
+            requests.setdefault(p.seq, p.ts_real_ns)
+        elif p.icmp_type == 0 and p.seq in requests:
+            replies.setdefault(p.seq, p.ts_real_ns)
+    return {seq: CapturedEcho(seq, t, replies.get(seq)) for seq, t in requests.items()}
+
+
+class Capture:
+    """tcpdump on `dev` in netns `netns` for the duration of a with-block."""
+
+    def __init__(self, netns: str, dev: str, bpf_filter: str = "icmp",
+                 expect_packets: int | None = None) -> None:
+        if shutil.which("tcpdump") is None:
+            raise LabError("tcpdump not found (apt-get install tcpdump)")
+        self.netns, self.dev, self.bpf_filter = netns, dev, bpf_filter
+        self.expect_packets = expect_packets
+        self._dir = Path(tempfile.mkdtemp(prefix="mace-cap-"))
+        self.path = self._dir / "capture.pcap"
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._packets: list[IcmpPacket] | None = None
+
+    def __enter__(self) -> Capture:
+        cmd = ["ip", "netns", "exec", self.netns, "tcpdump", "-i", self.dev, "-n", "-U",
+               "--time-stamp-precision=nano", "-B", "16384", "-w", str(self.path),
+               self.bpf_filter]
+        self._proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        line = self._proc.stderr.readline().decode(errors="replace") if self._proc.stderr else ""
+        if "listening on" not in line:
+            self._stop()
+            shutil.rmtree(self._dir, ignore_errors=True)
+            raise LabError(f"tcpdump did not start: {line.strip()}")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self._await_flush()
+            self._stop()
+            self._packets = read_pcap(self.path) if self.path.exists() else []
+        finally:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+    def _await_flush(self, timeout_s: float = 3.0) -> None:
+        """Wait until the expected packets are on disk (or the kernel's block timeout)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.expect_packets is not None and self.path.exists() \
+                    and len(read_pcap(self.path)) >= self.expect_packets:
+                return
+            time.sleep(0.1)
+            if self.expect_packets is None and time.monotonic() > deadline - timeout_s + 1.2:
+                return
+
+    def _stop(self) -> None:
+        if self._proc is None:
+            return
+        if self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGINT)
+            try:
+                self._proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        if self._proc.stderr:
+            self._proc.stderr.close()
+        self._proc = None
+
+    @property
+    def packets(self) -> list[IcmpPacket]:
+        if self._packets is None:
+            raise LabError("capture not finished: read it after the with-block")
+        return self._packets
+
+    @staticmethod
+    def nonce_filter(nonce: bytes) -> str:
+        """tcpdump filter for one run's probes: payload bytes 0..7 are its nonce."""
+        return (f"icmp and icmp[8:4] = 0x{nonce[:4].hex()} "
+                f"and icmp[12:4] = 0x{nonce[4:8].hex()}")
+
+    def echoes(self, nonce: bytes) -> dict[int, CapturedEcho]:
+        """mace probes of one run: payload starts with its nonce (NAT may change the id)."""
+        return match_echoes(self.packets, lambda p: p.payload[: len(nonce)] == nonce)
+
+    def echoes_by_id(self, ident: int) -> dict[int, CapturedEcho]:
+        """Any ping's echoes by ICMP id as seen on this device (NAT keeps it consistent)."""
+        return match_echoes(self.packets, lambda p: p.ident == ident)

@@ -1,0 +1,98 @@
+"""The lab demo, as functions the CLI, the tests and the bench share.
+
+`run_mace_ping` runs the real `mace-ping` command (a subprocess, as a user would) from a
+lab container with --ndjson, while a tcpdump capture on the host's outer device records
+the truth; `compare` pairs each reply with the capture by the run's nonce.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+from mace_tools.lab.capture import Capture
+from mace_tools.lab.topology import Lab, LabError
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeRow:
+    seq: int
+    raw_ms: float
+    corrected_ms: float | None
+    capture_ms: float | None
+
+    @property
+    def error_us(self) -> float | None:
+        """corrected minus capture, in µs (None when either is missing)."""
+        if self.corrected_ms is None or self.capture_ms is None:
+            return None
+        return (self.corrected_ms - self.capture_ms) * 1000
+
+
+@dataclass
+class PingRun:
+    records: list[dict]
+    summary: dict
+    returncode: int
+    stderr: str
+
+    @property
+    def nonce(self) -> bytes:
+        return bytes.fromhex(self.summary["mace"]["nonce"])
+
+
+def parse_ndjson(text: str) -> tuple[list[dict], dict]:
+    """Per-probe records and the summary record of `mace-ping --ndjson` output."""
+    records, summary = [], None
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        if rec.get("type") == "summary":
+            summary = rec
+        else:
+            records.append(rec)
+    if summary is None:
+        raise LabError("mace-ping printed no summary record")
+    return records, summary
+
+
+def mace_ping_command(lab: Lab, container: int, *args: str) -> list[str]:
+    return [sys.executable, "-m", "mace_tools.cli.ping", "--netns",
+            lab.netns_path(lab.container_ns(container)), "--ndjson", *args, lab.target_addr]
+
+
+def run_mace_ping(lab: Lab, container: int, *args: str, timeout_s: float = 300) -> PingRun:
+    proc = subprocess.run(mace_ping_command(lab, container, *args), capture_output=True,
+                          text=True, timeout=timeout_s)
+    if proc.returncode == 2:
+        raise LabError(f"mace-ping failed: {proc.stderr.strip()}")
+    records, summary = parse_ndjson(proc.stdout)
+    return PingRun(records, summary, proc.returncode, proc.stderr)
+
+
+def compare(run: PingRun, capture: Capture) -> list[ProbeRow]:
+    truth = capture.echoes(run.nonce)
+    rows = []
+    for rec in run.records:
+        if rec.get("type") != "reply" or rec.get("dup"):
+            continue
+        echo = truth.get(rec["seq"])
+        rtt = echo.rtt_ns if echo else None
+        rows.append(ProbeRow(rec["seq"], rec["rtt"], rec["rtt_corrected"],
+                             None if rtt is None else rtt / 1e6))
+    return rows
+
+
+def measure(lab: Lab, container: int, count: int, *args: str,
+            nonce: bytes | None = None) -> tuple[PingRun, list[ProbeRow]]:
+    """mace-ping -c count from a container, with a capture of its probes on the host's
+    outer device (filtered in the kernel by the run's nonce)."""
+    nonce = nonce or os.urandom(8)
+    with Capture(lab.host_ns, lab.outer_dev, Capture.nonce_filter(nonce),
+                 expect_packets=2 * count) as cap:
+        run = run_mace_ping(lab, container, "-c", str(count), "--nonce", nonce.hex(), *args)
+    return run, compare(run, cap)

@@ -1,0 +1,171 @@
+"""A Docker-like topology built entirely inside network namespaces this code creates.
+
+    {p}-c0 .. {p}-cK-1         containers: eth0 198.18.1.(10+i)/24, default via 198.18.1.1
+          | veth (vcI in host, on br0)
+    {p}-host                   br0 198.18.1.1/24, ip_forward, MASQUERADE out of out0
+          | veth out0 198.18.0.1/30 <-> tgt0 198.18.0.2/30
+    {p}-target                 the "internet": answers every probe (icmp_ratelimit 0)
+
+Nothing in the root namespace is touched: every link is created inside (or moved into)
+the lab's namespaces, and the names carry the prefix so parallel or leftover runs never
+clash. Used by `mace-lab`, the tests and the bench.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+NETNS_DIR = Path("/run/netns")
+TARGET_ADDR = "198.18.0.2"
+HOST_OUTER_ADDR = "198.18.0.1"
+BRIDGE_ADDR = "198.18.1.1"
+CONTAINER_NET = "198.18.1.0/24"
+OUTER_DEV = "out0"
+MAX_CONTAINERS = 200
+
+
+class LabError(Exception):
+    """A lab step failed; the message is one line."""
+
+
+def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(args, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        detail = (proc.stderr or proc.stdout).strip().splitlines()
+        raise LabError(f"{' '.join(args)}: {detail[-1] if detail else f'exit {proc.returncode}'}")
+    return proc
+
+
+def ns_exec(ns: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return run("ip", "netns", "exec", ns, *args, check=check)
+
+
+def lab_namespaces(prefix: str) -> list[str]:
+    """Namespaces named {prefix}-*, ours by construction."""
+    if not NETNS_DIR.is_dir():
+        return []
+    return sorted(p.name for p in NETNS_DIR.iterdir() if p.name.startswith(f"{prefix}-"))
+
+
+def cleanup_prefix(prefix: str) -> list[str]:
+    """Remove every {prefix}-* namespace, killing what still runs inside first."""
+    removed = []
+    for ns in lab_namespaces(prefix):
+        pids = run("ip", "netns", "pids", ns, check=False).stdout.split()
+        if pids:
+            run("kill", "-KILL", *pids, check=False)
+        run("ip", "netns", "delete", ns, check=False)
+        removed.append(ns)
+    return removed
+
+
+@dataclass
+class Lab:
+    prefix: str = "mace"
+    containers: int = 1
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.containers <= MAX_CONTAINERS:
+            raise LabError(f"containers must be 1..{MAX_CONTAINERS}")
+        if not self.prefix.replace("_", "").isalnum() or len(self.prefix) > 20:
+            raise LabError("prefix must be alphanumeric (and _), at most 20 characters")
+
+    # names and addresses -------------------------------------------------------------
+    @property
+    def host_ns(self) -> str:
+        return f"{self.prefix}-host"
+
+    @property
+    def target_ns(self) -> str:
+        return f"{self.prefix}-target"
+
+    def container_ns(self, i: int) -> str:
+        return f"{self.prefix}-c{i}"
+
+    @staticmethod
+    def container_addr(i: int) -> str:
+        return f"198.18.1.{10 + i}"
+
+    @staticmethod
+    def netns_path(name: str) -> str:
+        return str(NETNS_DIR / name)
+
+    target_addr = TARGET_ADDR
+    outer_dev = OUTER_DEV
+
+    # life cycle ----------------------------------------------------------------------
+    def __enter__(self) -> Lab:
+        self.up()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+
+    def up(self) -> None:
+        """Build the lab; leftovers with this prefix (ours by name) are removed first."""
+        cleanup_prefix(self.prefix)
+        try:
+            self._build()
+        except BaseException:
+            self.down()
+            raise
+
+    def down(self) -> None:
+        cleanup_prefix(self.prefix)
+
+    def _build(self) -> None:
+        host, target = self.host_ns, self.target_ns
+        for ns in (host, target, *map(self.container_ns, range(self.containers))):
+            run("ip", "netns", "add", ns)
+            run("ip", "-n", ns, "link", "set", "lo", "up")
+            ns_exec(ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1")
+        batch = [
+            "link add br0 type bridge",
+            f"addr add {BRIDGE_ADDR}/24 dev br0",
+            "link set br0 up",
+            f"link add {OUTER_DEV} type veth peer name tgt0 netns {target}",
+            f"addr add {HOST_OUTER_ADDR}/30 dev {OUTER_DEV}",
+            f"link set {OUTER_DEV} up",
+        ]
+        for i in range(self.containers):
+            batch += [
+                f"link add vc{i} type veth peer name eth0 netns {self.container_ns(i)}",
+                f"link set vc{i} master br0",
+                f"link set vc{i} up",
+            ]
+        self._batch(host, batch)
+        self._batch(target, [f"addr add {TARGET_ADDR}/30 dev tgt0", "link set tgt0 up"])
+        for i in range(self.containers):
+            self._batch(self.container_ns(i), [
+                f"addr add {self.container_addr(i)}/24 dev eth0",
+                "link set eth0 up",
+                f"route add default via {BRIDGE_ADDR}",
+            ])
+        ns_exec(host, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        ns_exec(target, "sysctl", "-qw", "net.ipv4.icmp_ratelimit=0")
+        ns_exec(host, "sysctl", "-qw", "net.ipv4.icmp_ratelimit=0")
+        ns_exec(host, "iptables", "-t", "nat", "-A", "POSTROUTING", "-s", CONTAINER_NET,
+                "-o", OUTER_DEV, "-j", "MASQUERADE")
+
+    @staticmethod
+    def _batch(ns: str, commands: list[str]) -> None:
+        proc = subprocess.run(["ip", "-n", ns, "-batch", "-"], input="\n".join(commands) + "\n",
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise LabError(f"ip -n {ns} -batch: {proc.stderr.strip().splitlines()[-1]}")
+
+    def warm_up(self) -> None:
+        """One ping from each container, so ARP and NAT state exist before measuring."""
+        for i in range(self.containers):
+            ns_exec(self.container_ns(i), "ping", "-c", "1", "-W", "1", "-q", TARGET_ADDR)
+
+    def status(self) -> dict[str, list[str]]:
+        """Each lab namespace with its IPv4 addresses (empty when the lab is down)."""
+        out: dict[str, list[str]] = {}
+        for ns in lab_namespaces(self.prefix):
+            lines = run("ip", "-n", ns, "-o", "-4", "addr", "show", check=False).stdout
+            out[ns] = [f"{f[1]} {f[3]}" for f in (ln.split() for ln in lines.splitlines())
+                       if len(f) > 3 and f[1] != "lo"]
+        return out
