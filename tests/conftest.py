@@ -1,0 +1,43 @@
+"""Shared fixtures: one namespace lab per test session, removed at the end, also on failure.
+
+Lab tests need root, BPF and network namespaces; elsewhere they are skipped with the reason.
+The lab's names carry a per-run prefix (mt<pid>) so parallel or leftover runs never clash.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mace_tools.kernel.backend import object_path
+from mace_tools.lab.topology import Lab
+
+CONTAINERS = 6  # c0 prober, c1..c4 flood neighbours, c5 second prober
+
+
+def _lab_unavailable() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (BPF, network namespaces)"
+    if not Path("/sys/kernel/btf/vmlinux").exists():
+        return "kernel has no BTF"
+    if not object_path().exists():
+        return "BPF object not built (make build)"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    reason = _lab_unavailable()
+    if reason:
+        for item in items:
+            if "lab" in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(scope="session")
+def lab() -> Iterator[Lab]:
+    with Lab(prefix=f"mt{os.getpid() % 100000}", containers=CONTAINERS) as built:
+        built.warm_up()
+        yield built
