@@ -59,7 +59,7 @@ def test_path_crosses_container_host_and_outer_device(lab: Lab) -> None:
     host_ino = os.stat(lab.netns_path(lab.host_ns)).st_ino
     assert rec["outer_dev"] == f"out0@{host_ino}"
     assert rec["path"][0]["netns"] == container_ino
-    out0 = [s for s in rec["path"] if s["dev"] == "out0" and s["dir"] == "tx"][0]
+    out0 = next(s for s in rec["path"] if s["dev"] == "out0" and s["dir"] == "tx")
     assert out0["src"] == "198.18.0.1"  # NAT happened before the outer device
     assert rec["egress"] + rec["rtt_corrected"] + rec["ingress"] <= rec["rtt"] + 1e-6
 

@@ -19,6 +19,7 @@ _c_char_p = ctypes.c_char_p
 _c_int = ctypes.c_int
 
 CLONE_NEWNET = 0x40000000
+LIBBPF = "libbpf.so.1"
 
 # libbpf_print_fn_t: int (*)(enum libbpf_print_level, const char *, va_list)
 _PRINT_FN = ctypes.CFUNCTYPE(_c_int, _c_int, _c_char_p, _c_void_p)
@@ -29,10 +30,10 @@ class _Lib:
 
     def __init__(self) -> None:
         try:
-            lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
+            lib = ctypes.CDLL(LIBBPF, use_errno=True)
         except OSError as exc:
             raise MaceError(
-                "libbpf.so.1 not found: install the system libbpf (Debian: apt-get install libbpf1)"
+                f"{LIBBPF} not found: install the system libbpf (Debian: apt-get install libbpf1)"
             ) from exc
         sig = {
             "bpf_object__open_file": (_c_void_p, [_c_char_p, _c_void_p]),
