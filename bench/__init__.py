@@ -1,0 +1,1 @@
+"""mace-tools benchmark: `python -m bench` (or `make bench`)."""
