@@ -8,7 +8,7 @@
  *                       where capture timestamps are taken (netdev_tstamp_prequeue)
  *   netif_receive_skb   a packet is taken up by the stack (NICs, bridges, after backlog)
  * Foreign packets must cost as little as possible: the first check is skb->protocol,
- * then one read of the IPv4 header, then one read of ICMP header + nonce. Only probes
+ * then a single read of IPv4 + ICMP headers + nonce (a second only with IP options). Only probes
  * carrying this run's nonce (set in .rodata before load, one program set per run) reach
  * the ring buffer, so concurrent runs never see each other's events. Nothing is written
  * to any map for foreign traffic.
@@ -63,7 +63,10 @@ struct icmp_probe {
 	__be16 checksum;
 	__be16 id;
 	__be16 seq;
-	__u64 nonce; /* first MACE_NONCE_LEN payload bytes */
+	/* first MACE_NONCE_LEN payload bytes, as two u32 so the struct packs right after a
+	 * 20-byte IP header (a u64 would align it to 24) */
+	__u32 nonce_lo;
+	__u32 nonce_hi;
 };
 
 static __always_inline void count_lost(void)
@@ -75,29 +78,36 @@ static __always_inline void count_lost(void)
 		*n += 1; /* per-CPU slot: no atomic needed */
 }
 
+struct probe_hdrs { /* 36 bytes, no padding: IPv4 header then ICMP */
+	struct iphdr_min ip;
+	struct icmp_probe icmp; /* valid as read only when the IP header has no options */
+};
+_Static_assert(sizeof(struct probe_hdrs) == 36, "probe_hdrs must match the wire layout");
+
 /* l3 points at the IPv4 header of skb; record an event if it is one of our probes. */
 static __always_inline int record(const struct sk_buff *skb, unsigned char *l3,
 				  const struct net_device *dev, __u8 hook)
 {
-	struct iphdr_min ip;
-	struct icmp_probe icmp;
+	struct probe_hdrs h;
 	struct mace_event *e;
 	__u8 ihl;
 
-	if (bpf_probe_read_kernel(&ip, sizeof(ip), l3))
+	/* One read covers IPv4 + ICMP header + nonce for the usual 20-byte IP header. */
+	if (bpf_probe_read_kernel(&h, sizeof(h), l3))
 		return 0;
-	if (ip.protocol != IPPROTO_ICMP || (ip.ver_ihl >> 4) != 4)
+	if (h.ip.protocol != IPPROTO_ICMP || (h.ip.ver_ihl >> 4) != 4)
 		return 0;
-	if (ip.frag_off & bpf_htons(IP_OFFSET_MASK))
+	if (h.ip.frag_off & bpf_htons(IP_OFFSET_MASK))
 		return 0; /* a later fragment: no ICMP header */
-	ihl = (ip.ver_ihl & 0x0f) * 4;
-	if (ihl < sizeof(ip))
+	ihl = (h.ip.ver_ihl & 0x0f) * 4;
+	if (ihl < sizeof(h.ip))
 		return 0;
-	if (bpf_probe_read_kernel(&icmp, sizeof(icmp), l3 + ihl))
+	if (ihl > sizeof(h.ip) && bpf_probe_read_kernel(&h.icmp, sizeof(h.icmp), l3 + ihl))
+		return 0; /* IP options: read the ICMP part where it really is */
+	if (cfg.nonce == 0 || h.icmp.nonce_lo != (__u32)cfg.nonce ||
+	    h.icmp.nonce_hi != (__u32)(cfg.nonce >> 32))
 		return 0;
-	if (icmp.nonce != cfg.nonce || cfg.nonce == 0)
-		return 0;
-	if (icmp.type != ICMP_ECHO && icmp.type != ICMP_ECHOREPLY)
+	if (h.icmp.type != ICMP_ECHO && h.icmp.type != ICMP_ECHOREPLY)
 		return 0;
 
 	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
@@ -108,10 +118,10 @@ static __always_inline int record(const struct sk_buff *skb, unsigned char *l3,
 	e->ts_ns = bpf_ktime_get_ns();
 	e->netns = BPF_CORE_READ(dev, nd_net.net, ns.inum);
 	e->ifindex = BPF_CORE_READ(dev, ifindex);
-	e->saddr = ip.saddr;
-	e->daddr = ip.daddr;
-	e->seq = bpf_ntohs(icmp.seq);
-	e->packet = icmp.type == ICMP_ECHO ? MACE_PKT_REQUEST : MACE_PKT_REPLY;
+	e->saddr = h.ip.saddr;
+	e->daddr = h.ip.daddr;
+	e->seq = bpf_ntohs(h.icmp.seq);
+	e->packet = h.icmp.type == ICMP_ECHO ? MACE_PKT_REQUEST : MACE_PKT_REPLY;
 	e->hook = hook;
 	bpf_probe_read_kernel_str(e->dev, sizeof(e->dev), dev->name);
 	e->cpu = bpf_get_smp_processor_id();
