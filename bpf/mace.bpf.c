@@ -44,6 +44,57 @@ struct {
 	__type(value, __u64);
 } lost SEC(".maps");
 
+/*
+ * A probe arriving on a veth or lo is seen at netif_rx and again, later and on the same
+ * CPU, at netif_receive_skb; only the first is its arrival. Remember the last few
+ * (skb, ifindex) pairs that netif_rx recorded on this CPU and skip their
+ * netif_receive_skb. Written for our own probes only; a miss (RPS, eviction) just sends
+ * one redundant event, which userspace discards.
+ */
+#define RX_SLOTS 4
+struct rx_seen {
+	__u64 skb[RX_SLOTS];
+	__u32 ifindex[RX_SLOTS];
+	__u32 next;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct rx_seen);
+} rx_seen SEC(".maps");
+
+static __always_inline void remember_rx(const struct sk_buff *skb, __u32 ifindex)
+{
+	__u32 zero = 0;
+	struct rx_seen *seen = bpf_map_lookup_elem(&rx_seen, &zero);
+	__u32 slot;
+
+	if (!seen)
+		return;
+	slot = seen->next++ & (RX_SLOTS - 1);
+	seen->skb[slot] = (__u64)skb;
+	seen->ifindex[slot] = ifindex;
+}
+
+/* True (and forgotten) if netif_rx already recorded this skb on this device. */
+static __always_inline bool seen_at_rx(const struct sk_buff *skb, __u32 ifindex)
+{
+	__u32 zero = 0;
+	struct rx_seen *seen = bpf_map_lookup_elem(&rx_seen, &zero);
+
+	if (!seen)
+		return false;
+	for (int i = 0; i < RX_SLOTS; i++) {
+		if (seen->skb[i] == (__u64)skb && seen->ifindex[i] == ifindex) {
+			seen->skb[i] = 0;
+			return true;
+		}
+	}
+	return false;
+}
+
 struct iphdr_min {
 	__u8 ver_ihl;
 	__u8 tos;
@@ -90,6 +141,7 @@ static __always_inline int record(const struct sk_buff *skb, unsigned char *l3,
 {
 	struct probe_hdrs h;
 	struct mace_event *e;
+	__u32 ifindex;
 	__u8 ihl;
 
 	/* One read covers IPv4 + ICMP header + nonce for the usual 20-byte IP header. */
@@ -110,6 +162,12 @@ static __always_inline int record(const struct sk_buff *skb, unsigned char *l3,
 	if (h.icmp.type != ICMP_ECHO && h.icmp.type != ICMP_ECHOREPLY)
 		return 0;
 
+	ifindex = BPF_CORE_READ(dev, ifindex);
+	if (hook == MACE_HOOK_RECEIVE && seen_at_rx(skb, ifindex))
+		return 0;
+	if (hook == MACE_HOOK_RX)
+		remember_rx(skb, ifindex);
+
 	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	if (!e) {
 		count_lost();
@@ -117,7 +175,7 @@ static __always_inline int record(const struct sk_buff *skb, unsigned char *l3,
 	}
 	e->ts_ns = bpf_ktime_get_ns();
 	e->netns = BPF_CORE_READ(dev, nd_net.net, ns.inum);
-	e->ifindex = BPF_CORE_READ(dev, ifindex);
+	e->ifindex = ifindex;
 	e->saddr = h.ip.saddr;
 	e->daddr = h.ip.daddr;
 	e->seq = bpf_ntohs(h.icmp.seq);

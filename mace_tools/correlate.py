@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from mace_tools.model import KernelEvent, Measurement, Packet, Probe, Reply, Stage
+from mace_tools.model import Hook, KernelEvent, Measurement, Packet, Probe, Reply, Stage
 
 _DeviceKey = tuple[Packet, int, int, bool]  # packet, netns, ifindex, leaving
 
@@ -32,14 +32,15 @@ def stages(events: Iterable[KernelEvent], sent_mono_ns: int) -> list[Stage]:
     backlog); its arrival is the first, which is also where captures timestamp it.
     """
     first: dict[_DeviceKey, KernelEvent] = {}
+    xmit = Hook.XMIT
     for ev in events:
-        key = (ev.packet, ev.netns, ev.ifindex, ev.leaving)
+        key = (ev.packet, ev.netns, ev.ifindex, ev.hook is xmit)
         seen = first.get(key)
         if seen is None or ev.ts_mono_ns < seen.ts_mono_ns:
             first[key] = ev
     ordered = sorted(first.values(), key=lambda e: e.ts_mono_ns)
     return [
-        Stage(e.packet, e.dev, e.ifindex, e.netns, e.leaving, e.ts_mono_ns - sent_mono_ns,
+        Stage(e.packet, e.dev, e.ifindex, e.netns, e.hook is xmit, e.ts_mono_ns - sent_mono_ns,
               e.src, e.dst)
         for e in ordered
     ]

@@ -51,9 +51,9 @@ class KernelEvent(NamedTuple):
         return self.hook is Hook.XMIT
 
 
-@dataclass(frozen=True, slots=True)
-class Stage:
-    """A device a probe packet crossed, as shown in the per-stage path."""
+class Stage(NamedTuple):
+    """A device a probe packet crossed, as shown in the per-stage path (a NamedTuple for
+    the same reason as KernelEvent: about ten are built per probe)."""
 
     packet: Packet
     dev: str

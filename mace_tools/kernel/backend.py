@@ -16,7 +16,7 @@ from pathlib import Path
 
 from mace_tools.errors import MaceError
 from mace_tools.kernel import native
-from mace_tools.kernel.events import decode
+from mace_tools.kernel.events import decoder
 from mace_tools.kernel.ringbuf import RingBuffer
 from mace_tools.model import KernelEvent
 
@@ -115,7 +115,7 @@ class Backend:
     def drain(self, sink: Callable[[KernelEvent], None]) -> int:
         """Decode every waiting event into sink; return how many."""
         assert self._ring is not None
-        return self._ring.consume(lambda buf, off: sink(decode(buf, off)))
+        return self._ring.consume(decoder(sink))
 
     def lost(self) -> int:
         """Events the kernel side could not record (ring buffer full), all CPUs."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import struct
+from collections.abc import Callable
 
 from mace_tools.model import Hook, KernelEvent, Packet
 
@@ -29,6 +30,21 @@ def _dev(raw: bytes) -> str:
     if name is None:
         name = _dev_cache[raw] = raw.split(b"\0", 1)[0].decode(errors="replace")
     return name
+
+
+def decoder(sink: Callable[[KernelEvent], None]) -> Callable[[memoryview, int], None]:
+    """A ring-buffer record handler that decodes into sink in one call per event (this is
+    the per-event hot path at flood rates)."""
+    unpack, packets, hooks, event = EVENT.unpack_from, _PACKETS, _HOOKS, KernelEvent
+    devs, addrs = _dev_cache, _addr_cache
+
+    def handle(buf: memoryview, offset: int) -> None:
+        ts, netns, ifindex, saddr, daddr, seq, packet, hook, dev, _cpu = unpack(buf, offset)
+        sink(event(ts, seq, packets[packet], hooks[hook], ifindex, netns,
+                   devs.get(dev) or _dev(dev), addrs.get(saddr) or _addr(saddr),
+                   addrs.get(daddr) or _addr(daddr)))
+
+    return handle
 
 
 def decode(buf: memoryview | bytes, offset: int = 0) -> KernelEvent:

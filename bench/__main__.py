@@ -1,0 +1,82 @@
+"""`python -m bench`: the paper's figures reproduced on one host, in the namespace lab.
+
+Writes bench/results/results.json (every figure + machine, kernel, commit),
+bench/results/results.md (tables, targets met or missed) and PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from bench import experiments as ex
+from bench import report
+from mace_tools.lab.topology import Lab
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SETTINGS = [("idle", 0, "flood"), ("2 floods", 2, "flood"), ("4 floods", 4, "flood"),
+            ("8 floods", 8, "flood"), ("4 UDP bulk", 4, "udp")]
+
+
+def machine() -> dict:
+    def cmd(*args: str) -> str:
+        return subprocess.run(args, capture_output=True, text=True).stdout.strip()
+
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text()
+                .splitlines() if ln.startswith("model name")), platform.processor())
+    return {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "commit": cmd("git", "rev-parse", "--short", "HEAD") or "unknown",
+            "kernel": platform.release(), "cpus": os.cpu_count(), "cpu_model": cpu,
+            "python": platform.python_version()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--probes", type=int, default=1500, help="probes per load setting")
+    parser.add_argument("--interval", type=float, default=0.01)
+    parser.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("bench: must run as root (BPF, network namespaces)", file=sys.stderr)
+        return 2
+    probes = 200 if args.quick else args.probes
+    witness = 200 if args.quick else 1000
+    started = time.monotonic()
+    res: dict = {"machine": machine(), "command": " ".join(["python -m bench", *sys.argv[1:]])}
+    with Lab(prefix=f"mb{os.getpid() % 100000}", containers=ex.CONTAINERS) as lab:
+        lab.warm_up()
+        print("accuracy sweep", flush=True)
+        res["accuracy"] = ex.accuracy(lab, SETTINGS, probes, args.interval,
+                                      scamper_probes=max(20, int(probes * args.interval / 0.1)))
+        print("perturbation", flush=True)
+        res["perturbation"] = ex.perturbation(lab, SETTINGS, witness, 0.005)
+        print("flood rate", flush=True)
+        res["flood"] = ex.flood_and_cost(lab, seconds=3 if args.quick else 5, neighbours=4)
+        print(f"  {res['flood']['probes_per_s']:.0f} probes/s, coverage "
+              f"{res['flood']['coverage']}", flush=True)
+        print("BPF cost", flush=True)
+        res["cost"] = ex.bpf_cost(lab, seconds=3 if args.quick else 5, neighbours=4)
+        print("start-up", flush=True)
+        res["startup"] = ex.startup(lab, runs=5 if args.quick else 20)
+        print("scaling", flush=True)
+        res["scaling"] = ex.scaling(lab, [1, 2, 4], witness, 0.005, neighbours=4)
+    res["duration_s"] = time.monotonic() - started
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(res, indent=1))
+    table = report.markdown(res)
+    (args.out / "results.md").write_text(table)
+    report.plots(res, args.out)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,366 @@
+"""The bench's experiments, each returning plain dicts for results.json.
+
+All traffic stays in the lab's namespaces (198.18.0.0/15). Kernel-wide switches the bench
+flips (kernel.bpf_stats_enabled, ftrace events) are put back in `finally` blocks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+from bench.tools import ToolResult, ToolRun, capture_filter, iputils, mace_ping, scamper
+from mace_tools.kernel.backend import Backend
+from mace_tools.lab.capture import Capture, CapturedEcho
+from mace_tools.lab.load import Load
+from mace_tools.lab.topology import Lab
+from mace_tools.stats import percentile
+
+# Lab roles: c0 mace-ping; c1..c8 load neighbours; c9 iputils; c10 scamper;
+# c11 the independent ping whose RTT shows perturbation; c12..c14 extra mace-ping instances.
+CONTAINERS = 15
+IPUTILS_CONTAINER, SCAMPER_CONTAINER, WITNESS_CONTAINER = 9, 10, 11
+EXTRA_MACE = (12, 13, 14)
+ID_IPUTILS_CONTAINER, ID_IPUTILS_HOST, ID_SCAMPER = 4242, 4343, 4545
+FTRACE_EVENTS = ("net/net_dev_start_xmit", "net/net_dev_xmit", "net/netif_rx",
+                 "net/netif_receive_skb")
+TRACEFS = Path("/sys/kernel/tracing")
+
+
+def distribution(values: list[float]) -> dict[str, float | int]:
+    """Signed error distribution (µs): mean, p50, p95, p99, max |.|, and p99 of |error|."""
+    if not values:
+        return {"n": 0}
+    ordered = sorted(values)
+    absolute = sorted(abs(v) for v in values)
+    return {
+        "n": len(values),
+        "mean": sum(values) / len(values),
+        "p50": percentile(ordered, 50), "p95": percentile(ordered, 95),
+        "p99": percentile(ordered, 99), "min": ordered[0], "max": ordered[-1],
+        "abs_p99": percentile(absolute, 99), "abs_max": absolute[-1],
+    }
+
+
+def errors_us(rtt_ms: dict[int, float | None], truth: dict[int, CapturedEcho]) -> list[float]:
+    out = []
+    for seq, rtt in rtt_ms.items():
+        echo = truth.get(seq)
+        if rtt is None or echo is None or echo.rtt_ns is None:
+            continue
+        out.append(rtt * 1000 - echo.rtt_ns / 1000)
+    return out
+
+
+@contextmanager
+def load_setting(lab: Lab, neighbours: int, kind: str, seconds: float) -> Iterator[None]:
+    with Load(lab, neighbours, seconds, kind=kind) if neighbours else nullcontext():
+        yield
+
+
+def accuracy(lab: Lab, settings: list[tuple[str, int, str]], probes: int, interval: float,
+             scamper_probes: int) -> list[dict]:
+    """Every tool at once per load setting, each against the capture on the outer device."""
+    rows = []
+    seconds = probes * interval + 15
+    for name, neighbours, kind in settings:
+        nonce = os.urandom(8)
+        with load_setting(lab, neighbours, kind, seconds):
+            runs: list[ToolRun] = [
+                mace_ping(lab, 0, nonce, probes, interval),
+                iputils(lab, lab.container_ns(IPUTILS_CONTAINER), ID_IPUTILS_CONTAINER, probes,
+                        interval, "iputils (container)"),
+                iputils(lab, lab.host_ns, ID_IPUTILS_HOST, probes, interval, "iputils (host)"),
+            ]
+            if shutil.which("scamper"):
+                runs.append(scamper(lab, lab.container_ns(SCAMPER_CONTAINER), ID_SCAMPER,
+                                    scamper_probes, 0.1))
+            with Capture(lab.host_ns, lab.outer_dev, capture_filter(runs)) as cap:
+                results = {run.name: run.collect() for run in runs}
+        mace = results["mace-ping"]
+        truth_mace = cap.echoes(nonce)
+        tools = {
+            "mace-ping corrected": errors_us(mace.corrected_ms, truth_mace),
+            "mace-ping raw": errors_us(mace.rtt_ms, truth_mace),
+            "iputils ping (container)": errors_us(
+                results["iputils (container)"].rtt_ms, cap.echoes_by_id(ID_IPUTILS_CONTAINER)),
+            "iputils ping (host netns)": errors_us(
+                results["iputils (host)"].rtt_ms, cap.echoes_by_id(ID_IPUTILS_HOST)),
+        }
+        if "scamper -O dl" in results:
+            tools["scamper ping -O dl (container)"] = errors_us(
+                results["scamper -O dl"].rtt_ms, cap.echoes_by_id(ID_SCAMPER))
+        mace_summary = mace.summary.get("mace", {})
+        rows.append({
+            "setting": name, "neighbours": neighbours, "load": kind if neighbours else "idle",
+            "probes": probes, "replies": len(mace.rtt_ms),
+            "coverage": mace_summary.get("coverage"),
+            "kernel_events_lost": mace_summary.get("kernel_events_lost"),
+            "tools": {tool: distribution(errs) for tool, errs in tools.items()},
+            "raw_errors": {tool: errs for tool, errs in tools.items()},
+        })
+        print(f"  accuracy {name}: coverage {mace_summary.get('coverage')}, corrected "
+              f"{_fmt(rows[-1]['tools']['mace-ping corrected'])}", flush=True)
+    return rows
+
+
+def _fmt(d: dict) -> str:
+    return f"mean {d['mean']:+.2f} µs, |p99| {d['abs_p99']:.2f} µs" if d.get("n") else "no data"
+
+
+def _witness_ping(lab: Lab, count: int, interval: float) -> list[float]:
+    """RTTs (µs) of an iputils ping from the witness container, which mace never probes."""
+    proc = subprocess.run(["ip", "netns", "exec", lab.container_ns(WITNESS_CONTAINER), "ping",
+                           "-n", "-c", str(count), "-i", str(interval), lab.target_addr],
+                          capture_output=True, text=True, timeout=count * interval + 60)
+    return [float(m.group(2)) * 1000
+            for m in re.finditer(r"icmp_seq=(\d+) ttl=\d+ time=([\d.]+) ms", proc.stdout)]
+
+
+@contextmanager
+def ftrace_enabled() -> Iterator[None]:
+    mounted = False
+    if not (TRACEFS / "events").is_dir():
+        subprocess.run(["mount", "-t", "tracefs", "nodev", str(TRACEFS)], check=True)
+        mounted = True
+    enables = [TRACEFS / "events" / e / "enable" for e in FTRACE_EVENTS]
+    try:
+        (TRACEFS / "trace").write_text("")
+        for path in enables:
+            path.write_text("1")
+        yield
+    finally:
+        for path in enables:
+            path.write_text("0")
+        (TRACEFS / "trace").write_text("")
+        if mounted:
+            subprocess.run(["umount", str(TRACEFS)], check=False)
+
+
+def _merge(samples: list[list[float]]) -> dict[str, float]:
+    rtts = sorted(v for block in samples for v in block)
+    if not rtts:
+        return {"n": 0}
+    return {"n": len(rtts), "mean": sum(rtts) / len(rtts), "p99": percentile(rtts, 99)}
+
+
+def perturbation(lab: Lab, settings: list[tuple[str, int, str]], count: int,
+                 interval: float, rounds: int = 5) -> list[dict]:
+    """An independent iputils ping's RTT: nothing attached, mace's programs attached, ftrace
+    on the same tracepoints. Conditions alternate in short blocks (rounds) so that drift in
+    the machine's state falls on all of them alike; the baseline's own noise is the
+    difference between its odd and even blocks."""
+    rows = []
+    block = max(50, count // rounds)
+    for name, neighbours, kind in settings:
+        samples: dict[str, list[list[float]]] = {"base": [], "bpf": [], "ftrace": []}
+        with load_setting(lab, neighbours, kind, 3 * rounds * block * interval + 60):
+            for _ in range(rounds):
+                samples["base"].append(_witness_ping(lab, block, interval))
+                with Backend(os.urandom(8)):
+                    samples["bpf"].append(_witness_ping(lab, block, interval))
+                with ftrace_enabled():
+                    samples["ftrace"].append(_witness_ping(lab, block, interval))
+        base, bpf, ftrace = (_merge(samples[k]) for k in ("base", "bpf", "ftrace"))
+        half_a, half_b = _merge(samples["base"][0::2]), _merge(samples["base"][1::2])
+        row = {"setting": name, "rounds": rounds, "block": block, "baseline": base,
+               "bpf": bpf, "ftrace": ftrace,
+               "noise_mean_us": abs(half_a["mean"] - half_b["mean"]),
+               "bpf_delta_mean_us": bpf["mean"] - base["mean"],
+               "bpf_delta_p99_us": bpf["p99"] - base["p99"],
+               "ftrace_delta_mean_us": ftrace["mean"] - base["mean"],
+               "ftrace_delta_p99_us": ftrace["p99"] - base["p99"]}
+        rows.append(row)
+        print(f"  perturbation {name}: bpf {row['bpf_delta_mean_us']:+.2f} µs, ftrace "
+              f"{row['ftrace_delta_mean_us']:+.2f} µs (baseline noise "
+              f"{row['noise_mean_us']:.2f} µs)", flush=True)
+    return rows
+
+
+@contextmanager
+def bpf_stats() -> Iterator[None]:
+    path = Path("/proc/sys/kernel/bpf_stats_enabled")
+    before = path.read_text().strip()
+    path.write_text("1")
+    try:
+        yield
+    finally:
+        path.write_text(before)
+
+
+def mace_program_stats() -> dict[str, tuple[int, int]]:
+    """(run_time_ns, run_cnt) summed per mace program name over every loaded copy."""
+    out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True,
+                         check=True).stdout
+    totals: dict[str, tuple[int, int]] = {}
+    for prog in json.loads(out):
+        name = prog.get("name", "")
+        if name.startswith("mace_"):
+            t, c = totals.get(name, (0, 0))
+            totals[name] = (t + prog.get("run_time_ns", 0), c + prog.get("run_cnt", 0))
+    return totals
+
+
+def _delta(after: dict[str, tuple[int, int]], before: dict[str, tuple[int, int]]) -> dict:
+    out = {}
+    for name, (t, c) in after.items():
+        if name not in before:
+            continue
+        t0, c0 = before[name]
+        runs = c - c0
+        out[name] = {"runs": runs, "ns_per_run": (t - t0) / runs if runs else None}
+    total_t = sum(v["ns_per_run"] * v["runs"] for v in out.values() if v["runs"])
+    total_c = sum(v["runs"] for v in out.values())
+    out["all"] = {"runs": total_c, "ns_per_run": total_t / total_c if total_c else None}
+    return out
+
+
+def _run_with_rusage(cmd: list[str], timeout_s: float) -> tuple[str, dict]:
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    start = time.monotonic()
+    out = proc.stdout.read() if proc.stdout else ""
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return out, {"wall_s": time.monotonic() - start, "cpu_s": usage.ru_utime + usage.ru_stime,
+                 "max_rss_mb": usage.ru_maxrss / 1024, "returncode": proc.returncode,
+                 "timeout_s": timeout_s}
+
+
+def flood_and_cost(lab: Lab, seconds: int, neighbours: int) -> dict:
+    """mace-ping -f for `seconds` under flood neighbours: rate, coverage, CPU, peak RSS."""
+    cmd = [sys.executable, "-m", "mace_tools.cli.ping", "--netns",
+           lab.netns_path(lab.container_ns(0)), "-f", "-q", "-w", str(seconds), "-W", "1",
+           lab.target_addr]
+    with load_setting(lab, neighbours, "flood", seconds + 30):
+        out, usage = _run_with_rusage(cmd, seconds + 30)
+    sent = int(re.search(r"(\d+) packets transmitted", out).group(1))
+    received = int(re.search(r"(\d+) received", out).group(1))
+    kernel = re.search(r"kernel data (\d+)/(\d+) replies", out)
+    lost = re.search(r"(\d+) events lost", out)
+    return {"seconds": seconds, "neighbours": neighbours, "sent": sent, "received": received,
+            "probes_per_s": sent / usage["wall_s"],
+            "coverage": int(kernel.group(1)) / int(kernel.group(2)) if kernel else None,
+            "kernel_events_lost": int(lost.group(1)) if lost else None, **usage}
+
+
+def bpf_cost(lab: Lab, seconds: float, neighbours: int) -> dict:
+    """Per-run cost of mace's programs under flood neighbours plus a mace-ping -f probing,
+    read from kernel.bpf_stats_enabled counters (bpftool)."""
+    with load_setting(lab, neighbours, "flood", seconds + 30), bpf_stats():
+        flood = subprocess.Popen(
+            [sys.executable, "-m", "mace_tools.cli.ping", "--netns",
+             lab.netns_path(lab.container_ns(0)), "-f", "-q", "-w", str(int(seconds) + 2),
+             lab.target_addr], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            time.sleep(1.0)  # programs loaded and attached
+            before = mace_program_stats()
+            time.sleep(seconds)
+            after = mace_program_stats()
+        finally:
+            flood.wait(timeout=30)
+    return {"neighbours": neighbours, "seconds": seconds, "programs": _delta(after, before)}
+
+
+def startup(lab: Lab, runs: int) -> dict:
+    """`-c 1` from a container: spawn -> first echo request on the container's eth0
+    (tcpdump, CLOCK_REALTIME on both ends), spawn -> exit, and peak RSS."""
+    ns = lab.container_ns(0)
+    tools = {
+        "mace-ping -c 1": [sys.executable, "-m", "mace_tools.cli.ping", "-c", "1", "-q",
+                           lab.target_addr],
+        "iputils ping -c 1": ["ping", "-c", "1", "-q", lab.target_addr],
+    }
+    results = {}
+    for name, tool in tools.items():
+        spawns, usages = [], []
+        with Capture(ns, "eth0", "icmp[0] = 8") as cap:
+            for _ in range(runs):
+                spawns.append(time.clock_gettime_ns(time.CLOCK_REALTIME))
+                _, usage = _run_with_rusage(["ip", "netns", "exec", ns, *tool], 30)
+                usages.append(usage)
+                time.sleep(0.05)
+        sends = sorted(p.ts_real_ns for p in cap.packets)
+        first = []
+        for t0 in spawns:
+            after = [t for t in sends if t >= t0]
+            if after:
+                first.append((after[0] - t0) / 1e6)
+        wall = sorted(u["wall_s"] * 1000 for u in usages)
+        rss = max(u["max_rss_mb"] for u in usages)
+        results[name] = {
+            "runs": runs,
+            "first_probe_ms_median": percentile(sorted(first), 50) if first else None,
+            "first_probe_ms_p95": percentile(sorted(first), 95) if first else None,
+            "exit_ms_median": percentile(wall, 50), "exit_ms_p95": percentile(wall, 95),
+            "peak_rss_mb": rss,
+        }
+        print(f"  start-up {name}: first probe {results[name]['first_probe_ms_median']} ms "
+              f"(median), exit {results[name]['exit_ms_median']:.1f} ms, rss {rss:.1f} MB",
+              flush=True)
+    results["bcc"] = bcc_startup()
+    return results
+
+
+_BCC_PROG = r"""
+from bcc import BPF
+import time
+t = time.monotonic()
+b = BPF(text='''
+TRACEPOINT_PROBE(net, net_dev_start_xmit) { return 0; }
+TRACEPOINT_PROBE(net, netif_rx) { return 0; }
+TRACEPOINT_PROBE(net, netif_receive_skb) { return 0; }
+''')
+print("loaded_ms", (time.monotonic() - t) * 1000)
+"""
+
+
+def bcc_startup() -> dict:
+    """The same tracepoints through bcc, where bcc can compile here (it needs headers)."""
+    python = "/usr/bin/python3"
+    check = subprocess.run([python, "-c", "import bcc"], capture_output=True, text=True)
+    if check.returncode != 0:
+        return {"skipped": "bcc (python3-bpfcc) is not installed"}
+    out, usage = _run_with_rusage([python, "-c", _BCC_PROG], 120)
+    m = re.search(r"loaded_ms ([\d.]+)", out)
+    if not m:
+        return {"skipped": "bcc cannot compile on this kernel (no kernel headers)",
+                "exit_ms": usage["wall_s"] * 1000}
+    return {"load_ms": float(m.group(1)), "exit_ms": usage["wall_s"] * 1000,
+            "peak_rss_mb": usage["max_rss_mb"]}
+
+
+def scaling(lab: Lab, instances: list[int], count: int, interval: float,
+            neighbours: int) -> list[dict]:
+    """1, 2, 4 concurrent mace-ping runs under flood: per-run BPF cost and the witness RTT.
+    The instances run longer than the witness, so their programs' counters are read while
+    they are still loaded."""
+    rows = []
+    containers = (0, *EXTRA_MACE)
+    with load_setting(lab, neighbours, "flood", (len(instances) + 1) * 2 * count * interval
+                      + 60):
+        base = _merge([_witness_ping(lab, count, interval)])
+        for n in instances:
+            with bpf_stats():
+                runs = [mace_ping(lab, containers[i], os.urandom(8), 2 * count, interval, "-q")
+                        for i in range(n)]
+                time.sleep(0.5)  # loaded and attached
+                before = mace_program_stats()
+                witness = _merge([_witness_ping(lab, count, interval)])
+                after = mace_program_stats()
+                results: list[ToolResult] = [r.collect() for r in runs]
+            coverage = [r.summary.get("mace", {}).get("coverage") for r in results]
+            rows.append({"instances": n, "coverage": coverage,
+                         "cost": _delta(after, before)["all"], "witness": witness,
+                         "witness_delta_mean_us": witness["mean"] - base["mean"],
+                         "witness_delta_p99_us": witness["p99"] - base["p99"]})
+            print(f"  scaling {n}: {rows[-1]['cost']['ns_per_run']:.1f} ns/run, witness "
+                  f"{rows[-1]['witness_delta_mean_us']:+.2f} µs", flush=True)
+    return rows

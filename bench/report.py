@@ -1,0 +1,174 @@
+"""results.json -> results.md (tables, targets met or missed) and PNG plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+TOOLS = ["mace-ping corrected", "mace-ping raw", "iputils ping (container)",
+         "iputils ping (host netns)", "scamper ping -O dl (container)"]
+
+
+def _f(v: Any, digits: int = 2) -> str:
+    return "-" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def targets(res: dict) -> list[tuple[str, str, bool]]:
+    acc = res["accuracy"]
+    corr = [r["tools"]["mace-ping corrected"] for r in acc]
+    worst_mean = max(abs(c.get("mean", 1e9)) for c in corr)
+    worst_p99 = max(c.get("abs_p99", 1e9) for c in corr)
+    cov = min(r["coverage"] or 0 for r in acc)
+    flood = res["flood"]
+    pert = res["perturbation"]
+    bpf_mean = max(p["bpf_delta_mean_us"] for p in pert)
+    below_ftrace = all(p["bpf_delta_mean_us"] < p["ftrace_delta_mean_us"] for p in pert)
+    cost = res["cost"]["programs"]
+    worst_cost = max(v["ns_per_run"] for k, v in cost.items() if k != "all" and v["ns_per_run"])
+    start = res["startup"]["mace-ping -c 1"]
+    return [
+        ("corrected - truth: |mean| <= 2 µs, every setting", f"{worst_mean:.2f} µs (worst)",
+         worst_mean <= 2),
+        ("corrected - truth: p99 of |error| <= 10 µs, every setting",
+         f"{worst_p99:.2f} µs (worst)", worst_p99 <= 10),
+        ("coverage 100.0%, every setting", f"{cov * 100:.1f}% (lowest)", cov == 1.0),
+        ("flood >= 10,000 probes/s with 100% coverage",
+         f"{flood['probes_per_s']:.0f}/s at {(flood['coverage'] or 0) * 100:.1f}%",
+         flood["probes_per_s"] >= 10000 and flood["coverage"] == 1.0),
+        ("perturbation <= 1 µs mean, every setting", f"{bpf_mean:+.2f} µs (worst)",
+         bpf_mean <= 1),
+        ("perturbation below ftrace's, every setting", "yes" if below_ftrace else "no",
+         below_ftrace),
+        ("<= 150 ns per BPF program run (flood)", f"{worst_cost:.1f} ns (worst program)",
+         worst_cost <= 150),
+        ("mace-ping -c 1 to first probe <= 150 ms", f"{_f(start['first_probe_ms_median'], 1)}"
+         f" ms (median)", (start["first_probe_ms_median"] or 1e9) <= 150),
+        ("peak RSS <= 60 MB", f"{start['peak_rss_mb']:.1f} MB",
+         start["peak_rss_mb"] <= 60 and flood["max_rss_mb"] <= 60),
+    ]
+
+
+def markdown(res: dict) -> str:
+    m = res["machine"]
+    out = ["# mace-ping bench results\n",
+           f"{m['date']} · commit `{m['commit']}` · kernel {m['kernel']} · {m['cpus']} CPUs "
+           f"({m['cpu_model']}) · `{res['command']}` · {res['duration_s']:.0f} s\n",
+           "Truth is a tcpdump capture (nanosecond timestamps, kernel-filtered to each tool's "
+           "probes) on the lab host's outer device `out0`. Errors are tool RTT minus truth "
+           "RTT, in µs.\n", "## Targets\n", "| target | measured | met |", "|---|---|---|"]
+    out += [f"| {t} | {v} | {'yes' if ok else '**MISSED**'} |" for t, v, ok in targets(res)]
+    out += ["", "## Accuracy (signed error vs capture, µs)\n"]
+    for r in res["accuracy"]:
+        out += [f"### {r['setting']}: {r['probes']} probes, mace coverage "
+                f"{(r['coverage'] or 0) * 100:.1f}%, {r['kernel_events_lost']} events lost\n",
+                "| tool | n | mean | p50 | p95 | p99 | max | p99 of abs |",
+                "|---|---|---|---|---|---|---|---|"]
+        for tool in TOOLS:
+            d = r["tools"].get(tool)
+            if d and d.get("n"):
+                out.append(f"| {tool} | {d['n']} | {d['mean']:+.2f} | {d['p50']:+.2f} | "
+                           f"{d['p95']:+.2f} | {d['p99']:+.2f} | {d['max']:+.2f} | "
+                           f"{d['abs_p99']:.2f} |")
+        out.append("")
+    f = res["flood"]
+    out += ["## Flood (`mace-ping -f`)\n",
+            f"{f['sent']} probes in {f['wall_s']:.1f} s = **{f['probes_per_s']:.0f} probes/s**"
+            f" with {f['neighbours']} flood neighbours; coverage "
+            f"{(f['coverage'] or 0) * 100:.2f}%, {f['kernel_events_lost']} events lost; CPU "
+            f"{f['cpu_s']:.1f} s, peak RSS {f['max_rss_mb']:.1f} MB.\n",
+            "## Perturbation (independent iputils ping in another container, µs)\n",
+            "Conditions alternate in blocks; noise is |odd - even| baseline blocks.\n",
+            "| setting | baseline mean | noise | mace BPF Δmean | Δp99 | ftrace Δmean | "
+            "Δp99 |", "|---|---|---|---|---|---|---|"]
+    for p in res["perturbation"]:
+        out.append(f"| {p['setting']} | {p['baseline']['mean']:.1f} | "
+                   f"{p['noise_mean_us']:.2f} | "
+                   f"{p['bpf_delta_mean_us']:+.2f} | {p['bpf_delta_p99_us']:+.2f} | "
+                   f"{p['ftrace_delta_mean_us']:+.2f} | {p['ftrace_delta_p99_us']:+.2f} |")
+    c = res["cost"]
+    out += ["", f"## BPF program cost ({c['neighbours']} flood neighbours + mace-ping -f, "
+            f"{c['seconds']:.0f} s, kernel.bpf_stats_enabled)\n",
+            "| program | runs | ns per run |", "|---|---|---|"]
+    out += [f"| {k} | {v['runs']} | {_f(v['ns_per_run'], 1)} |" for k, v in c["programs"].items()]
+    s = res["startup"]
+    out += ["", "## Start-up (`-c 1` from a lab container, via `ip netns exec`)\n",
+            "| tool | to first probe (median / p95 ms) | to exit (median / p95 ms) | peak RSS |",
+            "|---|---|---|---|"]
+    for name in ("mace-ping -c 1", "iputils ping -c 1"):
+        v = s[name]
+        out.append(f"| {name} | {_f(v['first_probe_ms_median'], 1)} / "
+                   f"{_f(v['first_probe_ms_p95'], 1)} | {v['exit_ms_median']:.1f} / "
+                   f"{v['exit_ms_p95']:.1f} | {v['peak_rss_mb']:.1f} MB |")
+    bcc = s["bcc"]
+    loaded = f"skipped: {bcc['skipped']}" if "skipped" in bcc else f"{bcc['load_ms']:.1f} (load)"
+    out.append(f"| bcc, same tracepoints | {loaded} | {_f(bcc.get('exit_ms'), 1)} | "
+               f"{_f(bcc.get('peak_rss_mb'), 1)} |")
+    out += ["", "## Scaling (concurrent mace-ping runs, 4 flood neighbours)\n",
+            "| instances | ns per program run | witness Δmean µs | witness Δp99 µs | coverage |",
+            "|---|---|---|---|---|"]
+    for r in res["scaling"]:
+        out.append(f"| {r['instances']} | {_f(r['cost']['ns_per_run'], 1)} | "
+                   f"{r['witness_delta_mean_us']:+.2f} | {r['witness_delta_p99_us']:+.2f} | "
+                   f"{', '.join(_f(x, 3) for x in r['coverage'])} |")
+    out += ["", "Plots: `fig_accuracy_cdf.png`, `fig_accuracy_load.png`, "
+            "`fig_perturbation.png`.", ""]
+    return "\n".join(out)
+
+
+def plots(res: dict, outdir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    acc = res["accuracy"]
+    pick = next((r for r in acc if r["neighbours"] == 4 and r["load"] == "flood"), acc[-1])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for tool in TOOLS:
+        errs = sorted(pick["raw_errors"].get(tool, []))
+        if errs:
+            ax.plot(errs, [(i + 1) / len(errs) for i in range(len(errs))], label=tool)
+    ax.set_xscale("symlog", linthresh=10)
+    ax.set_xlabel("RTT error vs capture on the host's outer device (µs)")
+    ax.set_ylabel("CDF")
+    ax.set_title(f"Accuracy, {pick['setting']} (cf. MACE Fig. 3)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    written.append(_save(fig, outdir / "fig_accuracy_cdf.png"))
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    names = [r["setting"] for r in acc]
+    for tool in TOOLS:
+        means = [r["tools"].get(tool, {}).get("mean") for r in acc]
+        if any(m is not None for m in means):
+            ax.plot(names, means, marker="o", label=tool)
+    ax.set_yscale("symlog", linthresh=5)
+    ax.set_ylabel("mean error (µs)")
+    ax.set_title("Error vs background load (cf. MACE Fig. 4)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    written.append(_save(fig, outdir / "fig_accuracy_load.png"))
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    pert = res["perturbation"]
+    xs = range(len(pert))
+    ax.bar([x - 0.2 for x in xs], [p["bpf_delta_mean_us"] for p in pert], 0.4,
+           label="mace-ping BPF attached")
+    ax.bar([x + 0.2 for x in xs], [p["ftrace_delta_mean_us"] for p in pert], 0.4,
+           label="ftrace, same tracepoints")
+    ax.errorbar(list(xs), [0] * len(pert), yerr=[p["noise_mean_us"] for p in pert], fmt="none",
+                ecolor="black", capsize=4, label="baseline noise (|A - B|)")
+    ax.set_xticks(list(xs), [p["setting"] for p in pert])
+    ax.set_ylabel("Δ mean RTT of a neighbour's ping (µs)")
+    ax.set_title("Perturbation (cf. MACE Fig. 5)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, axis="y")
+    written.append(_save(fig, outdir / "fig_perturbation.png"))
+    return written
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
