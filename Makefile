@@ -8,7 +8,7 @@ BIN      := $(VENV)/bin
 BPF_OBJ  := mace_tools/kernel/mace.bpf.o
 BPF_ARCH := $(shell uname -m | sed -e 's/x86_64/x86/' -e 's/aarch64/arm64/')
 APT_PKGS := clang llvm libbpf-dev libbpf1 iproute2 iptables tcpdump iputils-ping
-BENCH_APT_PKGS := scamper
+BENCH_APT_PKGS := scamper bpftool python3-bpfcc time
 
 .PHONY: setup deps venv build demo test lint bench clean
 

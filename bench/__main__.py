@@ -59,9 +59,12 @@ def main() -> int:
         print("perturbation", flush=True)
         res["perturbation"] = ex.perturbation(lab, SETTINGS, witness, 0.005)
         print("flood rate", flush=True)
-        res["flood"] = ex.flood_and_cost(lab, seconds=3 if args.quick else 5, neighbours=4)
-        print(f"  {res['flood']['probes_per_s']:.0f} probes/s, coverage "
-              f"{res['flood']['coverage']}", flush=True)
+        seconds = 3 if args.quick else 5
+        res["flood"] = ex.flood_and_cost(lab, seconds=seconds, neighbours=0)
+        res["flood_loaded"] = ex.flood_and_cost(lab, seconds=seconds, neighbours=4)
+        for key in ("flood", "flood_loaded"):
+            print(f"  {res[key]['neighbours']} neighbours: {res[key]['probes_per_s']:.0f} "
+                  f"probes/s, coverage {res[key]['coverage']}", flush=True)
         print("BPF cost", flush=True)
         res["cost"] = ex.bpf_cost(lab, seconds=3 if args.quick else 5, neighbours=4)
         print("start-up", flush=True)

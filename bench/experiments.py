@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -224,14 +225,16 @@ def _delta(after: dict[str, tuple[int, int]], before: dict[str, tuple[int, int]]
 
 
 def _run_with_rusage(cmd: list[str], timeout_s: float) -> tuple[str, dict]:
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    start = time.monotonic()
-    out = proc.stdout.read() if proc.stdout else ""
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return out, {"wall_s": time.monotonic() - start, "cpu_s": usage.ru_utime + usage.ru_stime,
-                 "max_rss_mb": usage.ru_maxrss / 1024, "returncode": proc.returncode,
-                 "timeout_s": timeout_s}
+    """Run cmd under GNU time: the child's own peak RSS and CPU (rusage from a fork of
+    this Python process would count the parent's pages until exec)."""
+    with tempfile.NamedTemporaryFile("r") as report:
+        start = time.monotonic()
+        proc = subprocess.run(["/usr/bin/time", "-o", report.name, "-f", "%M %U %S", *cmd],
+                              capture_output=True, text=True, timeout=timeout_s)
+        wall = time.monotonic() - start
+        rss_kb, user, system = report.read().split()[-3:]
+    return proc.stdout, {"wall_s": wall, "cpu_s": float(user) + float(system),
+                         "max_rss_mb": int(rss_kb) / 1024, "returncode": proc.returncode}
 
 
 def flood_and_cost(lab: Lab, seconds: int, neighbours: int) -> dict:
@@ -243,10 +246,11 @@ def flood_and_cost(lab: Lab, seconds: int, neighbours: int) -> dict:
         out, usage = _run_with_rusage(cmd, seconds + 30)
     sent = int(re.search(r"(\d+) packets transmitted", out).group(1))
     received = int(re.search(r"(\d+) received", out).group(1))
+    sending_s = int(re.search(r"time (\d+)ms", out).group(1)) / 1000  # the run, not start-up
     kernel = re.search(r"kernel data (\d+)/(\d+) replies", out)
     lost = re.search(r"(\d+) events lost", out)
     return {"seconds": seconds, "neighbours": neighbours, "sent": sent, "received": received,
-            "probes_per_s": sent / usage["wall_s"],
+            "probes_per_s": sent / sending_s,
             "coverage": int(kernel.group(1)) / int(kernel.group(2)) if kernel else None,
             "kernel_events_lost": int(lost.group(1)) if lost else None, **usage}
 

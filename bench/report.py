@@ -70,12 +70,14 @@ def markdown(res: dict) -> str:
                            f"{d['p95']:+.2f} | {d['p99']:+.2f} | {d['max']:+.2f} | "
                            f"{d['abs_p99']:.2f} |")
         out.append("")
-    f = res["flood"]
-    out += ["## Flood (`mace-ping -f`)\n",
-            f"{f['sent']} probes in {f['wall_s']:.1f} s = **{f['probes_per_s']:.0f} probes/s**"
-            f" with {f['neighbours']} flood neighbours; coverage "
-            f"{(f['coverage'] or 0) * 100:.2f}%, {f['kernel_events_lost']} events lost; CPU "
-            f"{f['cpu_s']:.1f} s, peak RSS {f['max_rss_mb']:.1f} MB.\n",
+    out += ["## Flood (`mace-ping -f`, one probe in flight as iputils -f)\n",
+            "| neighbours flooding | probes | seconds | probes/s | coverage | events lost | "
+            "CPU s | peak RSS MB |", "|---|---|---|---|---|---|---|---|"]
+    for f in (res["flood"], res["flood_loaded"]):
+        out.append(f"| {f['neighbours']} | {f['sent']} | {f['wall_s']:.1f} | "
+                   f"**{f['probes_per_s']:.0f}** | {(f['coverage'] or 0) * 100:.2f}% | "
+                   f"{f['kernel_events_lost']} | {f['cpu_s']:.1f} | {f['max_rss_mb']:.1f} |")
+    out += ["",
             "## Perturbation (independent iputils ping in another container, µs)\n",
             "Conditions alternate in blocks; noise is |odd - even| baseline blocks.\n",
             "| setting | baseline mean | noise | mace BPF Δmean | Δp99 | ftrace Δmean | "

@@ -181,7 +181,9 @@ static __always_inline int record(const struct sk_buff *skb, unsigned char *l3,
 	e->seq = bpf_ntohs(h.icmp.seq);
 	e->packet = h.icmp.type == ICMP_ECHO ? MACE_PKT_REQUEST : MACE_PKT_REPLY;
 	e->hook = hook;
-	bpf_probe_read_kernel_str(e->dev, sizeof(e->dev), dev->name);
+	/* The whole array, not a _str read: ring-buffer records are not zeroed, so bytes
+	 * after a _str copy's NUL would differ per event (and defeat userspace's name cache). */
+	bpf_probe_read_kernel(e->dev, sizeof(e->dev), dev->name);
 	e->cpu = bpf_get_smp_processor_id();
 	bpf_ringbuf_submit(e, 0);
 	return 0;

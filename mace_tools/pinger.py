@@ -25,12 +25,13 @@ from mace_tools.model import KernelEvent, Measurement, Probe, Reply
 from mace_tools.probe import netns
 from mace_tools.probe.icmp import (
     NONCE_LEN,
+    EchoTemplate,
     ParsedIcmp,
-    build_echo_request,
     is_our_reply,
     parse_ip_icmp,
 )
 from mace_tools.probe.sockets import IcmpSocket
+from mace_tools.stats import Tally
 
 if TYPE_CHECKING:  # libbpf is bound only when a run starts
     from mace_tools.kernel.backend import Backend
@@ -78,8 +79,8 @@ class RunResult:
     start_real_ns: int = 0
     kernel_events_lost: int = 0
     kernel: bool = True  # False when probes cannot carry the nonce (size < 8)
-    measurements: list[Measurement] = field(default_factory=list)
-    unanswered: list[int] = field(default_factory=list)  # seqs with no reply at the end
+    tally: Tally = field(default_factory=Tally)  # replies are counted, not kept
+    unanswered: list[int] = field(default_factory=list)  # probe numbers with no reply
 
 
 class PingSink(Protocol):
@@ -120,6 +121,7 @@ class Pinger:
         self.sink = sink
         self.nonce = nonce or _new_nonce()
         self.ident = os.getpid() & 0xFFFF
+        self._template = EchoTemplate(self.ident, self.nonce, opts.size)
         self._backend_factory = backend_factory
         self._probes = _Probes()
 
@@ -217,11 +219,13 @@ class Pinger:
 
     def _send(self, sock: IcmpSocket, n: int) -> None:
         seq = n & 0xFFFF
-        sent_real = time.clock_gettime_ns(time.CLOCK_REALTIME)
-        message = build_echo_request(self.ident, seq, self.nonce, self.opts.size, sent_real)
-        probe = Probe(seq, 0, sent_real)
+        message = self._template.message(seq)
+        probe = Probe(seq, 0, 0)
         self._probes.add(probe)
-        probe.sent_mono_ns = time.monotonic_ns()  # send point: just before sendto()
+        # Both clocks just before sendto(): the raw RTT's start (as iputils: wall clock) and
+        # the send point egress is measured from (the clock of bpf_ktime_get_ns).
+        probe.sent_real_ns = time.clock_gettime_ns(time.CLOCK_REALTIME)
+        probe.sent_mono_ns = time.monotonic_ns()
         try:
             sock.send(message, self.opts.dst_addr)
         except OSError as exc:
@@ -256,7 +260,7 @@ class Pinger:
             if not dup:
                 probes.answered.add(parsed.seq)
                 new += 1
-            result.measurements.append(m)
+            result.tally.add(m)
             self.sink.reply(m)
         return new
 

@@ -5,6 +5,7 @@ import socket
 import struct
 from pathlib import Path
 
+from mace_tools.kernel import events
 from mace_tools.kernel.events import EVENT, decode
 from mace_tools.model import Hook, Packet
 
@@ -44,3 +45,12 @@ def test_decode_at_offset() -> None:
     raw = bytes(8) + EVENT.pack(1, 2, 3, 0, 0, 4, 0, 0, b"lo", 0)
     assert decode(memoryview(raw), 8).dev == "lo"
     assert struct.calcsize("<QIIIIHBB16sI") == 48
+
+
+def test_name_caches_stay_bounded() -> None:
+    # Even if the kernel side sent different bytes after the NUL for every event.
+    for i in range(10_000):
+        raw = EVENT.pack(1, 2, 3, i, i, 4, 0, 0, b"eth0\0" + i.to_bytes(4, "little"), 0)
+        assert decode(raw).dev == "eth0"
+    assert len(events._dev_cache) <= events._CACHE_LIMIT
+    assert len(events._addr_cache) <= events._CACHE_LIMIT

@@ -7,8 +7,11 @@ import random
 import socket
 import struct
 
+import pytest
+
 from mace_tools.probe.icmp import (
     NONCE_LEN,
+    EchoTemplate,
     build_echo_request,
     checksum,
     is_our_reply,
@@ -38,13 +41,22 @@ def test_checksum_known_vector() -> None:
 
 
 def test_request_layout() -> None:
-    msg = build_echo_request(0x1234, 7, NONCE, 56, sent_real_ns=0x0A0B)
+    msg = build_echo_request(0x1234, 7, NONCE, 56)
     assert len(msg) == 64
     assert msg[0] == 8 and msg[1] == 0 and struct.unpack("!HH", msg[4:8]) == (0x1234, 7)
     assert msg[8:16] == NONCE  # the kernel side reads the nonce right after the header
-    assert msg[16:24] == struct.pack("!Q", 0x0A0B)
-    assert msg[24:] == bytes(range(16, 56))
+    assert msg[16:] == bytes(range(8, 56))
     assert checksum(msg) == 0
+
+
+@pytest.mark.parametrize("size", [0, 5, 8, 56, 1400])
+def test_template_matches_full_build_for_every_seq(size: int) -> None:
+    template = EchoTemplate(0xBEEF, NONCE, size)
+    for seq in (0, 1, 2, 255, 256, 0x7FFF, 0xFFFE, 0xFFFF, *range(1000, 66000, 977)):
+        seq &= 0xFFFF
+        msg = template.message(seq)
+        assert msg == build_echo_request(0xBEEF, seq, NONCE, size)
+        assert checksum(msg) == 0
 
 
 def test_small_sizes_truncate_the_nonce() -> None:

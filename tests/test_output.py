@@ -100,16 +100,20 @@ def test_summary_without_any_correction() -> None:
 def run_result() -> RunResult:
     r = RunResult(nonce=bytes.fromhex("0102030405060708"), source_addr="198.18.1.10",
                   transmitted=3, elapsed_ms=2003, start_real_ns=1_700_000_000_000_000_000)
-    r.measurements = [measurement(1), measurement(3, corrected=False)]
     r.unanswered = [2]
     return r
 
 
+REPLIES = [measurement(1), measurement(3, corrected=False)]
+
+
 def sink_output(cls: type, result: RunResult) -> str:
+    """Feed a sink the way the Pinger does: start, each reply (tallied), finish."""
     out = io.StringIO()
     sink = cls(dst_name="target", dst_addr="198.18.0.2", size=56, out=out)
     sink.start(result.source_addr)
-    for m in result.measurements:
+    for m in REPLIES:
+        result.tally.add(m)
         sink.reply(m)
     sink.finish(result)
     return out.getvalue()
@@ -146,13 +150,9 @@ def test_ndjson_records() -> None:
 
 
 def test_text_sink_quiet_prints_header_and_summary_only() -> None:
-    out = io.StringIO()
-    sink = TextSink(dst_name="t", dst_addr="198.18.0.2", size=56, quiet=True, out=out)
-    sink.start("198.18.1.10")
-    sink.reply(measurement())
-    sink.finish(run_result())
-    lines = out.getvalue().splitlines()
-    assert lines[0].startswith("PING t") and lines[1] == "" and lines[2].startswith("---")
+    lines = sink_output(lambda **kw: TextSink(quiet=True, **kw), run_result()).splitlines()
+    assert lines[0].startswith("PING target") and lines[1] == ""
+    assert lines[2].startswith("---")
 
 
 def test_atlas_empty_run_uses_minus_one() -> None:

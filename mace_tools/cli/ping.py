@@ -112,7 +112,7 @@ def ping(
                      timestamps=timestamps, flood=flood, interface=interface)
     result = Pinger(opts, sink, nonce=_parse_nonce(nonce)).run()
     sink.finish(result)
-    received = sum(1 for m in result.measurements if not m.dup)
+    received = result.tally.received
     if received == 0 or (count is not None and deadline is not None and received < count):
         raise typer.Exit(1)
 

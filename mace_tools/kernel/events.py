@@ -13,6 +13,7 @@ EVENT = struct.Struct("<QIIIIHBB16sI")
 
 _HOOKS = tuple(Hook)
 _PACKETS = tuple(Packet)
+_CACHE_LIMIT = 4096  # distinct device names / addresses worth remembering
 _addr_cache: dict[int, str] = {}
 _dev_cache: dict[bytes, str] = {}
 
@@ -21,14 +22,18 @@ def _addr(raw: int) -> str:
     # saddr/daddr were copied in network order and unpacked little-endian: repack the same way.
     text = _addr_cache.get(raw)
     if text is None:
-        text = _addr_cache[raw] = socket.inet_ntoa(raw.to_bytes(4, "little"))
+        text = socket.inet_ntoa(raw.to_bytes(4, "little"))
+        if len(_addr_cache) < _CACHE_LIMIT:
+            _addr_cache[raw] = text
     return text
 
 
 def _dev(raw: bytes) -> str:
     name = _dev_cache.get(raw)
     if name is None:
-        name = _dev_cache[raw] = raw.split(b"\0", 1)[0].decode(errors="replace")
+        name = raw.split(b"\0", 1)[0].decode(errors="replace")
+        if len(_dev_cache) < _CACHE_LIMIT:  # bounded whatever the kernel sends
+            _dev_cache[raw] = name
     return name
 
 

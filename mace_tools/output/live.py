@@ -13,7 +13,6 @@ from typing import IO, Any
 from mace_tools.model import Measurement, RunSummary
 from mace_tools.output import atlas, text
 from mace_tools.pinger import RunResult
-from mace_tools.stats import summarize
 
 
 class _Sink:
@@ -39,15 +38,14 @@ class _Sink:
     def no_answer_yet(self, seq: int) -> None: ...
 
     def _summary(self, result: RunResult) -> RunSummary:
-        return summarize(result.measurements, result.transmitted, result.errors,
-                         result.elapsed_ms, result.kernel_events_lost)
+        return result.tally.summary(result.transmitted, result.errors, result.elapsed_ms,
+                                    result.kernel_events_lost)
 
     def _document(self, result: RunResult, results: list[dict[str, Any]]) -> dict[str, Any]:
-        first_ttl = next((m.ttl for m in result.measurements), None)
         return atlas.document(
             dst_name=self.dst_name, dst_addr=self.dst_addr, src_addr=self.source,
             size=self.size, start_real_ns=result.start_real_ns, summary=self._summary(result),
-            nonce=result.nonce, results=results, first_ttl=first_ttl)
+            nonce=result.nonce, results=results, first_ttl=result.tally.first_ttl)
 
     def finish(self, result: RunResult) -> None:
         raise NotImplementedError
@@ -92,17 +90,21 @@ class TextSink(_Sink):
         self._write(text.summary(self.dst_name, self._summary(result), result.kernel))
 
 
-def _results_in_seq_order(result: RunResult) -> list[dict[str, Any]]:
-    records = [(m.seq, atlas.reply_record(m)) for m in result.measurements]
-    records += [(n & 0xFFFF, atlas.timeout_record(n & 0xFFFF)) for n in result.unanswered]
-    return [rec for _, rec in sorted(records, key=lambda r: r[0])]
-
-
 class JsonSink(_Sink):
-    """One RIPE Atlas style document at the end."""
+    """One RIPE Atlas style document at the end: the only sink that keeps every reply."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._records: list[tuple[int, dict[str, Any]]] = []
+
+    def reply(self, m: Measurement) -> None:
+        self._records.append((m.seq, atlas.reply_record(m)))
 
     def finish(self, result: RunResult) -> None:
-        self._write(json.dumps(self._document(result, _results_in_seq_order(result))))
+        records = self._records + [(n & 0xFFFF, atlas.timeout_record(n & 0xFFFF))
+                                   for n in result.unanswered]
+        results = [rec for _, rec in sorted(records, key=lambda r: r[0])]
+        self._write(json.dumps(self._document(result, results)))
 
 
 class NdjsonSink(_Sink):

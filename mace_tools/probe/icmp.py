@@ -2,8 +2,10 @@
 
 Probe payload layout (a contract with bpf/mace.bpf.c and the lab's capture):
     bytes 0..7   the run nonce: the key the kernel side and the receiver match on
-    bytes 8..15  send time, CLOCK_REALTIME ns, big-endian (informative, as iputils' timeval)
-    bytes 16..   byte i = i & 0xff, counted from the payload start (iputils' fill)
+    bytes 8..    byte i = i & 0xff, counted from the payload start (iputils' fill)
+No send time is carried (iputils puts a timeval there): the sender keeps its own clock
+readings, and a constant payload lets probes come from a template with an incremental
+checksum, so the clock is read right before sendto() and not before Python's packet work.
 A payload shorter than 8 bytes carries a truncated nonce: the kernel side cannot match
 it (no correction), and the receiver falls back on the ICMP id, as iputils does.
 Parsing never raises: malformed, truncated or foreign packets give None or False.
@@ -36,12 +38,31 @@ def checksum(data: bytes) -> int:
     return ~total & 0xFFFF
 
 
-def build_echo_request(ident: int, seq: int, nonce: bytes, size: int,
-                       sent_real_ns: int = 0) -> bytes:
+def build_echo_request(ident: int, seq: int, nonce: bytes, size: int) -> bytes:
     """ICMP echo request (header + size payload bytes) with a valid checksum."""
-    payload = (nonce + struct.pack("!Q", sent_real_ns) + _FILL[16:size])[:size]
+    payload = (nonce + _FILL[NONCE_LEN:size])[:size]
     csum = checksum(_HDR.pack(ICMP_ECHO, 0, 0, ident, seq) + payload)
     return _HDR.pack(ICMP_ECHO, 0, csum, ident, seq) + payload
+
+
+class EchoTemplate:
+    """One run's echo requests, differing only in seq: the checksum of the seq-0 message
+    is computed once and the seq added in ones' complement (RFC 1624), which keeps the
+    per-probe work between the clock reading and sendto() to a few hundred ns."""
+
+    def __init__(self, ident: int, nonce: bytes, size: int) -> None:
+        base = build_echo_request(ident, 0, nonce, size)
+        self._sum = ~int.from_bytes(base[2:4], "big") & 0xFFFF  # ones' complement sum
+        self._head = base[:2]
+        self._ident = base[4:6]
+        self._payload = base[8:]
+
+    def message(self, seq: int) -> bytes:
+        total = self._sum + seq
+        total = (total & 0xFFFF) + (total >> 16)
+        csum = ~total & 0xFFFF
+        return b"".join((self._head, csum.to_bytes(2, "big"), self._ident,
+                         seq.to_bytes(2, "big"), self._payload))
 
 
 @dataclass(frozen=True, slots=True)
