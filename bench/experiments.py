@@ -154,7 +154,7 @@ def _merge(samples: list[list[float]]) -> dict[str, float]:
 
 
 def perturbation(lab: Lab, settings: list[tuple[str, int, str]], count: int,
-                 interval: float, rounds: int = 5) -> list[dict]:
+                 interval: float, rounds: int = 8) -> list[dict]:
     """An independent iputils ping's RTT: nothing attached, mace's programs attached, ftrace
     on the same tracepoints. Conditions alternate in short blocks (rounds) so that drift in
     the machine's state falls on all of them alike; the baseline's own noise is the
@@ -345,7 +345,8 @@ def scaling(lab: Lab, instances: list[int], count: int, interval: float,
             neighbours: int) -> list[dict]:
     """1, 2, 4 concurrent mace-ping runs under flood: per-run BPF cost and the witness RTT.
     The instances run longer than the witness, so their programs' counters are read while
-    they are still loaded."""
+    they are still loaded. The same number of iputils pings at the same rate is the
+    control: the instances' own probe traffic also slows the witness down."""
     rows = []
     containers = (0, *EXTRA_MACE)
     with load_setting(lab, neighbours, "flood", (len(instances) + 1) * 2 * count * interval
@@ -360,11 +361,20 @@ def scaling(lab: Lab, instances: list[int], count: int, interval: float,
                 witness = _merge([_witness_ping(lab, count, interval)])
                 after = mace_program_stats()
                 results: list[ToolResult] = [r.collect() for r in runs]
+            control_runs = [iputils(lab, lab.container_ns(containers[i]), 5000 + i, 2 * count,
+                                    interval) for i in range(n)]
+            time.sleep(0.5)
+            control = _merge([_witness_ping(lab, count, interval)])
+            for run in control_runs:
+                run.collect()
             coverage = [r.summary.get("mace", {}).get("coverage") for r in results]
             rows.append({"instances": n, "coverage": coverage,
                          "cost": _delta(after, before)["all"], "witness": witness,
                          "witness_delta_mean_us": witness["mean"] - base["mean"],
-                         "witness_delta_p99_us": witness["p99"] - base["p99"]})
+                         "witness_delta_p99_us": witness["p99"] - base["p99"],
+                         "control_delta_mean_us": control["mean"] - base["mean"],
+                         "bpf_share_mean_us": witness["mean"] - control["mean"]})
             print(f"  scaling {n}: {rows[-1]['cost']['ns_per_run']:.1f} ns/run, witness "
-                  f"{rows[-1]['witness_delta_mean_us']:+.2f} µs", flush=True)
+                  f"{rows[-1]['witness_delta_mean_us']:+.2f} µs (same-rate iputils "
+                  f"{rows[-1]['control_delta_mean_us']:+.2f} µs)", flush=True)
     return rows
