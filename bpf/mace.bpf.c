@@ -22,8 +22,12 @@
 
 #define ETH_P_IP 0x0800
 #define IPPROTO_ICMP 1
+#define IPPROTO_TCP 6
+#define IPPROTO_UDP 17
 #define ICMP_ECHOREPLY 0
+#define ICMP_DEST_UNREACH 3
 #define ICMP_ECHO 8
+#define ICMP_TIME_EXCEEDED 11
 #define IP_OFFSET_MASK 0x1fff
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
@@ -108,17 +112,49 @@ struct iphdr_min {
 	__be32 daddr;
 };
 
-struct icmp_probe {
-	__u8 type;
-	__u8 code;
-	__be16 checksum;
-	__be16 id;
-	__be16 seq;
-	/* first MACE_NONCE_LEN payload bytes, as two u32 so the struct packs right after a
-	 * 20-byte IP header (a u64 would align it to 24) */
+struct probe_hdrs { /* 36 bytes, no padding: IPv4 header then 16 bytes of L4 */
+	struct iphdr_min ip;
+	__u8 l4[16]; /* valid as read only when the IP header has no options */
+};
+_Static_assert(sizeof(struct probe_hdrs) == 36, "probe_hdrs must match the wire layout");
+
+/* The payload every probe starts with (ICMP echo: after the 8-byte header; UDP: after
+ * the 8-byte header; TCP: after the header). */
+struct probe_tag {
 	__u32 nonce_lo;
 	__u32 nonce_hi;
+	__be16 probe; /* UDP/TCP only: the probe number */
+} __attribute__((packed));
+
+/*
+ * ICMP errors quote the probe's IP header and first 8 bytes of L4 (RFC 792) and NAT
+ * rewrites both between the container and the outer device. So every device where a
+ * probe is seen (its payload carries the nonce) teaches this map the probe's IP
+ * addresses + protocol + first 8 L4 bytes *as seen there*; an ICMP error whose quote
+ * matches a key is an answer to that probe, at that device. TCP answers (SYN-ACK, RST)
+ * are keyed on the reversed ports and ack = seq + 1 (proto | 0x80).
+ * Written for our own probes only; an LRU map, so it never fills up.
+ */
+struct flow_key {
+	__be32 saddr;
+	__be32 daddr;
+	__u8 proto;
+	__u8 pad[3];
+	__u8 l4[8];
 };
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct flow_key);
+	__type(value, __u16);
+} flows SEC(".maps");
+
+#define TCP_REPLY_KEY 0x80
+#define TCP_FIN 0x01
+#define TCP_SYN 0x02
+#define TCP_RST 0x04
+#define TCP_ACK 0x10
 
 static __always_inline void count_lost(void)
 {
@@ -129,38 +165,141 @@ static __always_inline void count_lost(void)
 		*n += 1; /* per-CPU slot: no atomic needed */
 }
 
-struct probe_hdrs { /* 36 bytes, no padding: IPv4 header then ICMP */
-	struct iphdr_min ip;
-	struct icmp_probe icmp; /* valid as read only when the IP header has no options */
-};
-_Static_assert(sizeof(struct probe_hdrs) == 36, "probe_hdrs must match the wire layout");
+static __always_inline bool our_nonce(const struct probe_tag *tag)
+{
+	return cfg.nonce != 0 && tag->nonce_lo == (__u32)cfg.nonce &&
+	       tag->nonce_hi == (__u32)(cfg.nonce >> 32);
+}
 
-/* l3 points at the IPv4 header of skb; record an event if it is one of our probes. */
+static __always_inline void learn(__be32 saddr, __be32 daddr, __u8 proto, const __u8 *l4,
+				  __u16 probe)
+{
+	struct flow_key key = {.saddr = saddr, .daddr = daddr, .proto = proto};
+
+	__builtin_memcpy(key.l4, l4, 8);
+	bpf_map_update_elem(&flows, &key, &probe, BPF_ANY);
+}
+
+static __always_inline int lookup(__be32 saddr, __be32 daddr, __u8 proto, const __u8 *l4)
+{
+	struct flow_key key = {.saddr = saddr, .daddr = daddr, .proto = proto};
+	__u16 *probe;
+
+	__builtin_memcpy(key.l4, l4, 8);
+	probe = bpf_map_lookup_elem(&flows, &key);
+	return probe ? *probe : -1;
+}
+
+/* An ICMP error: is the datagram it quotes one of our probes (as seen here)? */
+static __always_inline int quoted_probe(unsigned char *quote)
+{
+	struct probe_hdrs q;
+	__u8 ihl;
+
+	if (bpf_probe_read_kernel(&q, sizeof(q), quote))
+		return -1;
+	ihl = (q.ip.ver_ihl & 0x0f) * 4;
+	if ((q.ip.ver_ihl >> 4) != 4 || ihl < sizeof(q.ip))
+		return -1;
+	if (ihl > sizeof(q.ip) && bpf_probe_read_kernel(q.l4, 8, quote + ihl))
+		return -1;
+	return lookup(q.ip.saddr, q.ip.daddr, q.ip.protocol, q.l4);
+}
+
+/* l3 points at the IPv4 header of skb; record an event if it is one of our probes or an
+ * answer to one. Returns early, and writes nothing, for everything else. */
 static __always_inline int record(const struct sk_buff *skb, unsigned char *l3,
 				  const struct net_device *dev, __u8 hook)
 {
 	struct probe_hdrs h;
+	struct probe_tag tag;
 	struct mace_event *e;
+	__u8 packet, icmp_type = 0;
 	__u32 ifindex;
+	int probe = -1;
 	__u8 ihl;
 
-	/* One read covers IPv4 + ICMP header + nonce for the usual 20-byte IP header. */
+	/* One read covers IPv4 + 16 bytes of L4 for the usual 20-byte IP header. */
 	if (bpf_probe_read_kernel(&h, sizeof(h), l3))
 		return 0;
-	if (h.ip.protocol != IPPROTO_ICMP || (h.ip.ver_ihl >> 4) != 4)
+	if ((h.ip.ver_ihl >> 4) != 4)
 		return 0;
 	if (h.ip.frag_off & bpf_htons(IP_OFFSET_MASK))
-		return 0; /* a later fragment: no ICMP header */
+		return 0; /* a later fragment: no L4 header */
 	ihl = (h.ip.ver_ihl & 0x0f) * 4;
 	if (ihl < sizeof(h.ip))
 		return 0;
-	if (ihl > sizeof(h.ip) && bpf_probe_read_kernel(&h.icmp, sizeof(h.icmp), l3 + ihl))
-		return 0; /* IP options: read the ICMP part where it really is */
-	if (cfg.nonce == 0 || h.icmp.nonce_lo != (__u32)cfg.nonce ||
-	    h.icmp.nonce_hi != (__u32)(cfg.nonce >> 32))
+
+	if (h.ip.protocol == IPPROTO_ICMP) {
+		if (ihl > sizeof(h.ip) && bpf_probe_read_kernel(h.l4, sizeof(h.l4), l3 + ihl))
+			return 0; /* IP options: read L4 where it really is */
+		icmp_type = h.l4[0];
+		if (icmp_type == ICMP_ECHO || icmp_type == ICMP_ECHOREPLY) {
+			if (!our_nonce((struct probe_tag *)&h.l4[8]))
+				return 0;
+			probe = bpf_ntohs(*(__be16 *)&h.l4[6]);
+			packet = icmp_type == ICMP_ECHO ? MACE_PKT_REQUEST : MACE_PKT_REPLY;
+			if (cfg.errors && packet == MACE_PKT_REQUEST)
+				learn(h.ip.saddr, h.ip.daddr, IPPROTO_ICMP, h.l4, probe);
+		} else if (cfg.errors && (icmp_type == ICMP_TIME_EXCEEDED ||
+					  icmp_type == ICMP_DEST_UNREACH)) {
+			probe = quoted_probe(l3 + ihl + 8);
+			if (probe < 0)
+				return 0;
+			packet = MACE_PKT_REPLY;
+		} else {
+			return 0;
+		}
+	} else if (cfg.udp && h.ip.protocol == IPPROTO_UDP) {
+		if (ihl > sizeof(h.ip) && bpf_probe_read_kernel(h.l4, sizeof(h.l4), l3 + ihl))
+			return 0;
+		if (!our_nonce((struct probe_tag *)&h.l4[8]))
+			return 0;
+		if (bpf_probe_read_kernel(&tag, sizeof(tag), l3 + ihl + 8))
+			return 0;
+		probe = bpf_ntohs(tag.probe);
+		packet = MACE_PKT_REQUEST;
+		learn(h.ip.saddr, h.ip.daddr, IPPROTO_UDP, h.l4, probe);
+	} else if (cfg.tcp && h.ip.protocol == IPPROTO_TCP) {
+		__u8 flags = h.l4[13];
+
+		if (ihl > sizeof(h.ip))
+			return 0; /* our SYNs carry no IP options; answers are keyed below */
+		if ((flags & (TCP_SYN | TCP_ACK)) == TCP_SYN) {
+			struct flow_key reply = {.saddr = h.ip.daddr, .daddr = h.ip.saddr,
+						 .proto = IPPROTO_TCP | TCP_REPLY_KEY};
+			__u32 ack;
+
+			if (bpf_probe_read_kernel(&tag, sizeof(tag), l3 + ihl + (h.l4[12] >> 4) * 4))
+				return 0;
+			if (!our_nonce(&tag))
+				return 0;
+			probe = bpf_ntohs(tag.probe);
+			packet = MACE_PKT_REQUEST;
+			learn(h.ip.saddr, h.ip.daddr, IPPROTO_TCP, h.l4, probe);
+			/* the answer: ports swapped, ack = our seq + 1 (SYN counts one) */
+			__builtin_memcpy(&reply.l4[0], &h.l4[2], 2);
+			__builtin_memcpy(&reply.l4[2], &h.l4[0], 2);
+			ack = bpf_htonl(bpf_ntohl(*(__be32 *)&h.l4[4]) + 1);
+			__builtin_memcpy(&reply.l4[4], &ack, 4);
+			bpf_map_update_elem(&flows, &reply, &probe, BPF_ANY);
+		} else if ((flags & (TCP_SYN | TCP_ACK)) == (TCP_SYN | TCP_ACK) ||
+			   (flags & TCP_RST)) {
+			__u8 key[8];
+
+			/* ports as they are, then the ack number */
+			__builtin_memcpy(&key[0], &h.l4[0], 4);
+			__builtin_memcpy(&key[4], &h.l4[8], 4);
+			probe = lookup(h.ip.saddr, h.ip.daddr, IPPROTO_TCP | TCP_REPLY_KEY, key);
+			if (probe < 0)
+				return 0;
+			packet = MACE_PKT_REPLY;
+		} else {
+			return 0;
+		}
+	} else {
 		return 0;
-	if (h.icmp.type != ICMP_ECHO && h.icmp.type != ICMP_ECHOREPLY)
-		return 0;
+	}
 
 	ifindex = BPF_CORE_READ(dev, ifindex);
 	if (hook == MACE_HOOK_RECEIVE && seen_at_rx(skb, ifindex))
@@ -178,13 +317,15 @@ static __always_inline int record(const struct sk_buff *skb, unsigned char *l3,
 	e->ifindex = ifindex;
 	e->saddr = h.ip.saddr;
 	e->daddr = h.ip.daddr;
-	e->seq = bpf_ntohs(h.icmp.seq);
-	e->packet = h.icmp.type == ICMP_ECHO ? MACE_PKT_REQUEST : MACE_PKT_REPLY;
+	e->seq = probe;
+	e->packet = packet;
 	e->hook = hook;
 	/* The whole array, not a _str read: ring-buffer records are not zeroed, so bytes
 	 * after a _str copy's NUL would differ per event (and defeat userspace's name cache). */
 	bpf_probe_read_kernel(e->dev, sizeof(e->dev), dev->name);
-	e->cpu = bpf_get_smp_processor_id();
+	e->proto = h.ip.protocol;
+	e->icmp_type = h.ip.protocol == IPPROTO_ICMP ? icmp_type : 0;
+	e->pad = 0;
 	bpf_ringbuf_submit(e, 0);
 	return 0;
 }

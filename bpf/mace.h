@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
 /*
  * Event record shared by the kernel side (mace.bpf.c) and the user side
- * (mace_tools/kernel/events.py decodes it with struct format "<QIIIIHBB16sI" (48 bytes)).
+ * (mace_tools/kernel/events.py decodes it with struct format "<QIIIIHBB16sBBH" (48 bytes)).
  * Change both together; tests/test_events.py checks the size.
  */
 #ifndef __MACE_H
@@ -16,13 +16,17 @@ enum mace_hook {
 };
 
 enum mace_packet {
-	MACE_PKT_REQUEST = 0,	/* ICMP echo request */
-	MACE_PKT_REPLY = 1,	/* ICMP echo reply */
+	MACE_PKT_REQUEST = 0,	/* a probe: ICMP echo request, UDP or TCP SYN */
+	MACE_PKT_REPLY = 1,	/* its answer: echo reply, ICMP error quoting it, SYN-ACK/RST */
 };
 
 /* Per-run configuration, written into .rodata by the loader before load. */
 struct mace_config {
 	__u64 nonce;		/* first MACE_NONCE_LEN payload bytes of this run's probes; 0: none */
+	__u8 udp;		/* match UDP probes (payload: nonce, then u16 probe number) */
+	__u8 tcp;		/* match TCP SYN probes (same payload) and their SYN-ACK/RST */
+	__u8 errors;		/* match ICMP errors quoting a probe seen earlier (traceroute) */
+	__u8 pad[5];
 };
 
 struct mace_event {
@@ -31,11 +35,13 @@ struct mace_event {
 	__u32 ifindex;
 	__u32 saddr;		/* IPv4 addresses as seen at this device (network order) */
 	__u32 daddr;
-	__u16 seq;		/* ICMP sequence number (host order) */
+	__u16 seq;		/* probe number: ICMP seq, or the u16 after a UDP/TCP nonce */
 	__u8 packet;		/* enum mace_packet */
 	__u8 hook;		/* enum mace_hook */
 	char dev[16];
-	__u32 cpu;		/* CPU the event was recorded on (diagnostics) */
+	__u8 proto;		/* IP protocol of the packet seen (1 ICMP, 6 TCP, 17 UDP) */
+	__u8 icmp_type;		/* for ICMP: its type (11 time exceeded, 3 unreachable, ...) */
+	__u16 pad;
 };
 
 #endif /* __MACE_H */

@@ -25,8 +25,8 @@ class Hook(IntEnum):
 class Packet(IntEnum):
     """Which packet of a probe an event belongs to (values shared with bpf/mace.h)."""
 
-    REQUEST = 0
-    REPLY = 1
+    REQUEST = 0  # the probe: ICMP echo request, UDP datagram or TCP SYN
+    REPLY = 1  # its answer: echo reply, ICMP error quoting it, SYN-ACK or RST
 
 
 class KernelEvent(NamedTuple):
@@ -45,6 +45,8 @@ class KernelEvent(NamedTuple):
     dev: str
     src: str  # IPv4 source/destination as seen at this device (shows NAT)
     dst: str
+    proto: int = 1  # IP protocol of the packet (1 ICMP, 6 TCP, 17 UDP)
+    icmp_type: int = 0  # for an ICMP answer: 0 echo reply, 11 time exceeded, 3 unreachable
 
     @property
     def leaving(self) -> bool:

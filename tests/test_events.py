@@ -33,24 +33,25 @@ def test_decode_fields() -> None:
         123456789, 4026531840, 7,
         int.from_bytes(socket.inet_aton("198.18.1.10"), "little"),
         int.from_bytes(socket.inet_aton("198.18.0.2"), "little"),
-        513, 1, 1, b"veth0\0garbage\0\0\0", 1,
+        513, 1, 1, b"veth0\0garbage\0\0\0", 1, 11, 0,
     )
     e = decode(raw)
     assert (e.ts_mono_ns, e.netns, e.ifindex, e.seq) == (123456789, 4026531840, 7, 513)
     assert e.packet is Packet.REPLY and e.hook is Hook.RX and not e.leaving
     assert (e.dev, e.src, e.dst) == ("veth0", "198.18.1.10", "198.18.0.2")
+    assert (e.proto, e.icmp_type) == (1, 11)
 
 
 def test_decode_at_offset() -> None:
-    raw = bytes(8) + EVENT.pack(1, 2, 3, 0, 0, 4, 0, 0, b"lo", 0)
+    raw = bytes(8) + EVENT.pack(1, 2, 3, 0, 0, 4, 0, 0, b"lo", 1, 0, 0)
     assert decode(memoryview(raw), 8).dev == "lo"
-    assert struct.calcsize("<QIIIIHBB16sI") == 48
+    assert struct.calcsize("<QIIIIHBB16sBBH") == 48
 
 
 def test_name_caches_stay_bounded() -> None:
     # Even if the kernel side sent different bytes after the NUL for every event.
     for i in range(10_000):
-        raw = EVENT.pack(1, 2, 3, i, i, 4, 0, 0, b"eth0\0" + i.to_bytes(4, "little"), 0)
+        raw = EVENT.pack(1, 2, 3, i, i, 4, 0, 0, b"eth0\0" + i.to_bytes(4, "little"), 1, 0, 0)
         assert decode(raw).dev == "eth0"
     assert len(events._dev_cache) <= events._CACHE_LIMIT
     assert len(events._addr_cache) <= events._CACHE_LIMIT

@@ -25,7 +25,7 @@ PROGRAMS = {
     "mace_rx": "net:netif_rx",
     "mace_receive": "net:netif_receive_skb",
 }
-CONFIG = struct.Struct("=Q")  # struct mace_config (bpf/mace.h)
+CONFIG = struct.Struct("=QBBB5x")  # struct mace_config (bpf/mace.h)
 VMLINUX_BTF = Path("/sys/kernel/btf/vmlinux")
 
 
@@ -49,10 +49,14 @@ def _load_error(err: int) -> MaceError:
 class Backend:
     """Attached programs plus their ring buffer; use as a context manager."""
 
-    def __init__(self, nonce: bytes, obj_path: Path | None = None) -> None:
+    def __init__(self, nonce: bytes, obj_path: Path | None = None, *, udp: bool = False,
+                 tcp: bool = False, errors: bool = False) -> None:
+        """udp/tcp/errors switch on traceroute's matching (UDP and TCP probes, ICMP errors
+        quoting a probe); off, the verifier prunes those branches from mace-ping's copy."""
         if len(nonce) != 8 or not any(nonce):
             raise ValueError("nonce must be 8 bytes, not all zero")
         self._nonce = int.from_bytes(nonce, "little")  # as the BPF side reads it (x86/arm64)
+        self._switches = (int(udp), int(tcp), int(errors))
         self._path = obj_path or object_path()
         self._obj: int | None = None
         self._links: list[int] = []
@@ -89,7 +93,9 @@ class Backend:
         if not rodata:
             raise MaceError(f"BPF object {self._path} has no .rodata: rebuild it")
         view = native.map_initial_value(rodata)
-        view[: CONFIG.size] = CONFIG.pack(self._nonce)
+        if len(view) < CONFIG.size:
+            raise MaceError(f"BPF object {self._path} is older than this mace-tools: rebuild it")
+        view[: CONFIG.size] = CONFIG.pack(self._nonce, *self._switches)
         err = lib.bpf_object__load(obj)
         if err:
             raise _load_error(-err)

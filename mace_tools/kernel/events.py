@@ -8,8 +8,9 @@ from collections.abc import Callable
 
 from mace_tools.model import Hook, KernelEvent, Packet
 
-# struct mace_event: ts_ns, netns, ifindex, saddr, daddr, seq, packet, hook, dev[16], cpu
-EVENT = struct.Struct("<QIIIIHBB16sI")
+# struct mace_event: ts_ns, netns, ifindex, saddr, daddr, seq, packet, hook, dev[16],
+# proto, icmp_type, pad
+EVENT = struct.Struct("<QIIIIHBB16sBBH")
 
 _HOOKS = tuple(Hook)
 _PACKETS = tuple(Packet)
@@ -44,17 +45,19 @@ def decoder(sink: Callable[[KernelEvent], None]) -> Callable[[memoryview, int], 
     devs, addrs = _dev_cache, _addr_cache
 
     def handle(buf: memoryview, offset: int) -> None:
-        ts, netns, ifindex, saddr, daddr, seq, packet, hook, dev, _cpu = unpack(buf, offset)
+        ts, netns, ifindex, saddr, daddr, seq, packet, hook, dev, proto, icmp_type, _ = \
+            unpack(buf, offset)
         sink(event(ts, seq, packets[packet], hooks[hook], ifindex, netns,
                    devs.get(dev) or _dev(dev), addrs.get(saddr) or _addr(saddr),
-                   addrs.get(daddr) or _addr(daddr)))
+                   addrs.get(daddr) or _addr(daddr), proto, icmp_type))
 
     return handle
 
 
 def decode(buf: memoryview | bytes, offset: int = 0) -> KernelEvent:
-    ts, netns, ifindex, saddr, daddr, seq, packet, hook, dev, _cpu = EVENT.unpack_from(buf, offset)
+    ts, netns, ifindex, saddr, daddr, seq, packet, hook, dev, proto, icmp_type, _ = \
+        EVENT.unpack_from(buf, offset)
     return KernelEvent(
         ts, seq, _PACKETS[packet], _HOOKS[hook], ifindex, netns, _dev(dev),
-        _addr(saddr), _addr(daddr),
+        _addr(saddr), _addr(daddr), proto, icmp_type,
     )
