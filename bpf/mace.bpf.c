@@ -131,8 +131,9 @@ struct probe_tag {
  * rewrites both between the container and the outer device. So every device where a
  * probe is seen (its payload carries the nonce) teaches this map the probe's IP
  * addresses + protocol + first 8 L4 bytes *as seen there*; an ICMP error whose quote
- * matches a key is an answer to that probe, at that device. TCP answers (SYN-ACK, RST)
- * are keyed on the reversed ports and ack = seq + 1 (proto | 0x80).
+ * matches a key is an answer to that probe, at that device. TCP answers are keyed on
+ * the reversed ports and their ack: seq + 1 for a SYN-ACK (proto | 0x80), seq + 1 +
+ * payload length for a RST from a closed port (proto | 0x40).
  * Written for our own probes only; an LRU map, so it never fills up.
  */
 struct flow_key {
@@ -150,7 +151,8 @@ struct {
 	__type(value, __u16);
 } flows SEC(".maps");
 
-#define TCP_REPLY_KEY 0x80
+#define TCP_SYNACK_KEY 0x80 /* proto marker of the key a SYN-ACK answer is looked up by */
+#define TCP_RST_KEY 0x40 /* ... and a RST answer */
 #define TCP_FIN 0x01
 #define TCP_SYN 0x02
 #define TCP_RST 0x04
@@ -267,8 +269,8 @@ static __always_inline int record(const struct sk_buff *skb, unsigned char *l3,
 			return 0; /* our SYNs carry no IP options; answers are keyed below */
 		if ((flags & (TCP_SYN | TCP_ACK)) == TCP_SYN) {
 			struct flow_key reply = {.saddr = h.ip.daddr, .daddr = h.ip.saddr,
-						 .proto = IPPROTO_TCP | TCP_REPLY_KEY};
-			__u32 ack;
+						 .proto = IPPROTO_TCP | TCP_SYNACK_KEY};
+			__u32 ack, datalen;
 
 			if (bpf_probe_read_kernel(&tag, sizeof(tag), l3 + ihl + (h.l4[12] >> 4) * 4))
 				return 0;
@@ -277,11 +279,16 @@ static __always_inline int record(const struct sk_buff *skb, unsigned char *l3,
 			probe = bpf_ntohs(tag.probe);
 			packet = MACE_PKT_REQUEST;
 			learn(h.ip.saddr, h.ip.daddr, IPPROTO_TCP, h.l4, probe);
-			/* the answer: ports swapped, ack = our seq + 1 (SYN counts one) */
+			/* The answer: ports swapped; a SYN-ACK acks seq + 1 (the SYN counts
+			 * one), a RST from a closed port acks seq + 1 + our payload length. */
 			__builtin_memcpy(&reply.l4[0], &h.l4[2], 2);
 			__builtin_memcpy(&reply.l4[2], &h.l4[0], 2);
-			ack = bpf_htonl(bpf_ntohl(*(__be32 *)&h.l4[4]) + 1);
-			__builtin_memcpy(&reply.l4[4], &ack, 4);
+			ack = bpf_ntohl(*(__be32 *)&h.l4[4]) + 1;
+			datalen = bpf_ntohs(h.ip.tot_len) - ihl - (h.l4[12] >> 4) * 4;
+			*(__be32 *)&reply.l4[4] = bpf_htonl(ack);
+			bpf_map_update_elem(&flows, &reply, &probe, BPF_ANY);
+			reply.proto = IPPROTO_TCP | TCP_RST_KEY;
+			*(__be32 *)&reply.l4[4] = bpf_htonl(ack + datalen);
 			bpf_map_update_elem(&flows, &reply, &probe, BPF_ANY);
 		} else if ((flags & (TCP_SYN | TCP_ACK)) == (TCP_SYN | TCP_ACK) ||
 			   (flags & TCP_RST)) {
@@ -290,7 +297,8 @@ static __always_inline int record(const struct sk_buff *skb, unsigned char *l3,
 			/* ports as they are, then the ack number */
 			__builtin_memcpy(&key[0], &h.l4[0], 4);
 			__builtin_memcpy(&key[4], &h.l4[8], 4);
-			probe = lookup(h.ip.saddr, h.ip.daddr, IPPROTO_TCP | TCP_REPLY_KEY, key);
+			probe = lookup(h.ip.saddr, h.ip.daddr, IPPROTO_TCP |
+				       (flags & TCP_RST ? TCP_RST_KEY : TCP_SYNACK_KEY), key);
 			if (probe < 0)
 				return 0;
 			packet = MACE_PKT_REPLY;

@@ -119,7 +119,7 @@ class Pinger:
                  backend_factory: Callable[[bytes], Backend] | None = None) -> None:
         self.opts = opts
         self.sink = sink
-        self.nonce = nonce or _new_nonce()
+        self.nonce = nonce or new_nonce()
         self.ident = os.getpid() & 0xFFFF
         self._template = EchoTemplate(self.ident, self.nonce, opts.size)
         self._backend_factory = backend_factory
@@ -131,7 +131,7 @@ class Pinger:
             sock = IcmpSocket(opts.ttl, opts.device, opts.source)
             try:
                 prober_netns = netns.inode()
-                source = _source_of(opts.dst_addr, opts.device, opts.source)
+                source = source_address(opts.dst_addr, opts.device, opts.source)
             except BaseException:
                 sock.close()
                 raise
@@ -292,14 +292,14 @@ def _quoted_probe_seq(quoted: bytes, ident: int, nonce: bytes) -> int | None:
     return seq if int.from_bytes(icmp[4:6], "big") == ident else None
 
 
-def _new_nonce() -> bytes:
+def new_nonce() -> bytes:
     while True:
         nonce = os.urandom(NONCE_LEN)
         if any(nonce):
             return nonce
 
 
-def _source_of(dst: str, device: str | None, source: str | None) -> str:
+def source_address(dst: str, device: str | None, source: str | None) -> str:
     """Source address the kernel picks for dst in the current netns; fails as ping does
     when there is no route."""
     if source is not None:

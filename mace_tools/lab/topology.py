@@ -6,6 +6,11 @@
           | veth out0 198.18.0.1/30 <-> tgt0 198.18.0.2/30
     {p}-target                 the "internet": answers every probe (icmp_ratelimit 0)
 
+With routers=R > 0 the outer link leads through a routed path instead:
+    {p}-host out0 198.18.0.1 -> {p}-r1 (198.18.0.2 / .5) -> ... -> {p}-rR -> {p}-target
+each link a /30 (link k: 198.18.0.4k+1 <-> 198.18.0.4k+2), each router forwarding with
+icmp_ratelimit 0 so that every hop answers every probe; the target is 198.18.0.(4R+2).
+
 Nothing in the root namespace is touched: every link is created inside (or moved into)
 the lab's namespaces, and the names carry the prefix so parallel or leftover runs never
 clash. Used by `mace-lab`, the tests and the bench.
@@ -18,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 NETNS_DIR = Path("/run/netns")
-TARGET_ADDR = "198.18.0.2"
+TARGET_ADDR = "198.18.0.2"  # with no routers
 HOST_OUTER_ADDR = "198.18.0.1"
 BRIDGE_ADDR = "198.18.1.1"
 CONTAINER_NET = "198.18.1.0/24"
@@ -61,12 +66,20 @@ def cleanup_prefix(prefix: str) -> list[str]:
     return removed
 
 
+def link_addr(link: int, side: int) -> str:
+    """Address of side 1 (towards the host) or 2 of routed link `link` (/30 each)."""
+    return f"198.18.0.{4 * link + side}"
+
+
 @dataclass
 class Lab:
     prefix: str = "mace"
     containers: int = 1
+    routers: int = 0
 
     def __post_init__(self) -> None:
+        if not 0 <= self.routers <= 8:
+            raise LabError("routers must be 0..8")
         if not 1 <= self.containers <= MAX_CONTAINERS:
             raise LabError(f"containers must be 1..{MAX_CONTAINERS}")
         if not self.prefix.replace("_", "").isalnum() or len(self.prefix) > 20:
@@ -88,11 +101,22 @@ class Lab:
     def container_addr(i: int) -> str:
         return f"198.18.1.{10 + i}"
 
+    def router_ns(self, i: int) -> str:
+        return f"{self.prefix}-r{i}"
+
     @staticmethod
     def netns_path(name: str) -> str:
         return str(NETNS_DIR / name)
 
-    target_addr = TARGET_ADDR
+    @property
+    def target_addr(self) -> str:
+        return link_addr(self.routers, 2)
+
+    @property
+    def hop_addrs(self) -> list[str]:
+        """What a traceroute from a container shows: the bridge, each router, the target."""
+        return [BRIDGE_ADDR, *(link_addr(i, 2) for i in range(self.routers)), self.target_addr]
+
     outer_dev = OUTER_DEV
 
     # life cycle ----------------------------------------------------------------------
@@ -117,7 +141,8 @@ class Lab:
 
     def _build(self) -> None:
         host, target = self.host_ns, self.target_ns
-        for ns in (host, target, *map(self.container_ns, range(self.containers))):
+        routers = [self.router_ns(i) for i in range(1, self.routers + 1)]
+        for ns in (host, target, *routers, *map(self.container_ns, range(self.containers))):
             run("ip", "netns", "add", ns)
             run("ip", "-n", ns, "link", "set", "lo", "up")
             ns_exec(ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1")
@@ -125,10 +150,13 @@ class Lab:
             "link add br0 type bridge",
             f"addr add {BRIDGE_ADDR}/24 dev br0",
             "link set br0 up",
-            f"link add {OUTER_DEV} type veth peer name tgt0 netns {target}",
+            f"link add {OUTER_DEV} type veth peer name "
+            f"{'in0' if routers else 'tgt0'} netns {routers[0] if routers else target}",
             f"addr add {HOST_OUTER_ADDR}/30 dev {OUTER_DEV}",
             f"link set {OUTER_DEV} up",
         ]
+        if routers:
+            batch.append(f"route add default via {link_addr(0, 2)}")
         for i in range(self.containers):
             batch += [
                 f"link add vc{i} type veth peer name eth0 netns {self.container_ns(i)}",
@@ -136,7 +164,11 @@ class Lab:
                 f"link set vc{i} up",
             ]
         self._batch(host, batch)
-        self._batch(target, [f"addr add {TARGET_ADDR}/30 dev tgt0", "link set tgt0 up"])
+        self._build_routers(routers)
+        last = self.routers
+        self._batch(target, [f"addr add {link_addr(last, 2)}/30 dev tgt0", "link set tgt0 up",
+                             *([f"route add default via {link_addr(last, 1)}"] if routers
+                               else [])])
         for i in range(self.containers):
             self._batch(self.container_ns(i), [
                 f"addr add {self.container_addr(i)}/24 dev eth0",
@@ -145,9 +177,26 @@ class Lab:
             ])
         ns_exec(host, "sysctl", "-qw", "net.ipv4.ip_forward=1")
         ns_exec(target, "sysctl", "-qw", "net.ipv4.icmp_ratelimit=0")
+        ns_exec(target, "sysctl", "-qw", "net.ipv4.icmp_msgs_per_sec=100000", check=False)
         ns_exec(host, "sysctl", "-qw", "net.ipv4.icmp_ratelimit=0")
         ns_exec(host, "iptables", "-t", "nat", "-A", "POSTROUTING", "-s", CONTAINER_NET,
                 "-o", OUTER_DEV, "-j", "MASQUERADE")
+
+    def _build_routers(self, routers: list[str]) -> None:
+        """Router i (1-based) joins link i-1 (in0, towards the host) and link i (out0)."""
+        for i, ns in enumerate(routers, start=1):
+            nxt = routers[i] if i < len(routers) else self.target_ns
+            cmds = [f"addr add {link_addr(i - 1, 2)}/30 dev in0", "link set in0 up",
+                    f"link add out0 type veth peer name {'in0' if i < len(routers) else 'tgt0'}"
+                    f" netns {nxt}",
+                    f"addr add {link_addr(i, 1)}/30 dev out0", "link set out0 up",
+                    f"route add default via {link_addr(i - 1, 1)}"]
+            cmds += [f"route add 198.18.0.{4 * j}/30 via {link_addr(i, 2)}"
+                     for j in range(i + 1, self.routers + 1)]
+            self._batch(ns, cmds)
+            ns_exec(ns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+            ns_exec(ns, "sysctl", "-qw", "net.ipv4.icmp_ratelimit=0")
+            ns_exec(ns, "sysctl", "-qw", "net.ipv4.icmp_msgs_per_sec=100000", check=False)
 
     @staticmethod
     def _batch(ns: str, commands: list[str]) -> None:

@@ -24,6 +24,20 @@ _TIMESTAMPNS = struct.Struct("=qq")  # struct timespec, 64-bit
 RECV_BUFFER = 1 << 20  # room for a flood's replies while we drain kernel events
 
 
+def read_datagram(sock: socket.socket) -> tuple[bytes, int] | None:
+    """One datagram from a non-blocking socket with SO_TIMESTAMPNS on, and its kernel
+    receive time (CLOCK_REALTIME ns); None if none waits."""
+    try:
+        data, ancdata, _flags, _addr = sock.recvmsg(65535, 64)
+    except BlockingIOError:
+        return None
+    for level, kind, value in ancdata:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+            sec, nsec = _TIMESTAMPNS.unpack_from(value)
+            return data, sec * 1_000_000_000 + nsec
+    return data, time.clock_gettime_ns(time.CLOCK_REALTIME)
+
+
 class IcmpSocket:
     """Raw ICMP socket, created in the current thread's network namespace."""
 
@@ -58,16 +72,7 @@ class IcmpSocket:
         self.sock.sendto(message, (dst, 0))
 
     def recv(self) -> tuple[bytes, int] | None:
-        """One datagram and its kernel receive time (CLOCK_REALTIME ns), or None if none waits."""
-        try:
-            data, ancdata, _flags, _addr = self.sock.recvmsg(65535, 64)
-        except BlockingIOError:
-            return None
-        for level, kind, value in ancdata:
-            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
-                sec, nsec = _TIMESTAMPNS.unpack_from(value)
-                return data, sec * 1_000_000_000 + nsec
-        return data, time.clock_gettime_ns(time.CLOCK_REALTIME)
+        return read_datagram(self.sock)
 
     def source_address(self) -> str:
         return self.sock.getsockname()[0]

@@ -1,0 +1,184 @@
+"""Traceroute probes (UDP, TCP SYN, ICMP echo) and how their answers are recognised.
+
+Every probe's payload starts with the run nonce and the probe number (the eBPF side
+matches on it at every device). Answers only ever quote the IP header and the first 8
+bytes of L4 (RFC 792), so each probe is remembered by those 8 bytes, its *quote key*,
+which must differ between the probes of one run:
+- UDP: source port constant; classic mode varies the destination port (base + probe, as
+  traceroute); --paris holds both ports constant and makes the UDP checksum the probe's
+  identifier (2 payload bytes are chosen for it, as paris-traceroute does).
+- ICMP: id constant, seq = probe number; --paris also holds the ICMP checksum constant
+  (2 payload bytes compensate the seq), so flow hashes over type/code/checksum stay put.
+- TCP SYN: both ports constant (-p, default 80), seq = base + probe number: one flow.
+Parsing never raises: foreign or malformed packets give None.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from dataclasses import dataclass
+
+from mace_tools.probe.icmp import ICMP_ECHO, NONCE_LEN, checksum
+
+UDP, TCP, ICMP = "UDP", "TCP", "ICMP"
+PROTO_NUMBERS = {ICMP: socket.IPPROTO_ICMP, TCP: socket.IPPROTO_TCP, UDP: socket.IPPROTO_UDP}
+TAG_LEN = NONCE_LEN + 2  # nonce + probe number
+_TCP_SYN = 0x02
+_TCP_RST = 0x04
+_TCP_ACK = 0x10
+
+
+@dataclass(frozen=True, slots=True)
+class TraceProbe:
+    number: int
+    message: bytes  # the L4 message (the kernel adds the IP header)
+    quote_key: bytes  # first 8 L4 bytes: what an ICMP error quotes of it
+
+
+def _sum16(data: bytes) -> int:
+    """Ones' complement sum (not inverted)."""
+    return ~checksum(data) & 0xFFFF
+
+
+def _pseudo(src: str, dst: str, proto: int, length: int) -> bytes:
+    return socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!BBH", 0, proto, length)
+
+
+def _compensate(total_without: int, wanted_checksum: int) -> int:
+    """The 16-bit word w that makes the checksum `wanted` when added to a message whose
+    ones' complement sum is total_without: w = ~wanted - total, in ones' complement."""
+    x = (~wanted_checksum & 0xFFFF) + (~total_without & 0xFFFF)
+    return (x & 0xFFFF) + (x >> 16)
+
+
+class ProbeFactory:
+    """Builds one run's probes; payload = nonce, probe number, 2 adjustable bytes, fill."""
+
+    def __init__(self, method: str, nonce: bytes, src: str, dst: str, size: int, port: int,
+                 sport: int, ident: int, paris: bool) -> None:
+        self.method, self.nonce, self.src, self.dst = method, nonce, src, dst
+        self.port, self.sport, self.ident, self.paris = port, sport, ident, paris
+        header = {UDP: 8, TCP: 20, ICMP: 8}[method]
+        # size is the whole IP packet, as traceroute's packetlen: at least the tag + 2
+        self.payload_len = max(TAG_LEN + 2, size - 20 - header)
+
+    def payload(self, number: int, adjust: int = 0) -> bytes:
+        fill = bytes(i & 0xFF for i in range(TAG_LEN + 2, self.payload_len))
+        return self.nonce + struct.pack("!HH", number, adjust) + fill
+
+    def build(self, number: int) -> TraceProbe:
+        return {UDP: self._udp, TCP: self._tcp, ICMP: self._icmp}[self.method](number)
+
+    def _udp(self, number: int) -> TraceProbe:
+        dport = self.port if self.paris else (self.port + number) & 0xFFFF
+        length = 8 + self.payload_len
+        adjust = 0
+        if self.paris:  # the checksum identifies the probe: choose the 2 adjustable bytes
+            base = self.payload(number, 0)
+            head = struct.pack("!HHHH", self.sport, dport, length, 0)
+            total = _sum16(_pseudo(self.src, self.dst, socket.IPPROTO_UDP, length) + head + base)
+            adjust = _compensate(total, 0x8000 + number)
+        payload = self.payload(number, adjust)
+        head = struct.pack("!HHHH", self.sport, dport, length, 0)
+        csum = checksum(_pseudo(self.src, self.dst, socket.IPPROTO_UDP, length) + head
+                        + payload) or 0xFFFF
+        head = struct.pack("!HHHH", self.sport, dport, length, csum)
+        return TraceProbe(number, head + payload, head)
+
+    def _tcp(self, number: int) -> TraceProbe:
+        seq = (self.ident << 16 | number) & 0xFFFFFFFF
+        head = struct.pack("!HHIIBBHHH", self.sport, self.port, seq, 0, 5 << 4, _TCP_SYN,
+                           64240, 0, 0)
+        payload = self.payload(number)
+        csum = checksum(_pseudo(self.src, self.dst, socket.IPPROTO_TCP, len(head) + len(payload))
+                        + head + payload)
+        head = head[:16] + struct.pack("!H", csum) + head[18:]
+        return TraceProbe(number, head + payload, head[:8])
+
+    def _icmp(self, number: int) -> TraceProbe:
+        adjust = 0
+        if self.paris:  # hold the checksum constant whatever the seq
+            total = _sum16(struct.pack("!BBHHH", ICMP_ECHO, 0, 0, self.ident, number)
+                           + self.payload(number, 0))
+            adjust = _compensate(total, 0x1234)
+        payload = self.payload(number, adjust)
+        head = struct.pack("!BBHHH", ICMP_ECHO, 0, 0, self.ident, number)
+        csum = checksum(head + payload)
+        head = struct.pack("!BBHHH", ICMP_ECHO, 0, csum, self.ident, number)
+        return TraceProbe(number, head + payload, head)
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What came back for a probe."""
+
+    quote_key: bytes | None  # for ICMP errors: the quoted first 8 L4 bytes
+    probe_number: int | None  # for echo replies / TCP answers: known directly
+    src: str
+    ttl: int
+    icmp_type: int  # -1 for TCP answers
+    icmp_code: int
+    size: int
+    reached: bool  # the destination answered: the trace ends at this hop
+
+
+def parse_answer(datagram: bytes, factory: ProbeFactory) -> Answer | None:
+    """An IPv4 datagram from a raw ICMP or TCP socket -> Answer, or None if not ours."""
+    if len(datagram) < 20 or datagram[0] >> 4 != 4:
+        return None
+    ihl = (datagram[0] & 0x0F) * 4
+    if ihl < 20 or len(datagram) < ihl + 8:
+        return None
+    src = socket.inet_ntoa(datagram[12:16])
+    ttl, proto, l4 = datagram[8], datagram[9], datagram[ihl:]
+    if proto == socket.IPPROTO_TCP:
+        return _tcp_answer(l4, src, ttl, factory)
+    if proto != socket.IPPROTO_ICMP or checksum(l4) != 0:
+        return None
+    icmp_type, code = l4[0], l4[1]
+    if icmp_type == 0:  # echo reply: the destination, for -I
+        if factory.method != ICMP or l4[8:8 + NONCE_LEN] != factory.nonce:
+            return None
+        number = struct.unpack_from("!H", l4, 6)[0]
+        return Answer(None, number, src, ttl, 0, 0, len(l4), True)
+    if icmp_type not in (3, 11) or len(l4) < 8 + 20 + 8:
+        return None
+    quoted = l4[8:]
+    qihl = (quoted[0] & 0x0F) * 4
+    if quoted[0] >> 4 != 4 or qihl < 20 or len(quoted) < qihl + 8:
+        return None
+    if quoted[9] != PROTO_NUMBERS[factory.method]:
+        return None
+    if socket.inet_ntoa(quoted[16:20]) != factory.dst:
+        return None
+    reached = icmp_type == 3 and src == factory.dst
+    return Answer(bytes(quoted[qihl:qihl + 8]), None, src, ttl, icmp_type, code, len(l4), reached)
+
+
+def _tcp_answer(l4: bytes, src: str, ttl: int, factory: ProbeFactory) -> Answer | None:
+    if factory.method != TCP or src != factory.dst or len(l4) < 20:
+        return None
+    sport, dport, _seq, ack, _off, flags = struct.unpack_from("!HHIIBB", l4)
+    if sport != factory.port or dport != factory.sport:
+        return None
+    # A SYN-ACK acks seq + 1; a RST from a closed port acks seq + 1 + our payload length.
+    if flags & _TCP_RST:
+        seq = (ack - 1 - factory.payload_len) & 0xFFFFFFFF
+    elif flags & (_TCP_SYN | _TCP_ACK) == (_TCP_SYN | _TCP_ACK):
+        seq = (ack - 1) & 0xFFFFFFFF
+    else:
+        return None
+    if seq >> 16 != factory.ident:
+        return None
+    return Answer(None, seq & 0xFFFF, src, ttl, -1, 0, len(l4), True)
+
+
+def annotation(answer: Answer) -> str:
+    """traceroute's !H !N !P !X ... marks for unreachable answers (none for port
+    unreachable from the destination, which is the normal end of a UDP trace)."""
+    if answer.icmp_type != 3:
+        return ""
+    return {0: " !N", 1: " !H", 2: " !P", 4: " !F", 5: " !S", 9: " !X", 10: " !X",
+            13: " !X"}.get(answer.icmp_code, "" if answer.icmp_code == 3 else
+                           f" !<{answer.icmp_code}>")
