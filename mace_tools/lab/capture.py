@@ -54,8 +54,8 @@ class IcmpPacket:
     payload: bytes
 
 
-def read_pcap(path: Path) -> list[IcmpPacket]:
-    """ICMP packets of a nanosecond Ethernet pcap (others are skipped)."""
+def read_ip_packets(path: Path) -> list[tuple[int, bytes]]:
+    """(CLOCK_REALTIME ns, IPv4 datagram) of every IPv4 frame of a nanosecond pcap."""
     data = path.read_bytes()
     if len(data) < 24:
         return []
@@ -70,16 +70,21 @@ def read_pcap(path: Path) -> list[IcmpPacket]:
         sec, nsec, caplen, _ = struct.unpack_from("<IIII", data, off)
         frame = data[off + 16: off + 16 + caplen]
         off += 16 + caplen
-        if len(frame) < 14 + 20 + 8 or frame[12:14] != _ETH_P_IP:
-            continue
-        ip = frame[14:]
+        if len(frame) >= 14 + 20 and frame[12:14] == _ETH_P_IP:
+            packets.append((sec * 1_000_000_000 + nsec, frame[14:]))
+    return packets
+
+
+def read_pcap(path: Path) -> list[IcmpPacket]:
+    """ICMP packets of a nanosecond Ethernet pcap (others are skipped)."""
+    packets = []
+    for ts, ip in read_ip_packets(path):
         ihl = (ip[0] & 0x0F) * 4
         if ip[9] != 1 or len(ip) < ihl + 8:
             continue
         icmp = ip[ihl:]
         ident, seq = struct.unpack_from("!HH", icmp, 4)
-        packets.append(IcmpPacket(sec * 1_000_000_000 + nsec, ip[12:16], ip[16:20], icmp[0],
-                                  ident, seq, icmp[8:]))
+        packets.append(IcmpPacket(ts, ip[12:16], ip[16:20], icmp[0], ident, seq, icmp[8:]))
     return packets
 
 
@@ -111,6 +116,7 @@ class Capture:
         self.path = self._dir / "capture.pcap"
         self._proc: subprocess.Popen[bytes] | None = None
         self._packets: list[IcmpPacket] | None = None
+        self.ip_packets: list[tuple[int, bytes]] = []
 
     def __enter__(self) -> Capture:
         cmd = ["ip", "netns", "exec", self.netns, "tcpdump", "-i", self.dev, "-n", "-U",
@@ -129,6 +135,7 @@ class Capture:
             self._await_flush()
             self._stop()
             self._packets = read_pcap(self.path) if self.path.exists() else []
+            self.ip_packets = read_ip_packets(self.path) if self.path.exists() else []
         finally:
             shutil.rmtree(self._dir, ignore_errors=True)
 
@@ -176,3 +183,36 @@ class Capture:
     def echoes_by_id(self, ident: int) -> dict[int, CapturedEcho]:
         """Any ping's echoes by ICMP id as seen on this device (NAT keeps it consistent)."""
         return match_echoes(self.packets, lambda p: p.ident == ident)
+
+
+_TAG_AT = {"udp": 8, "icmp": 8, "tcp": 20}  # where a traceroute probe's nonce sits in L4
+
+
+def trace_truth(cap: Capture, nonce: bytes, method: str, packet_len: int) -> dict[int, float]:
+    """mace-traceroute probe number -> answer minus probe on the captured device (µs).
+
+    Probes are found by their payload (nonce, then the probe number); ICMP errors by the
+    probe they quote (Linux quotes the whole probe, not only the 8 bytes RFC 792 asks
+    for); a TCP RST by its ack (seq + 1 + payload length; seq ends in the probe number).
+    """
+    at = _TAG_AT[method]
+    payload_len = packet_len - 20 - at
+    sent: dict[int, int] = {}
+    answered: dict[int, int] = {}
+    for ts, ip in cap.ip_packets:
+        l4 = ip[(ip[0] & 0x0F) * 4:]
+        if len(l4) < 8:
+            continue
+        if ip[9] == 1 and l4[0] in (3, 11):
+            inner = l4[8:]
+            q = (inner[0] & 0x0F) * 4 + at if inner else 0
+            if inner and inner[q:q + 8] == nonce:
+                answered.setdefault(struct.unpack_from("!H", inner, q + 8)[0], ts)
+        elif method == "tcp" and ip[9] == 6 and len(l4) >= 14 and l4[13] & 0x04:
+            ack = struct.unpack_from("!I", l4, 8)[0]
+            answered.setdefault((ack - 1 - payload_len) & 0xFFFF, ts)
+        elif method == "icmp" and l4[0] == 0 and l4[at:at + 8] == nonce:
+            answered.setdefault(struct.unpack_from("!H", l4, 6)[0], ts)
+        elif l4[at:at + 8] == nonce and len(l4) >= at + 10:
+            sent.setdefault(struct.unpack_from("!H", l4, at + 8)[0], ts)
+    return {n: (answered[n] - t) / 1000 for n, t in sent.items() if n in answered}

@@ -1,0 +1,110 @@
+"""mace-traceroute end to end on a routed lab: host -> r1 -> r2 -> target."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from mace_tools.lab.capture import Capture, trace_truth
+from mace_tools.lab.demo import measure
+from mace_tools.lab.topology import Lab
+
+pytestmark = pytest.mark.lab
+TOLERANCE_US = 10.0
+
+
+@pytest.fixture(scope="module")
+def routed() -> Iterator[Lab]:
+    with Lab(prefix=f"mr{os.getpid() % 100000}", containers=1, routers=2) as lab:
+        lab.warm_up()
+        yield lab
+
+
+def trace(lab: Lab, *args: str, nonce: bytes | None = None) -> dict:
+    nonce = nonce or os.urandom(8)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mace_tools.cli.traceroute", "--netns", lab.container_ns(0),
+         "--json", "--nonce", nonce.hex(), "-w", "1", *args, lab.target_addr],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+@pytest.mark.parametrize(("method", "flags"), [("udp", []), ("udp", ["--paris"]),
+                                               ("icmp", ["-I"]), ("tcp", ["-T"])])
+def test_hops_and_corrected_times(routed: Lab, method: str, flags: list[str]) -> None:
+    nonce = os.urandom(8)
+    with Capture(routed.host_ns, routed.outer_dev, "icmp or tcp or udp") as cap:
+        doc = trace(routed, "-q", "5", *flags, nonce=nonce)
+    hops = doc["result"]
+    assert [h["hop"] for h in hops] == [1, 2, 3, 4]
+    froms = [{r.get("from") for r in h["result"]} for h in hops]
+    assert froms == [{a} for a in routed.hop_addrs], froms
+    assert doc["proto"] == method.upper() and doc["mace"]["coverage"] == 1.0
+    # hop 1 is the host's bridge: host-internal; the others crossed the outer device
+    assert all(r["host_internal"] for r in hops[0]["result"])
+    assert all(not r["host_internal"] and r["outer_dev"].startswith("out0@")
+               for h in hops[1:] for r in h["result"])
+    truth_us = trace_truth(cap, nonce, method, packet_len=60)
+    errors = []
+    for h in hops[1:]:
+        for r in h["result"]:
+            number = r["seq"]
+            assert number in truth_us, f"capture missed probe {number}"
+            errors.append(r["rtt_corrected"] * 1000 - truth_us[number])
+            assert r["rtt_corrected"] < r["rtt"]
+    within = sum(abs(e) <= TOLERANCE_US for e in errors) / len(errors)
+    assert within >= 0.99, sorted(errors, key=abs)[-3:]
+
+
+def test_traceroute_and_ping_at_once_never_mix(routed: Lab) -> None:
+    """ICMP traceroute and mace-ping from one container: same protocol, same seqs."""
+    results: dict[str, object] = {}
+
+    def ping() -> None:
+        results["ping"] = measure(routed, 0, 200, "-i", "0.005")
+
+    t = threading.Thread(target=ping)
+    t.start()
+    docs = [trace(routed, "-I", "-q", "3") for _ in range(3)]
+    t.join()
+    run, rows = results["ping"]  # type: ignore[misc]
+    assert run.summary["mace"]["coverage"] == 1.0 and run.summary["dup"] == 0
+    errors = [abs(r.error_us) for r in rows if r.error_us is not None]
+    assert len(errors) == 200
+    assert sum(e <= TOLERANCE_US for e in errors) / len(errors) >= 0.99
+    for doc in docs:
+        froms = [{r.get("from") for r in h["result"]} for h in doc["result"]]
+        assert froms == [{a} for a in routed.hop_addrs]
+        assert doc["mace"]["coverage"] == 1.0
+
+
+@pytest.mark.parametrize(("args", "code", "needle"), [
+    (["--bogus", "198.18.0.10"], 2, "--bogus"),
+    (["-f", "5", "-m", "3", "198.18.0.10"], 2, "first hop out of range"),
+    (["-I", "-T", "198.18.0.10"], 2, "mutually exclusive"),
+    (["-q", "0", "198.18.0.10"], 2, "'-q'"),
+    (["nosuchhost.invalid"], 2, "Name or service not known"),
+    (["--netns", "mace-none", "198.18.0.10"], 2, "network namespace 'mace-none' not found"),
+])
+def test_bad_input(args: list[str], code: int, needle: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "mace_tools.cli.traceroute", *args],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == code
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mace-traceroute: ") and needle in lines[0]
+
+
+def test_runtime_error_exits_1() -> None:
+    proc = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
+         sys.executable, "-m", "mace_tools.cli.traceroute", "-w", "1", "127.0.0.1"],
+        capture_output=True, text=True, timeout=30, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert proc.returncode == 1, proc.stderr
+    assert "run as root" in proc.stderr and "Traceback" not in proc.stderr
