@@ -71,6 +71,11 @@ def main() -> int:
         res["startup"] = ex.startup(lab, runs=5 if args.quick else 20)
         print("scaling", flush=True)
         res["scaling"] = ex.scaling(lab, [1, 2, 4], witness, 0.005, neighbours=4)
+    with Lab(prefix=f"mbr{os.getpid() % 100000}", containers=1, routers=2) as routed:
+        routed.warm_up()
+        print("traceroute accuracy (routed lab)", flush=True)
+        res["traceroute"] = ex.traceroute_accuracy(routed, traces=2 if args.quick else 10,
+                                                   queries=5 if args.quick else 10)
     res["duration_s"] = time.monotonic() - started
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(res, indent=1))

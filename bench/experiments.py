@@ -20,7 +20,7 @@ from pathlib import Path
 
 from bench.tools import ToolResult, ToolRun, capture_filter, iputils, mace_ping, scamper
 from mace_tools.kernel.backend import Backend
-from mace_tools.lab.capture import Capture, CapturedEcho
+from mace_tools.lab.capture import Capture, CapturedEcho, trace_truth
 from mace_tools.lab.load import Load
 from mace_tools.lab.topology import Lab
 from mace_tools.stats import percentile
@@ -377,4 +377,50 @@ def scaling(lab: Lab, instances: list[int], count: int, interval: float,
             print(f"  scaling {n}: {rows[-1]['cost']['ns_per_run']:.1f} ns/run, witness "
                   f"{rows[-1]['witness_delta_mean_us']:+.2f} µs (same-rate iputils "
                   f"{rows[-1]['control_delta_mean_us']:+.2f} µs)", flush=True)
+    return rows
+
+
+TRACE_METHODS = [("UDP", [], "udp"), ("UDP --paris", ["--paris"], "udp"),
+                 ("ICMP (-I)", ["-I"], "icmp"), ("TCP SYN (-T)", ["-T"], "tcp")]
+
+
+def traceroute_accuracy(lab: Lab, traces: int, queries: int) -> list[dict]:
+    """Per method and hop: corrected minus the capture on the outer device (µs). Hop 1 is
+    the host's bridge (host-internal: it never reaches the outer device, no truth there)."""
+    rows = []
+    for name, flags, method in TRACE_METHODS:
+        errors: dict[int, list[float]] = {}
+        raw_errors: dict[int, list[float]] = {}
+        internal: list[float] = []
+        replies = corrected = 0
+        for _ in range(traces):
+            nonce = os.urandom(8)
+            cmd = [sys.executable, "-m", "mace_tools.cli.traceroute", "--netns",
+                   lab.netns_path(lab.container_ns(0)), "--json", "--nonce", nonce.hex(),
+                   "-q", str(queries), "-w", "1", *flags, lab.target_addr]
+            with Capture(lab.host_ns, lab.outer_dev, "icmp or tcp or udp") as cap:
+                doc = json.loads(subprocess.run(cmd, capture_output=True, text=True,
+                                                timeout=120).stdout)
+            truth = trace_truth(cap, nonce, method, packet_len=60)
+            for hop in doc["result"]:
+                for r in hop["result"]:
+                    if "rtt" not in r:
+                        continue
+                    replies += 1
+                    corrected += r["rtt_corrected"] is not None
+                    if r["host_internal"]:
+                        internal.append(r["rtt_corrected"] * 1000)
+                    elif r["seq"] in truth and r["rtt_corrected"] is not None:
+                        errors.setdefault(hop["hop"], []).append(
+                            r["rtt_corrected"] * 1000 - truth[r["seq"]])
+                        raw_errors.setdefault(hop["hop"], []).append(
+                            r["rtt"] * 1000 - truth[r["seq"]])
+        rows.append({"method": name, "replies": replies,
+                     "coverage": corrected / replies if replies else None,
+                     "hops": {str(h): distribution(e) for h, e in sorted(errors.items())},
+                     "raw_hops": {str(h): distribution(e) for h, e in sorted(raw_errors.items())},
+                     "host_internal_corrected_us": distribution(internal)})
+        worst = max((d["abs_p99"] for d in rows[-1]["hops"].values()), default=None)
+        print(f"  traceroute {name}: coverage {rows[-1]['coverage']}, worst hop |p99| "
+              f"{worst} µs", flush=True)
     return rows

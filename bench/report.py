@@ -116,6 +116,21 @@ def markdown(res: dict) -> str:
                    f"{r['witness_delta_mean_us']:+.2f} | {r['control_delta_mean_us']:+.2f} | "
                    f"{r['bpf_share_mean_us']:+.2f} | {r['witness_delta_p99_us']:+.2f} | "
                    f"{', '.join(_f(x, 3) for x in r['coverage'])} |")
+    out += ["", "## mace-traceroute per hop (routed lab: host -> r1 -> r2 -> target)\n",
+            "Corrected minus the capture on the host's outer device, µs (raw minus capture "
+            "for contrast). Hop 1 is the host's bridge: host-internal, never on the outer "
+            "device; its corrected time is taken at the container's own eth0.\n",
+            "| method | hop | n | corrected mean | corrected p99 of abs | raw mean | coverage |",
+            "|---|---|---|---|---|---|---|"]
+    for t in res.get("traceroute", []):
+        hi = t["host_internal_corrected_us"]
+        out.append(f"| {t['method']} | 1 (host-internal) | {hi.get('n', 0)} | "
+                   f"{_f(hi.get('mean'))} (absolute) | - | - | "
+                   f"{(t['coverage'] or 0) * 100:.1f}% |")
+        for hop, d in t["hops"].items():
+            raw = t["raw_hops"][hop]
+            out.append(f"| {t['method']} | {hop} | {d['n']} | {d['mean']:+.2f} | "
+                       f"{d['abs_p99']:.2f} | {raw['mean']:+.2f} | |")
     out += ["", "Plots: `fig_accuracy_cdf.png`, `fig_accuracy_load.png`, "
             "`fig_perturbation.png`.", ""]
     return "\n".join(out)
