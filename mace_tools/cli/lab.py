@@ -25,14 +25,19 @@ def _need_root() -> None:
 
 @app.command()
 def up(prefix: Prefix = "mace",
-       containers: Annotated[int, typer.Option("--containers", min=1, max=200)] = 1) -> None:
+       containers: Annotated[int, typer.Option("--containers", min=1, max=200)] = 1,
+       routers: Annotated[int, typer.Option("--routers", min=0, max=8,
+                                            help="routers between host and target")] = 0,
+       ) -> None:
     """Build the lab and leave it up."""
     _need_root()
-    lab = Lab(prefix, containers)
+    lab = Lab(prefix, containers, routers)
     lab.up()
     print(f"lab up: {lab.host_ns}, {lab.target_ns} ({lab.target_addr}), "
           f"{containers} container(s) {lab.container_ns(0)}..")
     print(f"try: mace-ping --netns {lab.container_ns(0)} -c 5 {lab.target_addr}")
+    if routers:
+        print(f"     mace-traceroute --netns {lab.container_ns(0)} {lab.target_addr}")
 
 
 @app.command()
