@@ -3,6 +3,7 @@ exit codes for any failure, never a traceback."""
 
 from __future__ import annotations
 
+import socket
 import sys
 
 import typer
@@ -30,3 +31,25 @@ def run_app(app: typer.Typer, prog: str, argv: list[str] | None = None,
     except KeyboardInterrupt:
         return 130
     return status if isinstance(status, int) else 0
+
+
+def resolve_ipv4(host: str) -> str:
+    """IPv4 address of host (IPv6 comes later), failing as ping and traceroute do."""
+    try:
+        infos = socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_RAW)
+    except socket.gaierror as exc:
+        raise MaceError(f"{host}: {exc.strerror}") from exc
+    return infos[0][4][0]
+
+
+def parse_nonce(value: str | None) -> bytes | None:
+    """--nonce: 16 hex digits, not all zero (None: the run picks a random one)."""
+    if value is None:
+        return None
+    try:
+        raw = bytes.fromhex(value)
+    except ValueError:
+        raw = b""
+    if len(raw) != 8 or not any(raw):
+        raise MaceError(f"invalid nonce '{value}': need 16 hex digits, not all zero")
+    return raw

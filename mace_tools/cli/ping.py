@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 from mace_tools import __version__
-from mace_tools.cli.common import run_app
+from mace_tools.cli.common import parse_nonce, resolve_ipv4, run_app
 from mace_tools.errors import MaceError
 
 PROG = "mace-ping"
@@ -26,19 +26,6 @@ app = typer.Typer(
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-
-
-def _fail(message: str) -> MaceError:
-    return MaceError(message, exit_code=2)
-
-
-def _resolve(host: str) -> str:
-    """IPv4 address of host (IPv6 comes later), failing as iputils does."""
-    try:
-        infos = socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_RAW)
-    except socket.gaierror as exc:
-        raise _fail(f"{host}: {exc.strerror}") from exc
-    return infos[0][4][0]
 
 
 @app.command(help="Ping HOST from a container's network namespace; print raw and "
@@ -90,8 +77,8 @@ def ping(
     from mace_tools.probe import netns as netns_mod
 
     if json_out and ndjson:
-        raise _fail("--json and --ndjson are mutually exclusive")
-    addr = _resolve(host)
+        raise MaceError("--json and --ndjson are mutually exclusive")
+    addr = resolve_ipv4(host)
     device, source = _split_interface(interface)
     opts = PingOptions(
         dst_addr=addr,
@@ -110,23 +97,11 @@ def ping(
     mode = "json" if json_out else "ndjson" if ndjson else "text"
     sink = make_sink(mode, dst_name=host, dst_addr=addr, size=size, quiet=quiet,
                      timestamps=timestamps, flood=flood, interface=interface)
-    result = Pinger(opts, sink, nonce=_parse_nonce(nonce)).run()
+    result = Pinger(opts, sink, nonce=parse_nonce(nonce)).run()
     sink.finish(result)
     received = result.tally.received
     if received == 0 or (count is not None and deadline is not None and received < count):
         raise typer.Exit(1)
-
-
-def _parse_nonce(value: str | None) -> bytes | None:
-    if value is None:
-        return None
-    try:
-        raw = bytes.fromhex(value)
-    except ValueError:
-        raw = b""
-    if len(raw) != 8 or not any(raw):
-        raise _fail(f"invalid nonce '{value}': need 16 hex digits, not all zero")
-    return raw
 
 
 def _split_interface(value: str | None) -> tuple[str | None, str | None]:

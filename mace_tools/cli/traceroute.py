@@ -5,14 +5,13 @@ Exit codes as traceroute: 2 on bad arguments, 1 on runtime errors, 0 otherwise.
 
 from __future__ import annotations
 
-import socket
 import sys
 from typing import Annotated
 
 import typer
 
 from mace_tools import __version__
-from mace_tools.cli.common import run_app
+from mace_tools.cli.common import parse_nonce, resolve_ipv4, run_app
 from mace_tools.errors import MaceError
 
 PROG = "mace-traceroute"
@@ -66,7 +65,6 @@ def traceroute(
     if version:
         print(f"{PROG} {__version__}")
         raise typer.Exit(0)
-    from mace_tools.cli.ping import _parse_nonce
     from mace_tools.output.traceroute import TraceOutput
     from mace_tools.probe import netns as netns_mod
     from mace_tools.probe.trace import ICMP, TCP, UDP
@@ -79,10 +77,7 @@ def traceroute(
     if first_ttl > max_ttl:
         raise MaceError(f"first hop out of range (-f {first_ttl} > -m {max_ttl})")
     method = ICMP if icmp else TCP if tcp else UDP
-    try:
-        addr = socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_RAW)[0][4][0]
-    except socket.gaierror as exc:
-        raise MaceError(f"{host}: {exc.strerror}") from exc
+    addr = resolve_ipv4(host)
     opts = TraceOptions(dst_addr=addr, method=method, first_ttl=first_ttl, max_ttl=max_ttl,
                         nqueries=nqueries, wait_s=_wait(wait), simultaneous=squeries,
                         port=port, sendwait_s=sendwait, size=packetlen, paris=paris,
@@ -91,7 +86,7 @@ def traceroute(
     output = TraceOutput(mode, dst_name=host, dst_addr=addr, method=method, max_ttl=max_ttl,
                          size=packetlen, paris=paris)
     try:
-        result = Tracer(opts, output, nonce=_parse_nonce(nonce)).run()
+        result = Tracer(opts, output, nonce=parse_nonce(nonce)).run()
     except MaceError as exc:  # past the arguments, failures are runtime errors: exit 1
         raise MaceError(str(exc), exit_code=1) from exc
     output.finish(result)
