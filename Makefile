@@ -7,7 +7,8 @@ VENV     := .venv
 BIN      := $(VENV)/bin
 BPF_OBJ  := mace_tools/kernel/mace.bpf.o
 BPF_ARCH := $(shell uname -m | sed -e 's/x86_64/x86/' -e 's/aarch64/arm64/')
-APT_PKGS := clang llvm libbpf-dev libbpf1 iproute2 iptables tcpdump iputils-ping
+APT_PKGS := clang llvm libbpf-dev libbpf1 iproute2 iptables tcpdump iputils-ping \
+            docker.io busybox-static
 BENCH_APT_PKGS := scamper bpftool python3-bpfcc time
 
 .PHONY: setup deps venv build demo test lint bench clean

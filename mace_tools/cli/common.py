@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import sys
+from pathlib import Path
 
 import typer
 from click.exceptions import ClickException
@@ -53,3 +54,29 @@ def parse_nonce(value: str | None) -> bytes | None:
     if len(raw) != 8 or not any(raw):
         raise MaceError(f"invalid nonce '{value}': need 16 hex digits, not all zero")
     return raw
+
+
+def probe_netns(netns: str | None, pid: int | None, container: str | None,
+                runtime: str) -> Path | None:
+    """Where probes are sent from: --netns, --pid or --container (one at most)."""
+    from mace_tools.probe import netns as netns_mod
+
+    if container is not None:
+        if netns is not None or pid is not None:
+            raise MaceError("--container, --netns and --pid are mutually exclusive")
+        from mace_tools.probe.containers import find
+
+        return find(container, runtime).netns_path
+    return netns_mod.resolve(netns, pid)
+
+
+def print_containers(runtime: str) -> None:
+    """--list-containers: the running containers mace can measure, with their netns."""
+    from mace_tools.probe import netns as netns_mod
+    from mace_tools.probe.containers import list_running
+
+    rows = list_running(runtime)
+    print(f"{'NAME':24} {'ID':12} {'RUNTIME':8} {'PID':>8}  NETNS")
+    for c in rows:
+        print(f"{c.name:24} {c.id:12} {c.runtime:8} {c.pid:>8}  "
+              f"net:[{netns_mod.inode(c.netns_path)}]")

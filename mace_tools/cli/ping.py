@@ -14,7 +14,13 @@ from typing import Annotated
 import typer
 
 from mace_tools import __version__
-from mace_tools.cli.common import parse_nonce, resolve_ipv4, run_app
+from mace_tools.cli.common import (
+    parse_nonce,
+    print_containers,
+    probe_netns,
+    resolve_ipv4,
+    run_app,
+)
 from mace_tools.errors import MaceError
 
 PROG = "mace-ping"
@@ -31,7 +37,7 @@ app = typer.Typer(
 @app.command(help="Ping HOST from a container's network namespace; print raw and "
                   "container-corrected RTTs from per-packet eBPF kernel timestamps.")
 def ping(
-    host: Annotated[str, typer.Argument(metavar="HOST", show_default=False)],
+    host: Annotated[str | None, typer.Argument(metavar="HOST", show_default=False)] = None,
     count: Annotated[int | None, typer.Option("-c", help="stop after COUNT replies sent",
                                               min=1)] = None,
     interval: Annotated[float | None, typer.Option(
@@ -59,6 +65,12 @@ def ping(
         "--netns", help="probe from this network namespace: `ip netns` name or path")] = None,
     pid: Annotated[int | None, typer.Option("--pid", help="probe from PID's network namespace",
                                             min=1)] = None,
+    container: Annotated[str | None, typer.Option(
+        "--container", help="probe from a Docker/Podman container (name or id)")] = None,
+    runtime: Annotated[str, typer.Option("--runtime", help="docker, podman or auto")] = "auto",
+    list_containers: Annotated[bool, typer.Option(
+        "--list-containers", help="list the containers that can be measured, and exit")]
+    = False,
     json_out: Annotated[bool, typer.Option("--json", help="one RIPE Atlas style JSON document "
                                            "at the end")] = False,
     ndjson: Annotated[bool, typer.Option("--ndjson", help="one JSON record per probe, then a "
@@ -72,9 +84,13 @@ def ping(
     if version:
         print(f"{PROG} {__version__}")
         raise typer.Exit(0)
+    if list_containers:
+        print_containers(runtime)
+        raise typer.Exit(0)
+    if host is None:
+        raise MaceError("missing HOST (see --help)")
     from mace_tools.output.live import make_sink
     from mace_tools.pinger import Pinger, PingOptions
-    from mace_tools.probe import netns as netns_mod
 
     if json_out and ndjson:
         raise MaceError("--json and --ndjson are mutually exclusive")
@@ -91,7 +107,7 @@ def ping(
         flood=flood,
         device=device,
         source=source,
-        netns_path=netns_mod.resolve(netns, pid),
+        netns_path=probe_netns(netns, pid, container, runtime),
         report_outstanding=outstanding,
     )
     mode = "json" if json_out else "ndjson" if ndjson else "text"

@@ -11,7 +11,13 @@ from typing import Annotated
 import typer
 
 from mace_tools import __version__
-from mace_tools.cli.common import parse_nonce, resolve_ipv4, run_app
+from mace_tools.cli.common import (
+    parse_nonce,
+    print_containers,
+    probe_netns,
+    resolve_ipv4,
+    run_app,
+)
 from mace_tools.errors import MaceError
 
 PROG = "mace-traceroute"
@@ -34,7 +40,7 @@ def _wait(value: str) -> float:
 @app.command(help="Trace the route to HOST from a container's network namespace; print "
                   "raw and container-corrected RTTs per probe.")
 def traceroute(
-    host: Annotated[str, typer.Argument(metavar="HOST", show_default=False)],
+    host: Annotated[str | None, typer.Argument(metavar="HOST", show_default=False)] = None,
     packetlen: Annotated[int, typer.Argument(metavar="[PACKETLEN]", min=40, max=65000,
                                              help="IP packet size")] = 60,
     icmp: Annotated[bool, typer.Option("-I", "--icmp", help="ICMP echo probes")] = False,
@@ -56,6 +62,12 @@ def traceroute(
         "ICMP checksum fixed; TCP is always one flow")] = False,
     netns: Annotated[str | None, typer.Option("--netns", help="probe from this netns")] = None,
     pid: Annotated[int | None, typer.Option("--pid", min=1)] = None,
+    container: Annotated[str | None, typer.Option(
+        "--container", help="probe from a Docker/Podman container (name or id)")] = None,
+    runtime: Annotated[str, typer.Option("--runtime", help="docker, podman or auto")] = "auto",
+    list_containers: Annotated[bool, typer.Option(
+        "--list-containers", help="list the containers that can be measured, and exit")]
+    = False,
     json_out: Annotated[bool, typer.Option("--json", help="RIPE Atlas traceroute JSON")]
     = False,
     ndjson: Annotated[bool, typer.Option("--ndjson", help="one JSON record per hop")] = False,
@@ -65,8 +77,12 @@ def traceroute(
     if version:
         print(f"{PROG} {__version__}")
         raise typer.Exit(0)
+    if list_containers:
+        print_containers(runtime)
+        raise typer.Exit(0)
+    if host is None:
+        raise MaceError("missing HOST (see --help)")
     from mace_tools.output.traceroute import TraceOutput
-    from mace_tools.probe import netns as netns_mod
     from mace_tools.probe.trace import ICMP, TCP, UDP
     from mace_tools.tracer import TraceOptions, Tracer
 
@@ -81,7 +97,7 @@ def traceroute(
     opts = TraceOptions(dst_addr=addr, method=method, first_ttl=first_ttl, max_ttl=max_ttl,
                         nqueries=nqueries, wait_s=_wait(wait), simultaneous=squeries,
                         port=port, sendwait_s=sendwait, size=packetlen, paris=paris,
-                        netns_path=netns_mod.resolve(netns, pid))
+                        netns_path=probe_netns(netns, pid, container, runtime))
     mode = "json" if json_out else "ndjson" if ndjson else "text"
     output = TraceOutput(mode, dst_name=host, dst_addr=addr, method=method, max_ttl=max_ttl,
                          size=packetlen, paris=paris)

@@ -106,7 +106,7 @@ def match_echoes(packets: list[IcmpPacket],
 class Capture:
     """tcpdump on `dev` in netns `netns` for the duration of a with-block."""
 
-    def __init__(self, netns: str, dev: str, bpf_filter: str = "icmp",
+    def __init__(self, netns: str | None, dev: str, bpf_filter: str = "icmp",
                  expect_packets: int | None = None) -> None:
         if shutil.which("tcpdump") is None:
             raise LabError("tcpdump not found (apt-get install tcpdump)")
@@ -119,7 +119,8 @@ class Capture:
         self.ip_packets: list[tuple[int, bytes]] = []
 
     def __enter__(self) -> Capture:
-        cmd = ["ip", "netns", "exec", self.netns, "tcpdump", "-i", self.dev, "-n", "-U",
+        where = ["ip", "netns", "exec", self.netns] if self.netns else []  # None: this netns
+        cmd = [*where, "tcpdump", "-i", self.dev, "-n", "-U",
                "--time-stamp-precision=nano", "-B", "16384", "-w", str(self.path),
                self.bpf_filter]
         self._proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
