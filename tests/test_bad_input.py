@@ -11,6 +11,7 @@ import threading
 import time
 
 import pytest
+from unprivileged import WITHOUT_CAPABILITIES
 
 from mace_tools.errors import MaceError
 from mace_tools.kernel import backend, native
@@ -18,11 +19,10 @@ from mace_tools.lab.topology import Lab
 from mace_tools.probe.icmp import build_echo_request, checksum
 
 
-def mace_ping(*args: str, user: int | None = None) -> subprocess.CompletedProcess[str]:
+def mace_ping(*args: str, capabilities: bool = True) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "mace_tools.cli.ping", *args]
-    if user is not None:
-        cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups",
-               "--inh-caps=-all", *cmd]
+    if not capabilities:
+        cmd = [*WITHOUT_CAPABILITIES, *cmd]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=30,
                           env={**os.environ, "PYTHONPATH": os.getcwd()})
 
@@ -55,7 +55,7 @@ def test_bad_arguments(args: list[str], needle: str) -> None:
 
 @pytest.mark.lab
 def test_not_root() -> None:
-    proc = mace_ping("-c", "1", "127.0.0.1", user=65534)
+    proc = mace_ping("-c", "1", "127.0.0.1", capabilities=False)
     assert_one_line_error(proc, "run as root")
 
 

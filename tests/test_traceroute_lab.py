@@ -10,6 +10,7 @@ import threading
 from collections.abc import Iterator
 
 import pytest
+from unprivileged import WITHOUT_CAPABILITIES
 
 from mace_tools.lab.capture import Capture, trace_truth
 from mace_tools.lab.demo import measure
@@ -103,8 +104,8 @@ def test_bad_input(args: list[str], code: int, needle: str) -> None:
 
 def test_runtime_error_exits_1() -> None:
     proc = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
-         sys.executable, "-m", "mace_tools.cli.traceroute", "-w", "1", "127.0.0.1"],
+        [*WITHOUT_CAPABILITIES, sys.executable, "-m", "mace_tools.cli.traceroute",
+         "-w", "1", "127.0.0.1"],
         capture_output=True, text=True, timeout=30, env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert proc.returncode == 1, proc.stderr
     assert "run as root" in proc.stderr and "Traceback" not in proc.stderr
