@@ -19,10 +19,13 @@ from mace_tools.lab.topology import Lab
 from mace_tools.probe.icmp import build_echo_request, checksum
 
 
-def mace_ping(*args: str, capabilities: bool = True) -> subprocess.CompletedProcess[str]:
+def mace_ping(*args: str, capabilities: bool = True, via_netns: str | None = None,
+              ) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "mace_tools.cli.ping", *args]
     if not capabilities:
         cmd = [*WITHOUT_CAPABILITIES, *cmd]
+    if via_netns is not None:
+        cmd = ["ip", "netns", "exec", via_netns, *cmd]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=30,
                           env={**os.environ, "PYTHONPATH": os.getcwd()})
 
@@ -36,7 +39,6 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[str], needle: str) -
 
 
 @pytest.mark.parametrize(("args", "needle"), [
-    (["nosuchhost.invalid"], "Name or service not known"),
     (["-c", "0", "127.0.0.1"], "'-c'"),
     (["-s", "70000", "127.0.0.1"], "'-s'"),
     (["-t", "256", "127.0.0.1"], "'-t'"),
@@ -51,6 +53,14 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[str], needle: str) -
 ])
 def test_bad_arguments(args: list[str], needle: str) -> None:
     assert_one_line_error(mace_ping(*args), needle)
+
+
+@pytest.mark.lab
+def test_unknown_host(lab_dns: tuple[str, object]) -> None:
+    # resolved by getaddrinfo under `ip netns exec`, which shows it the lab's resolv.conf
+    ns, _ = lab_dns
+    assert_one_line_error(mace_ping("nosuchhost.invalid", via_netns=ns),
+                          "nosuchhost.invalid: Name or service not known")
 
 
 @pytest.mark.lab

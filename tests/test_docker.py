@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fake_dns import FakeDns
 
 from mace_tools.lab.capture import Capture
 from mace_tools.lab.demo import PingRun, compare, parse_ndjson
@@ -114,7 +115,9 @@ def target() -> Iterator[str]:
 @pytest.fixture(scope="module")
 def container(docker_host: str, image: str, target: str) -> Iterator[str]:
     name = f"mt{RUN}-ct"
-    docker(docker_host, "run", "-d", "--rm", "--name", name, image, "sleep", "600")
+    # its names: one in its own hosts file, others from "its" DNS server on 127.0.0.11
+    docker(docker_host, "run", "-d", "--rm", "--name", name, "--dns", "127.0.0.11",
+           "--add-host", f"mace-hosts.test:{target}", image, "sleep", "600")
     try:
         # first packet pays ARP on docker0: warm up, as the other tests do
         docker(docker_host, "exec", name, "ping", "-c", "1", "-W", "2", target, check=False)
@@ -167,6 +170,19 @@ def test_traceroute_container(docker_host: str, container: str, target: str) -> 
     hops = proc.stdout.splitlines()[1:]
     assert re.match(r"^ 1  172\.17\.0\.1  .* host-internal$", hops[0])  # docker0
     assert re.match(rf"^ 2  {re.escape(target)}  .*corrected=[\d.]+,[\d.]+$", hops[1])
+
+
+def test_names_resolve_as_in_the_container(docker_host: str, container: str, target: str,
+                                           ) -> None:
+    pid = docker(docker_host, "inspect", "-f", "{{.State.Pid}}", container).stdout.decode()
+    with FakeDns(f"/proc/{pid.strip()}/ns/net", "127.0.0.11", {"mace-dns.test": target}):
+        for name in ("mace-hosts.test", "mace-dns.test"):
+            proc = mace(docker_host, "--container", container, "-c", "1", name)
+            assert proc.returncode == 0, proc.stderr
+            assert proc.stdout.startswith(f"PING {name} ({target}) ")
+        proc = mace(docker_host, "--container", container, "-c", "1", "mace-nx.test")
+    assert (proc.returncode, proc.stderr) == (2, "mace-ping: mace-nx.test: "
+                                                 "Name or service not known\n")
 
 
 def test_unknown_and_stopped_containers(docker_host: str, image: str) -> None:

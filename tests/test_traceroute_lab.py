@@ -91,7 +91,6 @@ def test_traceroute_and_ping_at_once_never_mix(routed: Lab) -> None:
     (["-f", "5", "-m", "3", "198.18.0.10"], 2, "first hop out of range"),
     (["-I", "-T", "198.18.0.10"], 2, "mutually exclusive"),
     (["-q", "0", "198.18.0.10"], 2, "'-q'"),
-    (["nosuchhost.invalid"], 2, "Name or service not known"),
     (["--netns", "mace-none", "198.18.0.10"], 2, "network namespace 'mace-none' not found"),
 ])
 def test_bad_input(args: list[str], code: int, needle: str) -> None:
@@ -100,6 +99,21 @@ def test_bad_input(args: list[str], code: int, needle: str) -> None:
     assert proc.returncode == code
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("mace-traceroute: ") and needle in lines[0]
+
+
+def test_names_resolve_in_the_probing_netns(lab_dns: tuple[str, object], lab: Lab) -> None:
+    """--netns NAME resolves with /etc/netns/NAME files, asking from inside NAME."""
+    ns, _ = lab_dns
+    for tool in ("traceroute", "ping"):
+        proc = subprocess.run([sys.executable, "-m", f"mace_tools.cli.{tool}", "--netns", ns,
+                               "-n", "-w", "1", "-q" if tool == "traceroute" else "-c", "1",
+                               "target.lab.test"], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert f"target.lab.test ({lab.target_addr})" in proc.stdout.splitlines()[0]
+        proc = subprocess.run([sys.executable, "-m", f"mace_tools.cli.{tool}", "--netns", ns,
+                               "nosuchhost.invalid"], capture_output=True, text=True, timeout=30)
+        assert (proc.returncode, proc.stderr) == (
+            2, f"mace-{tool}: nosuchhost.invalid: Name or service not known\n")
 
 
 def test_runtime_error_exits_1() -> None:

@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import socket
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from click.exceptions import ClickException
 
 from mace_tools.errors import MaceError
+
+if TYPE_CHECKING:
+    from mace_tools.probe.resolver import Vantage
 
 
 def run_app(app: typer.Typer, prog: str, argv: list[str] | None = None,
@@ -34,8 +39,20 @@ def run_app(app: typer.Typer, prog: str, argv: list[str] | None = None,
     return status if isinstance(status, int) else 0
 
 
-def resolve_ipv4(host: str) -> str:
-    """IPv4 address of host (IPv6 comes later), failing as ping and traceroute do."""
+@dataclass(frozen=True, slots=True)
+class ProbeSite:
+    """Where probes leave from (netns_path; None: ours) and whose files resolve names."""
+    netns_path: Path | None = None
+    vantage: Vantage | None = None
+
+
+def resolve_ipv4(host: str, site: ProbeSite) -> str:
+    """IPv4 address of host (IPv6 comes later) as the probing netns would resolve it,
+    failing as ping and traceroute do."""
+    if site.vantage is not None:
+        from mace_tools.probe.resolver import resolve_ipv4 as resolve_from
+
+        return resolve_from(host, site.vantage)
     try:
         infos = socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_RAW)
     except socket.gaierror as exc:
@@ -56,18 +73,23 @@ def parse_nonce(value: str | None) -> bytes | None:
     return raw
 
 
-def probe_netns(netns: str | None, pid: int | None, container: str | None,
-                runtime: str) -> Path | None:
+def probe_site(netns: str | None, pid: int | None, container: str | None,
+               runtime: str) -> ProbeSite:
     """Where probes are sent from: --netns, --pid or --container (one at most)."""
+    if netns is None and pid is None and container is None:
+        return ProbeSite()  # the fast path: nothing to import
     from mace_tools.probe import netns as netns_mod
+    from mace_tools.probe.resolver import vantage_of
 
     if container is not None:
         if netns is not None or pid is not None:
             raise MaceError("--container, --netns and --pid are mutually exclusive")
         from mace_tools.probe.containers import find
 
-        return find(container, runtime).netns_path
-    return netns_mod.resolve(netns, pid)
+        found = find(container, runtime)
+        return ProbeSite(found.netns_path, vantage_of(None, found.pid, found.netns_path))
+    path = netns_mod.resolve(netns, pid)
+    return ProbeSite(path, vantage_of(netns, pid, path))
 
 
 def print_containers(runtime: str) -> None:

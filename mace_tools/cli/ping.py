@@ -17,7 +17,7 @@ from mace_tools import __version__
 from mace_tools.cli.common import (
     parse_nonce,
     print_containers,
-    probe_netns,
+    probe_site,
     resolve_ipv4,
     run_app,
 )
@@ -94,7 +94,8 @@ def ping(
 
     if json_out and ndjson:
         raise MaceError("--json and --ndjson are mutually exclusive")
-    addr = resolve_ipv4(host)
+    site = probe_site(netns, pid, container, runtime)
+    addr = resolve_ipv4(host, site)
     device, source = _split_interface(interface)
     opts = PingOptions(
         dst_addr=addr,
@@ -107,7 +108,7 @@ def ping(
         flood=flood,
         device=device,
         source=source,
-        netns_path=probe_netns(netns, pid, container, runtime),
+        netns_path=site.netns_path,
         report_outstanding=outstanding,
     )
     mode = "json" if json_out else "ndjson" if ndjson else "text"

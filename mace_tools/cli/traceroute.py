@@ -14,7 +14,7 @@ from mace_tools import __version__
 from mace_tools.cli.common import (
     parse_nonce,
     print_containers,
-    probe_netns,
+    probe_site,
     resolve_ipv4,
     run_app,
 )
@@ -93,11 +93,12 @@ def traceroute(
     if first_ttl > max_ttl:
         raise MaceError(f"first hop out of range (-f {first_ttl} > -m {max_ttl})")
     method = ICMP if icmp else TCP if tcp else UDP
-    addr = resolve_ipv4(host)
+    site = probe_site(netns, pid, container, runtime)
+    addr = resolve_ipv4(host, site)
     opts = TraceOptions(dst_addr=addr, method=method, first_ttl=first_ttl, max_ttl=max_ttl,
                         nqueries=nqueries, wait_s=_wait(wait), simultaneous=squeries,
                         port=port, sendwait_s=sendwait, size=packetlen, paris=paris,
-                        netns_path=probe_netns(netns, pid, container, runtime))
+                        netns_path=site.netns_path)
     mode = "json" if json_out else "ndjson" if ndjson else "text"
     output = TraceOutput(mode, dst_name=host, dst_addr=addr, method=method, max_ttl=max_ttl,
                          size=packetlen, paris=paris)

@@ -1,0 +1,271 @@
+"""Resolve a host name the way a container would: its /etc/hosts, then the DNS servers of its
+/etc/resolv.conf, queried from inside its network namespace.
+
+The caller's getaddrinfo would read the host's files and ask the host's servers, which can
+differ from the container's (Docker's user-defined networks answer DNS on 127.0.0.11, an
+address that exists only inside the container's netns). This is a small stub resolver for
+IPv4 A records, following glibc's rules for search lists, ndots, timeout and attempts.
+Replies are parsed defensively: a malformed or foreign answer is ignored, never trusted.
+"""
+
+from __future__ import annotations
+
+import random
+import select
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mace_tools.errors import MaceError
+from mace_tools.probe import netns as netns_mod
+
+DNS_PORT = 53
+TYPE_A, CLASS_IN = 1, 1
+RCODE_NXDOMAIN = 3
+MAX_UDP_ANSWER = 4096
+# glibc's defaults (resolv.conf(5))
+DEFAULT_NDOTS, DEFAULT_TIMEOUT_S, DEFAULT_ATTEMPTS = 1, 5, 2
+MAX_NAMESERVERS = 3
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvConf:
+    nameservers: tuple[str, ...] = ("127.0.0.1",)
+    search: tuple[str, ...] = ()
+    ndots: int = DEFAULT_NDOTS
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    attempts: int = DEFAULT_ATTEMPTS
+
+
+@dataclass(frozen=True, slots=True)
+class Vantage:
+    """Where a name is resolved from: the files under `root` and the netns at `netns_path`."""
+    root: Path
+    netns_path: Path | None = None
+    files: dict[str, Path] = field(default_factory=dict)  # per-file overrides (ip netns)
+
+    def file(self, name: str) -> Path:
+        return self.files.get(name) or self.root / "etc" / name
+
+
+def parse_resolv_conf(text: str) -> ResolvConf:
+    servers: list[str] = []
+    search: tuple[str, ...] = ()
+    ndots, timeout_s, attempts = DEFAULT_NDOTS, float(DEFAULT_TIMEOUT_S), DEFAULT_ATTEMPTS
+    for line in text.splitlines():
+        words = line.split("#", 1)[0].split(";", 1)[0].split()
+        if len(words) < 2:
+            continue
+        key, values = words[0], words[1:]
+        if key == "nameserver" and len(servers) < MAX_NAMESERVERS and _is_ip(values[0]):
+            servers.append(values[0])
+        elif key in ("search", "domain"):  # the last of them wins, as in glibc
+            search = tuple(v.rstrip(".") for v in values)
+        elif key == "options":
+            for opt in values:
+                name, _, value = opt.partition(":")
+                if value.isdigit():
+                    if name == "ndots":
+                        ndots = min(int(value), 15)
+                    elif name == "timeout":
+                        timeout_s = float(max(1, min(int(value), 30)))
+                    elif name == "attempts":
+                        attempts = max(1, min(int(value), 5))
+    return ResolvConf(tuple(servers) or ("127.0.0.1",), search, ndots, timeout_s, attempts)
+
+
+def lookup_hosts(text: str, name: str) -> str | None:
+    """The first IPv4 address that /etc/hosts gives for name (canonical name or alias)."""
+    wanted = name.rstrip(".").lower()
+    for line in text.splitlines():
+        words = line.split("#", 1)[0].split()
+        if len(words) >= 2 and wanted in (w.lower() for w in words[1:]) and _is_ipv4(words[0]):
+            return words[0]
+    return None
+
+
+def candidates(name: str, conf: ResolvConf) -> list[str]:
+    """Fully qualified names to ask for, in glibc's order (search list and ndots)."""
+    if name.endswith("."):
+        return [name.rstrip(".")]
+    searched = [f"{name}.{domain}" for domain in conf.search if domain]
+    if name.count(".") >= conf.ndots:
+        return [name, *searched]
+    return [*searched, name]
+
+
+def build_query(query_id: int, name: str) -> bytes:
+    labels = name.rstrip(".").split(".")
+    if any(not label or len(label) > 63 for label in labels) or len(name) > 253:
+        raise ValueError(f"invalid DNS name {name!r}")
+    qname = b"".join(bytes([len(lb)]) + lb.encode("idna") for lb in labels) + b"\0"
+    # flags 0x0100: a standard query asking for recursion
+    return struct.pack("!HHHHHH", query_id, 0x0100, 1, 0, 0, 0) + qname + \
+        struct.pack("!HH", TYPE_A, CLASS_IN)
+
+
+def _skip_name(msg: bytes, pos: int) -> int:
+    """Offset just after the (possibly compressed) name at pos; ValueError if malformed."""
+    for _ in range(128):
+        if pos >= len(msg):
+            raise ValueError("name runs past the message")
+        length = msg[pos]
+        if length == 0:
+            return pos + 1
+        if length & 0xC0 == 0xC0:  # a pointer ends the name here
+            if pos + 2 > len(msg):
+                raise ValueError("truncated name pointer")
+            return pos + 2
+        if length & 0xC0:
+            raise ValueError("bad label type")
+        pos += 1 + length
+    raise ValueError("too many labels")
+
+
+def parse_answer(msg: bytes, query_id: int) -> tuple[int, list[str]] | None:
+    """(rcode, IPv4 addresses) of a reply to query_id; None if it is not one, or malformed.
+
+    Every A record of the answer section is taken: a recursive server's answer holds the
+    whole CNAME chain, and the question was for A records only.
+    """
+    if len(msg) < 12:
+        return None
+    rid, flags, qdcount, ancount = struct.unpack_from("!HHHH", msg)
+    if rid != query_id or not flags & 0x8000:
+        return None
+    try:
+        pos = 12
+        for _ in range(qdcount):
+            pos = _skip_name(msg, pos) + 4
+        addrs = []
+        for _ in range(ancount):
+            pos = _skip_name(msg, pos)
+            if pos + 10 > len(msg):
+                raise ValueError("truncated record")
+            rtype, rclass, _ttl, rdlength = struct.unpack_from("!HHIH", msg, pos)
+            pos += 10
+            if pos + rdlength > len(msg):
+                raise ValueError("truncated rdata")
+            if rtype == TYPE_A and rclass == CLASS_IN and rdlength == 4:
+                addrs.append(socket.inet_ntoa(msg[pos:pos + 4]))
+            pos += rdlength
+    except ValueError:
+        return None
+    return flags & 0x000F, addrs
+
+
+def _is_ipv4(text: str) -> bool:
+    try:
+        socket.inet_pton(socket.AF_INET, text)
+    except OSError:
+        return False
+    return True
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        socket.inet_pton(socket.AF_INET6, text)
+    except OSError:
+        return _is_ipv4(text)
+    return True
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def _open_sockets(vantage: Vantage, servers: tuple[str, ...]) -> list[socket.socket]:
+    """One connected UDP socket per server, created inside the vantage's netns."""
+    socks = []
+    with netns_mod.entered(vantage.netns_path):
+        for server in servers:
+            family = socket.AF_INET if _is_ipv4(server) else socket.AF_INET6
+            sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            try:
+                sock.connect((server, DNS_PORT))
+            except OSError:
+                sock.close()  # e.g. no route to it in there: as glibc, try the others
+                continue
+            socks.append(sock)
+    return socks
+
+
+def _ask(socks: list[socket.socket], name: str, conf: ResolvConf) -> tuple[int, list[str]] | None:
+    """Ask each server in turn, `attempts` rounds; the first usable answer, or None."""
+    for _ in range(conf.attempts):
+        for sock in socks:
+            query_id = random.getrandbits(16)
+            try:
+                sock.send(build_query(query_id, name))
+            except OSError:
+                continue
+            deadline = time.monotonic() + conf.timeout_s
+            while (left := deadline - time.monotonic()) > 0:
+                if not select.select([sock], [], [], left)[0]:
+                    break
+                try:
+                    answer = parse_answer(sock.recv(MAX_UDP_ANSWER), query_id)
+                except OSError:  # ICMP port unreachable: nobody listens there
+                    break
+                if answer is not None:
+                    return answer
+    return None
+
+
+def resolve_ipv4(host: str, vantage: Vantage) -> str:
+    """IPv4 address of host as seen from vantage; MaceError worded as ping's resolver errors."""
+    if _is_ipv4(host):
+        return host
+    try:
+        socket.inet_aton(host)  # ping also takes the short forms (127.1)
+        return socket.gethostbyname(host)
+    except OSError:
+        pass
+    if (addr := lookup_hosts(_read(vantage.file("hosts")), host)) is not None:
+        return addr
+    conf = parse_resolv_conf(_read(vantage.file("resolv.conf")))
+    try:
+        names = candidates(host, conf)
+        for name in names:
+            build_query(0, name)  # reject names DNS cannot carry before any packet is sent
+    except (ValueError, UnicodeError):
+        raise MaceError(f"{host}: Name or service not known") from None
+    socks = _open_sockets(vantage, conf.nameservers)
+    try:
+        definite = True  # every name got "no such name" (or no A record), not silence
+        for name in names:
+            answer = _ask(socks, name, conf)
+            if answer is None or answer[0] not in (0, RCODE_NXDOMAIN):
+                definite = False  # timeout or server failure: as glibc, EAI_AGAIN
+                continue
+            if answer[1]:
+                return answer[1][0]
+    finally:
+        for sock in socks:
+            sock.close()
+    if definite:
+        raise MaceError(f"{host}: Name or service not known")
+    raise MaceError(f"{host}: Temporary failure in name resolution")
+
+
+def vantage_of(netns: str | None, pid: int | None, netns_path: Path | None) -> Vantage | None:
+    """The resolver's view for the options given; None means the caller's own (getaddrinfo).
+
+    A PID (or a container's init) brings its own root file system; an `ip netns` name uses
+    /etc/netns/NAME/{hosts,resolv.conf} where present, as `ip netns exec` would.
+    """
+    if pid is not None and netns_path is not None:
+        return Vantage(Path(f"/proc/{pid}/root"), netns_path)
+    if netns is not None and netns_path is not None:
+        if "/" in netns:
+            return Vantage(Path("/"), netns_path)
+        overrides = {f: p for f in ("hosts", "resolv.conf")
+                     if (p := Path("/etc/netns") / netns / f).exists()}
+        return Vantage(Path("/"), netns_path, overrides)
+    return None
+

@@ -1,0 +1,62 @@
+"""A tiny DNS responder for tests, bound inside a given netns (as Docker's embedded DNS
+binds 127.0.0.11 inside each container). Written independently of mace_tools' resolver:
+it parses queries and builds answers by hand, with a compression pointer to the question.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import struct
+import threading
+from pathlib import Path
+
+from mace_tools.probe.netns import entered
+
+
+class FakeDns:
+    def __init__(self, netns_path: Path | str, address: str, records: dict[str, str],
+                 forge_first: bool = False) -> None:
+        self.records = {k.lower(): v for k, v in records.items()}
+        self.forge_first = forge_first  # send one reply with a wrong id before the real one
+        self.queries: list[str] = []
+        with entered(Path(netns_path)):
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((address, 53))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def __enter__(self) -> FakeDns:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.sock.close()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            if not select.select([self.sock], [], [], 0.1)[0]:
+                continue
+            query, peer = self.sock.recvfrom(512)
+            qid = struct.unpack_from("!H", query)[0]
+            labels, pos = [], 12
+            while query[pos]:
+                labels.append(query[pos + 1:pos + 1 + query[pos]].decode())
+                pos += 1 + query[pos]
+            question = query[12:pos + 5]
+            name = ".".join(labels).lower()
+            self.queries.append(name)
+            addr = self.records.get(name)
+            flags = 0x8180 if addr else 0x8183  # response, RD+RA; rcode 0 or NXDOMAIN
+            answer = b""
+            if addr:
+                answer = struct.pack("!HHHIH", 0xC00C, 1, 1, 60, 4) + socket.inet_aton(addr)
+            header = struct.pack("!HHHHHH", qid, flags, 1, 1 if addr else 0, 0, 0)
+            if self.forge_first:
+                self.forge_first = False
+                forged = struct.pack("!HHHHHH", qid ^ 1, 0x8180, 1, 1, 0, 0) + question + \
+                    struct.pack("!HHHIH", 0xC00C, 1, 1, 60, 4) + socket.inet_aton("198.18.9.9")
+                self.sock.sendto(forged, peer)
+            self.sock.sendto(header + question + answer, peer)

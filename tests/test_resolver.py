@@ -1,0 +1,125 @@
+"""Names resolved as the container would: its hosts file, its resolv.conf, its netns."""
+
+from __future__ import annotations
+
+import os
+import random
+import struct
+import time
+from pathlib import Path
+
+import pytest
+from fake_dns import FakeDns
+
+from mace_tools.errors import MaceError
+from mace_tools.lab.topology import Lab
+from mace_tools.probe.resolver import (
+    ResolvConf,
+    Vantage,
+    build_query,
+    candidates,
+    lookup_hosts,
+    parse_answer,
+    parse_resolv_conf,
+    resolve_ipv4,
+    vantage_of,
+)
+
+
+def test_resolv_conf_follows_glibc_rules() -> None:
+    conf = parse_resolv_conf(
+        "# docker\nnameserver 127.0.0.11\nnameserver bogus\nnameserver 198.18.0.1\n"
+        "nameserver ::1\nnameserver 198.18.0.2\ndomain a.test\nsearch b.test c.test.\n"
+        "options ndots:2 timeout:1 attempts:3 edns0\n")
+    assert conf == ResolvConf(("127.0.0.11", "198.18.0.1", "::1"), ("b.test", "c.test"),
+                              2, 1.0, 3)
+    assert parse_resolv_conf("") == ResolvConf()  # glibc: ask 127.0.0.1
+
+
+def test_hosts_file_names_and_aliases() -> None:
+    text = "127.0.0.1 localhost\n::1 ip6-only\n198.18.0.9 Target.test tgt # lab\n#198.18.0.8 x\n"
+    assert lookup_hosts(text, "target.TEST") == "198.18.0.9"
+    assert lookup_hosts(text, "tgt.") == "198.18.0.9"
+    assert lookup_hosts(text, "ip6-only") is None
+    assert lookup_hosts(text, "x") is None
+
+
+def test_search_order_depends_on_ndots() -> None:
+    conf = ResolvConf(search=("a.test", "b.test"), ndots=1)
+    assert candidates("web", conf) == ["web.a.test", "web.b.test", "web"]
+    assert candidates("web.example", conf) == ["web.example", "web.example.a.test",
+                                               "web.example.b.test"]
+    assert candidates("web.", conf) == ["web"]
+
+
+def _answer(qid: int, name: str, records: list[tuple[int, bytes]], flags: int = 0x8180) -> bytes:
+    question = build_query(qid, name)[12:]
+    body = b"".join(struct.pack("!HHHIH", 0xC00C, rtype, 1, 30, len(rdata)) + rdata
+                    for rtype, rdata in records)
+    return struct.pack("!HHHHHH", qid, flags, 1, len(records), 0, 0) + question + body
+
+
+def test_answer_takes_a_records_after_cname() -> None:
+    cname = b"\x03www\xc0\x0c"
+    msg = _answer(7, "alias.test", [(5, cname), (1, bytes([198, 18, 0, 9]))])
+    assert parse_answer(msg, 7) == (0, ["198.18.0.9"])
+    assert parse_answer(msg, 8) is None  # not our query
+    assert parse_answer(build_query(7, "alias.test"), 7) is None  # a query, not an answer
+    assert parse_answer(_answer(7, "x.test", [], flags=0x8183), 7) == (3, [])
+
+
+def test_malformed_answers_never_raise() -> None:
+    rng = random.Random(5)
+    good = _answer(9, "alias.test", [(1, bytes([198, 18, 0, 9]))])
+    for cut in range(len(good)):
+        assert parse_answer(good[:cut], 9) in (None, (0, []))
+    for _ in range(3000):
+        msg = bytearray(good)
+        for _ in range(rng.randint(1, 6)):
+            msg[rng.randrange(len(msg))] = rng.randrange(256)
+        result = parse_answer(bytes(msg), 9)
+        assert result is None or isinstance(result[1], list)
+    loop = struct.pack("!HHHHHH", 9, 0x8180, 1, 0, 0, 0) + b"\xc0\x0c"  # pointer to itself
+    assert parse_answer(loop, 9) == (0, [])
+
+
+def test_bad_names_are_refused_before_sending() -> None:
+    with pytest.raises(ValueError):
+        build_query(1, "a" * 64 + ".test")
+    with pytest.raises(ValueError):
+        build_query(1, "a..test")
+
+
+def test_vantage_for_options(tmp_path: Path) -> None:
+    assert vantage_of(None, None, None) is None
+    assert vantage_of(None, 42, Path("/proc/42/ns/net")) == \
+        Vantage(Path("/proc/42/root"), Path("/proc/42/ns/net"))
+    assert vantage_of("/proc/1/ns/net", None, Path("/proc/1/ns/net")).root == Path("/")
+
+
+@pytest.mark.lab
+def test_resolves_from_inside_the_netns(lab: Lab, tmp_path: Path) -> None:
+    ns = Path(lab.netns_path(lab.container_ns(0)))
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "hosts").write_text("198.18.0.77 from-hosts.test\n")
+    (etc / "resolv.conf").write_text(
+        "nameserver 127.0.0.12\nnameserver 127.0.0.11\nsearch lab.test\n"
+        "options timeout:1 attempts:1\n")
+    vantage = Vantage(tmp_path, ns)
+    records = {"web.lab.test": "198.18.0.66"}
+    # 127.0.0.11 exists only in that netns' loopback; 127.0.0.12 has nobody listening
+    with FakeDns(ns, "127.0.0.11", records, forge_first=True) as dns:
+        assert resolve_ipv4("from-hosts.test", vantage) == "198.18.0.77"
+        assert resolve_ipv4("web", vantage) == "198.18.0.66"  # via the search list
+        assert dns.queries == ["web.lab.test"]
+        with pytest.raises(MaceError, match=r"^nope\.invalid: Name or service not known$"):
+            resolve_ipv4("nope.invalid", vantage)
+        assert resolve_ipv4("198.18.0.5", vantage) == "198.18.0.5"
+        assert resolve_ipv4("127.1", vantage) == "127.0.0.1"
+    (etc / "resolv.conf").write_text("nameserver 127.0.0.12\noptions timeout:1 attempts:1\n")
+    start = time.monotonic()
+    with pytest.raises(MaceError, match="Temporary failure in name resolution"):
+        resolve_ipv4("web.lab.test", vantage)
+    assert time.monotonic() - start < 3
+    assert os.stat("/proc/self/ns/net").st_ino != os.stat(ns).st_ino  # we came back
