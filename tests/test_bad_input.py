@@ -11,7 +11,7 @@ import threading
 import time
 
 import pytest
-from unprivileged import WITHOUT_CAPABILITIES
+from unprivileged import LEAST_PRIVILEGE, with_capabilities
 
 from mace_tools.errors import MaceError
 from mace_tools.kernel import backend, native
@@ -19,11 +19,11 @@ from mace_tools.lab.topology import Lab
 from mace_tools.probe.icmp import build_echo_request, checksum
 
 
-def mace_ping(*args: str, capabilities: bool = True, via_netns: str | None = None,
-              ) -> subprocess.CompletedProcess[str]:
+def mace_ping(*args: str, capabilities: tuple[str, ...] | None = None,
+              via_netns: str | None = None) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "mace_tools.cli.ping", *args]
-    if not capabilities:
-        cmd = [*WITHOUT_CAPABILITIES, *cmd]
+    if capabilities is not None:
+        cmd = [*with_capabilities(*capabilities), *cmd]
     if via_netns is not None:
         cmd = ["ip", "netns", "exec", via_netns, *cmd]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=30,
@@ -65,8 +65,27 @@ def test_unknown_host(lab_dns: tuple[str, object]) -> None:
 
 @pytest.mark.lab
 def test_not_root() -> None:
-    proc = mace_ping("-c", "1", "127.0.0.1", capabilities=False)
+    proc = mace_ping("-c", "1", "127.0.0.1", capabilities=())
     assert_one_line_error(proc, "run as root")
+
+
+@pytest.mark.lab
+def test_least_privilege_is_enough(lab: Lab) -> None:
+    """CAP_BPF + CAP_PERFMON + CAP_NET_RAW measure fully; without any one, one clear line."""
+    ns = lab.container_ns(0)
+    proc = mace_ping("-c", "3", "-i", "0.01", lab.target_addr, capabilities=LEAST_PRIVILEGE,
+                     via_netns=ns)
+    assert proc.returncode == 0, proc.stderr
+    assert "kernel data 3/3 replies (100%)" in proc.stdout
+    for missing, needle in (("bpf", "loading BPF programs"), ("perfmon", "loading BPF programs"),
+                            ("net_raw", "raw ICMP socket not permitted")):
+        caps = tuple(c for c in LEAST_PRIVILEGE if c != missing)
+        proc = mace_ping("-c", "1", lab.target_addr, capabilities=caps, via_netns=ns)
+        assert_one_line_error(proc, needle)
+    # entering another netns is what needs CAP_SYS_ADMIN
+    proc = mace_ping("--netns", ns, "-c", "1", lab.target_addr, capabilities=LEAST_PRIVILEGE)
+    assert_one_line_error(proc, "cannot enter network namespace: Operation not permitted "
+                                "(needs CAP_SYS_ADMIN)")
 
 
 @pytest.mark.lab

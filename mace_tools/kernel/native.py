@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import os
 import sys
 
@@ -167,9 +168,13 @@ def setns(fd: int) -> None:
         try:
             os.setns(fd, CLONE_NEWNET)
         except OSError as exc:
-            raise MaceError(f"cannot enter network namespace: {exc.strerror}") from exc
+            raise _setns_error(exc.errno) from exc
         return
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise MaceError(f"cannot enter network namespace: {os.strerror(err)}")
+        raise _setns_error(ctypes.get_errno())
+
+
+def _setns_error(err: int) -> MaceError:
+    hint = " (needs CAP_SYS_ADMIN)" if err == errno.EPERM else ""
+    return MaceError(f"cannot enter network namespace: {os.strerror(err)}{hint}")
