@@ -99,7 +99,7 @@ def test_vantage_for_options(tmp_path: Path) -> None:
 
 @pytest.mark.lab
 def test_resolves_from_inside_the_netns(lab: Lab, tmp_path: Path) -> None:
-    ns = Path(lab.netns_path(lab.container_ns(0)))
+    ns = Path(lab.netns_path(lab.container_ns(5)))  # c0 has lab_dns on 127.0.0.11
     etc = tmp_path / "etc"
     etc.mkdir()
     (etc / "hosts").write_text("198.18.0.77 from-hosts.test\n")

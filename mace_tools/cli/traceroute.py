@@ -63,8 +63,9 @@ def traceroute(
     netns: Annotated[str | None, typer.Option("--netns", help="probe from this netns")] = None,
     pid: Annotated[int | None, typer.Option("--pid", min=1)] = None,
     container: Annotated[str | None, typer.Option(
-        "--container", help="probe from a Docker/Podman container (name or id)")] = None,
-    runtime: Annotated[str, typer.Option("--runtime", help="docker, podman or auto")] = "auto",
+        "--container", help="probe from a Docker, Podman or CRI container (name or id)")] = None,
+    runtime: Annotated[str, typer.Option(
+        "--runtime", help="docker, podman, crio (via crictl) or auto")] = "auto",
     list_containers: Annotated[bool, typer.Option(
         "--list-containers", help="list the containers that can be measured, and exit")]
     = False,

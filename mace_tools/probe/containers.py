@@ -1,8 +1,9 @@
-"""Containers by name: ask the runtime's API for a container's init PID (its netns).
+"""Containers by name: ask the runtime for a container's init PID (its netns).
 
 Docker's Engine API and Podman's Docker-compatible API answer the same requests
 (`GET /containers/{id}/json`, `GET /containers/json`) over a unix socket; we speak HTTP/1.1
-on it with the standard library (no docker SDK on the start path).
+on it with the standard library (no docker SDK on the start path). CRI runtimes
+(containerd, CRI-O) are asked through crictl, which knows their endpoint.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import shutil
 import socket
+import subprocess
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,9 +52,13 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
+HOST_VARIABLES = {"docker": "DOCKER_HOST", "podman": "CONTAINER_HOST"}
+
+
 def _socket_for(runtime: str) -> str | None:
-    """The runtime's API socket: $DOCKER_HOST (unix://) for docker, else the usual paths."""
-    host = os.environ.get("DOCKER_HOST", "") if runtime == "docker" else ""
+    """The runtime's API socket: $DOCKER_HOST or $CONTAINER_HOST (unix://), else the usual
+    paths."""
+    host = os.environ.get(HOST_VARIABLES[runtime], "")
     candidates = [host[len("unix://"):]] if host.startswith("unix://") else []
     candidates += SOCKETS[runtime]
     return next((p for p in candidates if Path(p).is_socket()), None)
@@ -73,48 +80,136 @@ def _get(path: str, endpoint: str) -> tuple[int, object]:
         raise MaceError(f"container runtime at {path} sent no JSON") from exc
 
 
-def available_runtimes(runtime: str) -> list[tuple[str, str]]:
-    """(runtime, socket) pairs to ask, for --runtime docker|podman|auto."""
-    names = list(SOCKETS) if runtime == "auto" else [runtime]
-    if runtime not in ("auto", *SOCKETS):
-        raise MaceError(f"unknown runtime '{runtime}' (docker, podman or auto)")
-    found = [(name, path) for name in names if (path := _socket_for(name))]
+class _ApiRuntime:
+    """Docker's Engine API, or Podman's compatible one, over a unix socket."""
+
+    def __init__(self, name: str, path: str) -> None:
+        self.name, self.path = name, path
+
+    def find(self, name_or_id: str) -> Container | None:
+        quoted = urllib.parse.quote(name_or_id, safe="")
+        status, data = _get(self.path, f"/containers/{quoted}/json")
+        if status == 200 and isinstance(data, dict):
+            return self._container(data)
+        if status != 404:
+            raise MaceError(f"{self.name} API answered {status} for container '{name_or_id}'")
+        return None
+
+    def running(self) -> list[Container]:
+        status, data = _get(self.path, "/containers/json")
+        if status != 200 or not isinstance(data, list):
+            raise MaceError(f"{self.name} API answered {status} listing containers")
+        out = []
+        for item in data:
+            _, detail = _get(self.path, f"/containers/{item.get('Id', '')}/json")
+            if isinstance(detail, dict):
+                out.append(self._container(detail))
+        return out
+
+    def _container(self, data: dict) -> Container:
+        state = data.get("State") or {}
+        name = str(data.get("Name", "")).lstrip("/")
+        return Container(self.name, str(data.get("Id", ""))[:12], name,
+                         int(state.get("Pid") or 0), bool(state.get("Running")))
+
+
+class _CrictlRuntime:
+    """CRI runtimes (containerd, CRI-O) through crictl, which knows their endpoint."""
+
+    name = "crio"
+
+    def __init__(self, crictl: str) -> None:
+        self.crictl = crictl
+
+    def _json(self, *args: str) -> dict:
+        try:
+            proc = subprocess.run([self.crictl, *args, "-o", "json"], capture_output=True,
+                                  text=True, timeout=API_TIMEOUT_S)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise MaceError(f"crictl did not answer: {exc}") from exc
+        if proc.returncode != 0:
+            lines = proc.stderr.strip().splitlines()
+            raise _CrictlFailed(lines[-1] if lines else f"exit status {proc.returncode}")
+        try:
+            data = json.loads(proc.stdout)
+        except ValueError as exc:
+            raise MaceError("crictl sent no JSON") from exc
+        return data if isinstance(data, dict) else {}
+
+    def _ids(self, name_or_id: str) -> list[str]:
+        try:
+            listed = self._json("ps", "-a")
+        except _CrictlFailed as exc:
+            raise MaceError(f"crictl ps failed: {exc}") from None
+        out = []
+        for c in listed.get("containers") or []:
+            cid, name = str(c.get("id", "")), str((c.get("metadata") or {}).get("name", ""))
+            if name == name_or_id or (len(name_or_id) >= 6 and cid.startswith(name_or_id)):
+                out.append(cid)
+        return out
+
+    def find(self, name_or_id: str) -> Container | None:
+        ids = self._ids(name_or_id)
+        if len(ids) > 1:
+            raise MaceError(f"container '{name_or_id}' is ambiguous in crictl ({len(ids)} match)")
+        return self._inspect(ids[0]) if ids else None
+
+    def running(self) -> list[Container]:
+        try:
+            listed = self._json("ps", "--state", "running")
+        except _CrictlFailed as exc:
+            raise MaceError(f"crictl ps failed: {exc}") from None
+        return [c for item in listed.get("containers") or []
+                if (c := self._inspect(str(item.get("id", ""))))]
+
+    def _inspect(self, cid: str) -> Container:
+        try:
+            data = self._json("inspect", cid)
+        except _CrictlFailed as exc:
+            raise MaceError(f"crictl inspect {cid[:12]} failed: {exc}") from None
+        status, info = data.get("status") or {}, data.get("info") or {}
+        name = str((status.get("metadata") or {}).get("name", ""))
+        running = status.get("state") == "CONTAINER_RUNNING"
+        return Container(self.name, cid[:12], name, int(info.get("pid") or 0), running)
+
+
+class _CrictlFailed(Exception):
+    """crictl exited non-zero; the message is its last line of stderr."""
+
+
+RUNTIMES = ("docker", "podman", "crio")
+
+
+def available_runtimes(runtime: str) -> list[_ApiRuntime | _CrictlRuntime]:
+    """The runtimes to ask, for --runtime docker|podman|crio|auto."""
+    if runtime not in ("auto", *RUNTIMES):
+        raise MaceError(f"unknown runtime '{runtime}' (docker, podman, crio or auto)")
+    names = RUNTIMES if runtime == "auto" else (runtime,)
+    found: list[_ApiRuntime | _CrictlRuntime] = []
+    for name in names:
+        if name == "crio":
+            if crictl := shutil.which("crictl"):
+                found.append(_CrictlRuntime(crictl))
+        elif path := _socket_for(name):
+            found.append(_ApiRuntime(name, path))
     if not found:
-        wanted = "docker or podman" if runtime == "auto" else runtime
-        raise MaceError(f"no {wanted} API socket found (is the daemon running?)")
+        if runtime == "crio":
+            raise MaceError("crictl not found (needed for CRI runtimes: containerd, CRI-O)")
+        wanted = "docker, podman or crictl" if runtime == "auto" else f"{runtime} API socket"
+        raise MaceError(f"no {wanted} found (is the daemon running?)")
     return found
-
-
-def _container(runtime: str, data: dict) -> Container:
-    state = data.get("State") or {}
-    name = str(data.get("Name", "")).lstrip("/")
-    return Container(runtime, str(data.get("Id", ""))[:12], name, int(state.get("Pid") or 0),
-                     bool(state.get("Running")))
 
 
 def find(name_or_id: str, runtime: str = "auto") -> Container:
     """The running container called name_or_id, or a one-line MaceError."""
-    quoted = urllib.parse.quote(name_or_id, safe="")
-    for rt, path in available_runtimes(runtime):
-        status, data = _get(path, f"/containers/{quoted}/json")
-        if status == 200 and isinstance(data, dict):
-            found = _container(rt, data)
+    for source in available_runtimes(runtime):
+        found = source.find(name_or_id)
+        if found is not None:
             if not found.running or found.pid <= 0:
                 raise MaceError(f"container '{name_or_id}' is not running")
             return found
-        if status != 404:
-            raise MaceError(f"{rt} API answered {status} for container '{name_or_id}'")
     raise MaceError(f"no such container: '{name_or_id}'")
 
 
 def list_running(runtime: str = "auto") -> list[Container]:
-    out = []
-    for rt, path in available_runtimes(runtime):
-        status, data = _get(path, "/containers/json")
-        if status != 200 or not isinstance(data, list):
-            raise MaceError(f"{rt} API answered {status} listing containers")
-        for item in data:
-            _, detail = _get(path, f"/containers/{item.get('Id', '')}/json")
-            if isinstance(detail, dict):
-                out.append(_container(rt, detail))
-    return out
+    return [c for source in available_runtimes(runtime) for c in source.running()]
