@@ -52,6 +52,7 @@ def lab_dns(lab: Lab) -> Iterator[tuple[str, FakeDns]]:
     ever asks a real DNS server. Knows target.lab.test; everything else is NXDOMAIN."""
     ns = lab.container_ns(0)
     etc = Path("/etc/netns") / ns
+    created_parent = not etc.parent.exists()
     etc.mkdir(parents=True, exist_ok=True)
     try:
         (etc / "resolv.conf").write_text("nameserver 127.0.0.11\noptions timeout:1 attempts:1\n")
@@ -59,4 +60,4 @@ def lab_dns(lab: Lab) -> Iterator[tuple[str, FakeDns]]:
                      {"target.lab.test": lab.target_addr}) as dns:
             yield ns, dns
     finally:
-        shutil.rmtree(etc, ignore_errors=True)
+        shutil.rmtree(etc.parent if created_parent else etc, ignore_errors=True)
