@@ -21,7 +21,8 @@ BASE_TAR     := $(IMAGE_DIR)/base-$(IMAGE_SUITE).tar
 BASE         ?= mace-base:$(IMAGE_SUITE)
 WHEELS       := $(IMAGE_DIR)/wheels/.built
 
-.PHONY: setup deps venv build demo test lint bench clean wheels image-inputs image
+.PHONY: setup deps venv build demo test lint bench bench-containers clean wheels image-inputs \
+        image
 
 setup: deps venv build
 
@@ -82,6 +83,10 @@ test: setup image-inputs
 bench: EXTRA_APT = $(BENCH_APT_PKGS)
 bench: setup
 	$(BIN)/python -m bench
+
+# mace-ping in real Docker and Podman containers (engines started and undone by the bench)
+bench-containers: setup image-inputs
+	$(BIN)/python -m bench.containers
 
 clean:
 	rm -rf $(VENV) build *.egg-info $(BPF_OBJ)
