@@ -7,7 +7,7 @@ import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from click.exceptions import ClickException
@@ -16,6 +16,14 @@ from mace_tools.errors import MaceError
 
 if TYPE_CHECKING:
     from mace_tools.probe.resolver import Vantage
+
+# The container options, the same in every mace command.
+ContainerOption = Annotated[str | None, typer.Option(
+    "--container", help="probe from a Docker, Podman or CRI container (name or id)")]
+RuntimeOption = Annotated[str, typer.Option(
+    "--runtime", help="docker, podman, crio (via crictl) or auto")]
+ListContainersOption = Annotated[bool, typer.Option(
+    "--list-containers", help="list the containers that can be measured, and exit")]
 
 
 def run_app(app: typer.Typer, prog: str, argv: list[str] | None = None,
@@ -90,6 +98,29 @@ def probe_site(netns: str | None, pid: int | None, container: str | None,
         return ProbeSite(found.netns_path, vantage_of(None, found.pid, found.netns_path))
     path = netns_mod.resolve(netns, pid)
     return ProbeSite(path, vantage_of(netns, pid, path))
+
+
+def required_host(prog: str, version: bool, list_containers: bool, runtime: str,
+                  host: str | None) -> str:
+    """-V and --list-containers answer and exit; anything else needs HOST."""
+    if version:
+        from mace_tools import __version__
+
+        print(f"{prog} {__version__}")
+        raise typer.Exit(0)
+    if list_containers:
+        print_containers(runtime)
+        raise typer.Exit(0)
+    if host is None:
+        raise MaceError("missing HOST (see --help)")
+    return host
+
+
+def output_mode(json_out: bool, ndjson: bool) -> str:
+    """text, json or ndjson, from --json / --ndjson (not both)."""
+    if json_out and ndjson:
+        raise MaceError("--json and --ndjson are mutually exclusive")
+    return "json" if json_out else "ndjson" if ndjson else "text"
 
 
 def print_containers(runtime: str) -> None:

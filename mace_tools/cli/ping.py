@@ -13,15 +13,17 @@ from typing import Annotated
 
 import typer
 
-from mace_tools import __version__
 from mace_tools.cli.common import (
+    ContainerOption,
+    ListContainersOption,
+    RuntimeOption,
+    output_mode,
     parse_nonce,
-    print_containers,
     probe_site,
+    required_host,
     resolve_ipv4,
     run_app,
 )
-from mace_tools.errors import MaceError
 
 PROG = "mace-ping"
 MAX_PAYLOAD = 65507  # 65535 - 20 (IPv4) - 8 (ICMP), as iputils
@@ -65,13 +67,9 @@ def ping(
         "--netns", help="probe from this network namespace: `ip netns` name or path")] = None,
     pid: Annotated[int | None, typer.Option("--pid", help="probe from PID's network namespace",
                                             min=1)] = None,
-    container: Annotated[str | None, typer.Option(
-        "--container", help="probe from a Docker, Podman or CRI container (name or id)")] = None,
-    runtime: Annotated[str, typer.Option(
-        "--runtime", help="docker, podman, crio (via crictl) or auto")] = "auto",
-    list_containers: Annotated[bool, typer.Option(
-        "--list-containers", help="list the containers that can be measured, and exit")]
-    = False,
+    container: ContainerOption = None,
+    runtime: RuntimeOption = "auto",
+    list_containers: ListContainersOption = False,
     json_out: Annotated[bool, typer.Option("--json", help="one RIPE Atlas style JSON document "
                                            "at the end")] = False,
     ndjson: Annotated[bool, typer.Option("--ndjson", help="one JSON record per probe, then a "
@@ -82,19 +80,11 @@ def ping(
         "concurrent runs")] = None,
     version: Annotated[bool, typer.Option("-V", "--version", help="print version")] = False,
 ) -> None:
-    if version:
-        print(f"{PROG} {__version__}")
-        raise typer.Exit(0)
-    if list_containers:
-        print_containers(runtime)
-        raise typer.Exit(0)
-    if host is None:
-        raise MaceError("missing HOST (see --help)")
+    host = required_host(PROG, version, list_containers, runtime, host)
     from mace_tools.output.live import make_sink
     from mace_tools.pinger import Pinger, PingOptions
 
-    if json_out and ndjson:
-        raise MaceError("--json and --ndjson are mutually exclusive")
+    mode = output_mode(json_out, ndjson)
     site = probe_site(netns, pid, container, runtime)
     addr = resolve_ipv4(host, site)
     device, source = _split_interface(interface)
@@ -112,7 +102,6 @@ def ping(
         netns_path=site.netns_path,
         report_outstanding=outstanding,
     )
-    mode = "json" if json_out else "ndjson" if ndjson else "text"
     sink = make_sink(mode, dst_name=host, dst_addr=addr, size=size, quiet=quiet,
                      timestamps=timestamps, flood=flood, interface=interface)
     result = Pinger(opts, sink, nonce=parse_nonce(nonce)).run()

@@ -10,11 +10,14 @@ from typing import Annotated
 
 import typer
 
-from mace_tools import __version__
 from mace_tools.cli.common import (
+    ContainerOption,
+    ListContainersOption,
+    RuntimeOption,
+    output_mode,
     parse_nonce,
-    print_containers,
     probe_site,
+    required_host,
     resolve_ipv4,
     run_app,
 )
@@ -62,35 +65,23 @@ def traceroute(
         "ICMP checksum fixed; TCP is always one flow")] = False,
     netns: Annotated[str | None, typer.Option("--netns", help="probe from this netns")] = None,
     pid: Annotated[int | None, typer.Option("--pid", min=1)] = None,
-    container: Annotated[str | None, typer.Option(
-        "--container", help="probe from a Docker, Podman or CRI container (name or id)")] = None,
-    runtime: Annotated[str, typer.Option(
-        "--runtime", help="docker, podman, crio (via crictl) or auto")] = "auto",
-    list_containers: Annotated[bool, typer.Option(
-        "--list-containers", help="list the containers that can be measured, and exit")]
-    = False,
+    container: ContainerOption = None,
+    runtime: RuntimeOption = "auto",
+    list_containers: ListContainersOption = False,
     json_out: Annotated[bool, typer.Option("--json", help="RIPE Atlas traceroute JSON")]
     = False,
     ndjson: Annotated[bool, typer.Option("--ndjson", help="one JSON record per hop")] = False,
     nonce: Annotated[str | None, typer.Option("--nonce", help="16 hex digits")] = None,
     version: Annotated[bool, typer.Option("-V", "--version")] = False,
 ) -> None:
-    if version:
-        print(f"{PROG} {__version__}")
-        raise typer.Exit(0)
-    if list_containers:
-        print_containers(runtime)
-        raise typer.Exit(0)
-    if host is None:
-        raise MaceError("missing HOST (see --help)")
+    host = required_host(PROG, version, list_containers, runtime, host)
     from mace_tools.output.traceroute import TraceOutput
     from mace_tools.probe.trace import ICMP, TCP, UDP
     from mace_tools.tracer import TraceOptions, Tracer
 
     if sum((icmp, tcp, udp)) > 1:
         raise MaceError("-I, -T and -U are mutually exclusive")
-    if json_out and ndjson:
-        raise MaceError("--json and --ndjson are mutually exclusive")
+    mode = output_mode(json_out, ndjson)
     if first_ttl > max_ttl:
         raise MaceError(f"first hop out of range (-f {first_ttl} > -m {max_ttl})")
     method = ICMP if icmp else TCP if tcp else UDP
@@ -100,7 +91,6 @@ def traceroute(
                         nqueries=nqueries, wait_s=_wait(wait), simultaneous=squeries,
                         port=port, sendwait_s=sendwait, size=packetlen, paris=paris,
                         netns_path=site.netns_path)
-    mode = "json" if json_out else "ndjson" if ndjson else "text"
     output = TraceOutput(mode, dst_name=host, dst_addr=addr, method=method, max_ttl=max_ttl,
                          size=packetlen, paris=paris)
     try:
