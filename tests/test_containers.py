@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from accuracy import PROBES, assert_within_tolerance
 from fake_dns import FakeDns
 
 from mace_tools.lab.capture import Capture
@@ -26,7 +27,6 @@ from mace_tools.lab.topology import LabError
 pytestmark = pytest.mark.lab
 
 TARGET, HOST_SIDE = "198.18.2.2", "198.18.2.1"
-TOLERANCE_US = 10.0
 RUN = os.getpid() % 100000
 OUTER = f"md{RUN}"  # the veth's root-namespace end
 TARGET_NS = f"mt{RUN}-dtarget"
@@ -95,20 +95,20 @@ def assert_corrected(stdout: str, stderr: str, returncode: int, cap: Capture) ->
     assert returncode == 0, stderr
     records, summary = parse_ndjson(stdout)
     rows = compare(PingRun(records, summary, returncode, stderr), cap)
-    assert summary["mace"]["coverage"] == 1.0 and len(rows) == 200
+    assert summary["mace"]["coverage"] == 1.0 and len(rows) == PROBES
     host_ino = os.stat("/proc/self/ns/net").st_ino  # the tests run on the container host
     assert {r["outer_dev"] for r in records} == {f"{OUTER}@{host_ino}"}
     errors = [r.error_us for r in rows]
     assert None not in errors
-    assert sum(abs(e) <= TOLERANCE_US for e in errors) / len(errors) >= 0.99
+    assert_within_tolerance(errors)
     return [r.corrected_ms for r in rows]
 
 
 def test_mace_ping_container_is_corrected(engine: Engine, container: str, target: str) -> None:
     nonce = os.urandom(8)
-    with Capture(None, OUTER, Capture.nonce_filter(nonce), expect_packets=400) as cap:
+    with Capture(None, OUTER, Capture.nonce_filter(nonce), expect_packets=2 * PROBES) as cap:
         proc = mace(engine, "--container", container, "--ndjson", "--nonce", nonce.hex(),
-                    "-c", "200", "-i", "0.005", target)
+                    "-c", str(PROBES), "-i", "0.005", target)
     corrected_ms = assert_corrected(proc.stdout, proc.stderr, proc.returncode, cap)
     # the container's own ping shows the raw bias that the correction removes
     own = engine("exec", container, "ping", "-c", "20", target).stdout.decode()
@@ -149,9 +149,9 @@ def test_names_resolve_as_in_the_container(engine: Engine, container: str, targe
 def test_mace_ping_inside_a_container_corrects(engine: Engine, mace_image: str,
                                                target: str) -> None:
     nonce = os.urandom(8)
-    with Capture(None, OUTER, Capture.nonce_filter(nonce), expect_packets=400) as cap:
+    with Capture(None, OUTER, Capture.nonce_filter(nonce), expect_packets=2 * PROBES) as cap:
         proc = engine.run("--rm", *IN_CONTAINER_CAPS, mace_image, "--ndjson",
-                          "--nonce", nonce.hex(), "-c", "200", "-i", "0.005", target,
+                          "--nonce", nonce.hex(), "-c", str(PROBES), "-i", "0.005", target,
                           check=False)
     # the BPF programs see the host's devices from inside the container
     assert_corrected(proc.stdout.decode(), proc.stderr.decode(), proc.returncode, cap)

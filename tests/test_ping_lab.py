@@ -10,6 +10,7 @@ import sys
 import threading
 
 import pytest
+from accuracy import PROBES, assert_within_tolerance
 
 from mace_tools.lab.demo import PingRun, ProbeRow, measure
 from mace_tools.lab.load import Load
@@ -17,8 +18,6 @@ from mace_tools.lab.topology import Lab
 
 pytestmark = pytest.mark.lab
 
-TOLERANCE_US = 10.0
-PROBES = 200
 
 
 def assert_accurate(run: PingRun, rows: list[ProbeRow], count: int) -> None:
@@ -29,9 +28,7 @@ def assert_accurate(run: PingRun, rows: list[ProbeRow], count: int) -> None:
     assert len(rows) == count and all(r.corrected_ms is not None for r in rows)
     errors = [r.error_us for r in rows]
     assert None not in errors, "capture missed probes"
-    within = sum(abs(e) <= TOLERANCE_US for e in errors) / len(errors)
-    worst = sorted(errors, key=abs)[-3:]
-    assert within >= 0.99, f"only {within:.1%} within {TOLERANCE_US} µs; worst {worst}"
+    assert_within_tolerance(errors)
     # and the correction really removed container networking
     assert all(r.corrected_ms < r.raw_ms for r in rows)
 

@@ -10,6 +10,7 @@ import threading
 from collections.abc import Iterator
 
 import pytest
+from accuracy import PROBES, assert_within_tolerance
 from unprivileged import WITHOUT_CAPABILITIES
 
 from mace_tools.lab.capture import Capture, trace_truth
@@ -17,7 +18,6 @@ from mace_tools.lab.demo import measure
 from mace_tools.lab.topology import Lab
 
 pytestmark = pytest.mark.lab
-TOLERANCE_US = 10.0
 
 
 @pytest.fixture(scope="module")
@@ -37,31 +37,39 @@ def trace(lab: Lab, *args: str, nonce: bytes | None = None) -> dict:
     return json.loads(proc.stdout)
 
 
+# 99% of replies within tolerance is only a claim with enough replies: one trace of 3 outer
+# hops x 5 queries has 15, where a single capture artefact (the tap stamps a departure before
+# net_dev_start_xmit; about 1 packet in 500 here) fails the test. 7 traces x 3 hops x 10
+# queries give 210 replies per method, one capture around them all.
+TRACES_PER_METHOD = 7
+
+
 @pytest.mark.parametrize(("method", "flags"), [("udp", []), ("udp", ["--paris"]),
                                                ("icmp", ["-I"]), ("tcp", ["-T"])])
 def test_hops_and_corrected_times(routed: Lab, method: str, flags: list[str]) -> None:
-    nonce = os.urandom(8)
+    nonces = [os.urandom(8) for _ in range(TRACES_PER_METHOD)]
     with Capture(routed.host_ns, routed.outer_dev, "icmp or tcp or udp") as cap:
-        doc = trace(routed, "-q", "5", *flags, nonce=nonce)
-    hops = doc["result"]
-    assert [h["hop"] for h in hops] == [1, 2, 3, 4]
-    froms = [{r.get("from") for r in h["result"]} for h in hops]
-    assert froms == [{a} for a in routed.hop_addrs], froms
-    assert doc["proto"] == method.upper() and doc["mace"]["coverage"] == 1.0
-    # hop 1 is the host's bridge: host-internal; the others crossed the outer device
-    assert all(r["host_internal"] for r in hops[0]["result"])
-    assert all(not r["host_internal"] and r["outer_dev"].startswith("out0@")
-               for h in hops[1:] for r in h["result"])
-    truth_us = trace_truth(cap, nonce, method, packet_len=60)
+        docs = [trace(routed, "-q", "10", *flags, nonce=nonce) for nonce in nonces]
     errors = []
-    for h in hops[1:]:
-        for r in h["result"]:
-            number = r["seq"]
-            assert number in truth_us, f"capture missed probe {number}"
-            errors.append(r["rtt_corrected"] * 1000 - truth_us[number])
-            assert r["rtt_corrected"] < r["rtt"]
-    within = sum(abs(e) <= TOLERANCE_US for e in errors) / len(errors)
-    assert within >= 0.99, sorted(errors, key=abs)[-3:]
+    for nonce, doc in zip(nonces, docs, strict=True):
+        hops = doc["result"]
+        assert [h["hop"] for h in hops] == [1, 2, 3, 4]
+        froms = [{r.get("from") for r in h["result"]} for h in hops]
+        assert froms == [{a} for a in routed.hop_addrs], froms
+        assert doc["proto"] == method.upper() and doc["mace"]["coverage"] == 1.0
+        # hop 1 is the host's bridge: host-internal; the others crossed the outer device
+        assert all(r["host_internal"] for r in hops[0]["result"])
+        assert all(not r["host_internal"] and r["outer_dev"].startswith("out0@")
+                   for h in hops[1:] for r in h["result"])
+        truth_us = trace_truth(cap, nonce, method, packet_len=60)
+        for h in hops[1:]:
+            for r in h["result"]:
+                number = r["seq"]
+                assert number in truth_us, f"capture missed probe {number}"
+                errors.append(r["rtt_corrected"] * 1000 - truth_us[number])
+                assert r["rtt_corrected"] < r["rtt"]
+    assert len(errors) == TRACES_PER_METHOD * 3 * 10
+    assert_within_tolerance(errors)
 
 
 def test_traceroute_and_ping_at_once_never_mix(routed: Lab) -> None:
@@ -69,7 +77,7 @@ def test_traceroute_and_ping_at_once_never_mix(routed: Lab) -> None:
     results: dict[str, object] = {}
 
     def ping() -> None:
-        results["ping"] = measure(routed, 0, 200, "-i", "0.005")
+        results["ping"] = measure(routed, 0, PROBES, "-i", "0.005")
 
     t = threading.Thread(target=ping)
     t.start()
@@ -77,9 +85,9 @@ def test_traceroute_and_ping_at_once_never_mix(routed: Lab) -> None:
     t.join()
     run, rows = results["ping"]  # type: ignore[misc]
     assert run.summary["mace"]["coverage"] == 1.0 and run.summary["dup"] == 0
-    errors = [abs(r.error_us) for r in rows if r.error_us is not None]
-    assert len(errors) == 200
-    assert sum(e <= TOLERANCE_US for e in errors) / len(errors) >= 0.99
+    errors = [r.error_us for r in rows if r.error_us is not None]
+    assert len(errors) == PROBES
+    assert_within_tolerance(errors)
     for doc in docs:
         froms = [{r.get("from") for r in h["result"]} for h in doc["result"]]
         assert froms == [{a} for a in routed.hop_addrs]

@@ -194,12 +194,15 @@ def trace_truth(cap: Capture, nonce: bytes, method: str, packet_len: int) -> dic
 
     Probes are found by their payload (nonce, then the probe number); ICMP errors by the
     probe they quote (Linux quotes the whole probe, not only the 8 bytes RFC 792 asks
-    for); a TCP RST by its ack (seq + 1 + payload length; seq ends in the probe number).
+    for); a TCP RST by its ack, which must be seq + 1 + payload length of one of this
+    run's probes (seq holds the run's ident, so other runs in the capture do not match).
     """
     at = _TAG_AT[method]
     payload_len = packet_len - 20 - at
     sent: dict[int, int] = {}
     answered: dict[int, int] = {}
+    rst_acks: dict[int, int] = {}  # ack a RST to probe n carries -> n
+    rsts: list[tuple[int, int]] = []  # (ack, time), resolved once every probe is known
     for ts, ip in cap.ip_packets:
         l4 = ip[(ip[0] & 0x0F) * 4:]
         if len(l4) < 8:
@@ -210,10 +213,16 @@ def trace_truth(cap: Capture, nonce: bytes, method: str, packet_len: int) -> dic
             if inner and inner[q:q + 8] == nonce:
                 answered.setdefault(struct.unpack_from("!H", inner, q + 8)[0], ts)
         elif method == "tcp" and ip[9] == 6 and len(l4) >= 14 and l4[13] & 0x04:
-            ack = struct.unpack_from("!I", l4, 8)[0]
-            answered.setdefault((ack - 1 - payload_len) & 0xFFFF, ts)
+            rsts.append((struct.unpack_from("!I", l4, 8)[0], ts))
         elif method == "icmp" and l4[0] == 0 and l4[at:at + 8] == nonce:
             answered.setdefault(struct.unpack_from("!H", l4, 6)[0], ts)
         elif l4[at:at + 8] == nonce and len(l4) >= at + 10:
-            sent.setdefault(struct.unpack_from("!H", l4, at + 8)[0], ts)
+            number = struct.unpack_from("!H", l4, at + 8)[0]
+            sent.setdefault(number, ts)
+            if ip[9] == 6:
+                seq = struct.unpack_from("!I", l4, 4)[0]
+                rst_acks[(seq + 1 + payload_len) & 0xFFFFFFFF] = number
+    for ack, ts in rsts:
+        if ack in rst_acks:
+            answered.setdefault(rst_acks[ack], ts)
     return {n: (answered[n] - t) / 1000 for n, t in sent.items() if n in answered}
