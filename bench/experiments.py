@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -153,36 +155,50 @@ def _merge(samples: list[list[float]]) -> dict[str, float]:
     return {"n": len(rtts), "mean": sum(rtts) / len(rtts), "p99": percentile(rtts, 99)}
 
 
+def _paired_delta(cond: list[list[float]], base: list[list[float]]) -> tuple[float, float]:
+    """Mean and standard error of (condition block mean - baseline block mean) over rounds:
+    each round's blocks ran back to back, so the pairing cancels slow drift."""
+    diffs = [statistics.fmean(c) - statistics.fmean(b)
+             for c, b in zip(cond, base, strict=True) if c and b]
+    if len(diffs) < 2:
+        return (diffs[0] if diffs else float("nan")), float("nan")
+    return statistics.fmean(diffs), statistics.stdev(diffs) / len(diffs) ** 0.5
+
+
 def perturbation(lab: Lab, settings: list[tuple[str, int, str]], count: int,
-                 interval: float, rounds: int = 8) -> list[dict]:
+                 interval: float, rounds: int = 16, seed: int = 1) -> list[dict]:
     """An independent iputils ping's RTT: nothing attached, mace's programs attached, ftrace
-    on the same tracepoints. Conditions alternate in short blocks (rounds) so that drift in
-    the machine's state falls on all of them alike; the baseline's own noise is the
-    difference between its odd and even blocks."""
+    on the same tracepoints. Each round runs one short block of each condition, in an order
+    shuffled per round (a fixed order would put any within-round drift on one condition);
+    the effect is the mean of the per-round differences, with its standard error, so a
+    sub-µs claim comes with how well this machine can resolve it."""
     rows = []
     block = max(50, count // rounds)
+    order = random.Random(seed)
     for name, neighbours, kind in settings:
         samples: dict[str, list[list[float]]] = {"base": [], "bpf": [], "ftrace": []}
-        with load_setting(lab, neighbours, kind, 3 * rounds * block * interval + 60):
+        conditions = {"base": nullcontext, "bpf": lambda: Backend(os.urandom(8)),
+                      "ftrace": ftrace_enabled}
+        with load_setting(lab, neighbours, kind, 3 * rounds * (block * interval + 1) + 60):
             for _ in range(rounds):
-                samples["base"].append(_witness_ping(lab, block, interval))
-                with Backend(os.urandom(8)):
-                    samples["bpf"].append(_witness_ping(lab, block, interval))
-                with ftrace_enabled():
-                    samples["ftrace"].append(_witness_ping(lab, block, interval))
+                for cond in order.sample(list(conditions), k=len(conditions)):
+                    with conditions[cond]():
+                        samples[cond].append(_witness_ping(lab, block, interval))
         base, bpf, ftrace = (_merge(samples[k]) for k in ("base", "bpf", "ftrace"))
         half_a, half_b = _merge(samples["base"][0::2]), _merge(samples["base"][1::2])
+        bpf_delta, bpf_se = _paired_delta(samples["bpf"], samples["base"])
+        ftrace_delta, ftrace_se = _paired_delta(samples["ftrace"], samples["base"])
         row = {"setting": name, "rounds": rounds, "block": block, "baseline": base,
                "bpf": bpf, "ftrace": ftrace,
                "noise_mean_us": abs(half_a["mean"] - half_b["mean"]),
-               "bpf_delta_mean_us": bpf["mean"] - base["mean"],
+               "bpf_delta_mean_us": bpf_delta, "bpf_delta_mean_se_us": bpf_se,
                "bpf_delta_p99_us": bpf["p99"] - base["p99"],
-               "ftrace_delta_mean_us": ftrace["mean"] - base["mean"],
+               "ftrace_delta_mean_us": ftrace_delta, "ftrace_delta_mean_se_us": ftrace_se,
                "ftrace_delta_p99_us": ftrace["p99"] - base["p99"]}
         rows.append(row)
-        print(f"  perturbation {name}: bpf {row['bpf_delta_mean_us']:+.2f} µs, ftrace "
-              f"{row['ftrace_delta_mean_us']:+.2f} µs (baseline noise "
-              f"{row['noise_mean_us']:.2f} µs)", flush=True)
+        print(f"  perturbation {name}: bpf {bpf_delta:+.2f} ± {bpf_se:.2f} µs, ftrace "
+              f"{ftrace_delta:+.2f} ± {ftrace_se:.2f} µs (standard errors over {rounds} "
+              f"rounds)", flush=True)
     return rows
 
 
