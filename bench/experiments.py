@@ -175,10 +175,10 @@ def perturbation(lab: Lab, settings: list[tuple[str, int, str]], count: int,
     rows = []
     block = max(50, count // rounds)
     order = random.Random(seed)
+    conditions = {"base": nullcontext, "bpf": lambda: Backend(os.urandom(8)),
+                  "ftrace": ftrace_enabled}
     for name, neighbours, kind in settings:
         samples: dict[str, list[list[float]]] = {"base": [], "bpf": [], "ftrace": []}
-        conditions = {"base": nullcontext, "bpf": lambda: Backend(os.urandom(8)),
-                      "ftrace": ftrace_enabled}
         with load_setting(lab, neighbours, kind, 3 * rounds * (block * interval + 1) + 60):
             for _ in range(rounds):
                 for cond in order.sample(list(conditions), k=len(conditions)):

@@ -9,8 +9,8 @@ TOOLS = ["mace-ping corrected", "mace-ping raw", "iputils ping (container)",
          "iputils ping (host netns)", "scamper ping -O dl (container)"]
 
 
-def _pm(se: float | None) -> str:
-    return "" if se is None else f" ± {se:.2f}"
+def _pm(se: float) -> str:
+    return f" ± {se:.2f}"
 
 
 def _f(v: Any, digits: int = 2) -> str:
@@ -59,9 +59,9 @@ def targets(res: dict) -> list[tuple[str, str, bool | None]]:
          f"{flood['probes_per_s']:.0f}/s at {(flood['coverage'] or 0) * 100:.1f}%",
          flood["probes_per_s"] >= 10000 and flood["coverage"] == 1.0),
         ("perturbation <= 1 µs mean, every setting",
-         f"{worst['bpf_delta_mean_us']:+.2f}{_pm(worst.get('bpf_delta_mean_se_us'))} µs "
+         f"{worst['bpf_delta_mean_us']:+.2f}{_pm(worst['bpf_delta_mean_se_us'])} µs "
          f"(worst; ± standard error)", _all_within([_within(
-             p["bpf_delta_mean_us"], p.get("bpf_delta_mean_se_us", 0.0), 1.0) for p in pert])),
+             p["bpf_delta_mean_us"], p["bpf_delta_mean_se_us"], 1.0) for p in pert])),
         ("perturbation below ftrace's, every setting", "yes" if below_ftrace else "no",
          below_ftrace),
         ("<= 150 ns per BPF program run (flood)", f"{worst_cost:.1f} ns (worst program)",
@@ -111,7 +111,7 @@ def markdown(res: dict) -> str:
             "| setting | rounds x block | baseline mean | noise | mace BPF Δmean | Δp99 | "
             "ftrace Δmean | Δp99 |", "|---|---|---|---|---|---|---|---|"]
     for p in res["perturbation"]:
-        bpf_se, ftrace_se = p.get("bpf_delta_mean_se_us"), p.get("ftrace_delta_mean_se_us")
+        bpf_se, ftrace_se = p["bpf_delta_mean_se_us"], p["ftrace_delta_mean_se_us"]
         out.append(f"| {p['setting']} | {p['rounds']} x {p['block']} | "
                    f"{p['baseline']['mean']:.1f} | {p['noise_mean_us']:.2f} | "
                    f"{p['bpf_delta_mean_us']:+.2f}{_pm(bpf_se)} | "
@@ -206,10 +206,10 @@ def plots(res: dict, outdir: Path) -> list[Path]:
     pert = res["perturbation"]
     xs = range(len(pert))
     ax.bar([x - 0.2 for x in xs], [p["bpf_delta_mean_us"] for p in pert], 0.4,
-           yerr=[2 * p.get("bpf_delta_mean_se_us", 0) for p in pert], capsize=4,
+           yerr=[2 * p["bpf_delta_mean_se_us"] for p in pert], capsize=4,
            label="mace-ping BPF attached (± 2 standard errors)")
     ax.bar([x + 0.2 for x in xs], [p["ftrace_delta_mean_us"] for p in pert], 0.4,
-           yerr=[2 * p.get("ftrace_delta_mean_se_us", 0) for p in pert], capsize=4,
+           yerr=[2 * p["ftrace_delta_mean_se_us"] for p in pert], capsize=4,
            label="ftrace, same tracepoints")
     ax.axhline(1.0, color="grey", linestyle="--", linewidth=1, label="target (1 µs)")
     ax.set_xticks(list(xs), [p["setting"] for p in pert])

@@ -201,8 +201,7 @@ def trace_truth(cap: Capture, nonce: bytes, method: str, packet_len: int) -> dic
     payload_len = packet_len - 20 - at
     sent: dict[int, int] = {}
     answered: dict[int, int] = {}
-    rst_acks: dict[int, int] = {}  # ack a RST to probe n carries -> n
-    rsts: list[tuple[int, int]] = []  # (ack, time), resolved once every probe is known
+    rst_acks: dict[int, int] = {}  # ack a RST to probe n carries -> n (the SYN comes first)
     for ts, ip in cap.ip_packets:
         l4 = ip[(ip[0] & 0x0F) * 4:]
         if len(l4) < 8:
@@ -213,7 +212,9 @@ def trace_truth(cap: Capture, nonce: bytes, method: str, packet_len: int) -> dic
             if inner and inner[q:q + 8] == nonce:
                 answered.setdefault(struct.unpack_from("!H", inner, q + 8)[0], ts)
         elif method == "tcp" and ip[9] == 6 and len(l4) >= 14 and l4[13] & 0x04:
-            rsts.append((struct.unpack_from("!I", l4, 8)[0], ts))
+            number = rst_acks.get(struct.unpack_from("!I", l4, 8)[0])
+            if number is not None:
+                answered.setdefault(number, ts)
         elif method == "icmp" and l4[0] == 0 and l4[at:at + 8] == nonce:
             answered.setdefault(struct.unpack_from("!H", l4, 6)[0], ts)
         elif l4[at:at + 8] == nonce and len(l4) >= at + 10:
@@ -222,7 +223,4 @@ def trace_truth(cap: Capture, nonce: bytes, method: str, packet_len: int) -> dic
             if ip[9] == 6:
                 seq = struct.unpack_from("!I", l4, 4)[0]
                 rst_acks[(seq + 1 + payload_len) & 0xFFFFFFFF] = number
-    for ack, ts in rsts:
-        if ack in rst_acks:
-            answered.setdefault(rst_acks[ack], ts)
     return {n: (answered[n] - t) / 1000 for n, t in sent.items() if n in answered}
