@@ -417,7 +417,7 @@ def traceroute_accuracy(lab: Lab, traces: int, queries: int) -> list[dict]:
             with Capture(lab.host_ns, lab.outer_dev, "icmp or tcp or udp") as cap:
                 doc = json.loads(subprocess.run(cmd, capture_output=True, text=True,
                                                 timeout=120).stdout)
-            truth = trace_truth(cap, nonce, method, packet_len=60)
+            truth = trace_truth(cap.ip_packets, cap.ip_packets, nonce, method, packet_len=60)
             for hop in doc["result"]:
                 for r in hop["result"]:
                     if "rtt" not in r:

@@ -29,6 +29,7 @@
 #define ICMP_ECHO 8
 #define ICMP_TIME_EXCEEDED 11
 #define IP_OFFSET_MASK 0x1fff
+#define BPF_RB_NO_WAKEUP 1 /* uapi linux/bpf.h: bpf_ringbuf_submit flags */
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -220,6 +221,7 @@ static __always_inline int record(const struct sk_buff *skb, unsigned char *l3,
 	__u32 ifindex;
 	int probe = -1;
 	__u8 ihl;
+	__u64 ts;
 
 	/* One read covers IPv4 + 16 bytes of L4 for the usual 20-byte IP header. */
 	if (bpf_probe_read_kernel(&h, sizeof(h), l3))
@@ -309,6 +311,9 @@ static __always_inline int record(const struct sk_buff *skb, unsigned char *l3,
 		return 0;
 	}
 
+	/* Stamp as soon as the packet is known to be ours: what follows (dedup, ring-buffer
+	 * reserve and submit) runs before the packet really departs, and must not count. */
+	ts = bpf_ktime_get_ns();
 	ifindex = BPF_CORE_READ(dev, ifindex);
 	if (hook == MACE_HOOK_RECEIVE && seen_at_rx(skb, ifindex))
 		return 0;
@@ -320,7 +325,7 @@ static __always_inline int record(const struct sk_buff *skb, unsigned char *l3,
 		count_lost();
 		return 0;
 	}
-	e->ts_ns = bpf_ktime_get_ns();
+	e->ts_ns = ts;
 	e->netns = BPF_CORE_READ(dev, nd_net.net, ns.inum);
 	e->ifindex = ifindex;
 	e->saddr = h.ip.saddr;
@@ -334,7 +339,11 @@ static __always_inline int record(const struct sk_buff *skb, unsigned char *l3,
 	e->proto = h.ip.protocol;
 	e->icmp_type = h.ip.protocol == IPPROTO_ICMP ? icmp_type : 0;
 	e->pad = 0;
-	bpf_ringbuf_submit(e, 0);
+	/* No wakeup: a wakeup runs irq_work (an IPI here) and the reader's wake-up inside
+	 * this packet's own transmit path, before the departure it stamps (measured: +1.2 µs
+	 * on corrected RTTs). Readers drain the ring when a reply reaches their socket, which
+	 * is always after the reply's events were submitted, and on their own timer. */
+	bpf_ringbuf_submit(e, BPF_RB_NO_WAKEUP);
 	return 0;
 }
 

@@ -3,24 +3,29 @@
 Definitions (README "What the numbers mean"):
 - raw RTT: reply's kernel receive timestamp (SO_TIMESTAMPNS) minus the wall-clock time just
   before sendto(), as iputils measures it (CLOCK_REALTIME on both ends).
-- outer device: the host's outermost device. The request leaves the prober's netns P; the
-  first other netns it enters is the host netns H (the veth peer's side: Docker's host, the
-  lab's host). The outer device is the last device the request leaves in H. When the request
-  never leaves a device of another netns (probing from the host itself, or to a target
-  beyond P's own devices), it is the last device the request leaves in P.
+- host netns H: the container host's. Known when the tool entered the prober's netns P from
+  its own (then H is the tool's netns); otherwise the first other netns the request enters
+  (the veth peer's side: Docker's host, the lab's host), or P itself when the request
+  enters none (probing from a host with a physical NIC). From inside a nested container,
+  the first host is the inner one: run from the outermost host to correct at its device.
+- outer device: the last device the request leaves in H.
 - corrected RTT: first arrival of the reply on the outer device minus the request's last
   departure from it. Both are bpf_ktime_get_ns() values (CLOCK_MONOTONIC).
 - egress: that departure minus the probe's send point (CLOCK_MONOTONIC just before sendto()).
 - ingress: the reply's delivery point (its first arrival at the last device it reaches in P,
-  where the kernel takes the socket's receive timestamp) minus its arrival on the outer device.
-A reply whose events do not give all of these gets none of them: never an invented correction.
+  where the kernel takes the socket's receive timestamp) minus its arrival on the outer
+  device. None when no device of P reported the delivery (a macvlan's receive path fires no
+  tracepoint in P): the corrected RTT does not depend on it.
+Never an invented correction: events older than the probe's send point are stale (an earlier
+probe with the same seq) and ignored; when the request is not seen leaving H, or the reply
+not seen arriving where it left, there is no corrected RTT. No other device stands in.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-from mace_tools.model import Hook, KernelEvent, Measurement, Packet, Probe, Reply, Stage
+from mace_tools.model import Hook, KernelEvent, Measurement, Namespaces, Packet, Probe, Reply, Stage
 
 _DeviceKey = tuple[Packet, int, int, bool]  # packet, netns, ifindex, leaving
 
@@ -29,11 +34,14 @@ def stages(events: Iterable[KernelEvent], sent_mono_ns: int) -> list[Stage]:
     """One stage per (packet, device, direction), at its earliest event, in time order.
 
     A packet arriving on a veth is seen twice (netif_rx, then netif_receive_skb after the
-    backlog); its arrival is the first, which is also where captures timestamp it.
+    backlog); its arrival is the first, which is also where captures timestamp it. Events
+    before the send point belong to an earlier probe with the same seq: left out.
     """
     first: dict[_DeviceKey, KernelEvent] = {}
     xmit = Hook.XMIT
     for ev in events:
+        if ev.ts_mono_ns < sent_mono_ns:
+            continue
         key = (ev.packet, ev.netns, ev.ifindex, ev.hook is xmit)
         seen = first.get(key)
         if seen is None or ev.ts_mono_ns < seen.ts_mono_ns:
@@ -46,20 +54,25 @@ def stages(events: Iterable[KernelEvent], sent_mono_ns: int) -> list[Stage]:
     ]
 
 
-def outer_departure(path: list[Stage], prober_netns: int) -> Stage | None:
-    """The request's last departure from the host's outermost device (see module doc)."""
-    request = [s for s in path if s.packet is Packet.REQUEST]
-    host_netns = next((s.netns for s in request if s.netns != prober_netns), None)
-    for netns in (host_netns, prober_netns):
-        leaving = [s for s in request if s.leaving and s.netns == netns]
-        if leaving:
-            return leaving[-1]
-    return None
+def host_netns(path: list[Stage], ns: Namespaces) -> int:
+    """H (module doc): known, or inferred from where the request went. Inferred, a netns
+    the request entered and did not leave stays H (its departure may be the missing
+    event): no correction then, rather than one taken inside the container."""
+    if ns.host is not None:
+        return ns.host
+    return next((s.netns for s in path
+                 if s.packet is Packet.REQUEST and s.netns != ns.prober), ns.prober)
 
 
-def correlate(
-    probe: Probe, reply: Reply, events: Iterable[KernelEvent], prober_netns: int
-) -> Measurement:
+def outer_departure(path: list[Stage], ns: Namespaces) -> Stage | None:
+    """The request's last departure from the host's outer device, or None if not seen."""
+    host = host_netns(path, ns)
+    leaving = [s for s in path if s.packet is Packet.REQUEST and s.leaving and s.netns == host]
+    return leaving[-1] if leaving else None
+
+
+def correlate(probe: Probe, reply: Reply, events: Iterable[KernelEvent],
+              ns: Namespaces) -> Measurement:
     """Build the measurement of one reply from its probe's kernel events."""
     path = stages(events, probe.sent_mono_ns)
     m = Measurement(
@@ -71,7 +84,7 @@ def correlate(
         path=path,
         recv_real_ns=reply.recv_real_ns,
     )
-    out = outer_departure(path, prober_netns)
+    out = outer_departure(path, ns)
     if out is None:
         return m
     back = next(
@@ -80,12 +93,13 @@ def correlate(
          and s.netns == out.netns and s.ifindex == out.ifindex and s.t_ns >= out.t_ns),
         None,
     )
-    delivered = [s for s in path
-                 if s.packet is Packet.REPLY and not s.leaving and s.netns == prober_netns]
-    if back is None or not delivered:
+    if back is None:
         return m
+    delivered = [s for s in path
+                 if s.packet is Packet.REPLY and not s.leaving and s.netns == ns.prober
+                 and s.t_ns >= back.t_ns]
     m.rtt_corrected_ns = back.t_ns - out.t_ns
     m.egress_ns = out.t_ns
-    m.ingress_ns = delivered[-1].t_ns - back.t_ns
+    m.ingress_ns = delivered[-1].t_ns - back.t_ns if delivered else None
     m.outer_dev = out.label
     return m

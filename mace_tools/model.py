@@ -71,6 +71,16 @@ class Stage(NamedTuple):
         return f"{self.dev}@{self.netns}"
 
 
+@dataclass(frozen=True, slots=True)
+class Namespaces:
+    """A run's network namespaces, by inode: the one probes leave from, and the container
+    host's when the tool knows it (it is the tool's own netns when the tool entered the
+    prober's with --netns, --pid or --container). None: not known, correlate.py infers it."""
+
+    prober: int
+    host: int | None = None
+
+
 @dataclass(slots=True)
 class Probe:
     """An echo request as the sender sent it."""

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from mace_tools.correlate import correlate
 from mace_tools.errors import MaceError
-from mace_tools.model import KernelEvent, Measurement, Probe, Reply
+from mace_tools.model import KernelEvent, Measurement, Namespaces, Probe, Reply
 from mace_tools.probe import netns
 from mace_tools.probe.icmp import (
     NONCE_LEN,
@@ -127,10 +127,12 @@ class Pinger:
 
     def run(self) -> RunResult:
         opts = self.opts
+        # Entering the prober's netns from ours makes ours the container host's (H).
+        own_netns = netns.inode() if opts.netns_path is not None else None
         with netns.entered(opts.netns_path):
             sock = IcmpSocket(opts.ttl, opts.device, opts.source)
             try:
-                prober_netns = netns.inode()
+                ns = Namespaces(netns.inode(), own_netns)
                 source = source_address(opts.dst_addr, opts.device, opts.source)
             except BaseException:
                 sock.close()
@@ -141,7 +143,7 @@ class Pinger:
             result.kernel = opts.size >= NONCE_LEN
             backend = self._open_backend() if result.kernel else None
             try:
-                self._loop(sock, backend, prober_netns, result)
+                self._loop(sock, backend, ns, result)
             finally:
                 if backend is not None:
                     result.kernel_events_lost = backend.lost()
@@ -159,7 +161,7 @@ class Pinger:
         backend.open()
         return backend
 
-    def _loop(self, sock: IcmpSocket, backend: Backend | None, prober_netns: int,
+    def _loop(self, sock: IcmpSocket, backend: Backend | None, ns: Namespaces,
               result: RunResult) -> None:
         opts = self.opts
         probes = self._probes
@@ -204,7 +206,7 @@ class Pinger:
                 for fd, _ in poller.poll(timeout_s):
                     if backend is not None and fd == backend.fd:
                         backend.drain(probes.add_event)
-                got = self._receive(sock, backend, prober_netns, result)
+                got = self._receive(sock, backend, ns, result)
                 received += got
                 if got and opts.flood and opts.interval_s <= 0:
                     next_send = time.monotonic_ns()  # flood: next probe as soon as answered
@@ -232,7 +234,7 @@ class Pinger:
             raise MaceError(f"sendto: {exc.strerror}", exit_code=2) from exc
         self.sink.sent(seq)
 
-    def _receive(self, sock: IcmpSocket, backend: Backend | None, prober_netns: int,
+    def _receive(self, sock: IcmpSocket, backend: Backend | None, ns: Namespaces,
                  result: RunResult) -> int:
         """Read every waiting datagram; return how many new (non-duplicate) replies."""
         new = 0
@@ -255,7 +257,7 @@ class Pinger:
             reply = Reply(parsed.seq, parsed.src, parsed.ttl, parsed.icmp_len, recv_real,
                           time.monotonic_ns())
             events = [] if dup else probes.take_events(parsed.seq)
-            m = correlate(probes.sent[parsed.seq], reply, events, prober_netns)
+            m = correlate(probes.sent[parsed.seq], reply, events, ns)
             m.dup = dup
             if not dup:
                 probes.answered.add(parsed.seq)

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from mace_tools.correlate import correlate
+from mace_tools.correlate import correlate, host_netns
 from mace_tools.errors import MaceError
-from mace_tools.model import KernelEvent, Measurement, Packet, Probe, Reply
+from mace_tools.model import KernelEvent, Measurement, Namespaces, Packet, Probe, Reply
 from mace_tools.pinger import new_nonce, source_address
 from mace_tools.probe import netns
 from mace_tools.probe.sockets import SO_TIMESTAMPNS, read_datagram
@@ -93,11 +93,12 @@ class _InFlight:
     outcome: HopReply | None = None
 
 
-def host_internal(m: Measurement, prober_netns: int) -> bool:
+def host_internal(m: Measurement, ns: Namespaces) -> bool:
     """The request entered the host's netns but never left it: the host answered."""
     request = [s for s in m.path if s.packet is Packet.REQUEST]
-    host = next((s.netns for s in request if s.netns != prober_netns), None)
-    return host is not None and not any(s.leaving and s.netns == host for s in request)
+    host = host_netns(m.path, ns)
+    return host != ns.prober and any(s.netns == host for s in request) \
+        and not any(s.leaving and s.netns == host for s in request)
 
 
 class Tracer:
@@ -112,10 +113,12 @@ class Tracer:
     def run(self) -> TraceResult:
         opts = self.opts
         proto = PROTO_NUMBERS[opts.method]
+        # Entering the prober's netns from ours makes ours the container host's (H).
+        own_netns = netns.inode() if opts.netns_path is not None else None
         with netns.entered(opts.netns_path):
             socks = _open_sockets(proto)
             try:
-                prober_netns = netns.inode()
+                ns = Namespaces(netns.inode(), own_netns)
                 src = source_address(opts.dst_addr, None, None)
             except BaseException:
                 for s in socks:
@@ -132,14 +135,14 @@ class Tracer:
             with Backend(self.nonce, udp=opts.method == UDP, tcp=opts.method == TCP,
                          errors=True) as backend:
                 self.sink.start(src)
-                self._loop(socks, backend, prober_netns, result)
+                self._loop(socks, backend, ns, result)
                 result.kernel_events_lost = backend.lost()
         finally:
             for s in socks:
                 s.close()
         return result
 
-    def _loop(self, socks: list[socket.socket], backend: Backend, prober_netns: int,
+    def _loop(self, socks: list[socket.socket], backend: Backend, ns: Namespaces,
               result: TraceResult) -> None:
         opts = self.opts
         send_sock = socks[0]
@@ -179,7 +182,7 @@ class Tracer:
                         backend.drain(self._add_event)
                     else:
                         sock = next(s for s in socks if s.fileno() == fd)
-                        last_ttl = self._receive(sock, backend, prober_netns, last_ttl)
+                        last_ttl = self._receive(sock, backend, ns, last_ttl)
         except KeyboardInterrupt:
             pass
         finally:
@@ -204,7 +207,7 @@ class Tracer:
         except OSError as exc:
             raise MaceError(f"sendto: {exc.strerror}", exit_code=1) from exc
 
-    def _receive(self, sock: socket.socket, backend: Backend, prober_netns: int,
+    def _receive(self, sock: socket.socket, backend: Backend, ns: Namespaces,
                  last_ttl: int) -> int:
         while (got := read_datagram(sock)) is not None:
             data, recv_real = got
@@ -218,11 +221,13 @@ class Tracer:
             backend.drain(self._add_event)
             reply = Reply(number, answer.src, answer.ttl, answer.size, recv_real,
                           time.monotonic_ns())
-            events = [e for e in f.events if e.packet is Packet.REQUEST or
-                      e.ts_mono_ns >= f.probe.sent_mono_ns]
-            m = correlate(f.probe, reply, events, prober_netns)
-            f.outcome = HopReply(f.ttl, m, annotation(answer), host_internal(m, prober_netns),
-                                 answer.reached)
+            m = correlate(f.probe, reply, f.events, ns)
+            internal = host_internal(m, ns)
+            if internal:
+                # The outer device never saw this probe: its correction is taken at the
+                # prober's own device, and the hop is labelled so (README).
+                m = correlate(f.probe, reply, f.events, Namespaces(ns.prober, ns.prober))
+            f.outcome = HopReply(f.ttl, m, annotation(answer), internal, answer.reached)
             if answer.reached or answer.icmp_type == 3:
                 last_ttl = min(last_ttl, f.ttl)
         return last_ttl

@@ -1,25 +1,52 @@
-"""The accuracy criterion of the integration tests, in one place.
+"""The accuracy criterion of the integration tests, in one place, against truth v2.
 
-Corrected RTTs must be within TOLERANCE_US of an independent capture on the host's outer
-device for at least 99% of replies. The capture itself is wrong now and then (its tap
-stamps a departure before net_dev_start_xmit, and an interrupt in between adds 20-50 µs;
-about 1 packet in 500-1000 on this VM), so 99% needs enough replies to mean anything:
-at 500 probes the bar allows 5 such artefacts, where the expected number is 0.5-1.
+Truth v2 (mace_tools/lab/capture.py) stamps the request where it *arrives* at the far end of
+the outer link and the reply where it arrives on the outer device; mace stamps the request
+where it *leaves* the outer device. So corrected - truth is the request's transit of the
+outer link, never negative but for the few ns by which mace's reply-arrival stamp follows the
+capture's (measured here: median +0.5 to +0.8 µs, equal to the transit mace's own events show
+to within 0.01 µs on average). The criterion:
+- the median error lies in [MEDIAN_LOW_US, MEDIAN_HIGH_US]: a correction off by 3 µs either
+  way leaves the band (every test checks that on its own data, `assert_accurate_errors`),
+  and so does one that prints 0 where the truth is 2-6 µs (containers);
+- at least MIN_WITHIN of the errors lie in [TAIL_LOW_US, TAIL_HIGH_US]: a hardware interrupt
+  between the departure and the far end's arrival can add tens of µs to one probe (about one
+  in 500 here), so the tail bound is a share, and needs PROBES replies to mean anything.
 """
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
 
-TOLERANCE_US = 10.0
 PROBES = 500
+MEDIAN_LOW_US, MEDIAN_HIGH_US = -0.5, 2.5
+TAIL_LOW_US, TAIL_HIGH_US = -2.0, 10.0
 MIN_WITHIN = 0.99
+SHIFT_US = 3.0  # the error the criterion must catch
 
 
-def assert_within_tolerance(errors_us: Sequence[float]) -> None:
-    """>= 99% of |corrected - capture| within 10 µs; the message names the worst three."""
-    assert errors_us, "no replies to compare"
-    within = sum(abs(e) <= TOLERANCE_US for e in errors_us) / len(errors_us)
-    worst = sorted(errors_us, key=abs)[-3:]
-    assert within >= MIN_WITHIN, (
-        f"only {within:.1%} of {len(errors_us)} within {TOLERANCE_US} µs; worst {worst}")
+def verdict(errors_us: Sequence[float]) -> list[str]:
+    """Why errors_us (corrected - truth, µs) fail the criterion; empty when they pass."""
+    if not errors_us:
+        return ["no replies to compare"]
+    failures = []
+    median = statistics.median(errors_us)
+    if not MEDIAN_LOW_US <= median <= MEDIAN_HIGH_US:
+        failures.append(f"median error {median:+.2f} µs outside "
+                        f"[{MEDIAN_LOW_US}, {MEDIAN_HIGH_US}]")
+    within = sum(TAIL_LOW_US <= e <= TAIL_HIGH_US for e in errors_us) / len(errors_us)
+    if within < MIN_WITHIN:
+        worst = sorted(errors_us, key=abs)[-3:]
+        failures.append(f"only {within:.1%} of {len(errors_us)} within [{TAIL_LOW_US}, "
+                        f"{TAIL_HIGH_US}] µs; worst {[round(w, 2) for w in worst]}")
+    return failures
+
+
+def assert_accurate_errors(errors_us: Sequence[float]) -> None:
+    """The errors pass, and the same errors shifted by ±SHIFT_US fail: the check has the
+    power to see a correction that is 3 µs off, on this very run's data."""
+    assert not (failures := verdict(errors_us)), "; ".join(failures)
+    for shift in (SHIFT_US, -SHIFT_US):
+        assert verdict([e + shift for e in errors_us]), \
+            f"criterion blind to a {shift:+} µs shift"

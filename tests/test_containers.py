@@ -16,13 +16,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from accuracy import PROBES, assert_within_tolerance
+from accuracy import PROBES, assert_accurate_errors
 from fake_dns import FakeDns
 
-from mace_tools.lab.capture import Capture
+from mace_tools.lab.capture import Capture, TruthCapture
 from mace_tools.lab.demo import PingRun, compare, parse_ndjson
 from mace_tools.lab.engines import IN_CONTAINER_CAPS, Engine, started, uplinked_target
-from mace_tools.lab.topology import LabError
+from mace_tools.lab.topology import LabError, OuterLink
 
 pytestmark = pytest.mark.lab
 
@@ -90,8 +90,16 @@ def mace(engine: Engine, *args: str, tool: str = "ping") -> subprocess.Completed
                           env={**os.environ, **engine.env})
 
 
-def assert_corrected(stdout: str, stderr: str, returncode: int, cap: Capture) -> list[float]:
-    """Coverage 100%, outer device = our veth in the host netns, >= 99% within 10 us."""
+def truth(nonce: bytes) -> TruthCapture:
+    """Truth v2 on the container host's outer link: our veth and its end in the target."""
+    return TruthCapture(OuterLink(None, OUTER, TARGET_NS, "tgt0"), Capture.nonce_filter(nonce),
+                        expect_requests=PROBES)
+
+
+def assert_corrected(stdout: str, stderr: str, returncode: int, cap: TruthCapture,
+                     ) -> list[float]:
+    """Coverage 100%, outer device = our veth in the host netns on every reply, and the
+    accuracy criterion (tests/accuracy.py) against truth v2."""
     assert returncode == 0, stderr
     records, summary = parse_ndjson(stdout)
     rows = compare(PingRun(records, summary, returncode, stderr), cap)
@@ -100,13 +108,13 @@ def assert_corrected(stdout: str, stderr: str, returncode: int, cap: Capture) ->
     assert {r["outer_dev"] for r in records} == {f"{OUTER}@{host_ino}"}
     errors = [r.error_us for r in rows]
     assert None not in errors
-    assert_within_tolerance(errors)
+    assert_accurate_errors(errors)
     return [r.corrected_ms for r in rows]
 
 
 def test_mace_ping_container_is_corrected(engine: Engine, container: str, target: str) -> None:
     nonce = os.urandom(8)
-    with Capture(None, OUTER, Capture.nonce_filter(nonce), expect_packets=2 * PROBES) as cap:
+    with truth(nonce) as cap:
         proc = mace(engine, "--container", container, "--ndjson", "--nonce", nonce.hex(),
                     "-c", str(PROBES), "-i", "0.005", target)
     corrected_ms = assert_corrected(proc.stdout, proc.stderr, proc.returncode, cap)
@@ -149,7 +157,7 @@ def test_names_resolve_as_in_the_container(engine: Engine, container: str, targe
 def test_mace_ping_inside_a_container_corrects(engine: Engine, mace_image: str,
                                                target: str) -> None:
     nonce = os.urandom(8)
-    with Capture(None, OUTER, Capture.nonce_filter(nonce), expect_packets=2 * PROBES) as cap:
+    with truth(nonce) as cap:
         proc = engine.run("--rm", *IN_CONTAINER_CAPS, mace_image, "--ndjson",
                           "--nonce", nonce.hex(), "-c", str(PROBES), "-i", "0.005", target,
                           check=False)

@@ -1,9 +1,11 @@
 """Correlation: which device is the host's outer one, and what is (not) corrected."""
 
 from mace_tools.correlate import correlate, outer_departure, stages
-from mace_tools.model import Hook, KernelEvent, Packet, Probe, Reply
+from mace_tools.model import Hook, KernelEvent, Namespaces, Packet, Probe, Reply
 
 P, H, T = 101, 202, 303  # prober (container), host, target netns inodes
+GUESS = Namespaces(P)  # run inside the container: the host's netns is inferred
+KNOWN = Namespaces(P, H)  # run on the host, entering the container's netns
 REQ, REP = Packet.REQUEST, Packet.REPLY
 X, RX, RECV = Hook.XMIT, Hook.RX, Hook.RECEIVE
 SENT_MONO = 1_000_000
@@ -42,7 +44,7 @@ def probe_reply(raw_us: float = 60.0) -> tuple[Probe, Reply]:
 
 def test_container_probe_is_corrected_at_the_hosts_outer_device() -> None:
     probe, reply = probe_reply()
-    m = correlate(probe, reply, container_path(), prober_netns=P)
+    m = correlate(probe, reply, container_path(), GUESS)
     assert m.rtt_raw_ns == 60_000
     assert m.rtt_corrected_ns == 12_000  # out0 reply rx (32) - out0 request tx (20)
     assert m.egress_ns == 20_000
@@ -57,19 +59,32 @@ def test_arrival_is_the_first_hook_per_device() -> None:
     assert [s.t_ns for s in path] == sorted(s.t_ns for s in path)
 
 
-def test_probing_from_the_host_itself_uses_the_last_own_device() -> None:
+def test_probing_from_a_host_with_a_physical_nic_uses_its_own_device() -> None:
+    # The request enters no other netns: the prober's netns is the host's.
     events = [
-        ev(3, REQ, X, H, 4, "out0"),
-        ev(4, REQ, RX, T, 2, "tgt0"),
-        ev(9, REP, X, T, 2, "tgt0"),
-        ev(10, REP, RX, H, 4, "out0"),
-        ev(13, REP, RECV, H, 4, "out0"),
+        ev(3, REQ, X, H, 4, "eno1"),
+        ev(10, REP, RX, H, 4, "eno1"),
+        ev(13, REP, RECV, H, 4, "eno1"),
     ]
     probe, reply = probe_reply(15)
-    m = correlate(probe, reply, events, prober_netns=H)
+    m = correlate(probe, reply, events, Namespaces(H))
     assert m.rtt_corrected_ns == 7_000
     assert m.egress_ns == 3_000
     assert m.ingress_ns == 0  # delivered where it arrived
+
+
+def test_a_neighbour_netns_that_answers_is_not_taken_for_granted() -> None:
+    # From a netns whose veth leads straight to the target's netns, the events cannot tell
+    # a target from a host whose departure event is missing: no correction, honestly.
+    events = [
+        ev(3, REQ, X, H, 4, "out0"), ev(4, REQ, RX, T, 2, "tgt0"),
+        ev(9, REP, X, T, 2, "tgt0"), ev(10, REP, RX, H, 4, "out0"),
+    ]
+    probe, reply = probe_reply(15)
+    assert not correlate(probe, reply, events, Namespaces(H)).corrected
+    # known to be the host (it entered no other netns to probe), it is corrected there
+    m = correlate(probe, reply, events, Namespaces(H, H))
+    assert m.rtt_corrected_ns == 7_000
 
 
 def test_loopback() -> None:
@@ -78,14 +93,14 @@ def test_loopback() -> None:
         ev(6, REP, X, P, 1, "lo"), ev(7, REP, RX, P, 1, "lo"),
     ]
     probe, reply = probe_reply(9)
-    m = correlate(probe, reply, events, prober_netns=P)
+    m = correlate(probe, reply, events, GUESS)
     assert (m.rtt_corrected_ns, m.egress_ns, m.ingress_ns) == (5_000, 2_000, 0)
 
 
 def test_missing_reply_arrival_gives_no_correction() -> None:
     events = [e for e in container_path() if not (e.packet is REP and e.dev == "out0")]
     probe, reply = probe_reply()
-    m = correlate(probe, reply, events, prober_netns=P)
+    m = correlate(probe, reply, events, GUESS)
     assert m.rtt_corrected_ns is None and m.egress_ns is None and m.ingress_ns is None
     assert not m.corrected
     assert m.rtt_raw_ns == 60_000  # the raw RTT is still reported
@@ -94,14 +109,8 @@ def test_missing_reply_arrival_gives_no_correction() -> None:
 
 def test_no_events_gives_raw_only() -> None:
     probe, reply = probe_reply()
-    m = correlate(probe, reply, [], prober_netns=P)
+    m = correlate(probe, reply, [], GUESS)
     assert not m.corrected and m.path == []
-
-
-def test_missing_delivery_in_prober_netns_gives_no_correction() -> None:
-    events = [e for e in container_path() if not (e.packet is REP and e.netns == P)]
-    probe, reply = probe_reply()
-    assert not correlate(probe, reply, events, prober_netns=P).corrected
 
 
 def test_reply_arrival_before_departure_is_not_used() -> None:
@@ -109,10 +118,80 @@ def test_reply_arrival_before_departure_is_not_used() -> None:
     events = [ev(1, REP, RX, H, 4, "out0")] + [
         e for e in container_path() if not (e.packet is REP and e.dev == "out0")]
     probe, reply = probe_reply()
-    assert not correlate(probe, reply, events, prober_netns=P).corrected
+    assert not correlate(probe, reply, events, GUESS).corrected
 
 
 def test_outer_device_skips_target_side_netns() -> None:
     path = stages(container_path(), SENT_MONO)
-    out = outer_departure(path, P)
+    out = outer_departure(path, GUESS)
     assert out is not None and (out.dev, out.netns) == ("out0", H)
+
+
+def test_known_host_netns_gives_the_same_correction() -> None:
+    probe, reply = probe_reply()
+    m = correlate(probe, reply, container_path(), KNOWN)
+    assert (m.rtt_corrected_ns, m.outer_dev) == (12_000, f"out0@{H}")
+
+
+def test_missing_outer_departure_never_falls_back_to_the_container_device() -> None:
+    # Before: the prober's own eth0 stood in, a 39 µs "correction" with veth, bridge and NAT.
+    events = [e for e in container_path() if not (e.packet is REQ and e.dev == "out0")]
+    probe, reply = probe_reply()
+    for ns in (GUESS, KNOWN):
+        m = correlate(probe, reply, events, ns)
+        assert not m.corrected and m.outer_dev is None
+
+
+def test_all_host_events_missing_gives_no_correction_when_the_host_is_known() -> None:
+    events = [e for e in container_path() if e.netns != H]
+    probe, reply = probe_reply()
+    assert not correlate(probe, reply, events, KNOWN).corrected
+
+
+def test_stale_departure_of_an_earlier_probe_is_ignored() -> None:
+    # An out0 departure 520 µs before this probe was sent (an earlier lap's seq) once
+    # turned 12 µs into 532 µs; events before the send point are not this probe's.
+    stale = KernelEvent(SENT_MONO - 500_000, 1, REQ, X, 4, H, "out0", "198.18.0.1",
+                        "198.18.0.2")
+    events = [stale] + [e for e in container_path() if not (e.packet is REQ and e.dev == "out0")]
+    probe, reply = probe_reply()
+    for ns in (GUESS, KNOWN):
+        m = correlate(probe, reply, events, ns)
+        assert not m.corrected
+        assert all(s.t_ns >= 0 for s in m.path)
+
+
+def test_known_host_that_the_probe_never_crossed_gives_no_correction() -> None:
+    # mace-ping entered the container from a netns that is not its host (a lab driven from
+    # the root netns): no device there saw the probe, so nothing is corrected.
+    probe, reply = probe_reply()
+    m = correlate(probe, reply, container_path(), Namespaces(P, 999))
+    assert not m.corrected
+
+
+def test_reply_delivery_unseen_in_the_container_still_corrects() -> None:
+    # macvlan: the reply is handed to the container's device without a tracepoint in P;
+    # the outer device saw both packets, so the correction stands, ingress is unknown.
+    events = [e for e in container_path() if not (e.packet is REP and e.netns == P)]
+    probe, reply = probe_reply()
+    m = correlate(probe, reply, events, KNOWN)
+    assert m.rtt_corrected_ns == 12_000 and m.egress_ns == 20_000 and m.ingress_ns is None
+
+
+def test_nested_host_takes_the_outermost_device() -> None:
+    # container P -> inner host I (its own bridge, NAT) -> outer host H -> target
+    inner = 150
+    events = [
+        ev(5, REQ, X, P, 2, "eth0"), ev(6, REQ, RX, inner, 5, "veth0"),
+        ev(9, REQ, X, inner, 3, "eth0"), ev(10, REQ, RX, H, 7, "vinner"),
+        ev(15, REQ, X, H, 4, "out0"), ev(16, REQ, RX, T, 2, "tgt0"),
+        ev(20, REP, X, T, 2, "tgt0"), ev(21, REP, RX, H, 4, "out0"),
+        ev(25, REP, X, H, 7, "vinner"), ev(26, REP, RX, inner, 3, "eth0"),
+        ev(29, REP, X, inner, 5, "veth0"), ev(30, REP, RX, P, 2, "eth0"),
+    ]
+    probe, reply = probe_reply(40)
+    m = correlate(probe, reply, events, KNOWN)
+    assert (m.rtt_corrected_ns, m.outer_dev) == (6_000, f"out0@{H}")
+    # inferred from inside the container, the first host (the inner one) is taken
+    m = correlate(probe, reply, events, GUESS)
+    assert m.outer_dev == f"eth0@{inner}"

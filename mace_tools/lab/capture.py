@@ -1,16 +1,26 @@
-"""The independent truth: a tcpdump capture on a device, with nanosecond timestamps.
+"""The independent truth: tcpdump captures with nanosecond timestamps.
 
-The capture must not perturb what it measures. Its tap runs on the departing packet's
-path before net_dev_start_xmit, so per-packet work there delays the very departure it
-stamps: with --immediate-mode (a wakeup per packet) tcpdump's TX stamps came out 12-40 µs
-early here. So: a kernel filter that keeps only one run's probes (by nonce), TPACKET_V3
-blocks without immediate mode, and, after the run, a wait until the kernel has retired
-the last block (libpcap's 1 s timeout) so tcpdump has written every packet.
+Truth v2 (what the demo, the tests and the bench compare against) stamps only *arrivals*,
+at both ends of the host's outer link, with captures that never tap a departing packet
+(`tcpdump -Q in`: PACKET_IGNORE_OUTGOING):
+  - a request's arrival at the far end of the outer link (the target's side),
+  - its reply's arrival on the outer device.
+truth = reply-in(outer) - request-in(far end). Both are the kernel's netif_rx prequeue stamps
+(netdev_tstamp_prequeue=1), taken before the tap does any work, so nothing the capture does
+delays what it stamps. The truth is shorter than the outer device's departure-to-arrival
+time by the request's transit of the outer link (veth: well under 1 µs); the bench measures
+that residual and reports it.
 
-tcpdump's timestamps come from the kernel's packet tap, not from our BPF programs: on a
-veth, a departing packet is stamped in dev_queue_xmit_nit (just before
-net_dev_start_xmit) and an arriving one at netif_rx (netdev_tstamp_prequeue=1). Both are
-CLOCK_REALTIME, so only differences (RTTs) are compared with mace's CLOCK_MONOTONIC ones.
+Why not one capture on the outer device (truth v1, kept only as a bench row that shows its
+bias): its tap stamps a departing packet in dev_queue_xmit_nit and then filters and copies it
+*before* net_dev_start_xmit, where mace stamps the departure, so its request stamps come out
+early by 1 to 40 µs (most on a cold path), and corrected minus capture looks negative.
+
+Captures are filtered in the kernel to one run's probes where possible (by nonce), use
+TPACKET_V3 blocks without immediate mode, and after the run wait until the kernel has retired
+the last block (libpcap's 1 s timeout) so tcpdump has written every packet. Timestamps are
+CLOCK_REALTIME: only differences within one machine are compared with mace's CLOCK_MONOTONIC
+ones.
 """
 
 from __future__ import annotations
@@ -25,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from mace_tools.lab.topology import LabError
+from mace_tools.lab.topology import LabError, OuterLink
 
 PCAP_NANO_MAGIC = 0xA1B23C4D
 LINKTYPE_ETHERNET = 1
@@ -104,14 +114,16 @@ def match_echoes(packets: list[IcmpPacket],
 
 
 class Capture:
-    """tcpdump on `dev` in netns `netns` for the duration of a with-block."""
+    """tcpdump on `dev` in netns `netns` for the duration of a with-block; `inbound` taps
+    arriving packets only (-Q in), so departures on dev pay nothing for the capture."""
 
     def __init__(self, netns: str | None, dev: str, bpf_filter: str = "icmp",
-                 expect_packets: int | None = None) -> None:
+                 expect_packets: int | None = None, inbound: bool = False) -> None:
         if shutil.which("tcpdump") is None:
             raise LabError("tcpdump not found (apt-get install tcpdump)")
         self.netns, self.dev, self.bpf_filter = netns, dev, bpf_filter
         self.expect_packets = expect_packets
+        self.inbound = inbound
         self._dir = Path(tempfile.mkdtemp(prefix="mace-cap-"))
         self.path = self._dir / "capture.pcap"
         self._proc: subprocess.Popen[bytes] | None = None
@@ -120,7 +132,8 @@ class Capture:
 
     def __enter__(self) -> Capture:
         where = ["ip", "netns", "exec", self.netns] if self.netns else []  # None: this netns
-        cmd = [*where, "tcpdump", "-i", self.dev, "-n", "-U",
+        direction = ["-Q", "in"] if self.inbound else []
+        cmd = [*where, "tcpdump", "-i", self.dev, *direction, "-n", "-U",
                "--time-stamp-precision=nano", "-B", "16384", "-w", str(self.path),
                self.bpf_filter]
         self._proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -186,11 +199,64 @@ class Capture:
         return match_echoes(self.packets, lambda p: p.ident == ident)
 
 
+class TruthCapture:
+    """Truth v2 for the duration of a with-block: inbound-only captures at both ends of the
+    outer link (module doc). `expect_requests`: how many requests (and as many replies) to
+    wait for on disk before stopping."""
+
+    def __init__(self, link: OuterLink, bpf_filter: str = "icmp",
+                 expect_requests: int | None = None) -> None:
+        self.link = link
+        self.far = Capture(link.far_netns, link.far_dev, bpf_filter, expect_requests,
+                           inbound=True)
+        self.near = Capture(link.near_netns, link.near_dev, bpf_filter, expect_requests,
+                            inbound=True)
+
+    def __enter__(self) -> TruthCapture:
+        self.far.__enter__()
+        try:
+            self.near.__enter__()
+        except BaseException:
+            self.far.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.near.__exit__(*exc)
+        finally:
+            self.far.__exit__(*exc)
+
+    def echoes(self, nonce: bytes) -> dict[int, CapturedEcho]:
+        """One run's echoes by seq: request in at the far end, reply in on the outer device
+        (probes keyed by their payload's nonce: NAT may change the id)."""
+        return self._pair(lambda p: p.payload[: len(nonce)] == nonce)
+
+    def echoes_by_id(self, ident: int) -> dict[int, CapturedEcho]:
+        """Any ping's echoes by ICMP id as seen on the outer link (outside any NAT)."""
+        return self._pair(lambda p: p.ident == ident)
+
+    def _pair(self, key: Callable[[IcmpPacket], bool]) -> dict[int, CapturedEcho]:
+        requests = [p for p in self.far.packets if p.icmp_type == 8 and key(p)]
+        replies = [p for p in self.near.packets if p.icmp_type == 0 and key(p)]
+        return match_echoes(requests + replies, lambda p: True)
+
+    def trace(self, nonce: bytes, method: str, packet_len: int) -> dict[int, float]:
+        """mace-traceroute probe number -> truth (µs): its answer's arrival on the outer
+        device minus the probe's arrival at the far end."""
+        return trace_truth(self.far.ip_packets, self.near.ip_packets, nonce, method,
+                           packet_len)
+
+
 _TAG_AT = {"udp": 8, "icmp": 8, "tcp": 20}  # where a traceroute probe's nonce sits in L4
+_PROTO = {"udp": 17, "icmp": 1, "tcp": 6}
 
 
-def trace_truth(cap: Capture, nonce: bytes, method: str, packet_len: int) -> dict[int, float]:
-    """mace-traceroute probe number -> answer minus probe on the captured device (µs).
+def trace_truth(probes: list[tuple[int, bytes]], answers: list[tuple[int, bytes]],
+                nonce: bytes, method: str, packet_len: int) -> dict[int, float]:
+    """mace-traceroute probe number -> first answer in `answers` minus first sight of the
+    probe in `probes` (µs). Truth v2 passes the far end's inbound packets as probes and the
+    outer device's inbound packets as answers; one capture can pass its packets as both.
 
     Probes are found by their payload (nonce, then the probe number); ICMP errors by the
     probe they quote (Linux quotes the whole probe, not only the 8 bytes RFC 792 asks
@@ -200,9 +266,20 @@ def trace_truth(cap: Capture, nonce: bytes, method: str, packet_len: int) -> dic
     at = _TAG_AT[method]
     payload_len = packet_len - 20 - at
     sent: dict[int, int] = {}
+    rst_acks: dict[int, int] = {}  # ack a RST to probe n carries -> n
+    for ts, ip in probes:
+        l4 = ip[(ip[0] & 0x0F) * 4:]
+        if ip[9] != _PROTO[method] or len(l4) < at + 10 or l4[at:at + 8] != nonce:
+            continue
+        if method == "icmp" and l4[0] != 8:
+            continue  # an echo reply carries the nonce too
+        number = struct.unpack_from("!H", l4, at + 8)[0]
+        sent.setdefault(number, ts)
+        if method == "tcp":
+            seq = struct.unpack_from("!I", l4, 4)[0]
+            rst_acks[(seq + 1 + payload_len) & 0xFFFFFFFF] = number
     answered: dict[int, int] = {}
-    rst_acks: dict[int, int] = {}  # ack a RST to probe n carries -> n (the SYN comes first)
-    for ts, ip in cap.ip_packets:
+    for ts, ip in answers:
         l4 = ip[(ip[0] & 0x0F) * 4:]
         if len(l4) < 8:
             continue
@@ -217,10 +294,4 @@ def trace_truth(cap: Capture, nonce: bytes, method: str, packet_len: int) -> dic
                 answered.setdefault(number, ts)
         elif method == "icmp" and l4[0] == 0 and l4[at:at + 8] == nonce:
             answered.setdefault(struct.unpack_from("!H", l4, 6)[0], ts)
-        elif l4[at:at + 8] == nonce and len(l4) >= at + 10:
-            number = struct.unpack_from("!H", l4, at + 8)[0]
-            sent.setdefault(number, ts)
-            if ip[9] == 6:
-                seq = struct.unpack_from("!I", l4, 4)[0]
-                rst_acks[(seq + 1 + payload_len) & 0xFFFFFFFF] = number
     return {n: (answered[n] - t) / 1000 for n, t in sent.items() if n in answered}

@@ -1,8 +1,9 @@
 """The lab demo, as functions the CLI, the tests and the bench share.
 
 `run_mace_ping` runs the real `mace-ping` command (a subprocess, as a user would) from a
-lab container with --ndjson, while a tcpdump capture on the host's outer device records
-the truth; `compare` pairs each reply with the capture by the run's nonce.
+lab container with --ndjson, while truth v2 (inbound captures at both ends of the host's
+outer link, lab/capture.py) records the truth; `compare` pairs each reply with it by the
+run's nonce.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-from mace_tools.lab.capture import Capture
+from mace_tools.lab.capture import Capture, TruthCapture
 from mace_tools.lab.topology import Lab, LabError
 
 
@@ -22,11 +23,12 @@ class ProbeRow:
     seq: int
     raw_ms: float
     corrected_ms: float | None
-    capture_ms: float | None
+    capture_ms: float | None  # the truth's RTT
+    outer_dev: str | None = None  # the device mace took the correction at
 
     @property
     def error_us(self) -> float | None:
-        """corrected minus capture, in µs (None when either is missing)."""
+        """corrected minus truth, in µs (None when either is missing)."""
         if self.corrected_ms is None or self.capture_ms is None:
             return None
         return (self.corrected_ms - self.capture_ms) * 1000
@@ -61,8 +63,9 @@ def parse_ndjson(text: str) -> tuple[list[dict], dict]:
 
 
 def mace_ping_command(lab: Lab, container: int, *args: str) -> list[str]:
-    return [sys.executable, "-m", "mace_tools.cli.ping", "--netns",
-            lab.netns_path(lab.container_ns(container)), "--ndjson", *args, lab.target_addr]
+    return lab.on_host(sys.executable, "-m", "mace_tools.cli.ping", "--netns",
+                       lab.netns_path(lab.container_ns(container)), "--ndjson", *args,
+                       lab.target_addr)
 
 
 def run_mace_ping(lab: Lab, container: int, *args: str, timeout_s: float = 300) -> PingRun:
@@ -74,7 +77,7 @@ def run_mace_ping(lab: Lab, container: int, *args: str, timeout_s: float = 300) 
     return PingRun(records, summary, proc.returncode, proc.stderr)
 
 
-def compare(run: PingRun, capture: Capture) -> list[ProbeRow]:
+def compare(run: PingRun, capture: TruthCapture) -> list[ProbeRow]:
     truth = capture.echoes(run.nonce)
     rows = []
     for rec in run.records:
@@ -83,16 +86,16 @@ def compare(run: PingRun, capture: Capture) -> list[ProbeRow]:
         echo = truth.get(rec["seq"])
         rtt = echo.rtt_ns if echo else None
         rows.append(ProbeRow(rec["seq"], rec["rtt"], rec["rtt_corrected"],
-                             None if rtt is None else rtt / 1e6))
+                             None if rtt is None else rtt / 1e6, rec.get("outer_dev")))
     return rows
 
 
 def measure(lab: Lab, container: int, count: int, *args: str,
             nonce: bytes | None = None) -> tuple[PingRun, list[ProbeRow]]:
-    """mace-ping -c count from a container, with a capture of its probes on the host's
-    outer device (filtered in the kernel by the run's nonce)."""
+    """mace-ping -c count from a container against truth v2 on the lab's outer link
+    (captures filtered in the kernel by the run's nonce)."""
     nonce = nonce or os.urandom(8)
-    with Capture(lab.host_ns, lab.outer_dev, Capture.nonce_filter(nonce),
-                 expect_packets=2 * count) as cap:
+    with TruthCapture(lab.outer_link, Capture.nonce_filter(nonce),
+                      expect_requests=count) as cap:
         run = run_mace_ping(lab, container, "-c", str(count), "--nonce", nonce.hex(), *args)
     return run, compare(run, cap)

@@ -35,6 +35,17 @@ class LabError(Exception):
     """A lab step failed; the message is one line."""
 
 
+@dataclass(frozen=True, slots=True)
+class OuterLink:
+    """The host's outer link, where the truth is captured: the outer device (near) and its
+    peer (far), each in a netns (None: the caller's)."""
+
+    near_netns: str | None
+    near_dev: str
+    far_netns: str | None
+    far_dev: str
+
+
 def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(args, capture_output=True, text=True)
     if check and proc.returncode != 0:
@@ -118,6 +129,18 @@ class Lab:
         return [BRIDGE_ADDR, *(link_addr(i, 2) for i in range(self.routers)), self.target_addr]
 
     outer_dev = OUTER_DEV
+
+    def on_host(self, *command: str) -> list[str]:
+        """command run in the lab's host netns, where a container host's tools run: a tool
+        that enters a container's netns from there knows the host's netns (its own)."""
+        return ["ip", "netns", "exec", self.host_ns, *command]
+
+    @property
+    def outer_link(self) -> OuterLink:
+        """out0 in the host netns and its peer: tgt0 in the target, or in0 in router 1."""
+        if self.routers:
+            return OuterLink(self.host_ns, OUTER_DEV, self.router_ns(1), "in0")
+        return OuterLink(self.host_ns, OUTER_DEV, self.target_ns, "tgt0")
 
     # life cycle ----------------------------------------------------------------------
     def __enter__(self) -> Lab:
