@@ -13,8 +13,10 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from bench import experiments as ex
 from bench import report
@@ -31,10 +33,27 @@ def machine() -> dict:
 
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text()
                 .splitlines() if ln.startswith("model name")), platform.processor())
+    mem_kb = next((int(ln.split()[1]) for ln in Path("/proc/meminfo").read_text().splitlines()
+                   if ln.startswith("MemTotal:")), 0)
     return {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "commit": cmd("git", "rev-parse", "--short", "HEAD") or "unknown",
             "kernel": platform.release(), "cpus": os.cpu_count(), "cpu_model": cpu,
-            "python": platform.python_version()}
+            "memory_gb": mem_kb / 2**20, "python": platform.python_version()}
+
+
+def machine_line(m: dict) -> str:
+    return (f"{m['cpus']} CPUs ({m['cpu_model']}), {m['memory_gb']:.0f} GB, kernel "
+            f"{m['kernel']}, Python {m['python']}, commit {m['commit']}")
+
+
+def section(res: dict, key: str, measure: Callable[[], Any]) -> None:
+    """res[key] = measure(), or {"error": why} when it cannot measure: the run goes on and
+    the report says so in that section's table."""
+    try:
+        res[key] = measure()
+    except Exception as exc:  # one failing section is reported, never fatal
+        res[key] = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
+        print(f"  {key}: not measured: {res[key]['error']}", flush=True)
 
 
 def main() -> int:
@@ -51,31 +70,40 @@ def main() -> int:
     witness = 200 if args.quick else 1000
     started = time.monotonic()
     res: dict = {"machine": machine(), "command": " ".join(["python -m bench", *sys.argv[1:]])}
+    print(f"machine: {machine_line(res['machine'])}", flush=True)
     with Lab(prefix=f"mb{os.getpid() % 100000}", containers=ex.CONTAINERS) as lab:
         lab.warm_up()
-        print("accuracy sweep", flush=True)
-        res["accuracy"] = ex.accuracy(lab, SETTINGS, probes, args.interval,
-                                      scamper_probes=max(20, int(probes * args.interval / 0.1)))
+        print("accuracy sweep (truth v2)", flush=True)
+        section(res, "accuracy", lambda: ex.accuracy(
+            lab, SETTINGS, probes, args.interval,
+            scamper_probes=max(20, int(probes * args.interval / 0.1))))
+        print("truth v1 (one-sided capture) beside truth v2, idle", flush=True)
+        section(res, "truth_v1", lambda: ex.truth_v1_bias(lab, probes, args.interval))
         print("perturbation", flush=True)
-        res["perturbation"] = ex.perturbation(lab, SETTINGS, witness, 0.005)
+        section(res, "perturbation", lambda: ex.perturbation(lab, SETTINGS, witness, 0.005))
         print("flood rate", flush=True)
-        seconds = 3 if args.quick else 5
-        res["flood"] = ex.flood_and_cost(lab, seconds=seconds, neighbours=0)
-        res["flood_loaded"] = ex.flood_and_cost(lab, seconds=seconds, neighbours=4)
+        seconds, repeats = (3, 1) if args.quick else (5, 3)
+        section(res, "flood", lambda: ex.flood_repeated(lab, seconds, 0, repeats))
+        section(res, "flood_loaded", lambda: ex.flood_repeated(lab, seconds, 4, repeats))
         for key in ("flood", "flood_loaded"):
-            print(f"  {res[key]['neighbours']} neighbours: {res[key]['probes_per_s']:.0f} "
-                  f"probes/s, coverage {res[key]['coverage']}", flush=True)
+            if "error" not in res[key]:
+                print(f"  {res[key]['neighbours']} neighbours: "
+                      f"{res[key]['probes_per_s']:.0f} probes/s (runs "
+                      f"{', '.join(f'{r:.0f}' for r in res[key]['probes_per_s_runs'])}), "
+                      f"coverage {res[key]['coverage']}", flush=True)
         print("BPF cost", flush=True)
-        res["cost"] = ex.bpf_cost(lab, seconds=3 if args.quick else 5, neighbours=4)
+        section(res, "cost", lambda: ex.bpf_cost(lab, seconds=3 if args.quick else 5,
+                                                 neighbours=4))
         print("start-up", flush=True)
-        res["startup"] = ex.startup(lab, runs=5 if args.quick else 20)
+        section(res, "startup", lambda: ex.startup(lab, runs=5 if args.quick else 20))
         print("scaling", flush=True)
-        res["scaling"] = ex.scaling(lab, [1, 2, 4], witness, 0.005, neighbours=4)
+        section(res, "scaling", lambda: ex.scaling(lab, [1, 2, 4], witness, 0.005,
+                                                   neighbours=4))
     with Lab(prefix=f"mbr{os.getpid() % 100000}", containers=1, routers=2) as routed:
         routed.warm_up()
-        print("traceroute accuracy (routed lab)", flush=True)
-        res["traceroute"] = ex.traceroute_accuracy(routed, traces=2 if args.quick else 10,
-                                                   queries=5 if args.quick else 10)
+        print("traceroute accuracy (routed lab, truth v2)", flush=True)
+        section(res, "traceroute", lambda: ex.traceroute_accuracy(
+            routed, traces=2 if args.quick else 10, queries=5 if args.quick else 10))
     res["duration_s"] = time.monotonic() - started
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(res, indent=1))

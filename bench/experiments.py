@@ -22,7 +22,7 @@ from pathlib import Path
 
 from bench.tools import ToolResult, ToolRun, capture_filter, iputils, mace_ping, scamper
 from mace_tools.kernel.backend import Backend
-from mace_tools.lab.capture import Capture, CapturedEcho, trace_truth
+from mace_tools.lab.capture import Capture, CapturedEcho, TruthCapture
 from mace_tools.lab.load import Load
 from mace_tools.lab.topology import Lab
 from mace_tools.stats import percentile
@@ -86,7 +86,7 @@ def accuracy(lab: Lab, settings: list[tuple[str, int, str]], probes: int, interv
             if shutil.which("scamper"):
                 runs.append(scamper(lab, lab.container_ns(SCAMPER_CONTAINER), ID_SCAMPER,
                                     scamper_probes, 0.1))
-            with Capture(lab.host_ns, lab.outer_dev, capture_filter(runs)) as cap:
+            with TruthCapture(lab.outer_link, capture_filter(runs)) as cap:
                 results = {run.name: run.collect() for run in runs}
         mace = results["mace-ping"]
         truth_mace = cap.echoes(nonce)
@@ -102,6 +102,7 @@ def accuracy(lab: Lab, settings: list[tuple[str, int, str]], probes: int, interv
             tools["scamper ping -O dl (container)"] = errors_us(
                 results["scamper -O dl"].rtt_ms, cap.echoes_by_id(ID_SCAMPER))
         mace_summary = mace.summary.get("mace", {})
+        residual, unexplained = truth_residual(mace.corrected_ms, mace.transit_us, truth_mace)
         rows.append({
             "setting": name, "neighbours": neighbours, "load": kind if neighbours else "idle",
             "probes": probes, "replies": len(mace.rtt_ms),
@@ -109,10 +110,39 @@ def accuracy(lab: Lab, settings: list[tuple[str, int, str]], probes: int, interv
             "kernel_events_lost": mace_summary.get("kernel_events_lost"),
             "tools": {tool: distribution(errs) for tool, errs in tools.items()},
             "raw_errors": {tool: errs for tool, errs in tools.items()},
+            "truth_residual_us": distribution(residual),
+            "error_minus_residual_us": distribution(unexplained),
         })
         print(f"  accuracy {name}: coverage {mace_summary.get('coverage')}, corrected "
               f"{_fmt(rows[-1]['tools']['mace-ping corrected'])}", flush=True)
     return rows
+
+
+def truth_residual(corrected_ms: dict[int, float | None], transit_us: dict[int, float | None],
+                   truth: dict[int, CapturedEcho]) -> tuple[list[float], list[float]]:
+    """Truth v2's residual per reply (the request's transit of the outer link, from mace's
+    own events) and what of corrected - truth it does not explain (µs)."""
+    residual, unexplained = [], []
+    for seq, transit in transit_us.items():
+        if transit is None:
+            continue
+        residual.append(transit)
+        error = errors_us({seq: corrected_ms.get(seq)}, truth)
+        if error:
+            unexplained.append(error[0] - transit)
+    return residual, unexplained
+
+
+def truth_v1_bias(lab: Lab, probes: int, interval: float) -> dict:
+    """Truth v1 (one capture on the outer device, both directions) beside truth v2 on the
+    same run: how far the tap's early departure stamps pull corrected - truth below zero."""
+    nonce = os.urandom(8)
+    with TruthCapture(lab.outer_link, Capture.nonce_filter(nonce), probes) as v2, \
+            Capture(lab.host_ns, lab.outer_dev, Capture.nonce_filter(nonce), 2 * probes) as v1:
+        mace = mace_ping(lab, 0, nonce, probes, interval).collect()
+    return {"probes": probes, "interval_s": interval,
+            "truth_v1": distribution(errors_us(mace.corrected_ms, v1.echoes(nonce))),
+            "truth_v2": distribution(errors_us(mace.corrected_ms, v2.echoes(nonce)))}
 
 
 def _fmt(d: dict) -> str:
@@ -226,6 +256,23 @@ def mace_program_stats() -> dict[str, tuple[int, int]]:
     return totals
 
 
+class NotMeasured(Exception):
+    """A bench section could not measure; the message says why (one line for the table)."""
+
+
+def wait_for_programs(program_sets: int, timeout_s: float = 60.0) -> None:
+    """Until `program_sets` copies of mace's programs are loaded (a fixed sleep measured
+    nothing on a machine where start-up took longer than the sleep)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True,
+                             text=True).stdout
+        if sum(p.get("name") == "mace_xmit" for p in json.loads(out or "[]")) >= program_sets:
+            return
+        time.sleep(0.05)
+    raise NotMeasured(f"{program_sets} mace program set(s) not loaded within {timeout_s:.0f} s")
+
+
 def _delta(after: dict[str, tuple[int, int]], before: dict[str, tuple[int, int]]) -> dict:
     out = {}
     for name, (t, c) in after.items():
@@ -255,9 +302,9 @@ def _run_with_rusage(cmd: list[str], timeout_s: float) -> tuple[str, dict]:
 
 def flood_and_cost(lab: Lab, seconds: int, neighbours: int) -> dict:
     """mace-ping -f for `seconds` under flood neighbours: rate, coverage, CPU, peak RSS."""
-    cmd = [sys.executable, "-m", "mace_tools.cli.ping", "--netns",
-           lab.netns_path(lab.container_ns(0)), "-f", "-q", "-w", str(seconds), "-W", "1",
-           lab.target_addr]
+    cmd = lab.on_host(sys.executable, "-m", "mace_tools.cli.ping", "--netns",
+                      lab.netns_path(lab.container_ns(0)), "-f", "-q", "-w", str(seconds),
+                      "-W", "1", lab.target_addr)
     with load_setting(lab, neighbours, "flood", seconds + 30):
         out, usage = _run_with_rusage(cmd, seconds + 30)
     sent = int(re.search(r"(\d+) packets transmitted", out).group(1))
@@ -271,16 +318,24 @@ def flood_and_cost(lab: Lab, seconds: int, neighbours: int) -> dict:
             "kernel_events_lost": int(lost.group(1)) if lost else None, **usage}
 
 
+def flood_repeated(lab: Lab, seconds: int, neighbours: int, repeats: int) -> dict:
+    """flood_and_cost `repeats` times: the median run, with every run's rate as the spread."""
+    runs = sorted((flood_and_cost(lab, seconds, neighbours) for _ in range(repeats)),
+                  key=lambda r: r["probes_per_s"])
+    return {**runs[len(runs) // 2], "repeats": repeats,
+            "probes_per_s_runs": [r["probes_per_s"] for r in runs]}
+
+
 def bpf_cost(lab: Lab, seconds: float, neighbours: int) -> dict:
     """Per-run cost of mace's programs under flood neighbours plus a mace-ping -f probing,
     read from kernel.bpf_stats_enabled counters (bpftool)."""
     with load_setting(lab, neighbours, "flood", seconds + 30), bpf_stats():
-        flood = subprocess.Popen(
-            [sys.executable, "-m", "mace_tools.cli.ping", "--netns",
-             lab.netns_path(lab.container_ns(0)), "-f", "-q", "-w", str(int(seconds) + 2),
-             lab.target_addr], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        flood = subprocess.Popen(lab.on_host(
+            sys.executable, "-m", "mace_tools.cli.ping", "--netns",
+            lab.netns_path(lab.container_ns(0)), "-f", "-q", "-w", str(int(seconds) + 5),
+            lab.target_addr), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            time.sleep(1.0)  # programs loaded and attached
+            wait_for_programs(1)
             before = mace_program_stats()
             time.sleep(seconds)
             after = mace_program_stats()
@@ -372,7 +427,7 @@ def scaling(lab: Lab, instances: list[int], count: int, interval: float,
             with bpf_stats():
                 runs = [mace_ping(lab, containers[i], os.urandom(8), 2 * count, interval, "-q")
                         for i in range(n)]
-                time.sleep(0.5)  # loaded and attached
+                wait_for_programs(n)
                 before = mace_program_stats()
                 witness = _merge([_witness_ping(lab, count, interval)])
                 after = mace_program_stats()
@@ -390,7 +445,7 @@ def scaling(lab: Lab, instances: list[int], count: int, interval: float,
                          "witness_delta_p99_us": witness["p99"] - base["p99"],
                          "control_delta_mean_us": control["mean"] - base["mean"],
                          "bpf_share_mean_us": witness["mean"] - control["mean"]})
-            print(f"  scaling {n}: {rows[-1]['cost']['ns_per_run']:.1f} ns/run, witness "
+            print(f"  scaling {n}: {rows[-1]['cost']['ns_per_run'] or 0:.1f} ns/run, witness "
                   f"{rows[-1]['witness_delta_mean_us']:+.2f} µs (same-rate iputils "
                   f"{rows[-1]['control_delta_mean_us']:+.2f} µs)", flush=True)
     return rows
@@ -401,8 +456,8 @@ TRACE_METHODS = [("UDP", [], "udp"), ("UDP --paris", ["--paris"], "udp"),
 
 
 def traceroute_accuracy(lab: Lab, traces: int, queries: int) -> list[dict]:
-    """Per method and hop: corrected minus the capture on the outer device (µs). Hop 1 is
-    the host's bridge (host-internal: it never reaches the outer device, no truth there)."""
+    """Per method and hop: corrected minus truth v2 on the outer link (µs). Hop 1 is the
+    host's bridge (host-internal: it never reaches the outer device, no truth there)."""
     rows = []
     for name, flags, method in TRACE_METHODS:
         errors: dict[int, list[float]] = {}
@@ -411,13 +466,14 @@ def traceroute_accuracy(lab: Lab, traces: int, queries: int) -> list[dict]:
         replies = corrected = 0
         for _ in range(traces):
             nonce = os.urandom(8)
-            cmd = [sys.executable, "-m", "mace_tools.cli.traceroute", "--netns",
-                   lab.netns_path(lab.container_ns(0)), "--json", "--nonce", nonce.hex(),
-                   "-q", str(queries), "-w", "1", *flags, lab.target_addr]
-            with Capture(lab.host_ns, lab.outer_dev, "icmp or tcp or udp") as cap:
+            cmd = lab.on_host(sys.executable, "-m", "mace_tools.cli.traceroute", "--netns",
+                              lab.netns_path(lab.container_ns(0)), "--json", "--nonce",
+                              nonce.hex(), "-q", str(queries), "-w", "1", *flags,
+                              lab.target_addr)
+            with TruthCapture(lab.outer_link, "icmp or tcp or udp") as cap:
                 doc = json.loads(subprocess.run(cmd, capture_output=True, text=True,
                                                 timeout=120).stdout)
-            truth = trace_truth(cap.ip_packets, cap.ip_packets, nonce, method, packet_len=60)
+            truth = cap.trace(nonce, method, packet_len=60)
             for hop in doc["result"]:
                 for r in hop["result"]:
                     if "rtt" not in r:

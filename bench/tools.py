@@ -1,8 +1,9 @@
 """Run each measured tool in the lab and return its RTT per ICMP seq (ms).
 
-Every tool is keyed so the capture on the host's outer device can find its probes:
+Every tool is keyed so truth v2 (captures on the host's outer link) can find its probes:
 mace-ping by its payload nonce (--nonce), iputils ping by its ICMP id (-e), scamper by
-its ICMP id (-F). NAT keeps ids consistent on the outer device.
+its ICMP id (-F). NAT keeps ids consistent on the outer link. mace-ping runs in the lab's
+host netns and enters the container's with --netns, as on a container host.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO
 
+from mace_tools.lab.demo import outer_link_transit_us
 from mace_tools.lab.topology import Lab
 
 _PING_LINE = re.compile(r"icmp_seq=(\d+) ttl=\d+ time=([\d.]+) ms")
@@ -49,6 +51,7 @@ class ToolRun:
 class ToolResult:
     rtt_ms: dict[int, float] = field(default_factory=dict)  # seq -> raw RTT
     corrected_ms: dict[int, float | None] = field(default_factory=dict)  # mace only
+    transit_us: dict[int, float | None] = field(default_factory=dict)  # mace: truth residual
     summary: dict = field(default_factory=dict)
     stderr: str = ""
     returncode: int = 0
@@ -101,6 +104,7 @@ def parse_mace(out: str) -> ToolResult:
         if rec.get("type") == "reply" and not rec.get("dup"):
             res.rtt_ms[rec["seq"]] = rec["rtt"]
             res.corrected_ms[rec["seq"]] = rec["rtt_corrected"]
+            res.transit_us[rec["seq"]] = outer_link_transit_us(rec)
         elif rec.get("type") == "summary":
             res.summary = rec
     return res
@@ -108,9 +112,10 @@ def parse_mace(out: str) -> ToolResult:
 
 def mace_ping(lab: Lab, container: int, nonce: bytes, count: int, interval: float,
               *extra: str) -> ToolRun:
-    cmd = [sys.executable, "-m", "mace_tools.cli.ping", "--netns",
-           lab.netns_path(lab.container_ns(container)), "--ndjson", "--nonce", nonce.hex(),
-           "-c", str(count), "-i", str(interval), *extra, lab.target_addr]
+    cmd = lab.on_host(sys.executable, "-m", "mace_tools.cli.ping", "--netns",
+                      lab.netns_path(lab.container_ns(container)), "--ndjson", "--nonce",
+                      nonce.hex(), "-c", str(count), "-i", str(interval), *extra,
+                      lab.target_addr)
     return _start("mace-ping", cmd, parse_mace, ("nonce", nonce))
 
 

@@ -25,6 +25,7 @@ class ProbeRow:
     corrected_ms: float | None
     capture_ms: float | None  # the truth's RTT
     outer_dev: str | None = None  # the device mace took the correction at
+    transit_us: float | None = None  # the truth's residual (outer_link_transit_us)
 
     @property
     def error_us(self) -> float | None:
@@ -77,6 +78,22 @@ def run_mace_ping(lab: Lab, container: int, *args: str, timeout_s: float = 300) 
     return PingRun(records, summary, proc.returncode, proc.stderr)
 
 
+def outer_link_transit_us(record: dict) -> float | None:
+    """The request's transit of the outer link as mace's own events show it (µs): from its
+    last departure from the outer device to its next arrival, at the far end. Truth v2 is
+    shorter than the outer device's departure-to-arrival time by exactly this: its residual.
+    None without the outer device or the far end's arrival in the record's path."""
+    dev, _, netns = (record.get("outer_dev") or "").rpartition("@")
+    path = record.get("path") or []
+    left = [s["t"] for s in path if s["pkt"] == "request" and s["dir"] == "tx"
+            and s["dev"] == dev and str(s["netns"]) == netns]
+    if not left:
+        return None
+    arrived = next((s["t"] for s in path if s["pkt"] == "request" and s["dir"] == "rx"
+                    and s["t"] >= left[-1] and str(s["netns"]) != netns), None)
+    return None if arrived is None else arrived - left[-1]
+
+
 def compare(run: PingRun, capture: TruthCapture) -> list[ProbeRow]:
     truth = capture.echoes(run.nonce)
     rows = []
@@ -86,7 +103,8 @@ def compare(run: PingRun, capture: TruthCapture) -> list[ProbeRow]:
         echo = truth.get(rec["seq"])
         rtt = echo.rtt_ns if echo else None
         rows.append(ProbeRow(rec["seq"], rec["rtt"], rec["rtt_corrected"],
-                             None if rtt is None else rtt / 1e6, rec.get("outer_dev")))
+                             None if rtt is None else rtt / 1e6, rec.get("outer_dev"),
+                             outer_link_transit_us(rec)))
     return rows
 
 
