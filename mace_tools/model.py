@@ -125,19 +125,34 @@ class Measurement:
         return self.rtt_corrected_ns is not None
 
 
+@dataclass(frozen=True, slots=True)
+class RttStats:
+    """Statistics of one RTT series, in ms; built by stats.py."""
+
+    min: float
+    avg: float
+    max: float
+    mdev: float  # population standard deviation, as iputils: sqrt(mean(x^2) - mean(x)^2)
+    p50: float  # nearest rank; from a run's sketch: within stats.RELATIVE_ERROR
+    p95: float
+    p99: float
+    n: int = 0  # values in the series
+
+
 @dataclass(slots=True)
 class RunSummary:
-    """What a run adds up to; built by stats.summarize()."""
+    """What a run adds up to; built by stats.Tally.summary() from running sums, so it holds
+    no per-reply values however long the run."""
 
     transmitted: int
     received: int  # distinct sequence numbers answered (duplicates excluded, as iputils)
     duplicates: int
     errors: int
     elapsed_ms: int  # first send to last activity, as iputils' "time Nms"
-    rtt_raw_ms: list[float]  # received, non-duplicate replies in arrival order
-    rtt_corrected_ms: list[float]  # the subset with kernel data
-    egress_ms: list[float]
-    ingress_ms: list[float]
+    rtt_raw: RttStats | None  # received, non-duplicate replies (None: none)
+    rtt_corrected: RttStats | None  # the subset with kernel data
+    egress_avg_ms: float | None  # over that subset
+    ingress_avg_ms: float | None
     kernel_events_lost: int  # ring buffer full / map full, summed over CPUs
 
     @property
@@ -147,8 +162,12 @@ class RunSummary:
         return 100.0 * (self.transmitted - self.received) / self.transmitted
 
     @property
+    def corrected_count(self) -> int:
+        return self.rtt_corrected.n if self.rtt_corrected else 0
+
+    @property
     def coverage(self) -> float:
         """Fraction of received replies that got a corrected RTT (1.0 when none received)."""
-        if not self.rtt_raw_ms:
+        if self.rtt_raw is None:
             return 1.0
-        return len(self.rtt_corrected_ms) / len(self.rtt_raw_ms)
+        return self.corrected_count / self.rtt_raw.n

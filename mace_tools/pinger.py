@@ -1,8 +1,9 @@
 """The ping run: send probes, read replies and kernel events, correlate, report.
 
-One thread, one epoll over the ICMP socket and the ring buffer. Kernel events of a reply
-are committed to the ring buffer before the reply reaches the socket, so draining the
-ring before correlating a reply always finds them: no waiting, no guessing.
+One thread, one epoll over the ICMP socket. Kernel events of a reply are committed to the
+ring buffer before the reply reaches the socket, so draining the ring before correlating a
+reply always finds them: no waiting, no guessing. The ring is also drained on every turn of
+the loop (its records wake no one: bpf/mace.bpf.c).
 
 What the run reports goes to a ``PingSink`` (the output layer); the run itself prints
 nothing.
@@ -10,6 +11,7 @@ nothing.
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 import socket
@@ -32,12 +34,16 @@ from mace_tools.probe.icmp import (
 )
 from mace_tools.probe.sockets import IcmpSocket
 from mace_tools.stats import Tally
+from mace_tools.status import StatusSignal
 
 if TYPE_CHECKING:  # libbpf is bound only when a run starts
     from mace_tools.kernel.backend import Backend
 
 NS_PER_S = 1_000_000_000
 FLOOD_MIN_RATE_S = 0.01  # iputils -f: next probe on reply, or 100 per second at least
+MIN_INTERVAL_NS = 10_000_000  # iputils' MIN_INTERVAL_MS: retry when the kernel had no room
+MAX_NO_ROOM_BACKOFF_NS = 500_000_000
+MAX_POLL_S = 60.0  # the loop re-reads its clock at least this often (epoll's int ms limit)
 
 _UNREACH = {
     0: "Destination Net Unreachable",
@@ -80,7 +86,6 @@ class RunResult:
     kernel_events_lost: int = 0
     kernel: bool = True  # False when probes cannot carry the nonce (size < 8)
     tally: Tally = field(default_factory=Tally)  # replies are counted, not kept
-    unanswered: list[int] = field(default_factory=list)  # probe numbers with no reply
 
 
 class PingSink(Protocol):
@@ -89,6 +94,9 @@ class PingSink(Protocol):
     def reply(self, m: Measurement) -> None: ...
     def icmp_error(self, seq: int, src: str, text: str) -> None: ...
     def no_answer_yet(self, seq: int) -> None: ...
+    def send_error(self, seq: int, text: str) -> None: ...
+    def timeout(self, seq: int) -> None: ...
+    def status(self, transmitted: int, tally: Tally) -> None: ...
 
 
 class _Probes:
@@ -99,10 +107,25 @@ class _Probes:
         self.events: dict[int, list[KernelEvent]] = {}
         self.answered: set[int] = set()
 
-    def add(self, probe: Probe) -> None:
+    def add(self, probe: Probe) -> bool:
+        """Track probe; True if it takes the seq of a probe (65536 probes ago) that got no
+        answer, which is then lost for good. So nothing here grows past 65536 entries."""
+        lost = probe.seq in self.sent and probe.seq not in self.answered
         self.sent[probe.seq] = probe
         self.events[probe.seq] = []
         self.answered.discard(probe.seq)
+        return lost
+
+    def forget(self, seq: int) -> None:
+        """A probe that never left (sendto failed): no reply or event will come."""
+        self.sent.pop(seq, None)
+        self.events.pop(seq, None)
+        self.answered.discard(seq)
+
+    def unanswered(self, transmitted: int) -> list[int]:
+        """Seqs of the last 65536 probes still sent and unanswered, in sending order."""
+        seqs = ((n & 0xFFFF) for n in range(max(1, transmitted - 0xFFFF), transmitted + 1))
+        return [seq for seq in seqs if seq in self.sent and seq not in self.answered]
 
     def add_event(self, ev: KernelEvent) -> None:
         bucket = self.events.get(ev.seq)
@@ -116,14 +139,20 @@ class _Probes:
 
 class Pinger:
     def __init__(self, opts: PingOptions, sink: PingSink, nonce: bytes | None = None,
-                 backend_factory: Callable[[bytes], Backend] | None = None) -> None:
+                 backend_factory: Callable[[bytes], Backend] | None = None,
+                 after_setup: Callable[[], None] | None = None) -> None:
+        """after_setup runs once the socket, the netns and the programs are set up: the
+        command drops its privileges there, as iputils does (a long-lived caller, such as
+        a service running many pings, keeps its own)."""
         self.opts = opts
+        self._after_setup = after_setup
         self.sink = sink
         self.nonce = nonce or new_nonce()
         self.ident = os.getpid() & 0xFFFF
         self._template = EchoTemplate(self.ident, self.nonce, opts.size)
         self._backend_factory = backend_factory
         self._probes = _Probes()
+        self._no_room = 0  # consecutive sends refused for lack of buffer (iputils' oom_count)
 
     def run(self) -> RunResult:
         opts = self.opts
@@ -143,6 +172,8 @@ class Pinger:
             result.kernel = opts.size >= NONCE_LEN
             backend = self._open_backend() if result.kernel else None
             try:
+                if self._after_setup is not None:
+                    self._after_setup()
                 self._loop(sock, backend, ns, result)
             finally:
                 if backend is not None:
@@ -167,10 +198,12 @@ class Pinger:
         probes = self._probes
         poller = select.epoll()
         poller.register(sock.fileno(), select.EPOLLIN)
-        if backend is not None:
-            poller.register(backend.fd, select.EPOLLIN)
-        interval_ns = int((FLOOD_MIN_RATE_S if opts.flood and opts.interval_s <= 0
-                           else opts.interval_s) * NS_PER_S)
+        status = StatusSignal.install()
+        if status.fd is not None:
+            poller.register(status.fd, select.EPOLLIN)
+        # -i 0, with or without -f, paces as iputils: next probe on reply, 100/s at least
+        adaptive = opts.interval_s <= 0
+        interval_ns = int((FLOOD_MIN_RATE_S if adaptive else opts.interval_s) * NS_PER_S)
         start = time.monotonic_ns()
         result.start_real_ns = time.clock_gettime_ns(time.CLOCK_REALTIME)
         deadline = start + int(opts.deadline_s * NS_PER_S) if opts.deadline_s else None
@@ -193,37 +226,52 @@ class Pinger:
                         prev = result.transmitted & 0xFFFF
                         if prev not in probes.answered:
                             self.sink.no_answer_yet(prev)
-                    self._send(sock, result.transmitted + 1)
-                    result.transmitted += 1
-                    last_send = now
-                    next_send = max(next_send + interval_ns, now) if not opts.flood \
-                        else now + interval_ns
-                    continue
+                    retry_ns = self._send(sock, result.transmitted + 1, result)
+                    if retry_ns is not None:
+                        next_send = now + retry_ns
+                    else:
+                        result.transmitted += 1
+                        last_send = now
+                        next_send = now + interval_ns if opts.flood or adaptive \
+                            else max(next_send + interval_ns, now)
+                    # no `continue`: replies are read between any two probes, else -i 0
+                    # (or any interval shorter than a send) would starve the socket
                 wake = [next_send if more else last_send + int(opts.linger_s * NS_PER_S)]
                 if deadline is not None:
                     wake.append(deadline)
-                timeout_s = max(0.0, (min(wake) - time.monotonic_ns()) / NS_PER_S)
+                timeout_s = min(max(0.0, (min(wake) - time.monotonic_ns()) / NS_PER_S),
+                                MAX_POLL_S)
                 for fd, _ in poller.poll(timeout_s):
-                    if backend is not None and fd == backend.fd:
-                        backend.drain(probes.add_event)
+                    if fd == status.fd:
+                        status.drain()
+                if backend is not None:
+                    # The programs submit without waking us (bpf/mace.bpf.c): drain every
+                    # turn, so unanswered probes' events never pile up in the ring.
+                    backend.drain(probes.add_event)
                 got = self._receive(sock, backend, ns, result)
                 received += got
-                if got and opts.flood and opts.interval_s <= 0:
-                    next_send = time.monotonic_ns()  # flood: next probe as soon as answered
+                if got and adaptive:
+                    next_send = time.monotonic_ns()  # next probe as soon as answered
+                if status.take():
+                    self.sink.status(result.transmitted, result.tally)
         except KeyboardInterrupt:
             pass  # Ctrl-C: stop sending, report what we have (as ping does)
         finally:
             poller.close()
+            status.close()
         result.elapsed_ms = (time.monotonic_ns() - start) // 1_000_000
-        answered = probes.answered
-        result.unanswered = [n for n in range(1, result.transmitted + 1)
-                             if (n & 0xFFFF) not in answered]
+        for seq in probes.unanswered(result.transmitted):
+            self.sink.timeout(seq)
 
-    def _send(self, sock: IcmpSocket, n: int) -> None:
+    def _send(self, sock: IcmpSocket, n: int, result: RunResult) -> int | None:
+        """Send probe n. None: it counts as transmitted, sent or failed for good (as
+        iputils' "hard local error": reported, and counted in errors). Else the kernel had
+        no room for it: try the same probe again in that many ns, uncounted."""
         seq = n & 0xFFFF
         message = self._template.message(seq)
         probe = Probe(seq, 0, 0)
-        self._probes.add(probe)
+        if self._probes.add(probe):
+            self.sink.timeout(seq)  # the probe 65536 before this one
         # Both clocks just before sendto(): the raw RTT's start (as iputils: wall clock) and
         # the send point egress is measured from (the clock of bpf_ktime_get_ns).
         probe.sent_real_ns = time.clock_gettime_ns(time.CLOCK_REALTIME)
@@ -231,8 +279,29 @@ class Pinger:
         try:
             sock.send(message, self.opts.dst_addr)
         except OSError as exc:
-            raise MaceError(f"sendto: {exc.strerror}", exit_code=2) from exc
+            self._probes.forget(seq)
+            retry_ns = self._retry_after(exc)
+            if retry_ns is None:
+                result.errors += 1
+                self.sink.send_error(seq, f"sendmsg: {exc.strerror}")
+            return retry_ns
+        self._no_room = 0
         self.sink.sent(seq)
+        return None
+
+    def _retry_after(self, exc: OSError) -> int | None:
+        """As iputils: a full socket buffer (EAGAIN) is retried in 10 ms; a full device
+        queue or no memory (ENOBUFS, ENOMEM) backs off min(interval/2, 500 ms) until the
+        retries would outlast -W, then fails as any other error (None: a failure)."""
+        if exc.errno == errno.EAGAIN:
+            return MIN_INTERVAL_NS
+        if exc.errno in (errno.ENOBUFS, errno.ENOMEM):
+            backoff = min(max(int(self.opts.interval_s * NS_PER_S) // 2, MIN_INTERVAL_NS),
+                          MAX_NO_ROOM_BACKOFF_NS)
+            self._no_room += 1
+            if self._no_room * backoff < self.opts.linger_s * NS_PER_S:
+                return backoff
+        return None
 
     def _receive(self, sock: IcmpSocket, backend: Backend | None, ns: Namespaces,
                  result: RunResult) -> int:
@@ -248,7 +317,8 @@ class Pinger:
             if parsed.icmp_type != 0:
                 self._maybe_error(parsed, result)
                 continue
-            if not is_our_reply(parsed, self.nonce, self.ident) or parsed.seq not in probes.sent:
+            if not is_our_reply(parsed, self.nonce, self.ident, self.opts.size) \
+                    or parsed.seq not in probes.sent:
                 continue  # another program's echo reply
             if backend is not None and not drained:
                 backend.drain(probes.add_event)  # events precede socket delivery
@@ -268,8 +338,8 @@ class Pinger:
 
     def _maybe_error(self, parsed: ParsedIcmp, result: RunResult) -> None:
         """An ICMP error quoting one of our probes is reported as iputils does."""
-        seq = _quoted_probe_seq(parsed.quoted, self.ident, self.nonce)
-        if seq is None or seq not in self._probes.sent:
+        seq = _quoted_probe_seq(parsed.quoted, self.ident, self.nonce, self.opts.dst_addr)
+        if not parsed.checksum_ok or seq is None or seq not in self._probes.sent:
             return
         table = _UNREACH if parsed.icmp_type == 3 else _TIME_EXCEEDED \
             if parsed.icmp_type == 11 else {}
@@ -278,11 +348,17 @@ class Pinger:
         self.sink.icmp_error(seq, parsed.src, text)
 
 
-def _quoted_probe_seq(quoted: bytes, ident: int, nonce: bytes) -> int | None:
-    """Seq of our echo request quoted in an ICMP error, or None if it is not ours."""
-    if len(quoted) < 20 or quoted[0] >> 4 != 4:
+def _quoted_probe_seq(quoted: bytes, ident: int, nonce: bytes, dst: str) -> int | None:
+    """Seq of our echo request quoted in an ICMP error, or None if it is not ours: the
+    quote must be the first fragment of an ICMP datagram to our target (as iputils checks
+    the destination: with only 8 bytes quoted, the id alone would take another program's
+    probe to another host for ours)."""
+    if len(quoted) < 20 or quoted[0] >> 4 != 4 or quoted[9] != socket.IPPROTO_ICMP:
         return None
     ihl = (quoted[0] & 0x0F) * 4
+    if ihl < 20 or int.from_bytes(quoted[6:8], "big") & 0x1FFF \
+            or socket.inet_ntoa(quoted[16:20]) != dst:
+        return None
     icmp = quoted[ihl:]
     if len(icmp) < 8 or icmp[0] != 8:
         return None

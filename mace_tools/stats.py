@@ -1,25 +1,29 @@
-"""Summary statistics as iputils computes them, plus percentiles for JSON and the bench."""
+"""Summary statistics as iputils computes them, plus percentiles for JSON and the bench.
+
+A run keeps no per-reply values: each RTT series is running sums (count, sum, sum of
+squares, min, max; exact integers in ns) and, where percentiles are wanted, a fixed-size
+log-bucketed quantile sketch. So a flood of hours costs the same memory as a ping of ten.
+``rtt_stats``/``percentile`` stay for the short, already-kept lists of the lab and bench.
+"""
 
 from __future__ import annotations
 
 import math
-from array import array
-from dataclasses import dataclass
 
-from mace_tools.model import Measurement, RunSummary
+from mace_tools.model import Measurement, RttStats, RunSummary
+
+__all__ = ["RELATIVE_ERROR", "QuantileSketch", "RttStats", "Series", "Tally", "percentile",
+           "rtt_stats", "summarize"]
 
 NS_PER_MS = 1_000_000
-
-
-@dataclass(frozen=True, slots=True)
-class RttStats:
-    min: float
-    avg: float
-    max: float
-    mdev: float  # population standard deviation, as iputils: sqrt(mean(x^2) - mean(x)^2)
-    p50: float
-    p95: float
-    p99: float
+NS_PER_US = 1_000
+# Quantiles from the sketch are within this relative error of a value of the run's
+# (DDSketch's guarantee: Masson, Rim, Lee, "DDSketch", VLDB 2019).
+RELATIVE_ERROR = 0.01
+# Magnitudes (ns) the sketch tells apart; anything larger shares the top bucket, anything
+# under 1 ns is zero. 1e13 ns (about 2.8 h) is far beyond any RTT, and bounds the
+# sketch at ~1500 buckets per sign (typically a few dozen are used: a few KB).
+_MAX_MAGNITUDE_NS = 1e13
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -29,6 +33,7 @@ def percentile(sorted_values: list[float], q: float) -> float:
 
 
 def rtt_stats(values: list[float]) -> RttStats | None:
+    """Exact statistics of a list (lab demo, bench); a run uses Series instead."""
     if not values:
         return None
     n = len(values)
@@ -38,45 +43,166 @@ def rtt_stats(values: list[float]) -> RttStats | None:
     return RttStats(
         min=ordered[0], avg=avg, max=ordered[-1], mdev=math.sqrt(max(variance, 0.0)),
         p50=percentile(ordered, 50), p95=percentile(ordered, 95), p99=percentile(ordered, 99),
+        n=n,
     )
 
 
+class QuantileSketch:
+    """Nearest-rank quantiles within RELATIVE_ERROR, in memory bounded by the value range.
+
+    Bucket i of a sign holds magnitudes in (gamma^(i-1), gamma^i], gamma = (1+a)/(1-a);
+    its representative 2*gamma^i/(gamma+1) is within a (relative) of every value in it.
+    """
+
+    __slots__ = ("_gamma", "_log_gamma", "_max_index", "_negative", "_positive", "_zero",
+                 "count")
+
+    def __init__(self, relative_error: float = RELATIVE_ERROR) -> None:
+        self._gamma = (1 + relative_error) / (1 - relative_error)
+        self._log_gamma = math.log(self._gamma)
+        self._max_index = self._index(_MAX_MAGNITUDE_NS)
+        self._positive: dict[int, int] = {}
+        self._negative: dict[int, int] = {}  # corrected/egress/ingress may dip below 0
+        self._zero = 0
+        self.count = 0
+
+    def _index(self, magnitude: float) -> int:
+        return math.ceil(math.log(magnitude) / self._log_gamma)
+
+    def _value(self, index: int) -> float:
+        return 2 * self._gamma ** index / (self._gamma + 1)
+
+    def add(self, value: float) -> None:
+        self.count += 1
+        magnitude = abs(value)
+        if magnitude < 1:
+            self._zero += 1
+            return
+        store = self._positive if value > 0 else self._negative
+        index = min(self._index(magnitude), self._max_index)
+        store[index] = store.get(index, 0) + 1
+
+    @property
+    def buckets(self) -> int:
+        """Buckets in use (what the sketch's memory grows with: never the count)."""
+        return len(self._positive) + len(self._negative) + (1 if self._zero else 0)
+
+    def quantile(self, q: float) -> float | None:
+        """Nearest-rank q-quantile (q in 0..1) within the relative error; None if empty."""
+        if self.count == 0:
+            return None
+        rank = max(1, math.ceil(q * self.count))
+        seen = 0
+        for index in sorted(self._negative, reverse=True):  # most negative first
+            seen += self._negative[index]
+            if seen >= rank:
+                return -self._value(index)
+        seen += self._zero
+        if seen >= rank:
+            return 0.0
+        for index in sorted(self._positive):
+            seen += self._positive[index]
+            if seen >= rank:
+                return self._value(index)
+        return self._value(max(self._positive))  # unreachable: counts add up to count
+
+
+class Series:
+    """One RTT series of a run (ns in, ms out): running sums, and a sketch if quantiles
+    are wanted. Sums are Python integers, so avg and mdev are exact however long the run."""
+
+    __slots__ = ("count", "max", "min", "sketch", "total", "total_sq")
+
+    def __init__(self, quantiles: bool = True) -> None:
+        self.count = 0
+        self.total = 0
+        self.total_sq = 0
+        self.min = 0
+        self.max = 0
+        self.sketch = QuantileSketch() if quantiles else None
+
+    def add(self, ns: int) -> None:
+        if self.count == 0 or ns < self.min:
+            self.min = ns
+        if self.count == 0 or ns > self.max:
+            self.max = ns
+        self.count += 1
+        self.total += ns
+        self.total_sq += ns * ns
+        if self.sketch is not None:
+            self.sketch.add(ns)
+
+    def mean_ms(self) -> float | None:
+        return self.total / self.count / NS_PER_MS if self.count else None
+
+    def _quantile_ms(self, q: float) -> float:
+        """Sketch quantile clamped to the exact min and max (the sketch may overshoot)."""
+        if self.sketch is None:
+            return math.nan
+        value = self.sketch.quantile(q)
+        assert value is not None  # only called with count > 0
+        return min(max(value, self.min), self.max) / NS_PER_MS
+
+    def stats(self) -> RttStats | None:
+        """min/avg/max/mdev exact (mdev: population std dev, as iputils); percentiles
+        within RELATIVE_ERROR (nan when the series keeps no sketch)."""
+        n = self.count
+        if n == 0:
+            return None
+        # n^2 * variance, exactly: no cancellation however close the values are
+        spread = n * self.total_sq - self.total * self.total
+        return RttStats(
+            min=self.min / NS_PER_MS, avg=self.total / n / NS_PER_MS, max=self.max / NS_PER_MS,
+            mdev=math.sqrt(max(spread, 0)) / n / NS_PER_MS,
+            p50=self._quantile_ms(0.50), p95=self._quantile_ms(0.95),
+            p99=self._quantile_ms(0.99), n=n,
+        )
+
+
 class Tally:
-    """Running totals of a run's replies: what the summary needs, without keeping the
-    replies themselves (a flood of hours must not grow with every probe's path)."""
+    """Running totals of a run's replies: what the summary and the SIGQUIT status line
+    need, in memory that does not grow with the number of replies."""
+
+    __slots__ = ("corrected", "duplicates", "egress", "ewma8_us", "first_ttl", "ingress",
+                 "raw", "received")
 
     def __init__(self) -> None:
         self.received = 0  # distinct replies
         self.duplicates = 0
         self.first_ttl: int | None = None
-        # arrays of C doubles: 8 bytes a reply instead of a float object each
-        self.raw_ms = array("d")
-        self.corrected_ms = array("d")
-        self.egress_ms = array("d")
-        self.ingress_ms = array("d")
+        self.raw = Series()
+        self.corrected = Series()
+        self.egress = Series(quantiles=False)  # only their averages are reported
+        self.ingress = Series(quantiles=False)
+        # iputils' "ewma": 8 times an exponentially weighted average of the RTT in whole
+        # µs (each reply moves it 1/8 of the way), kept in integers as iputils keeps it.
+        self.ewma8_us = 0
 
     def add(self, m: Measurement) -> None:
-        """Duplicates are counted apart and left out of every RTT list, as iputils does."""
+        """Duplicates are counted apart and left out of every RTT series."""
         if m.dup:
             self.duplicates += 1
             return
         self.received += 1
         if self.first_ttl is None:
             self.first_ttl = m.ttl
-        self.raw_ms.append(m.rtt_raw_ns / NS_PER_MS)
+        self.raw.add(m.rtt_raw_ns)
+        rtt_us = m.rtt_raw_ns // NS_PER_US
+        self.ewma8_us = rtt_us * 8 if self.ewma8_us == 0 else \
+            self.ewma8_us + rtt_us - self.ewma8_us // 8
         if m.rtt_corrected_ns is not None and m.egress_ns is not None \
                 and m.ingress_ns is not None:
-            self.corrected_ms.append(m.rtt_corrected_ns / NS_PER_MS)
-            self.egress_ms.append(m.egress_ns / NS_PER_MS)
-            self.ingress_ms.append(m.ingress_ns / NS_PER_MS)
+            self.corrected.add(m.rtt_corrected_ns)
+            self.egress.add(m.egress_ns)
+            self.ingress.add(m.ingress_ns)
 
     def summary(self, transmitted: int, errors: int, elapsed_ms: int,
                 kernel_events_lost: int) -> RunSummary:
         return RunSummary(
             transmitted=transmitted, received=self.received, duplicates=self.duplicates,
-            errors=errors, elapsed_ms=elapsed_ms, rtt_raw_ms=self.raw_ms.tolist(),
-            rtt_corrected_ms=self.corrected_ms.tolist(), egress_ms=self.egress_ms.tolist(),
-            ingress_ms=self.ingress_ms.tolist(), kernel_events_lost=kernel_events_lost,
+            errors=errors, elapsed_ms=elapsed_ms, rtt_raw=self.raw.stats(),
+            rtt_corrected=self.corrected.stats(), egress_avg_ms=self.egress.mean_ms(),
+            ingress_avg_ms=self.ingress.mean_ms(), kernel_events_lost=kernel_events_lost,
         )
 
 

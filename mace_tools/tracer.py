@@ -1,8 +1,8 @@
 """The traceroute run: probes per hop, answers matched by what they quote, corrected.
 
-Same shape as the ping run (pinger.py): one thread, one epoll over the receive sockets
-and the ring buffer; kernel events of an answer are in the ring before the answer reaches
-a socket, so the ring is drained before each answer is correlated (correlate.py). A hop
+Same shape as the ping run (pinger.py): one thread, one epoll over the receive sockets;
+kernel events of an answer are in the ring before the answer reaches a socket, so the ring
+is drained before each answer is correlated (correlate.py), and on every turn. A hop
 whose answer came from inside the container host (the request never left the host's
 netns, e.g. hop 1, the bridge) is marked host-internal: its correction is taken at the
 prober's own device, as the outer device never saw it.
@@ -14,6 +14,7 @@ import os
 import select
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -102,8 +103,11 @@ def host_internal(m: Measurement, ns: Namespaces) -> bool:
 
 
 class Tracer:
-    def __init__(self, opts: TraceOptions, sink: TraceSink, nonce: bytes | None = None) -> None:
+    def __init__(self, opts: TraceOptions, sink: TraceSink, nonce: bytes | None = None,
+                 after_setup: Callable[[], None] | None = None) -> None:
+        """after_setup: as Pinger's (the command drops its privileges there)."""
         self.opts = opts
+        self._after_setup = after_setup
         self.sink = sink
         self.nonce = nonce or new_nonce()
         self.ident = os.getpid() & 0xFFFF
@@ -134,6 +138,8 @@ class Tracer:
         try:
             with Backend(self.nonce, udp=opts.method == UDP, tcp=opts.method == TCP,
                          errors=True) as backend:
+                if self._after_setup is not None:
+                    self._after_setup()
                 self.sink.start(src)
                 self._loop(socks, backend, ns, result)
                 result.kernel_events_lost = backend.lost()
@@ -149,7 +155,6 @@ class Tracer:
         poller = select.epoll()
         for s in socks:
             poller.register(s.fileno(), select.EPOLLIN)
-        poller.register(backend.fd, select.EPOLLIN)
         plan = [(ttl, q) for ttl in range(opts.first_ttl, opts.max_ttl + 1)
                 for q in range(opts.nqueries)]
         next_index = 0
@@ -178,11 +183,9 @@ class Tracer:
                 if printed >= last_ttl:
                     break
                 for fd, _ in poller.poll(0.02):  # also the granularity of -w and -z
-                    if fd == backend.fd:
-                        backend.drain(self._add_event)
-                    else:
-                        sock = next(s for s in socks if s.fileno() == fd)
-                        last_ttl = self._receive(sock, backend, ns, last_ttl)
+                    sock = next(s for s in socks if s.fileno() == fd)
+                    last_ttl = self._receive(sock, backend, ns, last_ttl)
+                backend.drain(self._add_event)  # records wake no one (bpf/mace.bpf.c)
         except KeyboardInterrupt:
             pass
         finally:

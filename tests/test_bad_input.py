@@ -9,10 +9,13 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 from unprivileged import LEAST_PRIVILEGE, with_capabilities
 
+from mace_tools.cli import ping as ping_cli
+from mace_tools.cli import traceroute as traceroute_cli
 from mace_tools.errors import MaceError
 from mace_tools.kernel import backend, native
 from mace_tools.lab.topology import Lab
@@ -39,10 +42,10 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[str], needle: str) -
 
 
 @pytest.mark.parametrize(("args", "needle"), [
-    (["-c", "0", "127.0.0.1"], "'-c'"),
-    (["-s", "70000", "127.0.0.1"], "'-s'"),
-    (["-t", "256", "127.0.0.1"], "'-t'"),
-    (["-i", "-1", "127.0.0.1"], "'-i'"),
+    (["-c", "0", "127.0.0.1"], "invalid argument: '0': out of range"),
+    (["-s", "70000", "127.0.0.1"], "invalid -s value: '70000'"),
+    (["-t", "256", "127.0.0.1"], "invalid argument: '256'"),
+    (["-i", "-1", "127.0.0.1"], "bad timing interval: -1"),
     (["--bogus", "127.0.0.1"], "--bogus"),
     (["-c", "1"], "HOST"),
     (["--netns", "mace-no-such-netns", "127.0.0.1"], "network namespace 'mace-no-such-netns'"),
@@ -53,6 +56,131 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[str], needle: str) -
 ])
 def test_bad_arguments(args: list[str], needle: str) -> None:
     assert_one_line_error(mace_ping(*args), needle)
+
+
+def assert_usage_error(main: object, argv: list[str], message: str,
+                       capsys: pytest.CaptureFixture[str]) -> None:
+    """In process (fast): exit 2 and exactly `message` as the only line on stderr. A
+    traceback would be an exception here, failing the test."""
+    status = main(argv)  # type: ignore[operator]
+    out, err = capsys.readouterr()
+    assert (status, err) == (2, message + "\n"), out
+    assert out == ""
+
+
+# Numbers checked as iputils' ping.c checks them (ping_strtod, strtol_or_err): its words.
+# Only the last value of an option counts, so a check that failed would ping loopback once.
+PING_NUMBERS = [
+    (["-W", "nan"], "bad linger time: nan: Numerical result out of range"),
+    (["-W", "inf"], "bad linger time: inf: Numerical result out of range"),
+    (["-W", "1e999"], "bad linger time: 1e999: Numerical result out of range"),
+    (["-W", "-1"], "bad linger time: -1"),
+    (["-W", "4295"], "bad linger time: 4295"),  # > UINT_MAX µs
+    (["-i", "nan"], "bad timing interval: nan: Numerical result out of range"),
+    (["-i", "-inf"], "bad timing interval: -inf: Numerical result out of range"),
+    (["-i", "1e999"], "bad timing interval: 1e999: Numerical result out of range"),
+    (["-i", "1e-310"], "bad timing interval: 1e-310: Numerical result out of range"),
+    (["-i", "2147484"], "bad timing interval: 2147484"),  # > INT_MAX ms
+    (["-i", "1x"], "bad timing interval: 1x"),
+    (["-w", "nan"], "invalid argument: 'nan'"),
+    (["-w", "inf"], "invalid argument: 'inf'"),
+    (["-w", "1e999"], "invalid argument: '1e999'"),
+    (["-w", "-1"], "invalid argument: '-1': out of range: 0 <= value <= 2147483647"),
+    (["-w", "2147483648"],
+     "invalid argument: '2147483648': out of range: 0 <= value <= 2147483647"),
+    (["-c", "99999999999999999999"],
+     "invalid argument: '99999999999999999999': Numerical result out of range"),
+    (["-c", "-5"], "invalid argument: '-5': out of range: 1 <= value <= 9223372036854775807"),
+    (["-c", "1_000"], "invalid argument: '1_000'"),  # Python's int() would take it
+    (["-c", "1.5"], "invalid argument: '1.5'"),
+    (["-s", "nan"], "invalid argument: 'nan'"),
+    (["-s", "65508"], "invalid -s value: '65508': out of range: 0 <= value <= 65507"),
+    (["-t", "0"], "invalid argument: '0': out of range: 1 <= value <= 255"),
+    (["--pid", "99999999999999999999"],  # was: OverflowError
+     "Invalid value for '--pid': 99999999999999999999 is not in the range 1<=x<=2147483647."),
+]
+
+
+@pytest.mark.parametrize(("bad", "message"), PING_NUMBERS)
+def test_ping_numbers_as_iputils(bad: list[str], message: str,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    assert_usage_error(ping_cli.main, ["-c", "1", "-W", "1", *bad, "127.0.0.1"],
+                       f"mace-ping: {message}", capsys)
+
+
+# As Linux traceroute words them (traceroute.c, its option parser); exit 2.
+TRACEROUTE_NUMBERS = [
+    (["-w", "nan"], "bad wait specifications `nan' used"),
+    (["-w", "inf"], "bad wait specifications `inf' used"),
+    (["-w", "1e999"], "bad wait specifications `1e999' used"),
+    (["-w", "1e308"], "bad wait specifications `1e308' used"),
+    (["-w", "-1"], "bad wait specifications `-1' used"),
+    (["-w", "1,nan,2"], "bad wait specifications `1,nan,2' used"),
+    (["-z", "nan"], "bad sendtime `nan' specified"),
+    (["-z", "inf"], "bad sendtime `inf' specified"),
+    (["-z", "-1"], "bad sendtime `-1' specified"),
+    (["-m", "256"], "max hops cannot be more than 255"),
+    (["-m", "0"], "first hop out of range"),
+    (["-f", "0"], "first hop out of range"),
+    (["-f", "2", "-m", "1"], "first hop out of range (-f 2 > -m 1)"),
+    (["-q", "11"], "no more than 10 probes per hop"),
+    (["-q", "0"], "no more than 10 probes per hop"),
+    (["-q", "nan"], "Cannot handle `-q' option with arg `nan'"),
+    (["-f", "99999999999999999999"], "first hop out of range (-f 99999999999999999999 > -m 1)"),
+    (["-N", "0"], "Cannot handle `-N' option with arg `0'"),
+    (["-p", "65536"], "Cannot handle `-p' option with arg `65536'"),
+    (["--pid", "99999999999999999999"],
+     "Invalid value for '--pid': 99999999999999999999 is not in the range 1<=x<=2147483647."),
+]
+
+
+@pytest.mark.parametrize(("bad", "message"), TRACEROUTE_NUMBERS)
+def test_traceroute_numbers_as_linux_traceroute(bad: list[str], message: str,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    assert_usage_error(traceroute_cli.main, ["-m", "1", "-q", "1", "-w", "0.2", *bad,
+                                             "127.0.0.1"],
+                       f"mace-traceroute: {message}", capsys)
+
+
+@pytest.mark.parametrize(("packetlen", "message"), [
+    ("70000", "too big packetlen 70000 specified"),
+    ("nan", 'Cannot handle "packetlen" cmdline arg `nan\' on position 2'),
+    ("39", 'Cannot handle "packetlen" cmdline arg `39\' on position 2'),
+])
+def test_traceroute_packetlen(packetlen: str, message: str,
+                              capsys: pytest.CaptureFixture[str]) -> None:
+    assert_usage_error(traceroute_cli.main, ["-m", "1", "-q", "1", "-w", "0.2", "127.0.0.1",
+                                             packetlen], f"mace-traceroute: {message}", capsys)
+
+
+@pytest.fixture(scope="module")
+def offline_netns() -> Iterator[str]:
+    """A netns of our own with no network at all (lo down): a name that glibc did not
+    refuse itself could not reach any resolver from here."""
+    name = f"mtbi{os.getpid() % 100000}"
+    subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+@pytest.mark.lab
+@pytest.mark.parametrize("tool", ["ping", "traceroute"])
+@pytest.mark.parametrize(("host", "message"), [
+    ("a" * 300, "Name or service not known"),  # was: UnicodeError (label too long)
+    ("a" * 64 + ".example", "Name or service not known"),
+    ("a..example", "Name or service not known"),
+    ("\u00fc" * 70, "Parameter string not correctly encoded"),  # IDNA cannot encode it
+])
+def test_host_names_dns_cannot_carry(offline_netns: str, tool: str, host: str,
+                                     message: str) -> None:
+    proc = subprocess.run(
+        ["ip", "netns", "exec", offline_netns, sys.executable, "-m", f"mace_tools.cli.{tool}",
+         host], capture_output=True, text=True, timeout=30,
+        env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == f"mace-{tool}: {host}: {message}\n"
 
 
 @pytest.mark.lab
@@ -156,9 +284,9 @@ def test_forged_and_malformed_icmp_never_confuse_the_receiver(lab: Lab) -> None:
     forger = threading.Thread(target=forge)
     forger.start()
     try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "mace_tools.cli.ping", "--netns", lab.container_ns(0),
-             "--nonce", nonce.hex(), "-c", "20", "-i", "0.02", "-q", lab.target_addr],
+        proc = subprocess.run(lab.on_host(
+            sys.executable, "-m", "mace_tools.cli.ping", "--netns", lab.container_ns(0),
+            "--nonce", nonce.hex(), "-c", "20", "-i", "0.02", "-q", lab.target_addr),
             capture_output=True, text=True, timeout=60)
     finally:
         stop.set()

@@ -82,7 +82,9 @@ def test_ip_options_are_skipped() -> None:
 def test_short_payload_falls_back_on_id() -> None:
     p = parse_ip_icmp(ipv4(as_reply(build_echo_request(77, 1, NONCE, 4))))
     assert p is not None
-    assert is_our_reply(p, NONCE, ident=77) and not is_our_reply(p, NONCE, ident=78)
+    assert is_our_reply(p, NONCE, ident=77, size=4)
+    assert not is_our_reply(p, NONCE, ident=78, size=4)
+    assert not is_our_reply(p, NONCE, ident=77)  # cut short: not a reply to a 56-byte probe
 
 
 def test_bad_checksum_is_not_a_reply() -> None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import random
+import stat
 import struct
+import subprocess
 import time
 from pathlib import Path
 
@@ -12,8 +15,11 @@ import pytest
 from fake_dns import FakeDns
 
 from mace_tools.errors import MaceError
+from mace_tools.kernel import native
 from mace_tools.lab.topology import Lab
+from mace_tools.probe import netns
 from mace_tools.probe.resolver import (
+    MAX_FILE_BYTES,
     ResolvConf,
     Vantage,
     build_query,
@@ -21,6 +27,7 @@ from mace_tools.probe.resolver import (
     lookup_hosts,
     parse_answer,
     parse_resolv_conf,
+    read_confined,
     resolve_ipv4,
     vantage_of,
 )
@@ -90,11 +97,90 @@ def test_bad_names_are_refused_before_sending() -> None:
         build_query(1, "a..test")
 
 
-def test_vantage_for_options(tmp_path: Path) -> None:
+def test_vantage_for_options() -> None:
     assert vantage_of(None, None, None) is None
-    assert vantage_of(None, 42, Path("/proc/42/ns/net")) == \
-        Vantage(Path("/proc/42/root"), Path("/proc/42/ns/net"))
     assert vantage_of("/proc/1/ns/net", None, Path("/proc/1/ns/net")).root == Path("/")
+    own = vantage_of("x", None, Path("/proc/1/ns/net"))  # no /etc/netns/x: the host's files
+    assert (own.root, own.file("hosts"), own.file("resolv.conf")) == \
+        (Path("/"), "etc/hosts", "etc/resolv.conf")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (another process's root)")
+def test_vantage_of_a_pid_is_its_pin() -> None:
+    proc = subprocess.Popen(["sleep", "60"])
+    try:
+        pinned = netns.pin(proc.pid)
+        try:
+            assert vantage_of(None, proc.pid, Path(f"/proc/{proc.pid}/ns/net")) == \
+                Vantage(pinned.root_path, pinned.netns_path, label=f"pid {proc.pid}")
+        finally:
+            netns.release(pinned)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+# --- the measured party's files, read confined to its root --------------------------------
+
+@pytest.fixture
+def box(tmp_path: Path) -> Path:
+    """A container-like root beside a host-like directory holding a marker name."""
+    (tmp_path / "host").mkdir()
+    (tmp_path / "host" / "hosts").write_text("198.18.5.5 marker.test\n")
+    (tmp_path / "root" / "etc").mkdir(parents=True)
+    return tmp_path / "root"
+
+
+def test_absolute_and_dotdot_links_stay_inside_the_root(box: Path) -> None:
+    host_file = box.parent / "host" / "hosts"
+    (box / "etc" / "hosts").symlink_to(host_file)  # absolute: the host's path
+    assert read_confined(box, "etc/hosts") is None  # no such path inside the root
+    (box / "etc" / "hosts").unlink()
+    (box / "etc" / "hosts").symlink_to("../../host/hosts")  # relative, climbing out
+    assert read_confined(box, "etc/hosts") is None
+    inside = box / str(host_file).lstrip("/")
+    inside.parent.mkdir(parents=True)
+    inside.write_text("127.0.0.7 marker.test\n")
+    (box / "etc" / "hosts").unlink()
+    (box / "etc" / "hosts").symlink_to(host_file)
+    assert read_confined(box, "etc/hosts") == b"127.0.0.7 marker.test\n"  # as the box sees it
+    assert resolve_ipv4("marker.test", Vantage(box, label="pid 1")) == "127.0.0.7"
+
+
+def test_fifo_and_oversized_files_are_refused(box: Path) -> None:
+    os.mkfifo(box / "etc" / "resolv.conf")
+    start = time.monotonic()
+    with pytest.raises(MaceError, match=r"^refusing to read /etc/resolv\.conf of pid 7: "
+                                        r"not a regular file$"):
+        resolve_ipv4("name.test", Vantage(box, label="pid 7"))
+    assert time.monotonic() - start < 1
+    (box / "etc" / "hosts").write_bytes(b"#" * MAX_FILE_BYTES + b"\n")
+    with pytest.raises(MaceError, match=rf"^refusing to read /etc/hosts: larger than "
+                                        rf"{MAX_FILE_BYTES} bytes$"):
+        resolve_ipv4("name.test", Vantage(box))
+    (box / "etc" / "hosts").write_bytes(b"#" * (MAX_FILE_BYTES - 1) + b"\n")  # at the bound
+    assert len(read_confined(box, "etc/hosts")) == MAX_FILE_BYTES
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mknod)")
+def test_device_nodes_are_never_opened(box: Path) -> None:
+    """A container with CAP_MKNOD can plant a device node; opening some (a watchdog) acts.
+    The file is looked at through an O_PATH fd, which opens nothing."""
+    os.mknod(box / "etc" / "hosts", 0o644 | stat.S_IFCHR, os.makedev(1, 3))  # /dev/null
+    with pytest.raises(MaceError, match=r"^refusing to read /etc/hosts: not a regular file$"):
+        resolve_ipv4("name.test", Vantage(box))
+
+
+def test_no_openat2_fails_closed(box: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (box / "etc" / "hosts").write_text("198.18.0.9 name.test\n")
+
+    def enosys(*_args: object) -> int:
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+
+    monkeypatch.setattr(native, "openat2", enosys)
+    with pytest.raises(MaceError, match=r"^cannot read /etc/hosts safely: the kernel has no "
+                                        r"openat2 \(Linux >= 5\.6 needed\)$"):
+        resolve_ipv4("name.test", Vantage(box))
 
 
 @pytest.mark.lab

@@ -1,19 +1,29 @@
-"""Statistics as iputils computes them."""
+"""Statistics as iputils computes them, from running sums and a bounded quantile sketch."""
 
 from __future__ import annotations
 
 import math
+import random
+import tracemalloc
 
 import pytest
 
 from mace_tools.model import Measurement
-from mace_tools.stats import percentile, rtt_stats, summarize
+from mace_tools.stats import (
+    RELATIVE_ERROR,
+    QuantileSketch,
+    Series,
+    Tally,
+    percentile,
+    rtt_stats,
+    summarize,
+)
 
 
 def test_mdev_is_population_std_dev() -> None:
     s = rtt_stats([1.0, 2.0, 3.0, 4.0])
     assert s is not None
-    assert (s.min, s.avg, s.max) == (1.0, 2.5, 4.0)
+    assert (s.min, s.avg, s.max, s.n) == (1.0, 2.5, 4.0, 4)
     assert s.mdev == pytest.approx(math.sqrt(1.25))
 
 
@@ -21,6 +31,7 @@ def test_single_value_and_empty() -> None:
     s = rtt_stats([0.05])
     assert s is not None and s.mdev == 0.0 and s.p99 == 0.05
     assert rtt_stats([]) is None
+    assert Series().stats() is None and Series().mean_ms() is None
 
 
 def test_nearest_rank_percentiles() -> None:
@@ -42,8 +53,114 @@ def test_summarize_excludes_duplicates_and_counts_coverage() -> None:
     s = summarize([m(1, 100, 10), m(1, 120, None, dup=True), m(2, 200, None), m(3, 300, 30)],
                   transmitted=4, errors=0, elapsed_ms=3000, kernel_events_lost=0)
     assert (s.received, s.duplicates) == (3, 1)
-    assert s.rtt_raw_ms == [0.1, 0.2, 0.3]
-    assert s.rtt_corrected_ms == [0.01, 0.03]
-    assert s.egress_ms == [0.001, 0.001] and s.ingress_ms == [0.002, 0.002]
-    assert s.coverage == pytest.approx(2 / 3)
+    assert s.rtt_raw is not None and s.rtt_corrected is not None
+    assert (s.rtt_raw.n, s.rtt_raw.min, s.rtt_raw.max) == (3, 0.1, 0.3)
+    assert s.rtt_raw.avg == pytest.approx(0.2)
+    assert (s.rtt_corrected.n, s.rtt_corrected.min, s.rtt_corrected.max) == (2, 0.01, 0.03)
+    assert s.egress_avg_ms == 0.001 and s.ingress_avg_ms == 0.002
+    assert s.corrected_count == 2 and s.coverage == pytest.approx(2 / 3)
     assert s.loss_percent == 25.0
+
+
+def test_summary_of_nothing() -> None:
+    s = Tally().summary(transmitted=2, errors=0, elapsed_ms=1, kernel_events_lost=0)
+    assert s.rtt_raw is None and s.rtt_corrected is None and s.egress_avg_ms is None
+    assert s.coverage == 1.0 and s.corrected_count == 0
+
+
+def _random_rtts_ns(n: int, seed: int) -> list[int]:
+    """Log-normal around 60 µs with a tail, as RTTs are; a few zeros and negatives too
+    (corrected and egress values are differences of kernel stamps)."""
+    rng = random.Random(seed)
+    values = [int(rng.lognormvariate(math.log(60_000), 0.6)) for _ in range(n)]
+    values[::97] = [0] * len(values[::97])
+    values[::89] = [-v // 50 for v in values[::89]]
+    return values
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_series_matches_exact_statistics(seed: int) -> None:
+    """min/avg/max/mdev as from the full list (to float precision); percentiles within the
+    sketch's stated relative error of the exact nearest-rank ones."""
+    values_ns = _random_rtts_ns(20_000, seed)
+    series = Series()
+    for v in values_ns:
+        series.add(v)
+    got = series.stats()
+    exact = rtt_stats([v / 1e6 for v in values_ns])
+    assert got is not None and exact is not None
+    assert got.n == exact.n == len(values_ns)
+    assert (got.min, got.max) == (exact.min, exact.max)
+    assert got.avg == pytest.approx(exact.avg, rel=1e-12)
+    assert got.mdev == pytest.approx(exact.mdev, rel=1e-9)
+    for q in ("p50", "p95", "p99"):
+        want = getattr(exact, q)
+        assert abs(getattr(got, q) - want) <= RELATIVE_ERROR * abs(want) + 1e-12, q
+
+
+def test_mdev_exact_where_floats_cancel() -> None:
+    """Sums are integers: 10^5 RTTs of 10 s +- 1 ns keep mdev at 1 ns, which the float
+    formula mean(x^2) - mean(x)^2 loses entirely."""
+    series = Series(quantiles=False)
+    for i in range(100_000):
+        series.add(10_000_000_000 + (1 if i % 2 else -1))
+    got = series.stats()
+    assert got is not None and got.mdev == pytest.approx(1e-6, rel=1e-9)
+    assert math.isnan(got.p50)  # no sketch kept for this series
+
+
+def test_sketch_quantiles_and_edges() -> None:
+    sketch = QuantileSketch()
+    assert sketch.quantile(0.5) is None
+    for v in (-5_000, 0, 0, 1_000, 2_000, 3_000, 10**15):
+        sketch.add(v)
+    assert sketch.quantile(0.0) == pytest.approx(-5_000, rel=RELATIVE_ERROR)
+    assert sketch.quantile(2 / 7) == 0.0  # nearest rank 2: a zero
+    assert sketch.quantile(5 / 7) == pytest.approx(2_000, rel=RELATIVE_ERROR)
+    assert sketch.quantile(1.0) > 1e12  # clamped into the top bucket, still the largest
+    # the top bucket bounds the sketch: ~1500 buckets per sign whatever is added
+    assert sketch.buckets == 6
+
+
+def test_series_quantiles_stay_within_min_and_max() -> None:
+    series = Series()
+    series.add(1_000_001)
+    got = series.stats()
+    assert got is not None and got.p50 == got.p99 == got.min == got.max == 1.000001
+
+
+def test_ewma_as_iputils() -> None:
+    """rtt8 = 8*first; then rtt8 += t - rtt8/8 (integer µs), as iputils' ping_common.c."""
+    tally = Tally()
+    expect = 0
+    for seq, us in enumerate([100, 200, 50, 50, 1000], start=1):
+        tally.add(m(seq, us, None))
+        expect = us * 8 if expect == 0 else expect + us - expect // 8
+        assert tally.ewma8_us == expect
+    tally.add(m(5, 9999, None, dup=True))  # a duplicate moves nothing
+    assert tally.ewma8_us == expect and tally.raw.count == 5
+
+
+def _tally_bytes(tally: Tally, replies: list[Measurement]) -> int:
+    """Bytes still allocated after feeding the replies (the replies themselves excluded)."""
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for r in replies:
+            tally.add(r)
+        return tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+
+
+def test_tally_memory_does_not_grow_with_replies() -> None:
+    """A flood's tally holds sums and a fixed-size sketch: after 2,000 replies have shaped
+    the sketch, 50,000 more add (almost) nothing. Keeping values, 8 bytes a reply in each
+    of the 4 series, would add 1.6 MB."""
+    rtts = _random_rtts_ns(2_000, seed=7)
+    replies = [m(i, max(r // 1000, 1), max(r // 2000, 0)) for i, r in enumerate(rtts)]
+    tally = Tally()
+    _tally_bytes(tally, replies)  # warm-up: buckets and integer sizes settle
+    grown = _tally_bytes(tally, replies * 25)
+    assert tally.received == 52_000
+    assert grown < 16_384, grown

@@ -98,7 +98,7 @@ def test_traceroute_and_ping_at_once_never_mix(routed: Lab) -> None:
     (["--bogus", "198.18.0.10"], 2, "--bogus"),
     (["-f", "5", "-m", "3", "198.18.0.10"], 2, "first hop out of range"),
     (["-I", "-T", "198.18.0.10"], 2, "mutually exclusive"),
-    (["-q", "0", "198.18.0.10"], 2, "'-q'"),
+    (["-q", "0", "198.18.0.10"], 2, "no more than 10 probes per hop"),
     (["--netns", "mace-none", "198.18.0.10"], 2, "network namespace 'mace-none' not found"),
 ])
 def test_bad_input(args: list[str], code: int, needle: str) -> None:

@@ -3,6 +3,8 @@ exit codes for any failure, never a traceback."""
 
 from __future__ import annotations
 
+import math
+import re
 import socket
 import sys
 from dataclasses import dataclass
@@ -16,6 +18,15 @@ from mace_tools.errors import MaceError
 
 if TYPE_CHECKING:
     from mace_tools.probe.resolver import Vantage
+
+LONG_MAX = 2**63 - 1  # C long on Linux x86-64/arm64: iputils' bounds
+INT_MAX = 2**31 - 1  # also pid_t's bound (--pid)
+UINT_MAX = 2**32 - 1
+# What C's strtol/strtod take in base 10 (glibc, "C" locale); Python's int()/float() also
+# take "1_000" and non-ASCII digits, which ping does not.
+_C_LONG = re.compile(r"[ \t\n\v\f\r]*[+-]?[0-9]+")
+_C_DOUBLE = re.compile(r"[ \t\n\v\f\r]*[+-]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
+                       r"|inf(?:inity)?|nan(?:\([0-9A-Za-z_]*\))?)", re.IGNORECASE)
 
 # The container options, the same in every mace command.
 ContainerOption = Annotated[str | None, typer.Option(
@@ -47,6 +58,55 @@ def run_app(app: typer.Typer, prog: str, argv: list[str] | None = None,
     return status if isinstance(status, int) else 0
 
 
+def c_long(text: str) -> int | None:
+    """text as C's strtol would read all of it in base 10 (unbounded); None if it cannot."""
+    return int(text) if _C_LONG.fullmatch(text) else None
+
+
+def c_double(text: str) -> float | None:
+    """text as C's strtod would read all of it (nan and inf included, as ping's strtod);
+    None if it cannot."""
+    if not _C_DOUBLE.fullmatch(text):
+        return None
+    return math.nan if "nan" in text.lower() else float(text)
+
+
+def strtol_or_err(text: str, lo: int, hi: int, what: str = "invalid argument") -> int:
+    """iputils' strtol_or_err: a base-10 integer in lo..hi, failing in its words."""
+    value = c_long(text)
+    if value is None:
+        raise MaceError(f"{what}: '{text}'")
+    if not -LONG_MAX - 1 <= value <= LONG_MAX:  # strtol's ERANGE
+        raise MaceError(f"{what}: '{text}': Numerical result out of range")
+    if not lo <= value <= hi:
+        raise MaceError(f"{what}: '{text}': out of range: {lo} <= value <= {hi}")
+    return value
+
+
+def ping_strtod(text: str, lo: float, hi: float, what: str) -> float:
+    """iputils' ping_strtod plus its caller's range check (-i, -W): a finite number in
+    lo..hi. nan, inf and overflow (1e999) are ERANGE to iputils, as are subnormals."""
+    value = c_double(text)
+    if value is None:
+        raise MaceError(f"{what}: {text}")
+    if not math.isfinite(value) or 0 < abs(value) < sys.float_info.min:
+        raise MaceError(f"{what}: {text}: Numerical result out of range")
+    if not lo <= value <= hi:
+        raise MaceError(f"{what}: {text}")
+    return value
+
+
+def seconds_or_err(text: str, hi: int, what: str = "invalid argument") -> float:
+    """A finite count of seconds in 0..hi (ping -w), worded as iputils' strtol_or_err,
+    whose bounds it keeps; fractions are taken (mace-ping always did)."""
+    value = c_double(text)
+    if value is None or not math.isfinite(value):
+        raise MaceError(f"{what}: '{text}'")
+    if not 0 <= value <= hi:
+        raise MaceError(f"{what}: '{text}': out of range: 0 <= value <= {hi}")
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class ProbeSite:
     """Where probes leave from (netns_path; None: ours) and whose files resolve names."""
@@ -54,15 +114,33 @@ class ProbeSite:
     vantage: Vantage | None = None
 
 
+def host_name_bytes(host: str) -> bytes:
+    """host as getaddrinfo gets it: ASCII as is (glibc then judges it, as it does ping's),
+    anything else IDNA-encoded. Python's str path would raise UnicodeError on a label over
+    63 characters; glibc says "Name or service not known", and we say what ping says."""
+    try:
+        return host.encode("ascii")
+    except UnicodeEncodeError:
+        pass
+    try:
+        return host.encode("idna")
+    except UnicodeError:  # also lone surrogates from undecodable argv bytes
+        raise MaceError(f"{host}: Parameter string not correctly encoded") from None
+
+
 def resolve_ipv4(host: str, site: ProbeSite) -> str:
     """IPv4 address of host (IPv6 comes later) as the probing netns would resolve it,
     failing as ping and traceroute do."""
+    name = host_name_bytes(host)
     if site.vantage is not None:
         from mace_tools.probe.resolver import resolve_ipv4 as resolve_from
 
-        return resolve_from(host, site.vantage)
+        try:
+            return resolve_from(host, site.vantage)
+        except (ValueError, UnicodeError):  # a name no resolver could carry
+            raise MaceError(f"{host}: Name or service not known") from None
     try:
-        infos = socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_RAW)
+        infos = socket.getaddrinfo(name, None, socket.AF_INET, socket.SOCK_RAW)
     except socket.gaierror as exc:
         raise MaceError(f"{host}: {exc.strerror}") from exc
     return infos[0][4][0]

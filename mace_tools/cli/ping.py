@@ -9,21 +9,28 @@ from __future__ import annotations
 
 import socket
 import sys
-from typing import Annotated
+from typing import Annotated, NamedTuple
 
 import typer
 
 from mace_tools.cli.common import (
+    INT_MAX,
+    LONG_MAX,
+    UINT_MAX,
     ContainerOption,
     ListContainersOption,
     RuntimeOption,
     output_mode,
     parse_nonce,
+    ping_strtod,
     probe_site,
     required_host,
     resolve_ipv4,
     run_app,
+    seconds_or_err,
+    strtol_or_err,
 )
+from mace_tools.errors import MaceError
 
 PROG = "mace-ping"
 MAX_PAYLOAD = 65507  # 65535 - 20 (IPv4) - 8 (ICMP), as iputils
@@ -40,18 +47,19 @@ app = typer.Typer(
                   "container-corrected RTTs from per-packet eBPF kernel timestamps.")
 def ping(
     host: Annotated[str | None, typer.Argument(metavar="HOST", show_default=False)] = None,
-    count: Annotated[int | None, typer.Option("-c", help="stop after COUNT replies sent",
-                                              min=1)] = None,
-    interval: Annotated[float | None, typer.Option(
-        "-i", help="seconds between probes (default 1; 0 with -f)", min=0.0)] = None,
-    size: Annotated[int, typer.Option("-s", help="payload bytes", min=0,
-                                      max=MAX_PAYLOAD)] = 56,
-    ttl: Annotated[int | None, typer.Option("-t", help="IP time to live", min=1,
-                                            max=255)] = None,
-    linger: Annotated[float, typer.Option("-W", help="seconds to wait for a reply",
-                                          min=0.0)] = 10.0,
-    deadline: Annotated[float | None, typer.Option("-w", help="stop after SECONDS",
-                                                   min=0.0)] = None,
+    # Numbers are taken as text and checked as iputils checks them (cli/common.py), so
+    # nan, inf, 1e999 or a count past LONG_MAX get ping's one-line errors.
+    count: Annotated[str | None, typer.Option("-c", metavar="COUNT",
+                                              help="stop after COUNT replies sent")] = None,
+    interval: Annotated[str | None, typer.Option(
+        "-i", metavar="SECONDS", help="seconds between probes (default 1; 0 with -f)")] = None,
+    size: Annotated[str, typer.Option("-s", metavar="SIZE", help="payload bytes")] = "56",
+    ttl: Annotated[str | None, typer.Option("-t", metavar="TTL", help="IP time to live")]
+    = None,
+    linger: Annotated[str, typer.Option("-W", metavar="SECONDS",
+                                        help="seconds to wait for a reply")] = "10",
+    deadline: Annotated[str | None, typer.Option("-w", metavar="SECONDS",
+                                                 help="stop after SECONDS")] = None,
     quiet: Annotated[bool, typer.Option("-q", help="only the summary")] = False,
     numeric: Annotated[bool, typer.Option(
         "-n", help="numeric output (replies are always shown by address: no reverse DNS)")]
@@ -66,7 +74,7 @@ def ping(
     netns: Annotated[str | None, typer.Option(
         "--netns", help="probe from this network namespace: `ip netns` name or path")] = None,
     pid: Annotated[int | None, typer.Option("--pid", help="probe from PID's network namespace",
-                                            min=1)] = None,
+                                            min=1, max=INT_MAX)] = None,
     container: ContainerOption = None,
     runtime: RuntimeOption = "auto",
     list_containers: ListContainersOption = False,
@@ -81,34 +89,66 @@ def ping(
     version: Annotated[bool, typer.Option("-V", "--version", help="print version")] = False,
 ) -> None:
     host = required_host(PROG, version, list_containers, runtime, host)
+    from mace_tools.kernel.native import drop_privileges
     from mace_tools.output.live import make_sink
     from mace_tools.pinger import Pinger, PingOptions
 
+    numbers = _numbers(count, interval, size, ttl, linger, deadline)
     mode = output_mode(json_out, ndjson)
     site = probe_site(netns, pid, container, runtime)
     addr = resolve_ipv4(host, site)
     device, source = _split_interface(interface)
     opts = PingOptions(
         dst_addr=addr,
-        count=count,
-        interval_s=(0.0 if flood else 1.0) if interval is None else interval,
-        size=size,
-        ttl=ttl,
-        linger_s=linger,
-        deadline_s=deadline,
+        count=numbers.count,
+        interval_s=(0.0 if flood else 1.0) if numbers.interval_s is None
+        else numbers.interval_s,
+        size=numbers.size,
+        ttl=numbers.ttl,
+        linger_s=numbers.linger_s,
+        deadline_s=numbers.deadline_s,
         flood=flood,
         device=device,
         source=source,
         netns_path=site.netns_path,
         report_outstanding=outstanding,
     )
-    sink = make_sink(mode, dst_name=host, dst_addr=addr, size=size, quiet=quiet,
+    sink = make_sink(mode, dst_name=host, dst_addr=addr, size=numbers.size, quiet=quiet,
                      timestamps=timestamps, flood=flood, interface=interface)
-    result = Pinger(opts, sink, nonce=parse_nonce(nonce)).run()
+    result = Pinger(opts, sink, nonce=parse_nonce(nonce), after_setup=drop_privileges).run()
     sink.finish(result)
     received = result.tally.received
-    if received == 0 or (count is not None and deadline is not None and received < count):
+    wanted = numbers.count
+    if received == 0 or (wanted is not None and numbers.deadline_s and received < wanted):
         raise typer.Exit(1)
+
+
+class _Numbers(NamedTuple):
+    count: int | None
+    interval_s: float | None
+    size: int
+    ttl: int | None
+    linger_s: float
+    deadline_s: float | None
+
+
+def _numbers(count: str | None, interval: str | None, size: str, ttl: str | None,
+             linger: str, deadline: str | None) -> _Numbers:
+    """The numeric options, checked and worded as iputils' ping.c (its bounds: -i up to
+    INT_MAX ms, -W up to UINT_MAX µs; -t from 1, as the kernel refuses a TTL of 0)."""
+    payload = strtol_or_err(size, 0, INT_MAX)
+    if payload > MAX_PAYLOAD:
+        raise MaceError(f"invalid -s value: '{payload}': out of range: "
+                        f"0 <= value <= {MAX_PAYLOAD}")
+    return _Numbers(
+        count=None if count is None else strtol_or_err(count, 1, LONG_MAX),
+        interval_s=None if interval is None else
+        ping_strtod(interval, 0.0, INT_MAX / 1000, "bad timing interval"),
+        size=payload,
+        ttl=None if ttl is None else strtol_or_err(ttl, 1, 255),
+        linger_s=ping_strtod(linger, 0.0, UINT_MAX / 1_000_000, "bad linger time"),
+        deadline_s=None if deadline is None else seconds_or_err(deadline, INT_MAX),
+    )
 
 
 def _split_interface(value: str | None) -> tuple[str | None, str | None]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -30,9 +31,45 @@ VMLINUX_BTF = Path("/sys/kernel/btf/vmlinux")
 
 
 def object_path() -> Path:
-    """The compiled BPF object: $MACE_BPF_OBJECT, else the one shipped in the package."""
+    """The compiled BPF object: $MACE_BPF_OBJECT if it can be trusted, else the one shipped
+    in the package.
+
+    A root process loads whatever this names into the kernel, so an environment variable
+    must not make it load a file someone else could have written: the object, and every
+    directory above it, must belong to root (or to our euid) and be writable by nobody
+    else (a sticky directory counts as safe, since only an entry's owner may replace it).
+    The real path is returned, so what was checked is what libbpf opens. A missing file is
+    returned as is: loading then says it is not built.
+    """
     override = os.environ.get("MACE_BPF_OBJECT")
-    return Path(override) if override else Path(__file__).with_name("mace.bpf.o")
+    if not override:
+        return Path(__file__).with_name("mace.bpf.o")
+    if not os.path.exists(override):
+        return Path(override)
+    real = Path(os.path.realpath(override))
+    try:
+        why = _untrusted(real)
+    except OSError as exc:
+        why = f"cannot check it: {exc.strerror}"
+    if why is not None:
+        raise MaceError(f"MACE_BPF_OBJECT={override} not used: {why} (needs a regular file "
+                        "owned by root or by you, in directories no one else can write)")
+    return real
+
+
+def _untrusted(real: Path) -> str | None:
+    """Why a BPF object at this real path could have been written by someone else, or None."""
+    if not stat.S_ISREG(os.stat(real).st_mode):
+        return "not a regular file"
+    owners = {0, os.geteuid()}
+    for path in (real, *real.parents):
+        info = os.stat(path)
+        if info.st_uid not in owners:
+            return f"{path} belongs to uid {info.st_uid}"
+        sticky_dir = path != real and info.st_mode & stat.S_ISVTX
+        if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not sticky_dir:
+            return f"{path} is writable by group or others"
+    return None
 
 
 def _load_error(err: int) -> MaceError:

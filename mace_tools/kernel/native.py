@@ -1,8 +1,9 @@
-"""The project's only ctypes code: libbpf.so.1 (system libbpf1) and libc's setns().
+"""The project's only ctypes code: libbpf.so.1 (system libbpf1) and a few libc calls.
 
 Kept tiny on purpose: open/load/attach a BPF object, read a map element, enter a network
-namespace. Everything above works with plain ints and bytes. libbpf 1.x conventions: pointer
-returning calls give NULL and set errno; int returning calls give -errno.
+namespace, open a file confined to a directory (openat2), drop capabilities. Everything
+above works with plain ints and bytes. libbpf 1.x conventions: pointer returning calls give
+NULL and set errno; int returning calls give -errno.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import platform
 import sys
 
 from mace_tools.errors import MaceError
@@ -170,11 +172,83 @@ def setns(fd: int) -> None:
         except OSError as exc:
             raise _setns_error(exc.errno) from exc
         return
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.setns(fd, CLONE_NEWNET) != 0:
+    if _c().setns(fd, CLONE_NEWNET) != 0:
         raise _setns_error(ctypes.get_errno())
 
 
 def _setns_error(err: int) -> MaceError:
     hint = " (needs CAP_SYS_ADMIN)" if err == errno.EPERM else ""
     return MaceError(f"cannot enter network namespace: {os.strerror(err)}{hint}")
+
+
+# openat2(2): struct open_how and its RESOLVE_* flags (linux/openat2.h, kernel >= 5.6).
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_IN_ROOT = 0x10
+# New syscalls share one number on every architecture since 5.1 (alpha aside); an
+# architecture not listed fails closed (ENOSYS), never into an unconfined open.
+_SYS_OPENAT2 = {"x86_64": 437, "aarch64": 437, "arm64": 437, "riscv64": 437,
+                "ppc64le": 437, "s390x": 437}
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
+                ("resolve", ctypes.c_uint64)]
+
+
+_libc: ctypes.CDLL | None = None
+
+
+def _c() -> ctypes.CDLL:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    return _libc
+
+
+def openat2(dirfd: int, path: str, flags: int, resolve: int) -> int:
+    """openat2(dirfd, path, {flags, 0, resolve}): a new fd, or OSError (ENOSYS if the kernel
+    or this architecture has no openat2)."""
+    number = _SYS_OPENAT2.get(platform.machine())
+    if number is None:
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS), path)
+    how = _OpenHow(flags, 0, resolve)
+    syscall = _c().syscall
+    syscall.restype = ctypes.c_long
+    fd = syscall(ctypes.c_long(number), _c_int(dirfd), os.fsencode(path), ctypes.byref(how),
+                 ctypes.c_size_t(ctypes.sizeof(how)))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), path)
+    return fd
+
+
+# Capabilities (linux/capability.h) and prctl (linux/prctl.h).
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+PR_SET_NO_NEW_PRIVS = 38
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", _c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+def drop_privileges() -> None:
+    """Give up every capability for good, as iputils does once its sockets are open.
+
+    no_new_privs first, so no later execve (setuid, file capabilities, or uid 0's implicit
+    full set) can bring any back; then empty effective, permitted and inheritable sets (the
+    ambient set follows permitted). Capabilities are per thread: call it while the process
+    has one thread, as mace-ping and mace-traceroute do.
+    """
+    libc = _c()
+    if libc.prctl(_c_int(PR_SET_NO_NEW_PRIVS), ctypes.c_ulong(1), ctypes.c_ulong(0),
+                  ctypes.c_ulong(0), ctypes.c_ulong(0)) != 0:
+        raise MaceError(f"cannot set no_new_privs: {os.strerror(ctypes.get_errno())}")
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    empty = (_CapData * 2)()  # version 3 takes two 32-bit halves; zeroed: no capability
+    if libc.capset(ctypes.byref(header), empty) != 0:
+        raise MaceError(f"cannot drop capabilities: {os.strerror(ctypes.get_errno())}")

@@ -9,8 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from mace_tools import __version__
-from mace_tools.model import Measurement, RunSummary, Stage
-from mace_tools.stats import rtt_stats
+from mace_tools.model import Measurement, RttStats, RunSummary, Stage
 
 FW = 5020  # result format of Atlas firmware >= 5000, which sagan parses
 NS_PER_MS = 1_000_000
@@ -46,23 +45,36 @@ def timeout_record(seq: int) -> dict[str, Any]:
     return {"x": "*", "seq": seq}
 
 
+def send_error_record(seq: int, text: str) -> dict[str, Any]:
+    """A probe the kernel refused to send (sendto failed): Atlas' per-packet error shape."""
+    return {"error": text, "seq": seq}
+
+
 def _round(v: float) -> float:
     return round(v, 3)
 
 
+def _stat(stats: RttStats | None, name: str) -> float:
+    """One statistic rounded to µs, or Atlas' -1 when the series is empty."""
+    return -1 if stats is None else _round(getattr(stats, name))
+
+
 def mace_summary(s: RunSummary, nonce: bytes) -> dict[str, Any]:
-    corrected = rtt_stats(s.rtt_corrected_ms)
-    n_ok = len(s.rtt_corrected_ms)
+    corrected = s.rtt_corrected
     return {
         "tool": f"mace-ping {__version__}",
         "nonce": nonce.hex(),
-        "min": _round(corrected.min) if corrected else -1,
-        "avg": _round(corrected.avg) if corrected else -1,
-        "max": _round(corrected.max) if corrected else -1,
-        "mdev": _round(corrected.mdev) if corrected else -1,
-        "egress_avg": _round(sum(s.egress_ms) / n_ok) if n_ok else None,
-        "ingress_avg": _round(sum(s.ingress_ms) / n_ok) if n_ok else None,
-        "replies_with_kernel_data": n_ok,
+        "min": _stat(corrected, "min"),
+        "avg": _stat(corrected, "avg"),
+        "max": _stat(corrected, "max"),
+        "mdev": _stat(corrected, "mdev"),
+        # nearest-rank percentiles from the run's sketch: within 1% (stats.RELATIVE_ERROR)
+        "p50": _stat(corrected, "p50"),
+        "p95": _stat(corrected, "p95"),
+        "p99": _stat(corrected, "p99"),
+        "egress_avg": None if s.egress_avg_ms is None else _round(s.egress_avg_ms),
+        "ingress_avg": None if s.ingress_avg_ms is None else _round(s.ingress_avg_ms),
+        "replies_with_kernel_data": s.corrected_count,
         "coverage": round(s.coverage, 6),
         "kernel_events_lost": s.kernel_events_lost,
     }
@@ -71,15 +83,15 @@ def mace_summary(s: RunSummary, nonce: bytes) -> dict[str, Any]:
 def document(*, dst_name: str, dst_addr: str, src_addr: str, size: int, start_real_ns: int,
              summary: RunSummary, nonce: bytes, results: list[dict[str, Any]],
              first_ttl: int | None) -> dict[str, Any]:
-    raw = rtt_stats(summary.rtt_raw_ms)
+    raw = summary.rtt_raw
     return {
         "fw": FW, "af": 4, "type": "ping", "proto": "ICMP",
         "dst_addr": dst_addr, "dst_name": dst_name, "src_addr": src_addr, "from": src_addr,
         "size": size, "ttl": first_ttl if first_ttl is not None else -1,
         "sent": summary.transmitted, "rcvd": summary.received, "dup": summary.duplicates,
-        "min": _round(raw.min) if raw else -1,
-        "avg": _round(raw.avg) if raw else -1,
-        "max": _round(raw.max) if raw else -1,
+        "min": _stat(raw, "min"),
+        "avg": _stat(raw, "avg"),
+        "max": _stat(raw, "max"),
         "timestamp": start_real_ns // 1_000_000_000, "lts": -1, "step": None,
         "msm_id": None, "prb_id": None,
         "result": results,

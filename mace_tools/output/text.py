@@ -19,10 +19,8 @@ the ``rtt`` line:
 
 from __future__ import annotations
 
-from mace_tools.model import Measurement, RunSummary
-from mace_tools.stats import RttStats, rtt_stats
-
-NS_PER_US = 1000
+from mace_tools.model import Measurement, RttStats, RunSummary
+from mace_tools.stats import NS_PER_US, Tally
 
 
 def format_ms(ns: int) -> str:
@@ -80,22 +78,41 @@ def summary(dst_name: str, s: RunSummary, kernel: bool = True) -> str:
     if s.transmitted:
         counts += f", {s.loss_percent:g}% packet loss, time {s.elapsed_ms}ms"
     lines = ["", f"--- {dst_name} ping statistics ---", counts]
-    raw = rtt_stats(s.rtt_raw_ms)
+    raw = s.rtt_raw
     if raw is None:
         return "\n".join([*lines, ""])  # iputils ends with a blank line instead
     lines.append(f"rtt min/avg/max/mdev = {_triple(raw)} ms")
     if not kernel:
         lines.append("mace corrected: none (probes smaller than 8 bytes cannot carry the nonce)")
         return "\n".join(lines)
-    corrected = rtt_stats(s.rtt_corrected_ms)
-    n_ok, n = len(s.rtt_corrected_ms), len(s.rtt_raw_ms)
+    corrected = s.rtt_corrected
+    n_ok, n = s.corrected_count, raw.n
     coverage = f"kernel data {n_ok}/{n} replies ({100 * n_ok / n:g}%), " \
                f"{s.kernel_events_lost} events lost"
-    if corrected is None:
+    if corrected is None or s.egress_avg_ms is None or s.ingress_avg_ms is None:
         lines.append(f"mace corrected: none, {coverage}")
         return "\n".join(lines)
-    egress = sum(s.egress_ms) / n_ok
-    ingress = sum(s.ingress_ms) / n_ok
     lines.append(f"mace corrected min/avg/max/mdev = {_triple(corrected)} ms")
-    lines.append(f"mace overhead egress/ingress avg = {egress:.3f}/{ingress:.3f} ms, {coverage}")
+    lines.append(f"mace overhead egress/ingress avg = {s.egress_avg_ms:.3f}/"
+                 f"{s.ingress_avg_ms:.3f} ms, {coverage}")
     return "\n".join(lines)
+
+
+def _us3(us: int) -> str:
+    """Whole µs as iputils' status line prints them: ms with 3 decimals, truncated."""
+    sign, us = ("-", -us) if us < 0 else ("", us)  # a clock step can make a raw RTT < 0
+    return f"{sign}{us // 1000}.{us % 1000:03d}"
+
+
+def status_line(transmitted: int, tally: Tally) -> str:
+    """iputils' SIGQUIT status (on stderr, the run goes on): whole-percent loss, and
+    min/avg/ewma/max in truncated µs, ewma as iputils' 1/8-weighted moving average."""
+    received = tally.received
+    loss = (transmitted - received) * 100 // transmitted if transmitted else 0
+    line = f"\r{received}/{transmitted} packets, {loss}% loss"
+    raw = tally.raw
+    if raw.count:
+        avg_us = raw.total // raw.count // NS_PER_US
+        line += (f", min/avg/ewma/max = {_us3(raw.min // NS_PER_US)}/{_us3(avg_us)}/"
+                 f"{_us3(tally.ewma8_us // 8)}/{_us3(raw.max // NS_PER_US)} ms")
+    return line

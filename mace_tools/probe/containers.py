@@ -4,6 +4,10 @@ Docker's Engine API and Podman's Docker-compatible API answer the same requests
 (`GET /containers/{id}/json`, `GET /containers/json`) over a unix socket; we speak HTTP/1.1
 on it with the standard library (no docker SDK on the start path). CRI runtimes
 (containerd, CRI-O) are asked through crictl, which knows their endpoint.
+
+The init PID a runtime gives is pinned (pidfd) at once and the runtime asked again: only a
+PID it still names while the pinned process lives is the container's, so a container that
+exits and a PID the kernel hands to someone else in between are never measured.
 """
 
 from __future__ import annotations
@@ -15,10 +19,11 @@ import shutil
 import socket
 import subprocess
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from mace_tools.errors import MaceError
+from mace_tools.probe import netns
 
 SOCKETS = {
     "docker": ["/run/docker.sock", "/var/run/docker.sock"],
@@ -34,10 +39,12 @@ class Container:
     name: str
     pid: int  # init process; 0 when not running
     running: bool
+    pinned: netns.PinnedProcess | None = field(default=None, compare=False)
 
     @property
     def netns_path(self) -> Path:
-        return Path(f"/proc/{self.pid}/ns/net")
+        """The pinned netns once find() has pinned the init; /proc's for listings."""
+        return self.pinned.netns_path if self.pinned else Path(f"/proc/{self.pid}/ns/net")
 
 
 class _UnixHTTPConnection(http.client.HTTPConnection):
@@ -201,14 +208,39 @@ def available_runtimes(runtime: str) -> list[_ApiRuntime | _CrictlRuntime]:
 
 
 def find(name_or_id: str, runtime: str = "auto") -> Container:
-    """The running container called name_or_id, or a one-line MaceError."""
+    """The running container called name_or_id with its init pinned, or a one-line
+    MaceError."""
     for source in available_runtimes(runtime):
         found = source.find(name_or_id)
         if found is not None:
             if not found.running or found.pid <= 0:
                 raise MaceError(f"container '{name_or_id}' is not running")
-            return found
+            return _pinned(source, found, name_or_id)
     raise MaceError(f"no such container: '{name_or_id}'")
+
+
+def _pinned(source: _ApiRuntime | _CrictlRuntime, found: Container,
+            name_or_id: str) -> Container:
+    """found with its init pinned. The runtime is asked again after the pin: if it still
+    names the same PID while the pinned process is alive, that process is its init (a PID
+    reused before the pin would show as a stopped container or another PID)."""
+    where = f"container '{name_or_id}'"
+    try:
+        pinned = netns.pin(found.pid)
+    except MaceError as exc:
+        raise MaceError(f"{where}: {exc}") from None
+    try:
+        again = source.find(name_or_id)
+        if again is None or not again.running or (again.id, again.pid) != (found.id, found.pid):
+            raise MaceError(f"{where} stopped or restarted while being looked up")
+        try:
+            netns.require_alive(pinned)
+        except MaceError as exc:
+            raise MaceError(f"{where}: {exc}") from None
+    except BaseException:
+        netns.release(pinned)
+        raise
+    return replace(found, pinned=pinned)
 
 
 def list_running(runtime: str = "auto") -> list[Container]:

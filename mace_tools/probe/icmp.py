@@ -100,11 +100,13 @@ def parse_ip_icmp(datagram: bytes) -> ParsedIcmp | None:
     )
 
 
-def is_our_reply(p: ParsedIcmp, nonce: bytes, ident: int) -> bool:
-    """An echo reply to one of this run's probes: keyed on the nonce, not the ICMP id,
-    which NAT may rewrite; only payloads too short for the nonce fall back on the id."""
+def is_our_reply(p: ParsedIcmp, nonce: bytes, ident: int, size: int = NONCE_LEN) -> bool:
+    """An echo reply to one of this run's probes (of `size` payload bytes): keyed on the
+    nonce, not the ICMP id, which NAT may rewrite. Only a run whose probes are too short for
+    the nonce falls back on the id, and its replies must echo their whole payload: a reply
+    cut short is never taken for one of a full-size run (a forger can guess the id)."""
     if p.icmp_type != ICMP_ECHOREPLY or not p.checksum_ok:
         return False
-    if len(p.payload) >= NONCE_LEN:
+    if size >= NONCE_LEN:
         return p.payload[:NONCE_LEN] == nonce
-    return p.ident == ident and nonce.startswith(p.payload)
+    return p.ident == ident and p.payload == nonce[:size]

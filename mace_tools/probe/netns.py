@@ -3,13 +3,21 @@
 A socket keeps the network namespace it was created in, so the prober enters the target
 netns, creates its socket there, and returns at once: the rest of the process (BPF
 loading, output) stays where it started.
+
+A PID (--pid, or a container's init named by its runtime) is pinned with a pidfd the moment
+it is known: its netns and root directory are opened while the pidfd proves that process is
+still alive, so a PID that is reused by another process is never measured or read from.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
+import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from mace_tools.errors import MaceError
@@ -17,6 +25,100 @@ from mace_tools.kernel.native import setns
 
 NETNS_RUN_DIR = Path("/run/netns")
 SELF_NETNS = Path("/proc/thread-self/ns/net")
+# _IO(PIDFS_IOCTL_MAGIC 0xFF, 4) in linux/pidfd.h (kernel >= 6.11): the pidfd's netns as an fd
+PIDFD_GET_NET_NAMESPACE = 0xFF04
+
+
+@dataclass(frozen=True, slots=True)
+class PinnedProcess:
+    """A process held by a pidfd, with its netns and root directory open (all CLOEXEC, kept
+    for the life of this process). The paths are /proc/self/fd links to those fds, so
+    anything that opens them gets exactly what was pinned."""
+
+    pid: int
+    pidfd: int
+    netns_fd: int
+    root_fd: int
+
+    @property
+    def netns_path(self) -> Path:
+        return Path(f"/proc/self/fd/{self.netns_fd}")
+
+    @property
+    def root_path(self) -> Path:
+        return Path(f"/proc/self/fd/{self.root_fd}")
+
+
+_PINNED: dict[int, PinnedProcess] = {}  # one pin per PID per run: netns and root stay paired
+
+
+def pin(pid: int) -> PinnedProcess:
+    """Pin the process with this PID now (its netns and root with it); a one-line MaceError if
+    there is none, or it exits while being pinned. Pinning the same PID again returns the
+    first pin, after checking it is still alive."""
+    if (pinned := _PINNED.get(pid)) is not None:
+        require_alive(pinned)
+        return pinned
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        raise MaceError(f"no process with pid {pid}") from None
+    except OSError as exc:
+        raise MaceError(f"cannot pin pid {pid}: {exc.strerror}") from exc
+    fds = [pidfd]
+    try:
+        fds.append(_open_netns(pidfd, pid))
+        fds.append(_open_proc(pid, "root", os.O_PATH | os.O_DIRECTORY))
+        pinned = PinnedProcess(pid, *fds)
+        require_alive(pinned)  # both opened while that very process was alive
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    _PINNED[pid] = pinned
+    return pinned
+
+
+def release(pinned: PinnedProcess) -> None:
+    """Close a pin's fds and forget it (a one-shot CLI never needs to; a long-lived caller
+    does, or a later process given the same PID would be refused as 'exited')."""
+    if _PINNED.get(pinned.pid) is pinned:
+        del _PINNED[pinned.pid]
+    for fd in (pinned.root_fd, pinned.netns_fd, pinned.pidfd):
+        os.close(fd)
+
+
+def require_alive(pinned: PinnedProcess) -> None:
+    """MaceError unless the pinned process still runs (its PID cannot have been reused)."""
+    try:
+        signal.pidfd_send_signal(pinned.pidfd, 0)
+    except PermissionError:
+        pass  # the process exists; we may only not signal it (no CAP_KILL)
+    except OSError:
+        raise MaceError(f"process {pinned.pid} exited") from None
+
+
+def _open_netns(pidfd: int, pid: int) -> int:
+    """The netns of the pidfd's process, straight from the pidfd where the kernel can (>= 6.11),
+    else from /proc (the caller re-checks the pidfd afterwards)."""
+    try:
+        return fcntl.ioctl(pidfd, PIDFD_GET_NET_NAMESPACE)
+    except OSError as exc:
+        if exc.errno == errno.ESRCH:
+            raise MaceError(f"process {pid} exited") from None
+        if exc.errno not in (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP):  # not: no ioctl
+            raise MaceError(f"cannot open network namespace of pid {pid}: "
+                            f"{exc.strerror}") from exc
+    return _open_proc(pid, "ns/net", os.O_RDONLY)
+
+
+def _open_proc(pid: int, what: str, flags: int) -> int:
+    try:
+        return os.open(f"/proc/{pid}/{what}", flags | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise MaceError(f"process {pid} exited") from None
+    except OSError as exc:
+        raise MaceError(f"cannot open /proc/{pid}/{what}: {exc.strerror}") from exc
 
 
 def resolve(netns: str | None = None, pid: int | None = None) -> Path | None:
@@ -24,10 +126,7 @@ def resolve(netns: str | None = None, pid: int | None = None) -> Path | None:
     if netns is not None and pid is not None:
         raise MaceError("--netns and --pid are mutually exclusive")
     if pid is not None:
-        path = Path(f"/proc/{pid}/ns/net")
-        if not path.exists():
-            raise MaceError(f"no process with pid {pid}")
-        return path
+        return pin(pid).netns_path
     if netns is None:
         return None
     path = Path(netns) if "/" in netns else NETNS_RUN_DIR / netns

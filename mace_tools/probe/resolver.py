@@ -6,19 +6,31 @@ differ from the container's (Docker's user-defined networks answer DNS on 127.0.
 address that exists only inside the container's netns). This is a small stub resolver for
 IPv4 A records, following glibc's rules for search lists, ndots, timeout and attempts.
 Replies are parsed defensively: a malformed or foreign answer is ignored, never trusted.
+
+The measured party's files are hostile input too (we run as root, they are theirs): they
+are opened with openat2(RESOLVE_IN_ROOT) below its root, so an absolute or `..` symlink
+stays inside it, no /proc magic link leads out, only a regular file is read (opened O_PATH
+first: a FIFO cannot block us and a device node is never opened), and at most
+MAX_FILE_BYTES of it. A file over that bound, or not regular, is refused with one line
+rather than read in part: a cut hosts line could map a name to the wrong address. No
+openat2 (Linux < 5.6) fails closed: such files are then never read unconfined.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import random
 import select
 import socket
+import stat
 import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mace_tools.errors import MaceError
+from mace_tools.kernel import native
 from mace_tools.probe import netns as netns_mod
 
 DNS_PORT = 53
@@ -28,6 +40,11 @@ MAX_UDP_ANSWER = 4096
 # glibc's defaults (resolv.conf(5))
 DEFAULT_NDOTS, DEFAULT_TIMEOUT_S, DEFAULT_ATTEMPTS = 1, 5, 2
 MAX_NAMESERVERS = 3
+# glibc reads a hosts file whole; this bounds what a measured party can make us read.
+# 1 MiB holds the largest hosts files seen in use (block lists), yet stays cheap to parse.
+MAX_FILE_BYTES = 1 << 20
+_CONFINED = native.RESOLVE_IN_ROOT | native.RESOLVE_NO_MAGICLINKS
+_RESOLVE_RETRIES = 3  # RESOLVE_IN_ROOT answers EAGAIN when a rename races a ".." walk
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,13 +58,16 @@ class ResolvConf:
 
 @dataclass(frozen=True, slots=True)
 class Vantage:
-    """Where a name is resolved from: the files under `root` and the netns at `netns_path`."""
+    """Where a name is resolved from: the files under `root` (read as if it were "/") and
+    the netns at `netns_path`; `label` names whose files they are in error messages."""
     root: Path
     netns_path: Path | None = None
-    files: dict[str, Path] = field(default_factory=dict)  # per-file overrides (ip netns)
+    files: dict[str, str] = field(default_factory=dict)  # per-file overrides (ip netns)
+    label: str = ""
 
-    def file(self, name: str) -> Path:
-        return self.files.get(name) or self.root / "etc" / name
+    def file(self, name: str) -> str:
+        """The file's path below root (relative: it is resolved inside root)."""
+        return self.files.get(name) or f"etc/{name}"
 
 
 def parse_resolv_conf(text: str) -> ResolvConf:
@@ -172,11 +192,68 @@ def _is_ip(text: str) -> bool:
     return True
 
 
-def _read(path: Path) -> str:
+def read_confined(root: Path, relpath: str, limit: int = MAX_FILE_BYTES) -> bytes | None:
+    """The bytes of root/relpath resolved as if root were "/", or None if there is no such
+    file; ValueError (why) if it is refused, OSError if it cannot be read."""
+    root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        return path.read_text(errors="replace")
-    except OSError:
-        return ""
+        path_fd = _open_below(root_fd, relpath)
+    finally:
+        os.close(root_fd)
+    if path_fd is None:
+        return None
+    try:
+        info = os.fstat(path_fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError("not a regular file")
+        if info.st_size > limit:
+            raise ValueError(f"larger than {limit} bytes")
+        # Reopen the very inode checked above; O_NONBLOCK in case it is not what it seemed.
+        fd = os.open(f"/proc/self/fd/{path_fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    finally:
+        os.close(path_fd)
+    try:
+        return _read_at_most(fd, limit)
+    finally:
+        os.close(fd)
+
+
+def _open_below(root_fd: int, relpath: str) -> int | None:
+    """An O_PATH fd of relpath inside root_fd (symlinks included), None if absent."""
+    for _ in range(_RESOLVE_RETRIES):
+        try:
+            return native.openat2(root_fd, relpath, os.O_PATH | os.O_CLOEXEC, _CONFINED)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except BlockingIOError:
+            continue
+    raise OSError(errno.EAGAIN, "the file kept moving while it was looked up")
+
+
+def _read_at_most(fd: int, limit: int) -> bytes:
+    chunks, size = [], 0
+    while chunk := os.read(fd, limit + 1 - size):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:  # it grew after fstat
+            raise ValueError(f"larger than {limit} bytes")
+    return b"".join(chunks)
+
+
+def _read(vantage: Vantage, name: str) -> str:
+    """The text of one of the vantage's files ("" if it has none, as glibc treats that)."""
+    relpath = vantage.file(name)
+    where = f"/{relpath}" + (f" of {vantage.label}" if vantage.label else "")
+    try:
+        data = read_confined(vantage.root, relpath)
+    except ValueError as exc:
+        raise MaceError(f"refusing to read {where}: {exc}") from None
+    except OSError as exc:
+        if exc.errno == errno.ENOSYS:
+            raise MaceError(f"cannot read {where} safely: the kernel has no openat2 "
+                            "(Linux >= 5.6 needed)") from None
+        raise MaceError(f"cannot read {where}: {exc.strerror}") from None
+    return "" if data is None else data.decode(errors="replace")
 
 
 def _open_sockets(vantage: Vantage, servers: tuple[str, ...]) -> list[socket.socket]:
@@ -226,9 +303,9 @@ def resolve_ipv4(host: str, vantage: Vantage) -> str:
         return socket.gethostbyname(host)
     except OSError:
         pass
-    if (addr := lookup_hosts(_read(vantage.file("hosts")), host)) is not None:
+    if (addr := lookup_hosts(_read(vantage, "hosts"), host)) is not None:
         return addr
-    conf = parse_resolv_conf(_read(vantage.file("resolv.conf")))
+    conf = parse_resolv_conf(_read(vantage, "resolv.conf"))
     try:
         names = candidates(host, conf)
         for name in names:
@@ -256,16 +333,18 @@ def resolve_ipv4(host: str, vantage: Vantage) -> str:
 def vantage_of(netns: str | None, pid: int | None, netns_path: Path | None) -> Vantage | None:
     """The resolver's view for the options given; None means the caller's own (getaddrinfo).
 
-    A PID (or a container's init) brings its own root file system; an `ip netns` name uses
-    /etc/netns/NAME/{hosts,resolv.conf} where present, as `ip netns exec` would.
+    A PID (or a container's init) brings its own root file system, taken from its pin (the
+    same process as its netns); an `ip netns` name uses /etc/netns/NAME/{hosts,resolv.conf}
+    where present, as `ip netns exec` would.
     """
     if pid is not None and netns_path is not None:
-        return Vantage(Path(f"/proc/{pid}/root"), netns_path)
+        pinned = netns_mod.pin(pid)
+        return Vantage(pinned.root_path, pinned.netns_path, label=f"pid {pid}")
     if netns is not None and netns_path is not None:
         if "/" in netns:
             return Vantage(Path("/"), netns_path)
         overrides = {f: p for f in ("hosts", "resolv.conf")
-                     if (p := Path("/etc/netns") / netns / f).exists()}
+                     if os.path.exists("/" + (p := f"etc/netns/{netns}/{f}"))}
         return Vantage(Path("/"), netns_path, overrides)
     return None
 
