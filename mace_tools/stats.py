@@ -190,11 +190,11 @@ class Tally:
         rtt_us = m.rtt_raw_ns // NS_PER_US
         self.ewma8_us = rtt_us * 8 if self.ewma8_us == 0 else \
             self.ewma8_us + rtt_us - self.ewma8_us // 8
-        if m.rtt_corrected_ns is not None and m.egress_ns is not None \
-                and m.ingress_ns is not None:
+        if m.rtt_corrected_ns is not None and m.egress_ns is not None:
             self.corrected.add(m.rtt_corrected_ns)
             self.egress.add(m.egress_ns)
-            self.ingress.add(m.ingress_ns)
+            if m.ingress_ns is not None:  # none where the delivery fires no tracepoint
+                self.ingress.add(m.ingress_ns)
 
     def summary(self, transmitted: int, errors: int, elapsed_ms: int,
                 kernel_events_lost: int) -> RunSummary:

@@ -9,6 +9,7 @@ import tracemalloc
 import pytest
 
 from mace_tools.model import Measurement
+from mace_tools.output.text import mace_fields
 from mace_tools.stats import (
     RELATIVE_ERROR,
     QuantileSketch,
@@ -60,6 +61,17 @@ def test_summarize_excludes_duplicates_and_counts_coverage() -> None:
     assert s.egress_avg_ms == 0.001 and s.ingress_avg_ms == 0.002
     assert s.corrected_count == 2 and s.coverage == pytest.approx(2 / 3)
     assert s.loss_percent == 25.0
+
+
+def test_unknown_ingress_keeps_the_correction() -> None:
+    # macvlan: no tracepoint sees the delivery into the container; the correction stands
+    reply = m(1, 100, 10)
+    reply.ingress_ns = None
+    s = summarize([reply, m(2, 200, 20)], transmitted=2, errors=0, elapsed_ms=1,
+                  kernel_events_lost=0)
+    assert s.corrected_count == 2 and s.coverage == 1.0
+    assert s.ingress_avg_ms == 0.002  # the one reply that has it
+    assert mace_fields(reply).endswith("ingress=none")
 
 
 def test_summary_of_nothing() -> None:

@@ -44,10 +44,11 @@ def header(dst_name: str, dst_addr: str, size: int, source: str | None = None,
 
 
 def mace_fields(m: Measurement) -> str:
-    if m.rtt_corrected_ns is None or m.egress_ns is None or m.ingress_ns is None:
+    if m.rtt_corrected_ns is None or m.egress_ns is None:
         return "corrected=none"
+    ingress = "none" if m.ingress_ns is None else f"{format_ms(m.ingress_ns)} ms"
     return (f"corrected={format_ms(m.rtt_corrected_ns)} ms egress={format_ms(m.egress_ns)} ms "
-            f"ingress={format_ms(m.ingress_ns)} ms")
+            f"ingress={ingress}")
 
 
 def reply_line(m: Measurement, timestamps: bool = False) -> str:
@@ -89,12 +90,13 @@ def summary(dst_name: str, s: RunSummary, kernel: bool = True) -> str:
     n_ok, n = s.corrected_count, raw.n
     coverage = f"kernel data {n_ok}/{n} replies ({100 * n_ok / n:g}%), " \
                f"{s.kernel_events_lost} events lost"
-    if corrected is None or s.egress_avg_ms is None or s.ingress_avg_ms is None:
+    if corrected is None or s.egress_avg_ms is None:
         lines.append(f"mace corrected: none, {coverage}")
         return "\n".join(lines)
+    ingress = "none" if s.ingress_avg_ms is None else f"{s.ingress_avg_ms:.3f}"
     lines.append(f"mace corrected min/avg/max/mdev = {_triple(corrected)} ms")
     lines.append(f"mace overhead egress/ingress avg = {s.egress_avg_ms:.3f}/"
-                 f"{s.ingress_avg_ms:.3f} ms, {coverage}")
+                 f"{ingress} ms, {coverage}")
     return "\n".join(lines)
 
 
