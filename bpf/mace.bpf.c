@@ -12,6 +12,11 @@
  * carrying this run's nonce (set in .rodata before load, one program set per run) reach
  * the ring buffer, so concurrent runs never see each other's events. Nothing is written
  * to any map for foreign traffic.
+ *
+ * A packet that may be ours is read only within its bounds: headers a NIC left in page
+ * fragments (napi_gro_frags) are read through an skb dynptr (kernel >= 6.12), never from
+ * the memory after the linear data. A probe inside VXLAN (UDP to 4789 or 8472) is read
+ * through the encapsulation, so an overlay's underlay device sees it too.
  */
 #include "vmlinux_min.h"
 #include <bpf/bpf_helpers.h>
@@ -193,24 +198,158 @@ static __always_inline int lookup(__be32 saddr, __be32 daddr, __u8 proto, const 
 	return probe ? *probe : -1;
 }
 
-/* An ICMP error: is the datagram it quotes one of our probes (as seen here)? */
-static __always_inline int quoted_probe(unsigned char *quote)
+/*
+ * Where a packet's IPv4 header is, and how much of the packet can be read from there
+ * directly. The linear data of an skb ends at skb->data + (len - data_len); what follows
+ * in memory is not the packet. A NIC that receives into pages (napi_gro_frags) leaves
+ * the headers there, and GRO pulls only the IP header of an ICMP packet into the linear
+ * part: such bytes are read through an skb dynptr, which copies from the fragments.
+ */
+struct pkt {
+	const struct sk_buff *skb;
+	unsigned char *l3;	/* the IPv4 header (after decapsulation: the inner one) */
+	__s64 off;		/* l3 - skb->data: where the dynptr finds l3 */
+	__u64 len;		/* bytes of the packet from l3 on */
+	__u64 linear;		/* ... of which in the linear data */
+};
+
+extern int LINUX_KERNEL_VERSION __kconfig;
+extern int bpf_dynptr_from_skb(struct __sk_buff *skb, __u64 flags,
+			       struct bpf_dynptr *ptr__uninit) __ksym __weak;
+
+static __always_inline struct pkt pkt_at(const struct sk_buff *skb, unsigned char *l3)
 {
-	struct probe_hdrs q;
+	unsigned char *data = skb->data;
+	__u64 headlen = skb->len - skb->data_len;
+	struct pkt p = {.skb = skb, .l3 = l3, .off = l3 - data};
+
+	if (l3 >= data && p.off <= skb->len) { /* else nothing is read: len 0 */
+		p.len = skb->len - p.off;
+		p.linear = p.off < headlen ? headlen - p.off : 0;
+	}
+	return p;
+}
+
+/* len bytes from skb->data + off, wherever they are (fragments included). Not inlined: the
+ * dynptr must live in a stack frame of its own (the verifier forbids any other write to
+ * its slot, and an inlined copy shares slots with the caller's temporaries). */
+static __noinline long read_frags(const struct sk_buff *skb, __u64 off, void *dst, __u32 len)
+{
+	struct bpf_dynptr frags;
+
+	if (!skb || bpf_dynptr_from_skb((struct __sk_buff *)skb, 0, &frags))
+		return -1;
+	return bpf_dynptr_read(dst, len, &frags, off, 0);
+}
+
+/* len bytes at l3 + at into dst: 0, or an error when the packet has no such bytes. */
+static __always_inline long pkt_read(const struct pkt *p, __u32 at, void *dst, __u32 len)
+{
+	if (at + len > p->len)
+		return -1; /* past the end of the packet */
+	if (at + len <= p->linear)
+		return bpf_probe_read_kernel(dst, len, p->l3 + at);
+	/* tp_btf programs may make an skb dynptr from 6.12 on (the verifier drops this
+	 * branch on older kernels); there, headers in fragments are simply not seen. */
+	if (LINUX_KERNEL_VERSION < KERNEL_VERSION(6, 12, 0) || p->off < 0)
+		return -1;
+	return read_frags(p->skb, p->off + at, dst, len);
+}
+
+/* Advance p past n bytes of encapsulation (outer headers). */
+static __always_inline void pkt_skip(struct pkt *p, __u32 n)
+{
+	p->l3 += n;
+	p->off += n;
+	p->len = p->len > n ? p->len - n : 0;
+	p->linear = p->linear > n ? p->linear - n : 0;
+}
+
+/* An ICMP error: is the datagram it quotes (at `at`) one of our probes (as seen here)?
+ * Only the quoted IP header and 8 bytes of L4 are read: RFC 792 quotes no more. */
+static __always_inline int quoted_probe(const struct pkt *p, __u32 at)
+{
+	struct {
+		struct iphdr_min ip;
+		__u8 l4[8];
+	} q;
 	__u8 ihl;
 
-	if (bpf_probe_read_kernel(&q, sizeof(q), quote))
+	if (pkt_read(p, at, &q, sizeof(q)))
 		return -1;
 	ihl = (q.ip.ver_ihl & 0x0f) * 4;
 	if ((q.ip.ver_ihl >> 4) != 4 || ihl < sizeof(q.ip))
 		return -1;
-	if (ihl > sizeof(q.ip) && bpf_probe_read_kernel(q.l4, 8, quote + ihl))
+	if (ihl > sizeof(q.ip) && pkt_read(p, at + ihl, q.l4, sizeof(q.l4)))
 		return -1;
 	return lookup(q.ip.saddr, q.ip.daddr, q.ip.protocol, q.l4);
 }
 
-/* l3 points at the IPv4 header of skb; record an event if it is one of our probes or an
- * answer to one. Returns early, and writes nothing, for everything else. */
+/*
+ * VXLAN (UDP to 4789, the IANA port, or 8472, Linux's and flannel's default): the probe is
+ * the inner packet, behind the outer IPv4 (no options) + UDP (8) + VXLAN (8) + Ethernet
+ * (14) headers. Seen inside, an overlay's underlay device is a device the probe crosses,
+ * so the host's outer device can be the NIC under the overlay, not the overlay device.
+ */
+#define VXLAN_PORT 4789
+#define VXLAN_LINUX_PORT 8472
+#define VXLAN_INNER_L2 (20 + 8 + 8)
+#define VXLAN_INNER_L3 (VXLAN_INNER_L2 + 14)
+
+/* An unfragmented outer IPv4 (no options) + UDP datagram to a VXLAN port? */
+static __always_inline bool vxlan(const struct probe_hdrs *h)
+{
+	__u16 port = bpf_ntohs(*(__be16 *)&h->l4[2]);
+
+	return h->ip.ver_ihl == 0x45 && !(h->ip.frag_off & bpf_htons(IP_OFFSET_MASK)) &&
+	       (port == VXLAN_PORT || port == VXLAN_LINUX_PORT);
+}
+
+/* Move p and h to the IPv4 packet inside a VXLAN datagram; false (and both left as they
+ * were, a plain UDP datagram) when there is none. */
+static __always_inline bool decapsulate(struct pkt *p, struct probe_hdrs *h)
+{
+	struct pkt inner = *p;
+	struct probe_hdrs ih;
+	__be16 ethertype;
+
+	if (pkt_read(p, VXLAN_INNER_L2 + 12, &ethertype, sizeof(ethertype)) ||
+	    ethertype != bpf_htons(ETH_P_IP))
+		return false;
+	pkt_skip(&inner, VXLAN_INNER_L3);
+	if (pkt_read(&inner, 0, &ih, sizeof(ih)) || (ih.ip.ver_ihl >> 4) != 4)
+		return false;
+	*p = inner;
+	*h = ih;
+	return true;
+}
+
+/* Could this packet be a probe of ours or an answer to one, judged by its IPv4 header
+ * and the ports of a UDP datagram (VXLAN)? */
+static __always_inline bool maybe_ours(const struct probe_hdrs *h)
+{
+	if ((h->ip.ver_ihl >> 4) != 4)
+		return false;
+	if (h->ip.protocol == IPPROTO_ICMP)
+		return true;
+	if (h->ip.protocol == IPPROTO_UDP)
+		return cfg.udp || vxlan(h);
+	return cfg.tcp && h->ip.protocol == IPPROTO_TCP;
+}
+
+/* How many bytes from the IPv4 header on deciding about this packet may read. */
+static __always_inline __u32 bytes_to_read(const struct probe_hdrs *h)
+{
+	if (h->ip.protocol == IPPROTO_UDP && vxlan(h))
+		return VXLAN_INNER_L3 + sizeof(*h);
+	if (cfg.errors && h->ip.protocol == IPPROTO_ICMP && h->l4[0] != ICMP_ECHO &&
+	    h->l4[0] != ICMP_ECHOREPLY)
+		return sizeof(h->ip) + 8 + sizeof(h->ip) + 8; /* an error's quote */
+	return sizeof(*h);
+}
+
+/* A packet whose IPv4 header is at l3; record an event if it is one of our probes or
+ * an answer to one. Returns early, and writes nothing, for everything else. */
 static __always_inline int record(const struct sk_buff *skb, unsigned char *l3,
 				  const struct net_device *dev, __u8 hook)
 {
@@ -221,13 +360,27 @@ static __always_inline int record(const struct sk_buff *skb, unsigned char *l3,
 	__u32 ifindex;
 	int probe = -1;
 	__u8 ihl;
-	__u64 ts;
+	__u64 ts = 0;
+	struct pkt p;
 
-	/* One read covers IPv4 + 16 bytes of L4 for the usual 20-byte IP header. */
-	if (bpf_probe_read_kernel(&h, sizeof(h), l3))
+	/* Every probe and answer has at least IPv4 + 16 bytes of L4, and one read at l3
+	 * covers them for the usual 20-byte IP header. For almost every foreign packet that
+	 * read decides (not IPv4, not a protocol of ours), at no other cost: the IP header
+	 * is always in the linear data (a driver or GRO pulls it). Only a packet that may be
+	 * ours has its bounds looked at: bytes past the linear data are not the packet. */
+	if (bpf_probe_read_kernel(&h, sizeof(h), l3) || !maybe_ours(&h))
 		return 0;
-	if ((h.ip.ver_ihl >> 4) != 4)
+	p = pkt_at(skb, l3);
+	if (p.len < sizeof(h))
 		return 0;
+	/* What is not in the linear data is read through a dynptr, which takes time (1-2 µs
+	 * when its code is cold): stamp such a packet before, not after. */
+	if (p.linear < bytes_to_read(&h))
+		ts = bpf_ktime_get_ns();
+	if (p.linear < sizeof(h) && (pkt_read(&p, 0, &h, sizeof(h)) || !maybe_ours(&h)))
+		return 0; /* the first read went past the linear data: read again */
+	if (h.ip.protocol == IPPROTO_UDP && vxlan(&h))
+		decapsulate(&p, &h); /* or not VXLAN after all: then a UDP datagram */
 	if (h.ip.frag_off & bpf_htons(IP_OFFSET_MASK))
 		return 0; /* a later fragment: no L4 header */
 	ihl = (h.ip.ver_ihl & 0x0f) * 4;
@@ -235,7 +388,7 @@ static __always_inline int record(const struct sk_buff *skb, unsigned char *l3,
 		return 0;
 
 	if (h.ip.protocol == IPPROTO_ICMP) {
-		if (ihl > sizeof(h.ip) && bpf_probe_read_kernel(h.l4, sizeof(h.l4), l3 + ihl))
+		if (ihl > sizeof(h.ip) && pkt_read(&p, ihl, h.l4, sizeof(h.l4)))
 			return 0; /* IP options: read L4 where it really is */
 		icmp_type = h.l4[0];
 		if (icmp_type == ICMP_ECHO || icmp_type == ICMP_ECHOREPLY) {
@@ -247,7 +400,7 @@ static __always_inline int record(const struct sk_buff *skb, unsigned char *l3,
 				learn(h.ip.saddr, h.ip.daddr, IPPROTO_ICMP, h.l4, probe);
 		} else if (cfg.errors && (icmp_type == ICMP_TIME_EXCEEDED ||
 					  icmp_type == ICMP_DEST_UNREACH)) {
-			probe = quoted_probe(l3 + ihl + 8);
+			probe = quoted_probe(&p, ihl + 8);
 			if (probe < 0)
 				return 0;
 			packet = MACE_PKT_REPLY;
@@ -255,11 +408,11 @@ static __always_inline int record(const struct sk_buff *skb, unsigned char *l3,
 			return 0;
 		}
 	} else if (cfg.udp && h.ip.protocol == IPPROTO_UDP) {
-		if (ihl > sizeof(h.ip) && bpf_probe_read_kernel(h.l4, sizeof(h.l4), l3 + ihl))
+		if (ihl > sizeof(h.ip) && pkt_read(&p, ihl, h.l4, sizeof(h.l4)))
 			return 0;
 		if (!our_nonce((struct probe_tag *)&h.l4[8]))
 			return 0;
-		if (bpf_probe_read_kernel(&tag, sizeof(tag), l3 + ihl + 8))
+		if (pkt_read(&p, ihl + 8, &tag, sizeof(tag)))
 			return 0;
 		probe = bpf_ntohs(tag.probe);
 		packet = MACE_PKT_REQUEST;
@@ -274,7 +427,7 @@ static __always_inline int record(const struct sk_buff *skb, unsigned char *l3,
 						 .proto = IPPROTO_TCP | TCP_SYNACK_KEY};
 			__u32 ack, datalen;
 
-			if (bpf_probe_read_kernel(&tag, sizeof(tag), l3 + ihl + (h.l4[12] >> 4) * 4))
+			if (pkt_read(&p, ihl + (h.l4[12] >> 4) * 4, &tag, sizeof(tag)))
 				return 0;
 			if (!our_nonce(&tag))
 				return 0;
@@ -313,7 +466,8 @@ static __always_inline int record(const struct sk_buff *skb, unsigned char *l3,
 
 	/* Stamp as soon as the packet is known to be ours: what follows (dedup, ring-buffer
 	 * reserve and submit) runs before the packet really departs, and must not count. */
-	ts = bpf_ktime_get_ns();
+	if (!ts)
+		ts = bpf_ktime_get_ns();
 	ifindex = BPF_CORE_READ(dev, ifindex);
 	if (hook == MACE_HOOK_RECEIVE && seen_at_rx(skb, ifindex))
 		return 0;

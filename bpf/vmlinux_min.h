@@ -56,6 +56,7 @@ struct net_device {
 struct sk_buff {
 	struct net_device *dev;
 	unsigned int len;
+	unsigned int data_len;	/* bytes in page fragments: len - data_len are linear */
 	__be16 protocol;
 	__u16 network_header;
 	unsigned char *head;
@@ -63,5 +64,14 @@ struct sk_buff {
 };
 
 #pragma clang attribute pop
+
+/* UAPI types (no CO-RE): the opaque dynptr and the context type of bpf_dynptr_from_skb()
+ * (an empty struct, not a forward declaration: libbpf matches the kfunc's prototype). */
+struct bpf_dynptr {
+	__u64 __opaque[2];
+} __attribute__((aligned(8)));
+
+struct __sk_buff {
+};
 
 #endif /* __MACE_VMLINUX_MIN_H */
