@@ -110,12 +110,19 @@ def accuracy(lab: Lab, settings: list[tuple[str, int, str]], probes: int, interv
             "kernel_events_lost": mace_summary.get("kernel_events_lost"),
             "tools": {tool: distribution(errs) for tool, errs in tools.items()},
             "raw_errors": {tool: errs for tool, errs in tools.items()},
+            "mace_truth_us": truths_us(mace.corrected_ms, truth_mace),
             "truth_residual_us": distribution(residual),
             "error_minus_residual_us": distribution(unexplained),
         })
         print(f"  accuracy {name}: coverage {mace_summary.get('coverage')}, corrected "
               f"{_fmt(rows[-1]['tools']['mace-ping corrected'])}", flush=True)
     return rows
+
+
+def truths_us(rtt_ms: dict[int, float | None], truth: dict[int, CapturedEcho]) -> list[float]:
+    """The truth (µs) of each reply errors_us() scores, in the same order."""
+    return [truth[seq].rtt_ns / 1000 for seq, rtt in rtt_ms.items()  # type: ignore[operator]
+            if rtt is not None and seq in truth and truth[seq].rtt_ns is not None]
 
 
 def truth_residual(corrected_ms: dict[int, float | None], transit_us: dict[int, float | None],

@@ -72,8 +72,11 @@ def outer_departure(path: list[Stage], ns: Namespaces) -> Stage | None:
 
 
 def correlate(probe: Probe, reply: Reply, events: Iterable[KernelEvent],
-              ns: Namespaces) -> Measurement:
-    """Build the measurement of one reply from its probe's kernel events."""
+              ns: Namespaces, complete: bool = True) -> Measurement:
+    """Build the measurement of one reply from its probe's kernel events. `complete` is
+    False when events may have been lost while the probe was in flight (the ring was full,
+    or a record could not be read): then its path is shown, but nothing is corrected, as
+    any device could be missing from it (the last one the request left, say)."""
     path = stages(events, probe.sent_mono_ns)
     m = Measurement(
         seq=reply.seq,
@@ -84,7 +87,7 @@ def correlate(probe: Probe, reply: Reply, events: Iterable[KernelEvent],
         path=path,
         recv_real_ns=reply.recv_real_ns,
     )
-    out = outer_departure(path, ns)
+    out = outer_departure(path, ns) if complete else None
     if out is None:
         return m
     back = next(

@@ -88,6 +88,7 @@ class Probe:
     seq: int
     sent_mono_ns: int  # just before sendto(): the probe's send point for egress
     sent_real_ns: int  # just before sendto(): start of the raw RTT, as iputils does it
+    lost_at_send: int = 0  # the backend's lost-events count then (Backend.lost())
 
 
 @dataclass(frozen=True, slots=True)

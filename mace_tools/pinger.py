@@ -1,9 +1,10 @@
 """The ping run: send probes, read replies and kernel events, correlate, report.
 
 One thread, one epoll over the ICMP socket. Kernel events of a reply are committed to the
-ring buffer before the reply reaches the socket, so draining the ring before correlating a
-reply always finds them: no waiting, no guessing. The ring is also drained on every turn of
-the loop (its records wake no one: bpf/mace.bpf.c).
+ring buffer before the reply reaches the socket, so the ring is drained before each reply
+is correlated (and on every turn of the loop: its records wake no one, bpf/mace.bpf.c).
+When the backend lost events (ring full, a record it could not read) while a probe was in
+flight, its reply is shown raw: whatever is missing from its path, nothing stands in.
 
 What the run reports goes to a ``PingSink`` (the output layer); the run itself prints
 nothing.
@@ -152,6 +153,7 @@ class Pinger:
         self._template = EchoTemplate(self.ident, self.nonce, opts.size)
         self._backend_factory = backend_factory
         self._probes = _Probes()
+        self._backend: Backend | None = None  # set while a run has its programs
         self._no_room = 0  # consecutive sends refused for lack of buffer (iputils' oom_count)
 
     def run(self) -> RunResult:
@@ -161,7 +163,9 @@ class Pinger:
         with netns.entered(opts.netns_path):
             sock = IcmpSocket(opts.ttl, opts.device, opts.source)
             try:
-                ns = Namespaces(netns.inode(), own_netns)
+                prober = netns.inode()
+                # --pid 1 from inside a container enters its own netns: no host known
+                ns = Namespaces(prober, None if own_netns == prober else own_netns)
                 source = source_address(opts.dst_addr, opts.device, opts.source)
             except BaseException:
                 sock.close()
@@ -171,6 +175,7 @@ class Pinger:
             self.sink.start(source)
             result.kernel = opts.size >= NONCE_LEN
             backend = self._open_backend() if result.kernel else None
+            self._backend = backend
             try:
                 if self._after_setup is not None:
                     self._after_setup()
@@ -274,6 +279,8 @@ class Pinger:
             self.sink.timeout(seq)  # the probe 65536 before this one
         # Both clocks just before sendto(): the raw RTT's start (as iputils: wall clock) and
         # the send point egress is measured from (the clock of bpf_ktime_get_ns).
+        if self._backend is not None:
+            probe.lost_at_send = self._backend.lost()
         probe.sent_real_ns = time.clock_gettime_ns(time.CLOCK_REALTIME)
         probe.sent_mono_ns = time.monotonic_ns()
         try:
@@ -308,7 +315,6 @@ class Pinger:
         """Read every waiting datagram; return how many new (non-duplicate) replies."""
         new = 0
         probes = self._probes
-        drained = False
         while (got := sock.recv()) is not None:
             data, recv_real = got
             parsed = parse_ip_icmp(data)
@@ -320,14 +326,16 @@ class Pinger:
             if not is_our_reply(parsed, self.nonce, self.ident, self.opts.size) \
                     or parsed.seq not in probes.sent:
                 continue  # another program's echo reply
-            if backend is not None and not drained:
+            probe = probes.sent[parsed.seq]
+            complete = True
+            if backend is not None:
                 backend.drain(probes.add_event)  # events precede socket delivery
-                drained = True
+                complete = backend.lost() == probe.lost_at_send
             dup = parsed.seq in probes.answered
             reply = Reply(parsed.seq, parsed.src, parsed.ttl, parsed.icmp_len, recv_real,
                           time.monotonic_ns())
             events = [] if dup else probes.take_events(parsed.seq)
-            m = correlate(probes.sent[parsed.seq], reply, events, ns)
+            m = correlate(probe, reply, events, ns, complete)
             m.dup = dup
             if not dup:
                 probes.answered.add(parsed.seq)

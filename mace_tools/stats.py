@@ -13,7 +13,7 @@ import math
 from mace_tools.model import Measurement, RttStats, RunSummary
 
 __all__ = ["RELATIVE_ERROR", "QuantileSketch", "RttStats", "Series", "Tally", "percentile",
-           "rtt_stats", "summarize"]
+           "rtt_stats"]
 
 NS_PER_MS = 1_000_000
 NS_PER_US = 1_000
@@ -204,11 +204,3 @@ class Tally:
             rtt_corrected=self.corrected.stats(), egress_avg_ms=self.egress.mean_ms(),
             ingress_avg_ms=self.ingress.mean_ms(), kernel_events_lost=kernel_events_lost,
         )
-
-
-def summarize(measurements: list[Measurement], transmitted: int, errors: int, elapsed_ms: int,
-              kernel_events_lost: int) -> RunSummary:
-    tally = Tally()
-    for m in measurements:
-        tally.add(m)
-    return tally.summary(transmitted, errors, elapsed_ms, kernel_events_lost)

@@ -122,7 +122,9 @@ class Tracer:
         with netns.entered(opts.netns_path):
             socks = _open_sockets(proto)
             try:
-                ns = Namespaces(netns.inode(), own_netns)
+                prober = netns.inode()
+                # --pid 1 from inside a container enters its own netns: no host known
+                ns = Namespaces(prober, None if own_netns == prober else own_netns)
                 src = source_address(opts.dst_addr, None, None)
             except BaseException:
                 for s in socks:
@@ -173,7 +175,7 @@ class Tracer:
                 if can_send:
                     ttl, _ = plan[next_index]
                     next_index += 1
-                    self._send(send_sock, next_index, ttl)
+                    self._send(send_sock, next_index, ttl, backend.lost())
                     last_send = time.monotonic_ns()
                     continue
                 for f in self._flight.values():  # timeouts
@@ -197,10 +199,11 @@ class Tracer:
         if f is not None:
             f.events.append(ev)
 
-    def _send(self, sock: socket.socket, number: int, ttl: int) -> None:
+    def _send(self, sock: socket.socket, number: int, ttl: int, lost: int = 0) -> None:
+        """lost: the backend's lost-events count now (a change by the answer: incomplete)."""
         tp = self.factory.build(number)
         sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
-        probe = Probe(number, 0, 0)
+        probe = Probe(number, 0, 0, lost)
         self._flight[number] = _InFlight(probe, ttl, tp.quote_key)
         self._by_quote[tp.quote_key] = number
         probe.sent_real_ns = time.clock_gettime_ns(time.CLOCK_REALTIME)
@@ -222,14 +225,16 @@ class Tracer:
             if f.outcome is not None and f.outcome.measurement is not None:
                 continue  # a second answer to the same probe: traceroute keeps the first
             backend.drain(self._add_event)
+            complete = backend.lost() == f.probe.lost_at_send
             reply = Reply(number, answer.src, answer.ttl, answer.size, recv_real,
                           time.monotonic_ns())
-            m = correlate(f.probe, reply, f.events, ns)
+            m = correlate(f.probe, reply, f.events, ns, complete)
             internal = host_internal(m, ns)
             if internal:
                 # The outer device never saw this probe: its correction is taken at the
                 # prober's own device, and the hop is labelled so (README).
-                m = correlate(f.probe, reply, f.events, Namespaces(ns.prober, ns.prober))
+                m = correlate(f.probe, reply, f.events, Namespaces(ns.prober, ns.prober),
+                              complete)
             f.outcome = HopReply(f.ttl, m, annotation(answer), internal, answer.reached)
             if answer.reached or answer.icmp_type == 3:
                 last_ttl = min(last_ttl, f.ttl)

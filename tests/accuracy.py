@@ -3,12 +3,13 @@
 Truth v2 (mace_tools/lab/capture.py) stamps the request where it *arrives* at the far end of
 the outer link and the reply where it arrives on the outer device; mace stamps the request
 where it *leaves* the outer device. So corrected - truth is the request's transit of the
-outer link, never negative but for the few ns by which mace's reply-arrival stamp follows the
-capture's (measured here: median +0.5 to +0.8 µs, equal to the transit mace's own events show
-to within 0.01 µs on average). The criterion:
-- the median error lies in [MEDIAN_LOW_US, MEDIAN_HIGH_US]: a correction off by 3 µs either
-  way leaves the band (every test checks that on its own data, `assert_accurate_errors`),
-  and so does one that prints 0 where the truth is 2-6 µs (containers);
+outer link, plus the few tens of ns by which mace's arrival stamp follows the capture's
+(measured here: median +0.5 to +1.7 µs on veth, macvlan, VXLAN and nested paths, equal to
+the transit mace's own events show to within 0.01 µs on average). The criterion:
+- the median error lies in [MEDIAN_LOW_US, MEDIAN_HIGH_US]. The band is narrower than SHIFT_US, so
+  a correction off by 3 µs either way leaves it whatever the run (tests/test_criterion.py
+  shows it on the bench's own per-probe errors), and so does one that prints 0 where the
+  truth is 2-6 µs (containers); a departure stamp taken too early shows up here too;
 - at least MIN_WITHIN of the errors lie in [TAIL_LOW_US, TAIL_HIGH_US]: a hardware interrupt
   between the departure and the far end's arrival can add tens of µs to one probe (about one
   in 500 here), so the tail bound is a share, and needs PROBES replies to mean anything.
@@ -20,7 +21,7 @@ import statistics
 from collections.abc import Sequence
 
 PROBES = 500
-MEDIAN_LOW_US, MEDIAN_HIGH_US = -0.5, 2.5
+MEDIAN_LOW_US, MEDIAN_HIGH_US = -0.4, 2.5  # narrower than SHIFT_US
 TAIL_LOW_US, TAIL_HIGH_US = -2.0, 10.0
 MIN_WITHIN = 0.99
 SHIFT_US = 3.0  # the error the criterion must catch
@@ -44,9 +45,4 @@ def verdict(errors_us: Sequence[float]) -> list[str]:
 
 
 def assert_accurate_errors(errors_us: Sequence[float]) -> None:
-    """The errors pass, and the same errors shifted by ±SHIFT_US fail: the check has the
-    power to see a correction that is 3 µs off, on this very run's data."""
     assert not (failures := verdict(errors_us)), "; ".join(failures)
-    for shift in (SHIFT_US, -SHIFT_US):
-        assert verdict([e + shift for e in errors_us]), \
-            f"criterion blind to a {shift:+} µs shift"

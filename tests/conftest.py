@@ -1,20 +1,25 @@
 """Shared fixtures: one namespace lab per test session, removed at the end, also on failure.
 
-Lab tests need root, BPF and network namespaces; elsewhere they are skipped with the reason.
-The lab's names carry a per-run prefix (mt<pid>) so parallel or leftover runs never clash.
+Lab tests need root, BPF and network namespaces; elsewhere they are skipped with the reason,
+but with CI=true a lab test that skips, for whatever reason, is a failure: a CI run that
+skipped them all would otherwise be green. The lab's names carry a per-run prefix (mt<pid>)
+so parallel or leftover runs never clash. A session that runs root_ns tests (real container
+engines) fails if the root network namespace is not as it found it at the end.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
 from fake_dns import FakeDns
 
+from mace_tools.errors import MaceError
 from mace_tools.kernel.backend import object_path
+from mace_tools.lab import engines, hoststate
 from mace_tools.lab.topology import Lab
 
 CONTAINERS = 6  # c0 prober, c1..c4 flood neighbours, c5 second prober
@@ -25,9 +30,22 @@ def _lab_unavailable() -> str | None:
         return "needs root (BPF, network namespaces)"
     if not Path("/sys/kernel/btf/vmlinux").exists():
         return "kernel has no BTF"
-    if not object_path().exists():
+    try:
+        built = object_path().exists()
+    except MaceError as exc:  # $MACE_BPF_OBJECT missing or not trusted
+        return f"BPF object not built or not trusted: {exc}"
+    if not built:
         return "BPF object not built (make build)"
     return None
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("true", "1")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "root_ns: changes the root network namespace (real "
+                            "container engines); the session checks it is restored")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -36,6 +54,39 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for item in items:
             if "lab" in item.keywords:
                 item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None],
+                              ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """With CI=true, a lab test that skipped (a marker, a fixture or the test itself said
+    so) is reported as failed, with the skip's reason."""
+    report = yield
+    if report.skipped and not hasattr(report, "wasxfail") and "lab" in item.keywords \
+            and _in_ci():
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"a lab test may not skip with CI=true: {reason}"
+    return report
+
+
+@pytest.fixture(scope="session", autouse=True)
+def root_ns_restored(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A session with root_ns tests ends with the root namespace's firewall (every iptables
+    backend, nft), links and forwarding as it began (after removing what an earlier, killed
+    run left). One snapshot at each end; other sessions are not checked, since they may run
+    beside one that starts an engine."""
+    if not any("root_ns" in item.keywords for item in request.session.items):
+        yield
+        return
+    engines.remove_leftovers()
+    before = hoststate.snapshot()
+    yield
+    changed = before.differences(hoststate.snapshot())
+    if changed:
+        pytest.fail("root network namespace changed by this session: " + "; ".join(changed),
+                    pytrace=False)
 
 
 @pytest.fixture(scope="session")

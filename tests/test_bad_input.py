@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from unprivileged import LEAST_PRIVILEGE, with_capabilities
@@ -223,10 +225,35 @@ def test_no_btf(monkeypatch: pytest.MonkeyPatch, tmp_path: os.PathLike) -> None:
         backend.Backend(os.urandom(8)).open()
 
 
+def test_no_bpf_object(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A $MACE_BPF_OBJECT that is not there is refused at once, not handed to libbpf:
+    anyone may create a missing path (in /tmp, say) before libbpf opens it. A dangling
+    symbolic link is no better."""
+    missing = tmp_path / "none.bpf.o"
+    (tmp_path / "link.o").symlink_to(missing)
+    for named in (missing, tmp_path / "link.o"):
+        monkeypatch.setenv("MACE_BPF_OBJECT", str(named))
+        with pytest.raises(MaceError,
+                           match=rf"^MACE_BPF_OBJECT={re.escape(str(named))}: no such file$"):
+            backend.Backend(os.urandom(8))
+        assert not missing.exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (a raw socket comes first)")
+def test_no_bpf_object_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    missing = tmp_path / "none.bpf.o"
+    monkeypatch.setenv("MACE_BPF_OBJECT", str(missing))
+    assert_one_line_error(mace_ping("-c", "1", "127.0.0.1"),
+                          f"MACE_BPF_OBJECT={missing}: no such file")
+
+
 @pytest.mark.lab
-def test_no_bpf_object(monkeypatch: pytest.MonkeyPatch, tmp_path: os.PathLike) -> None:
-    monkeypatch.setenv("MACE_BPF_OBJECT", str(tmp_path / "none.bpf.o"))
-    with pytest.raises(MaceError, match="make build"):
+def test_no_packaged_bpf_object(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The object shipped in the package not built: loading says how to build it."""
+    monkeypatch.delenv("MACE_BPF_OBJECT", raising=False)
+    monkeypatch.setattr(backend, "SHIPPED_OBJECT", tmp_path / "mace.bpf.o")
+    with pytest.raises(MaceError, match=rf"^BPF object {re.escape(str(tmp_path))}/mace\.bpf\.o "
+                                        r"not found: build it with 'make build'$"):
         backend.Backend(os.urandom(8)).open()
 
 

@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ from mace_tools.lab.demo import PingRun, compare, parse_ndjson
 from mace_tools.lab.engines import IN_CONTAINER_CAPS, Engine, started, uplinked_target
 from mace_tools.lab.topology import LabError, OuterLink
 
-pytestmark = pytest.mark.lab
+pytestmark = [pytest.mark.lab, pytest.mark.root_ns]  # conftest: the root netns is checked
 
 TARGET, HOST_SIDE = "198.18.2.2", "198.18.2.1"
 RUN = os.getpid() % 100000
@@ -36,11 +37,12 @@ BUSYBOX, BASE, MACE = (f"localhost/mt{RUN}-{n}" for n in ("busybox:1", "base:boo
 
 @pytest.fixture(scope="module", params=["docker", "podman"])
 def engine(request: pytest.FixtureRequest) -> Iterator[Engine]:
-    try:
-        with started(request.param) as found:
-            yield found
-    except LabError as exc:
-        pytest.skip(str(exc))
+    with ExitStack() as stack:
+        try:
+            found = stack.enter_context(started(request.param))
+        except LabError as exc:  # only a start that failed skips; a failed clean-up errs
+            pytest.skip(str(exc))
+        yield found
 
 
 @pytest.fixture(scope="module")

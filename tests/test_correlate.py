@@ -195,3 +195,11 @@ def test_nested_host_takes_the_outermost_device() -> None:
     # inferred from inside the container, the first host (the inner one) is taken
     m = correlate(probe, reply, events, GUESS)
     assert m.outer_dev == f"eth0@{inner}"
+
+
+def test_events_lost_in_flight_give_no_correction() -> None:
+    # The ring overflowed while the probe was in flight: any device may be missing from
+    # its path (the last one the request left, say), so nothing is corrected.
+    probe, reply = probe_reply()
+    m = correlate(probe, reply, container_path(), KNOWN, complete=False)
+    assert not m.corrected and m.path

@@ -328,7 +328,7 @@ def test_running_traceroute_holds_no_capability(lab: Lab) -> None:
 @pytest.mark.lab
 def test_after_the_drop_maps_read_and_links_close() -> None:
     """What the run still does without capabilities, asked of the kernel directly (6.18):
-    the lost-events map lookup answers per CPU, and closing leaves no BPF link behind."""
+    the lost-events counter reads (mapped memory), and closing leaves no BPF link behind."""
     script = """
 import os, sys
 from mace_tools.kernel import native
@@ -347,8 +347,7 @@ b.open()
 assert len(links()) == 3, links()
 native.drop_privileges()
 assert open("/proc/self/status").read().count("CapEff:\\t0000000000000000") == 1
-values = native.lookup_percpu_u64(b._lost_fd, 0, b._ncpus)
-assert len(values) == b._ncpus >= 1, values
+assert b.lost() == 0
 b.close()
 assert links() == [], links()
 print("ok")

@@ -103,6 +103,9 @@ def test_vantage_for_options() -> None:
     own = vantage_of("x", None, Path("/proc/1/ns/net"))  # no /etc/netns/x: the host's files
     assert (own.root, own.file("hosts"), own.file("resolv.conf")) == \
         (Path("/"), "etc/hosts", "etc/resolv.conf")
+    # the host's own files are read whole, as getaddrinfo would
+    assert own.max_file_bytes is None
+    assert vantage_of("/proc/1/ns/net", None, Path("/proc/1/ns/net")).max_file_bytes is None
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root (another process's root)")
@@ -111,8 +114,9 @@ def test_vantage_of_a_pid_is_its_pin() -> None:
     try:
         pinned = netns.pin(proc.pid)
         try:
-            assert vantage_of(None, proc.pid, Path(f"/proc/{proc.pid}/ns/net")) == \
-                Vantage(pinned.root_path, pinned.netns_path, label=f"pid {proc.pid}")
+            seen = vantage_of(None, proc.pid, Path(f"/proc/{proc.pid}/ns/net"))
+            assert seen == Vantage(pinned.root_path, pinned.netns_path, label=f"pid {proc.pid}")
+            assert seen.max_file_bytes == MAX_FILE_BYTES  # its files are the party's
         finally:
             netns.release(pinned)
     finally:
@@ -160,6 +164,17 @@ def test_fifo_and_oversized_files_are_refused(box: Path) -> None:
         resolve_ipv4("name.test", Vantage(box))
     (box / "etc" / "hosts").write_bytes(b"#" * (MAX_FILE_BYTES - 1) + b"\n")  # at the bound
     assert len(read_confined(box, "etc/hosts")) == MAX_FILE_BYTES
+
+
+def test_the_hosts_own_files_have_no_size_bound(box: Path) -> None:
+    """A host's block-list hosts file runs to tens of MB: under --netns NAME it is read
+    whole, as `ip netns exec` and getaddrinfo would, while a PID's is still bounded."""
+    block_list = b"0.0.0.0 blocked.test\n" * (3 * MAX_FILE_BYTES // 21)
+    (box / "etc" / "hosts").write_bytes(block_list + b"198.18.0.44 last.test\n")
+    own = Vantage(box, max_file_bytes=None)
+    assert resolve_ipv4("last.test", own) == "198.18.0.44"
+    with pytest.raises(MaceError, match=r"^refusing to read /etc/hosts of pid 7: larger than "):
+        resolve_ipv4("last.test", Vantage(box, label="pid 7"))
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mknod)")

@@ -8,7 +8,7 @@ import tracemalloc
 
 import pytest
 
-from mace_tools.model import Measurement
+from mace_tools.model import Measurement, RunSummary
 from mace_tools.output.text import mace_fields
 from mace_tools.stats import (
     RELATIVE_ERROR,
@@ -17,7 +17,6 @@ from mace_tools.stats import (
     Tally,
     percentile,
     rtt_stats,
-    summarize,
 )
 
 
@@ -48,6 +47,15 @@ def m(seq: int, raw_us: int, corrected_us: int | None, dup: bool = False) -> Mea
     if corrected_us is not None:
         out.rtt_corrected_ns, out.egress_ns, out.ingress_ns = corrected_us * 1000, 1000, 2000
     return out
+
+
+def summarize(measurements: list[Measurement], transmitted: int, errors: int, elapsed_ms: int,
+              kernel_events_lost: int) -> RunSummary:
+    """A run's summary from a list (a run itself adds each reply to its Tally as it comes)."""
+    tally = Tally()
+    for reply in measurements:
+        tally.add(reply)
+    return tally.summary(transmitted, errors, elapsed_ms, kernel_events_lost)
 
 
 def test_summarize_excludes_duplicates_and_counts_coverage() -> None:

@@ -9,6 +9,7 @@ before anything is written). Load + attach takes ~20 ms here (CO-RE relocation a
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import stat
 import struct
@@ -28,27 +29,29 @@ PROGRAMS = {
 }
 CONFIG = struct.Struct("=QBBB5x")  # struct mace_config (bpf/mace.h)
 VMLINUX_BTF = Path("/sys/kernel/btf/vmlinux")
+SHIPPED_OBJECT = Path(__file__).with_name("mace.bpf.o")  # built by `make build`
 
 
 def object_path() -> Path:
     """The compiled BPF object: $MACE_BPF_OBJECT if it can be trusted, else the one shipped
-    in the package.
+    in the package (SHIPPED_OBJECT; if it is missing, loading says it is not built).
 
     A root process loads whatever this names into the kernel, so an environment variable
     must not make it load a file someone else could have written: the object, and every
     directory above it, must belong to root (or to our euid) and be writable by nobody
     else (a sticky directory counts as safe, since only an entry's owner may replace it).
-    The real path is returned, so what was checked is what libbpf opens. A missing file is
-    returned as is: loading then says it is not built.
+    So nobody else can put another file there between this check and libbpf's open of the
+    real path returned. A missing file is refused too: in a directory like /tmp, anyone
+    could create it in that gap.
     """
     override = os.environ.get("MACE_BPF_OBJECT")
     if not override:
-        return Path(__file__).with_name("mace.bpf.o")
-    if not os.path.exists(override):
-        return Path(override)
+        return SHIPPED_OBJECT
     real = Path(os.path.realpath(override))
     try:
         why = _untrusted(real)
+    except FileNotFoundError:
+        raise MaceError(f"MACE_BPF_OBJECT={override}: no such file") from None
     except OSError as exc:
         why = f"cannot check it: {exc.strerror}"
     if why is not None:
@@ -99,8 +102,8 @@ class Backend:
         self._links: list[int] = []
         self._prog_fds: dict[str, int] = {}
         self._ring: RingBuffer | None = None
-        self._lost_fd = -1
-        self._ncpus = 1
+        self._lost_map: mmap.mmap | None = None
+        self._lost: memoryview | None = None
 
     def __enter__(self) -> Backend:
         try:
@@ -146,8 +149,10 @@ class Backend:
             self._prog_fds[prog_name] = lib.bpf_program__fd(prog)
         events = lib.bpf_object__find_map_by_name(obj, b"events")
         self._ring = RingBuffer(lib.bpf_map__fd(events), lib.bpf_map__max_entries(events))
-        self._lost_fd = lib.bpf_map__fd(lib.bpf_object__find_map_by_name(obj, b"lost"))
-        self._ncpus = lib.libbpf_num_possible_cpus()
+        lost_fd = lib.bpf_map__fd(lib.bpf_object__find_map_by_name(obj, b"lost"))
+        # BPF_F_MMAPABLE: read with a memory load, no syscall (and no privilege) per reply
+        self._lost_map = mmap.mmap(lost_fd, mmap.PAGESIZE, mmap.MAP_SHARED, mmap.PROT_READ)
+        self._lost = memoryview(self._lost_map)[:8].cast("Q")
 
     @property
     def fd(self) -> int:
@@ -161,8 +166,11 @@ class Backend:
         return self._ring.consume(decoder(sink))
 
     def lost(self) -> int:
-        """Events the kernel side could not record (ring buffer full), all CPUs."""
-        return sum(native.lookup_percpu_u64(self._lost_fd, 0, self._ncpus))
+        """Events the kernel side could not record (ring buffer full), plus the times the
+        reader gave up on a record still being written. A probe in flight while this
+        changed may miss events: it gets no correction (Pinger, Tracer)."""
+        assert self._lost is not None and self._ring is not None
+        return self._lost[0] + self._ring.stalls
 
     def run_stats(self) -> dict[str, tuple[int, int]]:
         """Per program (run_time_ns, run_cnt); zeros unless kernel.bpf_stats_enabled=1."""
@@ -172,6 +180,11 @@ class Backend:
         if self._ring is not None:
             self._ring.close()
             self._ring = None
+        if self._lost_map is not None:
+            assert self._lost is not None
+            self._lost.release()
+            self._lost_map.close()
+            self._lost_map = self._lost = None
         lib = native.libbpf() if (self._links or self._obj) else None
         for link in self._links:
             lib.bpf_link__destroy(link)

@@ -43,10 +43,13 @@ def decoder(sink: Callable[[KernelEvent], None]) -> Callable[[memoryview, int], 
     the per-event hot path at flood rates)."""
     unpack, packets, hooks, event = EVENT.unpack_from, _PACKETS, _HOOKS, KernelEvent
     devs, addrs = _dev_cache, _addr_cache
+    n_packets, n_hooks = len(_PACKETS), len(_HOOKS)
 
     def handle(buf: memoryview, offset: int) -> None:
         ts, netns, ifindex, saddr, daddr, seq, packet, hook, dev, proto, icmp_type, _ = \
             unpack(buf, offset)
+        if packet >= n_packets or hook >= n_hooks:
+            return  # written by another build's mace.h (MACE_BPF_OBJECT): unknown, dropped
         sink(event(ts, seq, packets[packet], hooks[hook], ifindex, netns,
                    devs.get(dev) or _dev(dev), addrs.get(saddr) or _addr(saddr),
                    addrs.get(daddr) or _addr(daddr), proto, icmp_type))
@@ -54,9 +57,12 @@ def decoder(sink: Callable[[KernelEvent], None]) -> Callable[[memoryview, int], 
     return handle
 
 
-def decode(buf: memoryview | bytes, offset: int = 0) -> KernelEvent:
+def decode(buf: memoryview | bytes, offset: int = 0) -> KernelEvent | None:
+    """One record, or None if its packet kind or hook is not one this build knows."""
     ts, netns, ifindex, saddr, daddr, seq, packet, hook, dev, proto, icmp_type, _ = \
         EVENT.unpack_from(buf, offset)
+    if packet >= len(_PACKETS) or hook >= len(_HOOKS):
+        return None
     return KernelEvent(
         ts, seq, _PACKETS[packet], _HOOKS[hook], ifindex, netns, _dev(dev),
         _addr(saddr), _addr(daddr), proto, icmp_type,

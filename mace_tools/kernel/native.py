@@ -1,6 +1,6 @@
 """The project's only ctypes code: libbpf.so.1 (system libbpf1) and a few libc calls.
 
-Kept tiny on purpose: open/load/attach a BPF object, read a map element, enter a network
+Kept tiny on purpose: open/load/attach a BPF object, read program stats, enter a network
 namespace, open a file confined to a directory (openat2), drop capabilities. Everything
 above works with plain ints and bytes. libbpf 1.x conventions: pointer returning calls give
 NULL and set errno; int returning calls give -errno.
@@ -104,15 +104,6 @@ def map_initial_value(map_ptr: int) -> memoryview:
     if not addr:
         raise MaceError("BPF object has no initial value for its .rodata map")
     return memoryview((ctypes.c_char * size.value).from_address(addr)).cast("B")
-
-
-def lookup_percpu_u64(map_fd: int, key: int, ncpus: int) -> list[int]:
-    """Per-CPU values of one u64 slot of a PERCPU_ARRAY map."""
-    values = (ctypes.c_uint64 * ncpus)()
-    k = ctypes.c_uint32(key)
-    if libbpf().bpf_map_lookup_elem(map_fd, ctypes.byref(k), values) != 0:
-        return []
-    return list(values)
 
 
 class _ProgInfo(ctypes.Structure):

@@ -12,11 +12,16 @@ flags, and a u32 page offset.
 from __future__ import annotations
 
 import mmap
+import time
 from collections.abc import Callable
 
 _BUSY = 1 << 31
 _DISCARD = 1 << 30
 _HDR = 8
+# A producer (a BPF program on another CPU) fills a record between reserve and submit
+# without sleeping: a record still BUSY is waited for this long before the reader gives up
+# (and counts a stall, which marks the probes in flight incomplete).
+_BUSY_WAIT_NS = 200_000
 
 
 class RingBuffer:
@@ -33,6 +38,7 @@ class RingBuffer:
         self._prod = memoryview(self._prod_map)[:8].cast("Q")
         self._data = memoryview(self._prod_map)[page:]
         self._data32 = self._data.cast("I")
+        self.stalls = 0  # records given up on while still BUSY
 
     def consume(self, handle: Callable[[memoryview, int], None]) -> int:
         """Call handle(data, offset) for every committed record; return how many."""
@@ -46,14 +52,26 @@ class RingBuffer:
                 off = cons & self._mask
                 length = self._data32[off >> 2]
                 if length & _BUSY:
-                    self._cons[0] = cons
-                    return count
+                    length = self._await_commit(off)
+                    if length & _BUSY:
+                        self.stalls += 1
+                        self._cons[0] = cons
+                        return count
                 cons += ((length & ~_DISCARD) + _HDR + 7) & ~7
                 if not length & _DISCARD:
                     handle(self._data, off + _HDR)
                     count += 1
             self._cons[0] = cons  # release the space to the producers
         return count
+
+    def _await_commit(self, off: int) -> int:
+        """The record's length word once its producer has committed it (or the wait ran out:
+        then still BUSY). Records are consumed in order, so stopping here would hold back
+        every record after it, the events of other probes among them."""
+        deadline = time.monotonic_ns() + _BUSY_WAIT_NS
+        while (length := self._data32[off >> 2]) & _BUSY and time.monotonic_ns() < deadline:
+            pass
+        return length
 
     def close(self) -> None:
         for view in (self._cons, self._prod, self._data, self._data32):

@@ -38,6 +38,7 @@ from pathlib import Path
 from mace_tools.lab.topology import LabError, OuterLink
 
 PCAP_NANO_MAGIC = 0xA1B23C4D
+QUIET_S = 2.0  # a capture file that stopped growing this long has been written out
 LINKTYPE_ETHERNET = 1
 _ETH_P_IP = b"\x08\x00"
 
@@ -85,17 +86,21 @@ def read_ip_packets(path: Path) -> list[tuple[int, bytes]]:
     return packets
 
 
+def icmp_packet(ts_real_ns: int, ip: bytes) -> IcmpPacket | None:
+    """The ICMP message of an IPv4 datagram stamped ts_real_ns; None if it holds none."""
+    if len(ip) < 20 or ip[9] != 1:
+        return None
+    ihl = (ip[0] & 0x0F) * 4
+    if len(ip) < ihl + 8:
+        return None
+    icmp = ip[ihl:]
+    ident, seq = struct.unpack_from("!HH", icmp, 4)
+    return IcmpPacket(ts_real_ns, ip[12:16], ip[16:20], icmp[0], ident, seq, icmp[8:])
+
+
 def read_pcap(path: Path) -> list[IcmpPacket]:
     """ICMP packets of a nanosecond Ethernet pcap (others are skipped)."""
-    packets = []
-    for ts, ip in read_ip_packets(path):
-        ihl = (ip[0] & 0x0F) * 4
-        if ip[9] != 1 or len(ip) < ihl + 8:
-            continue
-        icmp = ip[ihl:]
-        ident, seq = struct.unpack_from("!HH", icmp, 4)
-        packets.append(IcmpPacket(ts, ip[12:16], ip[16:20], icmp[0], ident, seq, icmp[8:]))
-    return packets
+    return [p for ts, ip in read_ip_packets(path) if (p := icmp_packet(ts, ip)) is not None]
 
 
 def match_echoes(packets: list[IcmpPacket],
@@ -111,6 +116,15 @@ def match_echoes(packets: list[IcmpPacket],
         elif p.icmp_type == 0 and p.seq in requests:
             replies.setdefault(p.seq, p.ts_real_ns)
     return {seq: CapturedEcho(seq, t, replies.get(seq)) for seq, t in requests.items()}
+
+
+def pair_echoes(far: list[IcmpPacket], near: list[IcmpPacket],
+                key: Callable[[IcmpPacket], bool]) -> dict[int, CapturedEcho]:
+    """Truth v2's pairing by seq: each request (key(packet) truthy) as it arrived at the far
+    end of the outer link, with its first reply as it arrived on the outer device."""
+    requests = [p for p in far if p.icmp_type == 8 and key(p)]
+    replies = [p for p in near if p.icmp_type == 0 and key(p)]
+    return match_echoes(requests + replies, lambda p: True)
 
 
 class Capture:
@@ -153,16 +167,23 @@ class Capture:
         finally:
             shutil.rmtree(self._dir, ignore_errors=True)
 
-    def _await_flush(self, timeout_s: float = 3.0) -> None:
-        """Wait until the expected packets are on disk (or the kernel's block timeout)."""
+    def _await_flush(self, timeout_s: float = 15.0) -> None:
+        """Wait until the expected packets are on disk, or else until the file has not
+        grown for QUIET_S: longer than libpcap's 1 s block timeout, so the block that was
+        open when the run ended has been retired and written (on a loaded machine tcpdump
+        may write it late: a fixed wait lost the last probes' truth)."""
         deadline = time.monotonic() + timeout_s
+        size, unchanged_since = -1, time.monotonic()
         while time.monotonic() < deadline:
-            if self.expect_packets is not None and self.path.exists() \
-                    and len(read_pcap(self.path)) >= self.expect_packets:
+            now_size = self.path.stat().st_size if self.path.exists() else 0
+            if now_size != size:
+                size, unchanged_since = now_size, time.monotonic()
+                if self.expect_packets is not None \
+                        and len(read_pcap(self.path)) >= self.expect_packets:
+                    return
+            elif time.monotonic() - unchanged_since >= QUIET_S:
                 return
             time.sleep(0.1)
-            if self.expect_packets is None and time.monotonic() > deadline - timeout_s + 1.2:
-                return
 
     def _stop(self) -> None:
         if self._proc is None:
@@ -230,16 +251,12 @@ class TruthCapture:
     def echoes(self, nonce: bytes) -> dict[int, CapturedEcho]:
         """One run's echoes by seq: request in at the far end, reply in on the outer device
         (probes keyed by their payload's nonce: NAT may change the id)."""
-        return self._pair(lambda p: p.payload[: len(nonce)] == nonce)
+        return pair_echoes(self.far.packets, self.near.packets,
+                           lambda p: p.payload[: len(nonce)] == nonce)
 
     def echoes_by_id(self, ident: int) -> dict[int, CapturedEcho]:
         """Any ping's echoes by ICMP id as seen on the outer link (outside any NAT)."""
-        return self._pair(lambda p: p.ident == ident)
-
-    def _pair(self, key: Callable[[IcmpPacket], bool]) -> dict[int, CapturedEcho]:
-        requests = [p for p in self.far.packets if p.icmp_type == 8 and key(p)]
-        replies = [p for p in self.near.packets if p.icmp_type == 0 and key(p)]
-        return match_echoes(requests + replies, lambda p: True)
+        return pair_echoes(self.far.packets, self.near.packets, lambda p: p.ident == ident)
 
     def trace(self, nonce: bytes, method: str, packet_len: int) -> dict[int, float]:
         """mace-traceroute probe number -> truth (µs): its answer's arrival on the outer

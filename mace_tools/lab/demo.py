@@ -14,7 +14,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-from mace_tools.lab.capture import Capture, TruthCapture
+from mace_tools.lab.capture import Capture, CapturedEcho, TruthCapture
 from mace_tools.lab.topology import Lab, LabError
 
 
@@ -94,8 +94,9 @@ def outer_link_transit_us(record: dict) -> float | None:
     return None if arrived is None else arrived - left[-1]
 
 
-def compare(run: PingRun, capture: TruthCapture) -> list[ProbeRow]:
-    truth = capture.echoes(run.nonce)
+def probe_rows(run: PingRun, truth: dict[int, CapturedEcho]) -> list[ProbeRow]:
+    """Each distinct reply with its truth by seq (capture_ms None when the truth missed it)
+    and the truth's residual."""
     rows = []
     for rec in run.records:
         if rec.get("type") != "reply" or rec.get("dup"):
@@ -106,6 +107,11 @@ def compare(run: PingRun, capture: TruthCapture) -> list[ProbeRow]:
                              None if rtt is None else rtt / 1e6, rec.get("outer_dev"),
                              outer_link_transit_us(rec)))
     return rows
+
+
+def compare(run: PingRun, capture: TruthCapture) -> list[ProbeRow]:
+    """The run's replies paired with the truth of its probes (by the run's nonce)."""
+    return probe_rows(run, capture.echoes(run.nonce))
 
 
 def measure(lab: Lab, container: int, count: int, *args: str,

@@ -39,9 +39,16 @@ import sys
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from mace_tools.lab.capture import Capture, CapturedEcho, IcmpPacket, TruthCapture, match_echoes
-from mace_tools.lab.demo import PingRun, ProbeRow, parse_ndjson
-from mace_tools.lab.topology import NETNS_DIR, LabError, OuterLink, cleanup_prefix, ns_exec, run
+from mace_tools.lab.capture import (
+    Capture,
+    CapturedEcho,
+    IcmpPacket,
+    TruthCapture,
+    icmp_packet,
+    pair_echoes,
+)
+from mace_tools.lab.demo import PingRun, ProbeRow, parse_ndjson, probe_rows
+from mace_tools.lab.topology import NETNS_DIR, LabError, LabLifeCycle, OuterLink, ns_exec, run
 
 VXLAN_PORT = 4789
 VXLAN_HEADERS = 20 + 8 + 8 + 14  # outer IPv4, UDP, VXLAN, inner Ethernet
@@ -49,7 +56,7 @@ WIRE_START_S = 5.0  # how long a tapwire may take to create its taps
 
 
 @dataclass
-class PathLab:
+class PathLab(LabLifeCycle):
     """Namespaces {prefix}-{role} for each role in `roles`; subclasses wire them up."""
 
     prefix: str
@@ -88,33 +95,9 @@ class PathLab:
         """command run in the host netns, as a container host's tool runs."""
         return ["ip", "netns", "exec", self.host_ns, *command]
 
-    # life cycle ----------------------------------------------------------------------
-    def __enter__(self) -> PathLab:
-        self.up()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.down()
-
-    def up(self) -> None:
-        """Build the lab; leftovers with this prefix (ours by name) are removed first."""
-        cleanup_prefix(self.prefix)
-        try:
-            for role in self.roles:
-                ns = self.ns(role)
-                run("ip", "netns", "add", ns)
-                run("ip", "-n", ns, "link", "set", "lo", "up")
-                ns_exec(ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1")
-            self._build()
-        except BaseException:
-            self.down()
-            raise
-
-    def down(self) -> None:
-        cleanup_prefix(self.prefix)
-
-    def _build(self) -> None:
-        raise NotImplementedError
+    # building (up, down and the with-block: LabLifeCycle) ----------------------------
+    def namespaces(self) -> list[str]:
+        return [self.ns(role) for role in self.roles]
 
     def warm_up(self) -> None:
         """One ping from the container, so ARP and NAT state exist before measuring."""
@@ -284,11 +267,8 @@ class VxlanLab(PathLab):
     def truth(self, capture: TruthCapture, nonce: bytes) -> dict[int, CapturedEcho]:
         """Truth v2 on the underlay: the encapsulated request's arrival at B's und0, the
         encapsulated reply's arrival on the host's und0, paired by the inner ICMP seq."""
-        requests = [p for p in inner_icmp(capture.far.ip_packets)
-                    if p.icmp_type == 8 and p.payload[:8] == nonce]
-        replies = [p for p in inner_icmp(capture.near.ip_packets)
-                   if p.icmp_type == 0 and p.payload[:8] == nonce]
-        return match_echoes(requests + replies, lambda p: True)
+        far, near = inner_icmp(capture.far.ip_packets), inner_icmp(capture.near.ip_packets)
+        return pair_echoes(far, near, lambda p: p.payload[:8] == nonce)
 
 
 def inner_icmp(packets: list[tuple[int, bytes]]) -> list[IcmpPacket]:
@@ -300,13 +280,8 @@ def inner_icmp(packets: list[tuple[int, bytes]]) -> list[IcmpPacket]:
         if struct.unpack_from("!H", outer, 22)[0] != VXLAN_PORT \
                 or outer[VXLAN_HEADERS - 2:VXLAN_HEADERS] != b"\x08\x00":
             continue
-        ip = outer[VXLAN_HEADERS:]
-        ihl = (ip[0] & 0x0F) * 4
-        if ip[9] != 1 or len(ip) < ihl + 8:
-            continue
-        icmp = ip[ihl:]
-        ident, seq = struct.unpack_from("!HH", icmp, 4)
-        found.append(IcmpPacket(ts, ip[12:16], ip[16:20], icmp[0], ident, seq, icmp[8:]))
+        if (packet := icmp_packet(ts, outer[VXLAN_HEADERS:])) is not None:
+            found.append(packet)
     return found
 
 
@@ -361,19 +336,6 @@ def run_ping(command: list[str], timeout_s: float = 120) -> PingRun:
     return PingRun(records, summary, proc.returncode, proc.stderr)
 
 
-def rows(run: PingRun, truth: dict[int, CapturedEcho]) -> list[ProbeRow]:
-    """Each distinct reply with its truth (capture_ms None when the truth missed it)."""
-    out = []
-    for rec in run.records:
-        if rec.get("type") != "reply" or rec.get("dup"):
-            continue
-        echo = truth.get(rec["seq"])
-        rtt = echo.rtt_ns if echo else None
-        out.append(ProbeRow(rec["seq"], rec["rtt"], rec["rtt_corrected"],
-                            None if rtt is None else rtt / 1e6, rec.get("outer_dev")))
-    return out
-
-
 @dataclass
 class Measured:
     """One mace-ping run, its replies paired with their truth, and the truth's captures."""
@@ -403,4 +365,4 @@ def measure(lab: PathLab, count: int, *args: str, inside: bool = False,
     with TruthCapture(link, bpf_filter, expect_requests=expect) as cap:
         run = run_ping(command)
     truth = lab.truth(cap, nonce) if on_outer else cap.echoes(nonce)
-    return Measured(run, rows(run, truth), cap)
+    return Measured(run, probe_rows(run, truth), cap)

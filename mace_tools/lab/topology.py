@@ -21,6 +21,7 @@ from __future__ import annotations
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 NETNS_DIR = Path("/run/netns")
 TARGET_ADDR = "198.18.0.2"  # with no routers
@@ -77,13 +78,55 @@ def cleanup_prefix(prefix: str) -> list[str]:
     return removed
 
 
+def add_namespace(ns: str) -> None:
+    """A new netns with lo up and IPv6 off (the labs are IPv4 only)."""
+    run("ip", "netns", "add", ns)
+    run("ip", "-n", ns, "link", "set", "lo", "up")
+    ns_exec(ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1")
+
+
+class LabLifeCycle:
+    """Life cycle of a lab of namespaces {prefix}-*: up() removes leftovers with this
+    prefix (ours by name), adds namespaces() and wires them (_build); down() removes them
+    all, also when building fails. A with-block does both."""
+
+    prefix: str
+
+    def __enter__(self) -> Self:
+        self.up()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+
+    def up(self) -> None:
+        """Build the lab; leftovers with this prefix (ours by name) are removed first."""
+        cleanup_prefix(self.prefix)
+        try:
+            for ns in self.namespaces():
+                add_namespace(ns)
+            self._build()
+        except BaseException:
+            self.down()
+            raise
+
+    def down(self) -> None:
+        cleanup_prefix(self.prefix)
+
+    def namespaces(self) -> list[str]:
+        raise NotImplementedError
+
+    def _build(self) -> None:
+        raise NotImplementedError
+
+
 def link_addr(link: int, side: int) -> str:
     """Address of side 1 (towards the host) or 2 of routed link `link` (/30 each)."""
     return f"198.18.0.{4 * link + side}"
 
 
 @dataclass
-class Lab:
+class Lab(LabLifeCycle):
     prefix: str = "mace"
     containers: int = 1
     routers: int = 0
@@ -142,33 +185,15 @@ class Lab:
             return OuterLink(self.host_ns, OUTER_DEV, self.router_ns(1), "in0")
         return OuterLink(self.host_ns, OUTER_DEV, self.target_ns, "tgt0")
 
-    # life cycle ----------------------------------------------------------------------
-    def __enter__(self) -> Lab:
-        self.up()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.down()
-
-    def up(self) -> None:
-        """Build the lab; leftovers with this prefix (ours by name) are removed first."""
-        cleanup_prefix(self.prefix)
-        try:
-            self._build()
-        except BaseException:
-            self.down()
-            raise
-
-    def down(self) -> None:
-        cleanup_prefix(self.prefix)
+    # building (up, down and the with-block: LabLifeCycle) ----------------------------
+    def namespaces(self) -> list[str]:
+        return [self.host_ns, self.target_ns,
+                *(self.router_ns(i) for i in range(1, self.routers + 1)),
+                *map(self.container_ns, range(self.containers))]
 
     def _build(self) -> None:
         host, target = self.host_ns, self.target_ns
         routers = [self.router_ns(i) for i in range(1, self.routers + 1)]
-        for ns in (host, target, *routers, *map(self.container_ns, range(self.containers))):
-            run("ip", "netns", "add", ns)
-            run("ip", "-n", ns, "link", "set", "lo", "up")
-            ns_exec(ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1")
         batch = [
             "link add br0 type bridge",
             f"addr add {BRIDGE_ADDR}/24 dev br0",

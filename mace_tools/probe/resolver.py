@@ -13,7 +13,9 @@ stays inside it, no /proc magic link leads out, only a regular file is read (ope
 first: a FIFO cannot block us and a device node is never opened), and at most
 MAX_FILE_BYTES of it. A file over that bound, or not regular, is refused with one line
 rather than read in part: a cut hosts line could map a name to the wrong address. No
-openat2 (Linux < 5.6) fails closed: such files are then never read unconfined.
+openat2 (Linux < 5.6) fails closed: such files are then never read unconfined. The host's
+own files (`--netns NAME`: /etc or /etc/netns/NAME) are root's, not a measured party's:
+they are read whole, as getaddrinfo and `ip netns exec` would.
 """
 
 from __future__ import annotations
@@ -40,8 +42,9 @@ MAX_UDP_ANSWER = 4096
 # glibc's defaults (resolv.conf(5))
 DEFAULT_NDOTS, DEFAULT_TIMEOUT_S, DEFAULT_ATTEMPTS = 1, 5, 2
 MAX_NAMESERVERS = 3
-# glibc reads a hosts file whole; this bounds what a measured party can make us read.
-# 1 MiB holds the largest hosts files seen in use (block lists), yet stays cheap to parse.
+# glibc reads a hosts file whole; this bounds what a measured party (a PID's root, such as
+# a container's) can make us read and parse. Container engines write a few lines there, far
+# below this; the host's own files (block lists run to tens of MB) are not bounded (Vantage).
 MAX_FILE_BYTES = 1 << 20
 _CONFINED = native.RESOLVE_IN_ROOT | native.RESOLVE_NO_MAGICLINKS
 _RESOLVE_RETRIES = 3  # RESOLVE_IN_ROOT answers EAGAIN when a rename races a ".." walk
@@ -59,11 +62,13 @@ class ResolvConf:
 @dataclass(frozen=True, slots=True)
 class Vantage:
     """Where a name is resolved from: the files under `root` (read as if it were "/") and
-    the netns at `netns_path`; `label` names whose files they are in error messages."""
+    the netns at `netns_path`; `label` names whose files they are in error messages.
+    `max_file_bytes` bounds what is read of them: None for the host's own files only."""
     root: Path
     netns_path: Path | None = None
     files: dict[str, str] = field(default_factory=dict)  # per-file overrides (ip netns)
     label: str = ""
+    max_file_bytes: int | None = MAX_FILE_BYTES
 
     def file(self, name: str) -> str:
         """The file's path below root (relative: it is resolved inside root)."""
@@ -192,9 +197,10 @@ def _is_ip(text: str) -> bool:
     return True
 
 
-def read_confined(root: Path, relpath: str, limit: int = MAX_FILE_BYTES) -> bytes | None:
+def read_confined(root: Path, relpath: str, limit: int | None = MAX_FILE_BYTES) -> bytes | None:
     """The bytes of root/relpath resolved as if root were "/", or None if there is no such
-    file; ValueError (why) if it is refused, OSError if it cannot be read."""
+    file; ValueError (why) if it is refused, OSError if it cannot be read. limit None: no
+    bound on its size (the host's own files)."""
     root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         path_fd = _open_below(root_fd, relpath)
@@ -206,7 +212,7 @@ def read_confined(root: Path, relpath: str, limit: int = MAX_FILE_BYTES) -> byte
         info = os.fstat(path_fd)
         if not stat.S_ISREG(info.st_mode):
             raise ValueError("not a regular file")
-        if info.st_size > limit:
+        if limit is not None and info.st_size > limit:
             raise ValueError(f"larger than {limit} bytes")
         # Reopen the very inode checked above; O_NONBLOCK in case it is not what it seemed.
         fd = os.open(f"/proc/self/fd/{path_fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -230,12 +236,13 @@ def _open_below(root_fd: int, relpath: str) -> int | None:
     raise OSError(errno.EAGAIN, "the file kept moving while it was looked up")
 
 
-def _read_at_most(fd: int, limit: int) -> bytes:
+def _read_at_most(fd: int, limit: int | None) -> bytes:
     chunks, size = [], 0
-    while chunk := os.read(fd, limit + 1 - size):
+    # one byte past the limit tells a file that grew; unbounded, read in 1 MiB chunks
+    while chunk := os.read(fd, 1 << 20 if limit is None else limit + 1 - size):
         chunks.append(chunk)
         size += len(chunk)
-        if size > limit:  # it grew after fstat
+        if limit is not None and size > limit:  # it grew after fstat
             raise ValueError(f"larger than {limit} bytes")
     return b"".join(chunks)
 
@@ -245,7 +252,7 @@ def _read(vantage: Vantage, name: str) -> str:
     relpath = vantage.file(name)
     where = f"/{relpath}" + (f" of {vantage.label}" if vantage.label else "")
     try:
-        data = read_confined(vantage.root, relpath)
+        data = read_confined(vantage.root, relpath, vantage.max_file_bytes)
     except ValueError as exc:
         raise MaceError(f"refusing to read {where}: {exc}") from None
     except OSError as exc:
@@ -335,16 +342,17 @@ def vantage_of(netns: str | None, pid: int | None, netns_path: Path | None) -> V
 
     A PID (or a container's init) brings its own root file system, taken from its pin (the
     same process as its netns); an `ip netns` name uses /etc/netns/NAME/{hosts,resolv.conf}
-    where present, as `ip netns exec` would.
+    where present, as `ip netns exec` would. Only a PID's files are bounded in size: the
+    others are the host's own.
     """
     if pid is not None and netns_path is not None:
         pinned = netns_mod.pin(pid)
         return Vantage(pinned.root_path, pinned.netns_path, label=f"pid {pid}")
     if netns is not None and netns_path is not None:
         if "/" in netns:
-            return Vantage(Path("/"), netns_path)
+            return Vantage(Path("/"), netns_path, max_file_bytes=None)
         overrides = {f: p for f in ("hosts", "resolv.conf")
                      if os.path.exists("/" + (p := f"etc/netns/{netns}/{f}"))}
-        return Vantage(Path("/"), netns_path, overrides)
+        return Vantage(Path("/"), netns_path, overrides, max_file_bytes=None)
     return None
 

@@ -138,7 +138,8 @@ def parse_answer(datagram: bytes, factory: ProbeFactory) -> Answer | None:
         return None
     icmp_type, code = l4[0], l4[1]
     if icmp_type == 0:  # echo reply: the destination, for -I
-        if factory.method != ICMP or l4[8:8 + NONCE_LEN] != factory.nonce:
+        # the payload's tag (nonce, probe number) must agree with the header's seq
+        if factory.method != ICMP or l4[8:8 + TAG_LEN] != factory.nonce + l4[6:8]:
             return None
         number = struct.unpack_from("!H", l4, 6)[0]
         return Answer(None, number, src, ttl, 0, 0, len(l4), True)
@@ -148,6 +149,8 @@ def parse_answer(datagram: bytes, factory: ProbeFactory) -> Answer | None:
     qihl = (quoted[0] & 0x0F) * 4
     if quoted[0] >> 4 != 4 or qihl < 20 or len(quoted) < qihl + 8:
         return None
+    if int.from_bytes(quoted[6:8], "big") & 0x1FFF:
+        return None  # a later fragment: what follows its header is payload, not L4
     if quoted[9] != PROTO_NUMBERS[factory.method]:
         return None
     if socket.inet_ntoa(quoted[16:20]) != factory.dst:
