@@ -143,6 +143,28 @@ def test_sigquit_prints_status_at_once_and_the_run_goes_on() -> None:
     assert err == b""  # nothing else: one status line, no traceback
 
 
+@pytest.mark.lab
+def test_sigint_ends_the_run_even_when_started_ignored() -> None:
+    """A background job of a script (or nohup) starts with SIGINT ignored; as iputils,
+    mace-ping takes it anyway: the run ends with its summary."""
+    proc = subprocess.Popen(ping_cmd("-i", "10", "127.0.0.1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": os.getcwd()},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert proc.stdout is not None
+    try:
+        assert (_read_line(proc.stdout, 20) or "").startswith("PING ")
+        assert (_read_line(proc.stdout, 20) or "").startswith("64 bytes from 127.0.0.1")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert b"1 packets transmitted, 1 received, 0% packet loss" in out
+
+
 def test_probe_bookkeeping_is_bounded_and_reports_each_loss_once() -> None:
     """Seqs wrap at 65536: a reused seq whose probe got no answer is reported lost then,
     once; the tables never exceed 65536 entries; the end lists the last window's losses."""

@@ -7,6 +7,7 @@ libbpf is bound when the run starts, scapy and rich are never imported on this p
 
 from __future__ import annotations
 
+import signal
 import socket
 import sys
 from typing import Annotated, NamedTuple
@@ -163,6 +164,9 @@ def _split_interface(value: str | None) -> tuple[str | None, str | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # As iputils: Ctrl-C (SIGINT) ends the run with its summary even where mace-ping was
+    # started with SIGINT ignored (a script's background job, nohup), which Python keeps.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     return run_app(app, PROG, argv)
 
 
