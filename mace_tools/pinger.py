@@ -158,14 +158,10 @@ class Pinger:
 
     def run(self) -> RunResult:
         opts = self.opts
-        # Entering the prober's netns from ours makes ours the container host's (H).
-        own_netns = netns.inode() if opts.netns_path is not None else None
+        ns = netns.of_run(opts.netns_path)
         with netns.entered(opts.netns_path):
             sock = IcmpSocket(opts.ttl, opts.device, opts.source)
             try:
-                prober = netns.inode()
-                # --pid 1 from inside a container enters its own netns: no host known
-                ns = Namespaces(prober, None if own_netns == prober else own_netns)
                 source = source_address(opts.dst_addr, opts.device, opts.source)
             except BaseException:
                 sock.close()

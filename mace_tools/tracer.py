@@ -117,14 +117,10 @@ class Tracer:
     def run(self) -> TraceResult:
         opts = self.opts
         proto = PROTO_NUMBERS[opts.method]
-        # Entering the prober's netns from ours makes ours the container host's (H).
-        own_netns = netns.inode() if opts.netns_path is not None else None
+        ns = netns.of_run(opts.netns_path)
         with netns.entered(opts.netns_path):
             socks = _open_sockets(proto)
             try:
-                prober = netns.inode()
-                # --pid 1 from inside a container enters its own netns: no host known
-                ns = Namespaces(prober, None if own_netns == prober else own_netns)
                 src = source_address(opts.dst_addr, None, None)
             except BaseException:
                 for s in socks:

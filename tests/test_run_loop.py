@@ -11,7 +11,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from typing import IO
+from contextlib import contextmanager
+from typing import IO, Any
 
 import pytest
 
@@ -112,13 +113,33 @@ def _read_line(stream: IO[bytes], timeout: float) -> str | None:
     return stream.readline().decode()
 
 
+@contextmanager
+def ping_process(*args: str, **popen: Any) -> Iterator[subprocess.Popen[bytes]]:
+    """mace-ping ARGS running for the with-block, killed at its end if it still runs."""
+    proc = subprocess.Popen(ping_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": os.getcwd()}, **popen)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def interrupt_after_one_reply(proc: subprocess.Popen[bytes]) -> bytes:
+    """Ctrl-C a run that got one reply: it ends at once, exit 0, with iputils' summary;
+    returns what it printed on stderr."""
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert b"1 packets transmitted, 1 received, 0% packet loss" in out
+    return err
+
+
 @pytest.mark.lab
 def test_sigquit_prints_status_at_once_and_the_run_goes_on() -> None:
-    proc = subprocess.Popen(ping_cmd("-i", "10", "127.0.0.1"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE,
-                            env={**os.environ, "PYTHONPATH": os.getcwd()})
-    assert proc.stdout is not None and proc.stderr is not None
-    try:
+    with ping_process("-i", "10", "127.0.0.1") as proc:
+        assert proc.stdout is not None and proc.stderr is not None
         assert (_read_line(proc.stdout, 20) or "").startswith("PING ")
         reply = _read_line(proc.stdout, 20)
         assert reply and reply.startswith("64 bytes from 127.0.0.1"), reply
@@ -132,14 +153,7 @@ def test_sigquit_prints_status_at_once_and_the_run_goes_on() -> None:
         assert found, repr(status)
         assert len(set(found.groups())) == 1  # one reply: min = avg = ewma = max
         assert proc.poll() is None  # SIGQUIT does not end the run (nor dump core)
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=20)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, err
-    assert b"1 packets transmitted, 1 received, 0% packet loss" in out
+        err = interrupt_after_one_reply(proc)
     assert err == b""  # nothing else: one status line, no traceback
 
 
@@ -147,22 +161,12 @@ def test_sigquit_prints_status_at_once_and_the_run_goes_on() -> None:
 def test_sigint_ends_the_run_even_when_started_ignored() -> None:
     """A background job of a script (or nohup) starts with SIGINT ignored; as iputils,
     mace-ping takes it anyway: the run ends with its summary."""
-    proc = subprocess.Popen(ping_cmd("-i", "10", "127.0.0.1"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE,
-                            env={**os.environ, "PYTHONPATH": os.getcwd()},
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
-    assert proc.stdout is not None
-    try:
+    with ping_process("-i", "10", "127.0.0.1",
+                      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) as proc:
+        assert proc.stdout is not None
         assert (_read_line(proc.stdout, 20) or "").startswith("PING ")
         assert (_read_line(proc.stdout, 20) or "").startswith("64 bytes from 127.0.0.1")
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=20)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, err
-    assert b"1 packets transmitted, 1 received, 0% packet loss" in out
+        interrupt_after_one_reply(proc)
 
 
 def test_probe_bookkeeping_is_bounded_and_reports_each_loss_once() -> None:

@@ -8,8 +8,8 @@ at both ends of the host's outer link, with captures that never tap a departing 
 truth = reply-in(outer) - request-in(far end). Both are the kernel's netif_rx prequeue stamps
 (netdev_tstamp_prequeue=1), taken before the tap does any work, so nothing the capture does
 delays what it stamps. The truth is shorter than the outer device's departure-to-arrival
-time by the request's transit of the outer link: its residual, 0.5 to 1.3 µs on a veth here
-(mace's own events show it: lab/demo.py outer_link_transit_us; the bench reports it).
+time by the request's transit of the outer link: its residual, 0.3 to 0.7 µs mean on a veth
+here (mace's own events show it: lab/demo.py outer_link_transit_us; the bench reports it).
 
 Why not one capture on the outer device (truth v1, kept only as a bench row that shows its
 bias): its tap stamps a departing packet in dev_queue_xmit_nit and then filters and copies it
@@ -162,8 +162,9 @@ class Capture:
         try:
             self._await_flush()
             self._stop()
-            self._packets = read_pcap(self.path) if self.path.exists() else []
             self.ip_packets = read_ip_packets(self.path) if self.path.exists() else []
+            self._packets = [p for ts, ip in self.ip_packets
+                             if (p := icmp_packet(ts, ip)) is not None]
         finally:
             shutil.rmtree(self._dir, ignore_errors=True)
 

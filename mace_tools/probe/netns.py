@@ -22,6 +22,7 @@ from pathlib import Path
 
 from mace_tools.errors import MaceError
 from mace_tools.kernel.native import setns
+from mace_tools.model import Namespaces
 
 NETNS_RUN_DIR = Path("/run/netns")
 SELF_NETNS = Path("/proc/thread-self/ns/net")
@@ -141,6 +142,15 @@ def inode(path: Path | None = None) -> int:
         return os.stat(path or SELF_NETNS).st_ino
     except OSError as exc:
         raise MaceError(f"cannot read network namespace {path}: {exc.strerror}") from exc
+
+
+def of_run(path: Path | None) -> Namespaces:
+    """A run's namespaces: the prober's (path's, or ours), and the container host's, which
+    is ours when we enter another netns to probe (not when path is ours: `--pid 1` from
+    inside a container); otherwise correlate.py infers it."""
+    own = inode()
+    prober = own if path is None else inode(path)
+    return Namespaces(prober, None if prober == own else own)
 
 
 @contextmanager
