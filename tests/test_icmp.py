@@ -45,7 +45,15 @@ def test_request_layout() -> None:
     assert len(msg) == 64
     assert msg[0] == 8 and msg[1] == 0 and struct.unpack("!HH", msg[4:8]) == (0x1234, 7)
     assert msg[8:16] == NONCE  # the kernel side reads the nonce right after the header
-    assert msg[16:] == bytes(range(8, 56))
+    assert msg[16:20] == b"\0\0\0\x07"  # then the probe number (a seq < 65536 is its own)
+    assert msg[20:] == bytes(range(12, 56))
+    assert checksum(msg) == 0
+
+
+def test_request_layout_past_the_seq_wrap() -> None:
+    msg = build_echo_request(0x1234, 0x12345, NONCE, 56)
+    assert struct.unpack("!HH", msg[4:8]) == (0x1234, 0x2345)  # seq: the number's low 16 bits
+    assert msg[16:20] == bytes.fromhex("00012345") and msg[20:] == bytes(range(12, 56))
     assert checksum(msg) == 0
 
 
