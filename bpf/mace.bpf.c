@@ -1,17 +1,25 @@
 // SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
 /*
- * mace.bpf.c: per-device kernel timestamps of our own ICMP echo probes.
+ * mace.bpf.c: per-device kernel timestamps of mace's probes, correlated in the kernel.
  *
  * Three BTF tracepoints see every packet of every namespace on every CPU:
  *   net_dev_start_xmit  a packet leaves a device (before the driver may change it)
  *   netif_rx            a packet is queued to a device's backlog (veth, lo): the point
  *                       where capture timestamps are taken (netdev_tstamp_prequeue)
  *   netif_receive_skb   a packet is taken up by the stack (NICs, bridges, after backlog)
- * Foreign packets must cost as little as possible: the first check is skb->protocol,
- * then a single read of IPv4 + ICMP headers + nonce (a second only with IP options). Only probes
- * carrying this run's nonce (set in .rodata before load, one program set per run) reach
- * the ring buffer, so concurrent runs never see each other's events. Nothing is written
- * to any map for foreign traffic.
+ *
+ * One program set serves every run on the host (mace.h): a probe's payload starts with
+ * its run's nonce, the key of the `runs` map. Foreign packets must cost as little as
+ * possible: no run at all is one load; then skb->protocol; then a single read of IPv4 +
+ * ICMP headers + nonce (a second only with IP options); a foreign echo costs one hash
+ * lookup more. Nothing is written to any map for foreign traffic.
+ *
+ * For a ping run (MACE_RUN_RECORDS) the kernel keeps each probe's state, keyed by
+ * (run, probe number): the request's last departure from the host netns, the reply's
+ * first arrival on that same device, and sends one record per answer when the reply
+ * reaches the prober's netns. A run that asks for the path (MACE_RUN_PATH: -v, JSON,
+ * traceroute) also gets one event per device crossed, and correlates in userspace
+ * (mace_tools/correlate.py: the same rules, and the tests hold the two to each other).
  *
  * A packet that may be ours is read only within its bounds: headers a NIC left in page
  * fragments (napi_gro_frags) are read through an skb dynptr (kernel >= 6.12), never from
@@ -35,41 +43,59 @@
 #define ICMP_TIME_EXCEEDED 11
 #define IP_OFFSET_MASK 0x1fff
 #define BPF_RB_NO_WAKEUP 1 /* uapi linux/bpf.h: bpf_ringbuf_submit flags */
+#define BPF_F_MMAPABLE (1U << 10) /* uapi linux/bpf.h */
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
-/* Set by the loader before load (one program set per run); nonce 0 matches nothing. */
-const volatile struct mace_config cfg = {};
+/* Written by the user side whenever a run joins or leaves (kernel/programs.py). */
+struct mace_switches switches = {};
+
+/* Active runs, by nonce. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MACE_MAX_RUNS);
+	__type(key, __u64);
+	__type(value, struct mace_run);
+} mace_runs SEC(".maps");
+
+/* Each run's own ring buffer, put into its slot by the run (or the agent serving it):
+ * only the holder of that ring's fd reads its records. */
+struct ring {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, MACE_RING_BYTES);
+};
 
 struct {
-	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 1 << 22); /* 4 MiB: ~75k events of 48 bytes + 8 of header */
-} events SEC(".maps");
+	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
+	__uint(max_entries, MACE_MAX_RUNS);
+	__type(key, __u32);
+	__array(values, struct ring);
+} mace_rings SEC(".maps");
 
-/* Events we could not record (ring buffer full). One counter, mapped into the reader's
- * memory (BPF_F_MMAPABLE): the reader compares it at a probe's send and at its reply, with
- * no syscall, and any change marks the probes in flight as incomplete (never corrected
- * from what is left). Loss is rare, so the atomic add costs nothing that matters. */
-#define BPF_F_MMAPABLE (1U << 10) /* uapi linux/bpf.h */
+/* Records a run's ring had no room for, per slot. Mapped into the reader's memory
+ * (BPF_F_MMAPABLE): it compares its counter at a probe's send and at its reply, with no
+ * syscall, and any change marks the probes in flight as incomplete (never corrected from
+ * what is left). Loss is rare, so the atomic add costs nothing that matters. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
+	__uint(max_entries, MACE_MAX_RUNS);
 	__uint(map_flags, BPF_F_MMAPABLE);
 	__type(key, __u32);
 	__type(value, __u64);
-} lost SEC(".maps");
+} mace_lost SEC(".maps");
 
 /*
  * A probe arriving on a veth or lo is seen at netif_rx and again, later and on the same
  * CPU, at netif_receive_skb; only the first is its arrival. Remember the last few
- * (skb, ifindex) pairs that netif_rx recorded on this CPU and skip their
- * netif_receive_skb. Written for our own probes only; a miss (RPS, eviction) just sends
- * one redundant event, which userspace discards.
+ * (skb, device) pairs that netif_rx recorded on this CPU and skip their
+ * netif_receive_skb. Keyed by the device's address, not its ifindex (ifindex repeats
+ * across namespaces). Written for our own probes only; a miss (RPS, eviction) just sends
+ * one redundant event, which the per-probe state and userspace both ignore.
  */
 #define RX_SLOTS 4
 struct rx_seen {
 	__u64 skb[RX_SLOTS];
-	__u32 ifindex[RX_SLOTS];
+	__u64 dev[RX_SLOTS];
 	__u32 next;
 };
 
@@ -78,37 +104,70 @@ struct {
 	__uint(max_entries, 1);
 	__type(key, __u32);
 	__type(value, struct rx_seen);
-} rx_seen SEC(".maps");
+} mace_rx_seen SEC(".maps");
 
-static __always_inline void remember_rx(const struct sk_buff *skb, __u32 ifindex)
+static __always_inline void remember_rx(const struct sk_buff *skb, const struct net_device *dev)
 {
 	__u32 zero = 0;
-	struct rx_seen *seen = bpf_map_lookup_elem(&rx_seen, &zero);
+	struct rx_seen *seen = bpf_map_lookup_elem(&mace_rx_seen, &zero);
 	__u32 slot;
 
 	if (!seen)
 		return;
 	slot = seen->next++ & (RX_SLOTS - 1);
 	seen->skb[slot] = (__u64)skb;
-	seen->ifindex[slot] = ifindex;
+	seen->dev[slot] = (__u64)dev;
 }
 
 /* True (and forgotten) if netif_rx already recorded this skb on this device. */
-static __always_inline bool seen_at_rx(const struct sk_buff *skb, __u32 ifindex)
+static __always_inline bool seen_at_rx(const struct sk_buff *skb, const struct net_device *dev)
 {
 	__u32 zero = 0;
-	struct rx_seen *seen = bpf_map_lookup_elem(&rx_seen, &zero);
+	struct rx_seen *seen = bpf_map_lookup_elem(&mace_rx_seen, &zero);
 
 	if (!seen)
 		return false;
 	for (int i = 0; i < RX_SLOTS; i++) {
-		if (seen->skb[i] == (__u64)skb && seen->ifindex[i] == ifindex) {
+		if (seen->skb[i] == (__u64)skb && seen->dev[i] == (__u64)dev) {
 			seen->skb[i] = 0;
 			return true;
 		}
 	}
 	return false;
 }
+
+/* A probe of a run. */
+struct probe_id {
+	__u64 nonce;	/* the run */
+	__u32 number;	/* its probe */
+	__u32 pad;
+};
+
+/*
+ * A ping probe's state, from its request's departure from the prober netns (which
+ * resets it: a number is never reused within a run, but a state is never trusted across
+ * a reset either) to its reply's delivery. An LRU map: a probe never answered is evicted
+ * in time; one evicted in flight gets no record, so its reply is shown raw.
+ */
+struct probe_state {
+	__u64 departed_ns;	/* last departure from the host netns (0: none yet) */
+	__u64 returned_ns;	/* first reply arrival on that device after it */
+	__u64 delivered_ns;	/* last reply arrival in the prober netns */
+	__u64 outer_dev;	/* the departure's device (address): the outer device */
+	__u64 delivered_dev;	/* the delivery's device: one record per device */
+	__u32 host_netns;	/* known (the run's), or inferred; 0: not yet, the prober's */
+	__u32 outer_netns;
+	__u32 outer_ifindex;
+	__u32 pad;
+	char outer_name[16];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct probe_id);
+	__type(value, struct probe_state);
+} mace_probes SEC(".maps");
 
 struct iphdr_min {
 	__u8 ver_ihl;
@@ -142,9 +201,9 @@ struct probe_tag {
  * rewrites both between the container and the outer device. So every device where a
  * probe is seen (its payload carries the nonce) teaches this map the probe's IP
  * addresses + protocol + first 8 L4 bytes *as seen there*; an ICMP error whose quote
- * matches a key is an answer to that probe, at that device. TCP answers are keyed on
- * the reversed ports and their ack: seq + 1 for a SYN-ACK (proto | 0x80), seq + 1 +
- * payload length for a RST from a closed port (proto | 0x40).
+ * matches a key is an answer to that probe of that run, at that device. TCP answers are
+ * keyed on the reversed ports and their ack: seq + 1 for a SYN-ACK (proto | 0x80),
+ * seq + 1 + payload length for a RST from a closed port (proto | 0x40).
  * Written for our own probes only; an LRU map, so it never fills up.
  */
 struct flow_key {
@@ -159,8 +218,8 @@ struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 16384);
 	__type(key, struct flow_key);
-	__type(value, __u16);
-} flows SEC(".maps");
+	__type(value, struct probe_id);
+} mace_flows SEC(".maps");
 
 #define TCP_SYNACK_KEY 0x80 /* proto marker of the key a SYN-ACK answer is looked up by */
 #define TCP_RST_KEY 0x40 /* ... and a RST answer */
@@ -169,38 +228,46 @@ struct {
 #define TCP_RST 0x04
 #define TCP_ACK 0x10
 
-static __always_inline void count_lost(void)
+/* A record the run's ring had no room for: its probes in flight are not corrected. */
+static __always_inline void count_lost(__u32 slot)
 {
-	__u32 zero = 0;
-	__u64 *n = bpf_map_lookup_elem(&lost, &zero);
+	__u64 *n = bpf_map_lookup_elem(&mace_lost, &slot);
 
 	if (n)
 		__sync_fetch_and_add(n, 1);
 }
 
-static __always_inline bool our_nonce(const struct probe_tag *tag)
+/* The run whose nonce a payload starts with, or NULL: the one map lookup a foreign ICMP
+ * echo costs. */
+static __always_inline struct mace_run *run_of(const struct probe_tag *tag)
 {
-	return cfg.nonce != 0 && tag->nonce_lo == (__u32)cfg.nonce &&
-	       tag->nonce_hi == (__u32)(cfg.nonce >> 32);
+	__u64 nonce = (__u64)tag->nonce_hi << 32 | tag->nonce_lo;
+
+	return bpf_map_lookup_elem(&mace_runs, &nonce);
 }
 
 static __always_inline void learn(__be32 saddr, __be32 daddr, __u8 proto, const __u8 *l4,
-				  __u16 probe)
+				  const struct probe_id *id)
 {
 	struct flow_key key = {.saddr = saddr, .daddr = daddr, .proto = proto};
 
 	__builtin_memcpy(key.l4, l4, 8);
-	bpf_map_update_elem(&flows, &key, &probe, BPF_ANY);
+	bpf_map_update_elem(&mace_flows, &key, id, BPF_ANY);
 }
 
-static __always_inline int lookup(__be32 saddr, __be32 daddr, __u8 proto, const __u8 *l4)
+/* The probe an answer keyed so belongs to, copied into id; false if none. */
+static __always_inline bool lookup(__be32 saddr, __be32 daddr, __u8 proto, const __u8 *l4,
+				   struct probe_id *id)
 {
 	struct flow_key key = {.saddr = saddr, .daddr = daddr, .proto = proto};
-	__u16 *probe;
+	struct probe_id *found;
 
 	__builtin_memcpy(key.l4, l4, 8);
-	probe = bpf_map_lookup_elem(&flows, &key);
-	return probe ? *probe : -1;
+	found = bpf_map_lookup_elem(&mace_flows, &key);
+	if (!found)
+		return false;
+	*id = *found;
+	return true;
 }
 
 /*
@@ -270,9 +337,9 @@ static __always_inline void pkt_skip(struct pkt *p, __u32 n)
 	p->linear = p->linear > n ? p->linear - n : 0;
 }
 
-/* An ICMP error: is the datagram it quotes (at `at`) one of our probes (as seen here)?
+/* An ICMP error: is the datagram it quotes (at `at`) a probe of a run (as seen here)?
  * Only the quoted IP header and 8 bytes of L4 are read: RFC 792 quotes no more. */
-static __always_inline int quoted_probe(const struct pkt *p, __u32 at)
+static __always_inline bool quoted_probe(const struct pkt *p, __u32 at, struct probe_id *id)
 {
 	struct {
 		struct iphdr_min ip;
@@ -281,13 +348,13 @@ static __always_inline int quoted_probe(const struct pkt *p, __u32 at)
 	__u8 ihl;
 
 	if (pkt_read(p, at, &q, sizeof(q)))
-		return -1;
+		return false;
 	ihl = (q.ip.ver_ihl & 0x0f) * 4;
 	if ((q.ip.ver_ihl >> 4) != 4 || ihl < sizeof(q.ip))
-		return -1;
+		return false;
 	if (ihl > sizeof(q.ip) && pkt_read(p, at + ihl, q.l4, sizeof(q.l4)))
-		return -1;
-	return lookup(q.ip.saddr, q.ip.daddr, q.ip.protocol, q.l4);
+		return false;
+	return lookup(q.ip.saddr, q.ip.daddr, q.ip.protocol, q.l4, id);
 }
 
 /*
@@ -338,8 +405,8 @@ static __always_inline bool maybe_ours(const struct probe_hdrs *h)
 	if (h->ip.protocol == IPPROTO_ICMP)
 		return true;
 	if (h->ip.protocol == IPPROTO_UDP)
-		return cfg.udp || vxlan(h);
-	return cfg.tcp && h->ip.protocol == IPPROTO_TCP;
+		return switches.udp || vxlan(h);
+	return switches.tcp && h->ip.protocol == IPPROTO_TCP;
 }
 
 /* How many bytes from the IPv4 header on deciding about this packet may read. */
@@ -347,23 +414,263 @@ static __always_inline __u32 bytes_to_read(const struct probe_hdrs *h)
 {
 	if (h->ip.protocol == IPPROTO_UDP && vxlan(h))
 		return VXLAN_INNER_L3 + sizeof(*h);
-	if (cfg.errors && h->ip.protocol == IPPROTO_ICMP && h->l4[0] != ICMP_ECHO &&
+	if (switches.errors && h->ip.protocol == IPPROTO_ICMP && h->l4[0] != ICMP_ECHO &&
 	    h->l4[0] != ICMP_ECHOREPLY)
 		return sizeof(h->ip) + 8 + sizeof(h->ip) + 8; /* an error's quote */
 	return sizeof(*h);
 }
 
-/* A packet whose IPv4 header is at l3; record an event if it is one of our probes or
- * an answer to one. Returns early, and writes nothing, for everything else. */
+/* What a packet was found to be: whose probe, which, and what kind of packet. */
+struct seen_packet {
+	struct probe_id id;
+	struct mace_run *run;
+	__u16 seq;
+	__u8 packet;
+	__u8 proto;
+	__u8 icmp_type;
+};
+
+/* The ping probe number after an echo's nonce (MACE_RUN_RECORDS runs), else the seq. */
+static __always_inline bool probe_number(const struct pkt *p, __u8 ihl, struct seen_packet *s)
+{
+	__be32 number;
+
+	if (!(s->run->flags & MACE_RUN_RECORDS)) {
+		s->id.number = s->seq;
+		return true;
+	}
+	if (pkt_read(p, ihl + 8 + MACE_NONCE_LEN, &number, sizeof(number)))
+		return false;
+	s->id.number = bpf_ntohl(number);
+	return true;
+}
+
+/* Classify a packet read into p/h: fills s and returns true if it is a probe of an
+ * active run or an answer to one. */
+static __always_inline bool classify(struct pkt *p, struct probe_hdrs *h, struct seen_packet *s)
+{
+	struct probe_tag tag;
+	__u8 ihl = (h->ip.ver_ihl & 0x0f) * 4;
+
+	s->proto = h->ip.protocol;
+	if (h->ip.protocol == IPPROTO_ICMP) {
+		if (ihl > sizeof(h->ip) && pkt_read(p, ihl, h->l4, sizeof(h->l4)))
+			return false; /* IP options: read L4 where it really is */
+		s->icmp_type = h->l4[0];
+		if (s->icmp_type == ICMP_ECHO || s->icmp_type == ICMP_ECHOREPLY) {
+			s->run = run_of((struct probe_tag *)&h->l4[8]);
+			if (!s->run)
+				return false;
+			s->id.nonce = *(__u64 *)&h->l4[8];
+			s->seq = bpf_ntohs(*(__be16 *)&h->l4[6]);
+			if (!probe_number(p, ihl, s))
+				return false;
+			s->packet = s->icmp_type == ICMP_ECHO ? MACE_PKT_REQUEST : MACE_PKT_REPLY;
+			if (s->run->flags & MACE_RUN_ERRORS && s->packet == MACE_PKT_REQUEST)
+				learn(h->ip.saddr, h->ip.daddr, IPPROTO_ICMP, h->l4, &s->id);
+			return true;
+		}
+		if (switches.errors && (s->icmp_type == ICMP_TIME_EXCEEDED ||
+					s->icmp_type == ICMP_DEST_UNREACH)) {
+			if (!quoted_probe(p, ihl + 8, &s->id))
+				return false;
+			s->run = bpf_map_lookup_elem(&mace_runs, &s->id.nonce);
+			s->seq = s->id.number;
+			s->packet = MACE_PKT_REPLY;
+			return s->run != NULL;
+		}
+		return false;
+	}
+	s->icmp_type = 0;
+	if (switches.udp && h->ip.protocol == IPPROTO_UDP) {
+		if (ihl > sizeof(h->ip) && pkt_read(p, ihl, h->l4, sizeof(h->l4)))
+			return false;
+		s->run = run_of((struct probe_tag *)&h->l4[8]);
+		if (!s->run || !(s->run->flags & MACE_RUN_UDP))
+			return false;
+		if (pkt_read(p, ihl + 8, &tag, sizeof(tag)))
+			return false;
+		s->id.nonce = (__u64)tag.nonce_hi << 32 | tag.nonce_lo;
+		s->seq = s->id.number = bpf_ntohs(tag.probe);
+		s->packet = MACE_PKT_REQUEST;
+		learn(h->ip.saddr, h->ip.daddr, IPPROTO_UDP, h->l4, &s->id);
+		return true;
+	}
+	if (switches.tcp && h->ip.protocol == IPPROTO_TCP) {
+		__u8 flags = h->l4[13];
+
+		if (ihl > sizeof(h->ip))
+			return false; /* our SYNs carry no IP options; answers are keyed below */
+		if ((flags & (TCP_SYN | TCP_ACK)) == TCP_SYN) {
+			struct flow_key reply = {.saddr = h->ip.daddr, .daddr = h->ip.saddr,
+						 .proto = IPPROTO_TCP | TCP_SYNACK_KEY};
+			__u32 ack, datalen;
+
+			if (pkt_read(p, ihl + (h->l4[12] >> 4) * 4, &tag, sizeof(tag)))
+				return false;
+			s->run = run_of(&tag);
+			if (!s->run || !(s->run->flags & MACE_RUN_TCP))
+				return false;
+			s->id.nonce = (__u64)tag.nonce_hi << 32 | tag.nonce_lo;
+			s->seq = s->id.number = bpf_ntohs(tag.probe);
+			s->packet = MACE_PKT_REQUEST;
+			learn(h->ip.saddr, h->ip.daddr, IPPROTO_TCP, h->l4, &s->id);
+			/* The answer: ports swapped; a SYN-ACK acks seq + 1 (the SYN counts
+			 * one), a RST from a closed port acks seq + 1 + our payload length. */
+			__builtin_memcpy(&reply.l4[0], &h->l4[2], 2);
+			__builtin_memcpy(&reply.l4[2], &h->l4[0], 2);
+			ack = bpf_ntohl(*(__be32 *)&h->l4[4]) + 1;
+			datalen = bpf_ntohs(h->ip.tot_len) - ihl - (h->l4[12] >> 4) * 4;
+			*(__be32 *)&reply.l4[4] = bpf_htonl(ack);
+			bpf_map_update_elem(&mace_flows, &reply, &s->id, BPF_ANY);
+			reply.proto = IPPROTO_TCP | TCP_RST_KEY;
+			*(__be32 *)&reply.l4[4] = bpf_htonl(ack + datalen);
+			bpf_map_update_elem(&mace_flows, &reply, &s->id, BPF_ANY);
+			return true;
+		}
+		if ((flags & (TCP_SYN | TCP_ACK)) == (TCP_SYN | TCP_ACK) || (flags & TCP_RST)) {
+			__u8 key[8];
+
+			/* ports as they are, then the ack number */
+			__builtin_memcpy(&key[0], &h->l4[0], 4);
+			__builtin_memcpy(&key[4], &h->l4[8], 4);
+			if (!lookup(h->ip.saddr, h->ip.daddr, IPPROTO_TCP |
+				    (flags & TCP_RST ? TCP_RST_KEY : TCP_SYNACK_KEY), key, &s->id))
+				return false;
+			s->run = bpf_map_lookup_elem(&mace_runs, &s->id.nonce);
+			s->seq = s->id.number;
+			s->packet = MACE_PKT_REPLY;
+			return s->run != NULL;
+		}
+	}
+	return false;
+}
+
+/* One event per device crossed, into the run's ring (MACE_RUN_PATH runs). */
+static __always_inline void ship_event(const struct seen_packet *s, const struct probe_hdrs *h,
+				       const struct net_device *dev, __u32 netns, __u32 ifindex,
+				       __u8 hook, __u64 ts)
+{
+	void *ring = bpf_map_lookup_elem(&mace_rings, &s->run->slot);
+	struct mace_event *e;
+
+	if (!ring)
+		return;
+	e = bpf_ringbuf_reserve(ring, sizeof(*e), 0);
+	if (!e) {
+		count_lost(s->run->slot);
+		return;
+	}
+	e->kind = MACE_REC_EVENT;
+	e->packet = s->packet;
+	e->hook = hook;
+	e->proto = s->proto;
+	e->icmp_type = s->proto == IPPROTO_ICMP ? s->icmp_type : 0;
+	e->pad0 = 0;
+	e->seq = s->seq;
+	e->number = s->id.number;
+	e->netns = netns;
+	e->ifindex = ifindex;
+	e->saddr = h->ip.saddr;
+	e->daddr = h->ip.daddr;
+	e->pad1 = 0;
+	/* The whole array, not a _str read: ring-buffer records are not zeroed, so bytes
+	 * after a _str copy's NUL would differ per event (and defeat userspace's name cache). */
+	bpf_probe_read_kernel(e->dev, sizeof(e->dev), dev->name);
+	/* A departure is stamped here, as late as can be, unless follow_request() already
+	 * did: then the record and this event carry the same time. */
+	e->ts_ns = ts ?: bpf_ktime_get_ns();
+	/* No wakeup: a wakeup runs irq_work (an IPI here) and the reader's wake-up inside
+	 * the probe's own path (measured with 4 flooding neighbours: +10 µs on a flood's raw
+	 * RTT and egress, -20% probes/s). Readers drain the ring when a reply reaches their
+	 * socket, which is always after its records were submitted, and on every turn of
+	 * their loop. */
+	bpf_ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+}
+
+/* A request crossing a device: the probe's state follows its departures (correlate.py's
+ * rules: the host netns is the run's, or the first other netns the request enters; the
+ * outer departure is the last one from the host netns). Returns the departure's stamp
+ * when it was one from the host netns (the path's event then carries the same), else 0. */
+static __always_inline __u64 follow_request(const struct seen_packet *s,
+					    const struct net_device *dev, __u32 netns,
+					    __u32 ifindex, __u8 hook)
+{
+	struct probe_state *st;
+	__u32 host;
+
+	if (netns == s->run->prober_netns && hook == MACE_HOOK_XMIT) {
+		struct probe_state fresh = {.host_netns = s->run->host_netns};
+
+		/* Leaving the prober netns starts (or restarts) the probe's life. */
+		if (bpf_map_update_elem(&mace_probes, &s->id, &fresh, BPF_ANY))
+			return 0;
+	}
+	st = bpf_map_lookup_elem(&mace_probes, &s->id);
+	if (!st)
+		return 0; /* evicted, or never seen leaving the prober: no record */
+	if (!st->host_netns && netns != s->run->prober_netns) {
+		st->host_netns = netns; /* inferred: departures from the prober's do not count */
+		st->departed_ns = 0;
+	}
+	host = st->host_netns ? st->host_netns : s->run->prober_netns;
+	if (hook != MACE_HOOK_XMIT || netns != host)
+		return 0;
+	st->outer_dev = (__u64)dev;
+	st->outer_netns = netns;
+	st->outer_ifindex = ifindex;
+	bpf_probe_read_kernel(st->outer_name, sizeof(st->outer_name), dev->name);
+	st->departed_ns = bpf_ktime_get_ns(); /* last: the packet leaves after we return */
+	return st->departed_ns;
+}
+
+/* A reply arriving at a device: its first arrival on the outer device, and its delivery
+ * in the prober netns, which sends the probe's record. */
+static __always_inline void follow_reply(const struct seen_packet *s,
+					 const struct net_device *dev, __u32 netns, __u64 ts)
+{
+	struct mace_probe_record *r;
+	struct probe_state *st;
+	void *ring;
+
+	st = bpf_map_lookup_elem(&mace_probes, &s->id);
+	if (!st)
+		return;
+	if (st->departed_ns && !st->returned_ns && st->outer_dev == (__u64)dev &&
+	    ts >= st->departed_ns)
+		st->returned_ns = ts;
+	if (netns != s->run->prober_netns || st->delivered_dev == (__u64)dev)
+		return;
+	st->delivered_ns = ts;
+	st->delivered_dev = (__u64)dev;
+	ring = bpf_map_lookup_elem(&mace_rings, &s->run->slot);
+	if (!ring)
+		return;
+	r = bpf_ringbuf_reserve(ring, sizeof(*r), 0);
+	if (!r) {
+		count_lost(s->run->slot);
+		return;
+	}
+	r->kind = MACE_REC_PROBE;
+	r->pad0[0] = r->pad0[1] = r->pad0[2] = 0;
+	r->number = s->id.number;
+	r->departed_ns = st->departed_ns;
+	r->returned_ns = st->returned_ns;
+	r->delivered_ns = ts;
+	r->outer_netns = st->outer_netns;
+	r->outer_ifindex = st->outer_ifindex;
+	__builtin_memcpy(r->outer_dev, st->outer_name, sizeof(r->outer_dev));
+	bpf_ringbuf_submit(r, BPF_RB_NO_WAKEUP); /* see ship_event */
+}
+
+/* A packet whose IPv4 header is at l3: act on it if it is one of our probes or an answer
+ * to one. Returns early, and writes nothing, for everything else. */
 static __always_inline int record(const struct sk_buff *skb, unsigned char *l3,
 				  const struct net_device *dev, __u8 hook)
 {
+	struct seen_packet s = {};
 	struct probe_hdrs h;
-	struct probe_tag tag;
-	struct mace_event *e;
-	__u8 packet, icmp_type = 0;
-	__u32 ifindex;
-	int probe = -1;
+	__u32 ifindex, netns;
 	__u8 ihl;
 	__u64 ts = 0;
 	struct pkt p;
@@ -389,130 +696,38 @@ static __always_inline int record(const struct sk_buff *skb, unsigned char *l3,
 	if (h.ip.frag_off & bpf_htons(IP_OFFSET_MASK))
 		return 0; /* a later fragment: no L4 header */
 	ihl = (h.ip.ver_ihl & 0x0f) * 4;
-	if (ihl < sizeof(h.ip))
+	if (ihl < sizeof(h.ip) || !classify(&p, &h, &s))
 		return 0;
-
-	if (h.ip.protocol == IPPROTO_ICMP) {
-		if (ihl > sizeof(h.ip) && pkt_read(&p, ihl, h.l4, sizeof(h.l4)))
-			return 0; /* IP options: read L4 where it really is */
-		icmp_type = h.l4[0];
-		if (icmp_type == ICMP_ECHO || icmp_type == ICMP_ECHOREPLY) {
-			if (!our_nonce((struct probe_tag *)&h.l4[8]))
-				return 0;
-			probe = bpf_ntohs(*(__be16 *)&h.l4[6]);
-			packet = icmp_type == ICMP_ECHO ? MACE_PKT_REQUEST : MACE_PKT_REPLY;
-			if (cfg.errors && packet == MACE_PKT_REQUEST)
-				learn(h.ip.saddr, h.ip.daddr, IPPROTO_ICMP, h.l4, probe);
-		} else if (cfg.errors && (icmp_type == ICMP_TIME_EXCEEDED ||
-					  icmp_type == ICMP_DEST_UNREACH)) {
-			probe = quoted_probe(&p, ihl + 8);
-			if (probe < 0)
-				return 0;
-			packet = MACE_PKT_REPLY;
-		} else {
-			return 0;
-		}
-	} else if (cfg.udp && h.ip.protocol == IPPROTO_UDP) {
-		if (ihl > sizeof(h.ip) && pkt_read(&p, ihl, h.l4, sizeof(h.l4)))
-			return 0;
-		if (!our_nonce((struct probe_tag *)&h.l4[8]))
-			return 0;
-		if (pkt_read(&p, ihl + 8, &tag, sizeof(tag)))
-			return 0;
-		probe = bpf_ntohs(tag.probe);
-		packet = MACE_PKT_REQUEST;
-		learn(h.ip.saddr, h.ip.daddr, IPPROTO_UDP, h.l4, probe);
-	} else if (cfg.tcp && h.ip.protocol == IPPROTO_TCP) {
-		__u8 flags = h.l4[13];
-
-		if (ihl > sizeof(h.ip))
-			return 0; /* our SYNs carry no IP options; answers are keyed below */
-		if ((flags & (TCP_SYN | TCP_ACK)) == TCP_SYN) {
-			struct flow_key reply = {.saddr = h.ip.daddr, .daddr = h.ip.saddr,
-						 .proto = IPPROTO_TCP | TCP_SYNACK_KEY};
-			__u32 ack, datalen;
-
-			if (pkt_read(&p, ihl + (h.l4[12] >> 4) * 4, &tag, sizeof(tag)))
-				return 0;
-			if (!our_nonce(&tag))
-				return 0;
-			probe = bpf_ntohs(tag.probe);
-			packet = MACE_PKT_REQUEST;
-			learn(h.ip.saddr, h.ip.daddr, IPPROTO_TCP, h.l4, probe);
-			/* The answer: ports swapped; a SYN-ACK acks seq + 1 (the SYN counts
-			 * one), a RST from a closed port acks seq + 1 + our payload length. */
-			__builtin_memcpy(&reply.l4[0], &h.l4[2], 2);
-			__builtin_memcpy(&reply.l4[2], &h.l4[0], 2);
-			ack = bpf_ntohl(*(__be32 *)&h.l4[4]) + 1;
-			datalen = bpf_ntohs(h.ip.tot_len) - ihl - (h.l4[12] >> 4) * 4;
-			*(__be32 *)&reply.l4[4] = bpf_htonl(ack);
-			bpf_map_update_elem(&flows, &reply, &probe, BPF_ANY);
-			reply.proto = IPPROTO_TCP | TCP_RST_KEY;
-			*(__be32 *)&reply.l4[4] = bpf_htonl(ack + datalen);
-			bpf_map_update_elem(&flows, &reply, &probe, BPF_ANY);
-		} else if ((flags & (TCP_SYN | TCP_ACK)) == (TCP_SYN | TCP_ACK) ||
-			   (flags & TCP_RST)) {
-			__u8 key[8];
-
-			/* ports as they are, then the ack number */
-			__builtin_memcpy(&key[0], &h.l4[0], 4);
-			__builtin_memcpy(&key[4], &h.l4[8], 4);
-			probe = lookup(h.ip.saddr, h.ip.daddr, IPPROTO_TCP |
-				       (flags & TCP_RST ? TCP_RST_KEY : TCP_SYNACK_KEY), key);
-			if (probe < 0)
-				return 0;
-			packet = MACE_PKT_REPLY;
-		} else {
-			return 0;
-		}
-	} else {
-		return 0;
-	}
 
 	/* An arrival is stamped as soon as the packet is known to be ours (or before a slow
-	 * read of its fragments, above); a departure as late as can be, below: the packet
-	 * leaves only after this program returns, so the program's own work must fall before
-	 * the one stamp and after the other, never inside the corrected RTT. */
+	 * read of its fragments, above); a departure as late as can be (ship_event,
+	 * follow_request): the packet leaves only after this program returns, so the
+	 * program's own work must fall before the one stamp and after the other, never
+	 * inside the corrected RTT. */
 	if (!ts && hook != MACE_HOOK_XMIT)
 		ts = bpf_ktime_get_ns();
-	ifindex = BPF_CORE_READ(dev, ifindex);
-	if (hook == MACE_HOOK_RECEIVE && seen_at_rx(skb, ifindex))
+	if (hook == MACE_HOOK_RECEIVE && seen_at_rx(skb, dev))
 		return 0;
 	if (hook == MACE_HOOK_RX)
-		remember_rx(skb, ifindex);
+		remember_rx(skb, dev);
+	ifindex = BPF_CORE_READ(dev, ifindex);
+	netns = BPF_CORE_READ(dev, nd_net.net, ns.inum);
 
-	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
-	if (!e) {
-		count_lost();
-		return 0;
+	if (s.run->flags & MACE_RUN_RECORDS && s.proto == IPPROTO_ICMP) {
+		if (s.packet == MACE_PKT_REQUEST)
+			ts = follow_request(&s, dev, netns, ifindex, hook) ?: ts;
+		else if (hook != MACE_HOOK_XMIT)
+			follow_reply(&s, dev, netns, ts);
 	}
-	e->netns = BPF_CORE_READ(dev, nd_net.net, ns.inum);
-	e->ifindex = ifindex;
-	e->saddr = h.ip.saddr;
-	e->daddr = h.ip.daddr;
-	e->seq = probe;
-	e->packet = packet;
-	e->hook = hook;
-	/* The whole array, not a _str read: ring-buffer records are not zeroed, so bytes
-	 * after a _str copy's NUL would differ per event (and defeat userspace's name cache). */
-	bpf_probe_read_kernel(e->dev, sizeof(e->dev), dev->name);
-	e->proto = h.ip.protocol;
-	e->icmp_type = h.ip.protocol == IPPROTO_ICMP ? icmp_type : 0;
-	e->pad = 0;
-	e->ts_ns = hook == MACE_HOOK_XMIT ? bpf_ktime_get_ns() : ts;
-	/* No wakeup: a wakeup runs irq_work (an IPI here) and the reader's wake-up inside
-	 * the probe's own path (measured with 4 flooding neighbours: +10 µs on a flood's raw
-	 * RTT and egress, -20% probes/s). Readers drain the ring when a reply reaches their
-	 * socket, which is always after the reply's events were submitted, and on every turn
-	 * of their loop. */
-	bpf_ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+	if (s.run->flags & MACE_RUN_PATH)
+		ship_event(&s, &h, dev, netns, ifindex, hook, ts);
 	return 0;
 }
 
 SEC("tp_btf/net_dev_start_xmit")
 int BPF_PROG(mace_xmit, const struct sk_buff *skb, const struct net_device *dev)
 {
-	if (skb->protocol != bpf_htons(ETH_P_IP))
+	if (!switches.runs || skb->protocol != bpf_htons(ETH_P_IP))
 		return 0;
 	/* Leaving a device, skb->data is at L2; the IPv4 header is at network_header. */
 	return record(skb, skb->head + skb->network_header, dev, MACE_HOOK_XMIT);
@@ -521,7 +736,7 @@ int BPF_PROG(mace_xmit, const struct sk_buff *skb, const struct net_device *dev)
 SEC("tp_btf/netif_rx")
 int BPF_PROG(mace_rx, struct sk_buff *skb)
 {
-	if (skb->protocol != bpf_htons(ETH_P_IP))
+	if (!switches.runs || skb->protocol != bpf_htons(ETH_P_IP))
 		return 0;
 	/* After eth_type_trans, skb->data is at L3 (network_header is not reset yet). */
 	return record(skb, skb->data, skb->dev, MACE_HOOK_RX);
@@ -530,7 +745,7 @@ int BPF_PROG(mace_rx, struct sk_buff *skb)
 SEC("tp_btf/netif_receive_skb")
 int BPF_PROG(mace_receive, struct sk_buff *skb)
 {
-	if (skb->protocol != bpf_htons(ETH_P_IP))
+	if (!switches.runs || skb->protocol != bpf_htons(ETH_P_IP))
 		return 0;
 	return record(skb, skb->data, skb->dev, MACE_HOOK_RECEIVE);
 }

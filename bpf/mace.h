@@ -1,13 +1,20 @@
 /* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
 /*
- * Event record shared by the kernel side (mace.bpf.c) and the user side
- * (mace_tools/kernel/events.py decodes it with struct format "<QIIIIHBB16sBBH" (48 bytes)).
- * Change both together; tests/test_events.py checks the size.
+ * Types shared by the kernel side (mace.bpf.c) and the user side (mace_tools/kernel/
+ * events.py decodes the records, mace_tools/kernel/programs.py writes the run entries).
+ * Change both together; tests/test_events.py checks the sizes.
+ *
+ * One program set serves every run on the host: a run is an entry in the `runs` map,
+ * keyed by its nonce, and owns a slot: its own ring buffer (rings[slot]) and its own
+ * lost-records counter (lost[slot]). The kernel only ever writes a run's records into
+ * that run's ring, so no run sees another's probes.
  */
 #ifndef __MACE_H
 #define __MACE_H
 
 #define MACE_NONCE_LEN 8
+#define MACE_MAX_RUNS 128		/* slots: concurrent runs one program set serves */
+#define MACE_RING_BYTES (1 << 20)	/* each run's ring buffer: ~18k records */
 
 enum mace_hook {
 	MACE_HOOK_XMIT = 0,	/* net:net_dev_start_xmit: leaving a device, before the driver */
@@ -20,28 +27,79 @@ enum mace_packet {
 	MACE_PKT_REPLY = 1,	/* its answer: echo reply, ICMP error quoting it, SYN-ACK/RST */
 };
 
-/* Per-run configuration, written into .rodata by the loader before load. */
-struct mace_config {
-	__u64 nonce;		/* first MACE_NONCE_LEN payload bytes of this run's probes; 0: none */
-	__u8 udp;		/* match UDP probes (payload: nonce, then u16 probe number) */
-	__u8 tcp;		/* match TCP SYN probes (same payload) and their SYN-ACK/RST */
-	__u8 errors;		/* match ICMP errors quoting a probe seen earlier (traceroute) */
-	__u8 pad[5];
+enum mace_run_flags {
+	MACE_RUN_RECORDS = 1,	/* ping: correlate in the kernel, one record per answer; the
+				 * echo payload carries the probe number (u32, network order)
+				 * after the nonce */
+	MACE_RUN_PATH = 2,	/* also ship an event per device crossed (-v, JSON path,
+				 * traceroute) */
+	MACE_RUN_UDP = 4,	/* match UDP probes (payload: nonce, then u16 probe number) */
+	MACE_RUN_TCP = 8,	/* match TCP SYN probes (same payload) and their SYN-ACK/RST */
+	MACE_RUN_ERRORS = 16,	/* match ICMP errors quoting a probe seen earlier */
 };
 
+/* Value of the runs map (key: the nonce, as the first 8 payload bytes read little-endian). */
+struct mace_run {
+	__u32 slot;		/* its ring buffer and lost counter */
+	__u32 flags;		/* enum mace_run_flags */
+	__u32 prober_netns;	/* inode of the netns its probes leave from */
+	__u32 host_netns;	/* inode of the container host's netns; 0: the first other
+				 * netns the request enters (correlate.py's rule) */
+	__u32 owner_pid;	/* user side only: who to clean up after if it dies */
+	__u32 pad;
+	__u64 owner_start;	/* its start time (/proc/PID/stat field 22): PID reuse */
+};
+
+/* Counts of runs that need the costlier matches: read first, on every packet. And which
+ * build of mace.bpf.c a loaded set is (the first 8 bytes of the object's SHA-256, set
+ * before load): a run joins only a set of its own build. */
+struct mace_switches {
+	__u32 runs;
+	__u32 udp;
+	__u32 tcp;
+	__u32 errors;
+	__u64 build;
+};
+
+enum mace_record_kind {
+	MACE_REC_EVENT = 1,	/* struct mace_event */
+	MACE_REC_PROBE = 2,	/* struct mace_probe_record */
+};
+
+/* One probe packet at one device (MACE_RUN_PATH runs). 56 bytes. */
 struct mace_event {
-	__u64 ts_ns;		/* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
+	__u8 kind;		/* MACE_REC_EVENT */
+	__u8 packet;		/* enum mace_packet */
+	__u8 hook;		/* enum mace_hook */
+	__u8 proto;		/* IP protocol of the packet seen (1 ICMP, 6 TCP, 17 UDP) */
+	__u8 icmp_type;		/* for ICMP: its type (11 time exceeded, 3 unreachable, ...) */
+	__u8 pad0;
+	__u16 seq;		/* ICMP seq, or the u16 after a UDP/TCP nonce */
+	__u32 number;		/* probe number: the payload's u32 (records runs), else seq */
 	__u32 netns;		/* inode of the device's network namespace */
 	__u32 ifindex;
 	__u32 saddr;		/* IPv4 addresses as seen at this device (network order) */
 	__u32 daddr;
-	__u16 seq;		/* probe number: ICMP seq, or the u16 after a UDP/TCP nonce */
-	__u8 packet;		/* enum mace_packet */
-	__u8 hook;		/* enum mace_hook */
+	__u32 pad1;
+	__u64 ts_ns;		/* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
 	char dev[16];
-	__u8 proto;		/* IP protocol of the packet seen (1 ICMP, 6 TCP, 17 UDP) */
-	__u8 icmp_type;		/* for ICMP: its type (11 time exceeded, 3 unreachable, ...) */
-	__u16 pad;
+};
+
+/*
+ * One answered probe, correlated in the kernel (MACE_RUN_RECORDS runs): sent when its
+ * reply reaches a device of the prober's netns (its delivery). Times are CLOCK_MONOTONIC;
+ * 0 where the point was not seen (then there is no corrected RTT). 56 bytes.
+ */
+struct mace_probe_record {
+	__u8 kind;		/* MACE_REC_PROBE */
+	__u8 pad0[3];
+	__u32 number;		/* probe number (payload u32) */
+	__u64 departed_ns;	/* the request's last departure from the host netns */
+	__u64 returned_ns;	/* the reply's first arrival on that device, after it */
+	__u64 delivered_ns;	/* the reply's arrival in the prober netns (this record) */
+	__u32 outer_netns;	/* the device of departed_ns / returned_ns */
+	__u32 outer_ifindex;
+	char outer_dev[16];
 };
 
 #endif /* __MACE_H */

@@ -19,13 +19,28 @@ Definitions (README "What the numbers mean"):
 Never an invented correction: events older than the probe's send point are stale (an earlier
 probe with the same seq) and ignored; when the request is not seen leaving H, or the reply
 not seen arriving where it left, there is no corrected RTT. No other device stands in.
+
+A ping run gets the same figures from the kernel, which applies these rules to each probe
+as it crosses the devices and sends one record per answer (bpf/mace.bpf.c): measured()
+turns that record into a Measurement. correlate() does it from per-device events, for
+traceroute and whenever the path is shown; the tests hold the two to each other.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-from mace_tools.model import Hook, KernelEvent, Measurement, Namespaces, Packet, Probe, Reply, Stage
+from mace_tools.model import (
+    Hook,
+    KernelEvent,
+    Measurement,
+    Namespaces,
+    Packet,
+    Probe,
+    ProbeRecord,
+    Reply,
+    Stage,
+)
 
 _DeviceKey = tuple[Packet, int, int, bool]  # packet, netns, ifindex, leaving
 
@@ -105,4 +120,31 @@ def correlate(probe: Probe, reply: Reply, events: Iterable[KernelEvent],
     m.egress_ns = out.t_ns
     m.ingress_ns = delivered[-1].t_ns - back.t_ns if delivered else None
     m.outer_dev = out.label
+    return m
+
+
+def measured(probe: Probe, reply: Reply, record: ProbeRecord | None, complete: bool = True,
+             path: list[Stage] | None = None) -> Measurement:
+    """The measurement of one reply from the kernel's record of its probe (None: no
+    record came). Same rules as correlate(): nothing corrected unless the request was
+    seen leaving the host netns after this probe was sent and the reply arriving back
+    on that device; ingress only when the delivery was seen after that."""
+    m = Measurement(
+        seq=reply.seq,
+        src=reply.src,
+        ttl=reply.ttl,
+        icmp_bytes=reply.icmp_bytes,
+        rtt_raw_ns=reply.recv_real_ns - probe.sent_real_ns,
+        path=path or [],
+        recv_real_ns=reply.recv_real_ns,
+    )
+    if (record is None or not complete or not record.departed_ns or not record.returned_ns
+            or record.departed_ns < probe.sent_mono_ns
+            or record.returned_ns < record.departed_ns):
+        return m
+    m.rtt_corrected_ns = record.returned_ns - record.departed_ns
+    m.egress_ns = record.departed_ns - probe.sent_mono_ns
+    m.ingress_ns = record.delivered_ns - record.returned_ns \
+        if record.delivered_ns >= record.returned_ns else None
+    m.outer_dev = record.outer_label
     return m

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from mace_tools.stats import Tally
 
 
 class Hook(IntEnum):
@@ -154,7 +157,8 @@ class RunSummary:
     rtt_corrected: RttStats | None  # the subset with kernel data
     egress_avg_ms: float | None  # over that subset
     ingress_avg_ms: float | None
-    kernel_events_lost: int  # ring buffer full / map full, summed over CPUs
+    kernel_events_lost: int  # records the run's ring had no room for
+    kernel_records: int = 0  # records and events read from the kernel (1 per answer)
 
     @property
     def loss_percent(self) -> float:
@@ -172,3 +176,71 @@ class RunSummary:
         if self.rtt_raw is None:
             return 1.0
         return self.corrected_count / self.rtt_raw.n
+
+
+class ProbeRecord(NamedTuple):
+    """One answered ping probe as the kernel correlated it (struct mace_probe_record):
+    CLOCK_MONOTONIC times, 0 where the kernel did not see that point."""
+
+    number: int  # the probe number its payload carries
+    departed_ns: int  # the request's last departure from the host netns (outer device)
+    returned_ns: int  # the reply's first arrival on that device after it
+    delivered_ns: int  # the reply's arrival in the prober netns
+    outer_netns: int
+    outer_ifindex: int
+    outer_dev: str
+
+    @property
+    def outer_label(self) -> str:
+        return f"{self.outer_dev}@{self.outer_netns}"
+
+
+# --- what a run hands to the output layer (output/ imports these, never a run loop) ---
+
+def _new_tally() -> Tally:
+    # stats.py builds on this module's records, so it is imported when a result is made,
+    # not when this module is: the import graph stays one way (stats -> model).
+    from mace_tools.stats import Tally
+
+    return Tally()
+
+
+@dataclass(slots=True)
+class RunResult:
+    """A ping run as it goes: its counts, and its replies as a running Tally (nothing per
+    reply is kept, so a flood of hours stays small)."""
+
+    nonce: bytes
+    source_addr: str
+    transmitted: int = 0
+    errors: int = 0
+    elapsed_ms: int = 0
+    start_real_ns: int = 0
+    kernel_events_lost: int = 0
+    kernel_records: int = 0  # records and events read from the kernel (1 per answer)
+    kernel: bool = True  # False when probes cannot carry nonce and number (size < 12)
+    tally: Tally = field(default_factory=_new_tally)
+
+
+@dataclass(slots=True)
+class HopReply:
+    """One traceroute probe's outcome: a measurement with its annotation (" !H" ...), or a
+    timeout (measurement None)."""
+
+    ttl: int
+    measurement: Measurement | None = None
+    annotation: str = ""
+    host_internal: bool = False  # answered from inside the container host (README)
+    reached: bool = False
+
+
+@dataclass(slots=True)
+class TraceResult:
+    """A traceroute run: its hops' outcomes, in probe order, by TTL."""
+
+    nonce: bytes
+    source_addr: str
+    start_real_ns: int = 0
+    end_real_ns: int = 0
+    hops: dict[int, list[HopReply]] = field(default_factory=dict)
+    kernel_events_lost: int = 0

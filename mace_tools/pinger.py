@@ -1,10 +1,19 @@
-"""The ping run: send probes, read replies and kernel events, correlate, report.
+"""The ping run: iputils' pacing and bookkeeping over a measuring session (session.py).
 
-One thread, one epoll over the ICMP socket. Kernel events of a reply are committed to the
-ring buffer before the reply reaches the socket, so the ring is drained before each reply
-is correlated (and on every turn of the loop: its records wake no one, bpf/mace.bpf.c).
-When the backend lost events (ring full, a record it could not read) while a probe was in
-flight, its reply is shown raw: whatever is missing from its path, nothing stands in.
+Probes go out on iputils' schedule (-i, -c, -w, -W; -f and -i 0: the next probe on a
+reply, 100 per second at least). Each carries the run's nonce and its probe number (the
+run's count, not wrapped at 65536 as the ICMP seq: probe/icmp.py), so a late reply from
+an earlier lap of the seq is never taken for a new probe. The kernel correlates each
+probe and sends one record per answer (bpf/mace.bpf.c), plus one event per device
+crossed when the output shows the path (--json, --ndjson); ICMP errors quoting a probe
+are reported as iputils words them (probe/icmp_errors.py). A reply's record is in the
+ring buffer before the reply reaches the socket, so the session drains the ring before
+each reply is measured (correlate.measured). When records were lost while a probe was in
+flight, its reply is shown raw: whatever is missing, nothing stands in.
+
+Flood (-f, -i 0): a reply to the latest probe has the next probe sent before the reply is
+correlated and reported, so that work overlaps the next round trip. The sink still hears
+things in iputils' order: the reply, then the next probe (its dot).
 
 What the run reports goes to a ``PingSink`` (the output layer); the run itself prints
 nothing.
@@ -14,50 +23,31 @@ from __future__ import annotations
 
 import errno
 import os
-import select
-import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import NamedTuple, Protocol
 
-from mace_tools.correlate import correlate
-from mace_tools.errors import MaceError
-from mace_tools.model import KernelEvent, Measurement, Namespaces, Probe, Reply
-from mace_tools.probe import netns
+from mace_tools.correlate import measured, stages
+from mace_tools.model import KernelEvent, Measurement, Probe, ProbeRecord, Reply, RunResult
 from mace_tools.probe.icmp import (
     NONCE_LEN,
+    TAG_LEN,
     EchoTemplate,
     ParsedIcmp,
     is_our_reply,
     parse_ip_icmp,
 )
+from mace_tools.probe.icmp_errors import error_text, quoted_probe_seq
 from mace_tools.probe.sockets import IcmpSocket
+from mace_tools.session import EventSourceFactory, Session, new_nonce
 from mace_tools.stats import Tally
-from mace_tools.status import StatusSignal
-
-if TYPE_CHECKING:  # libbpf is bound only when a run starts
-    from mace_tools.kernel.backend import Backend
 
 NS_PER_S = 1_000_000_000
 FLOOD_MIN_RATE_S = 0.01  # iputils -f: next probe on reply, or 100 per second at least
 MIN_INTERVAL_NS = 10_000_000  # iputils' MIN_INTERVAL_MS: retry when the kernel had no room
 MAX_NO_ROOM_BACKOFF_NS = 500_000_000
-MAX_POLL_S = 60.0  # the loop re-reads its clock at least this often (epoll's int ms limit)
-
-_UNREACH = {
-    0: "Destination Net Unreachable",
-    1: "Destination Host Unreachable",
-    2: "Destination Protocol Unreachable",
-    3: "Destination Port Unreachable",
-    4: "Frag needed and DF set",
-    5: "Source Route Failed",
-    9: "Destination Net Prohibited",
-    10: "Destination Host Prohibited",
-    13: "Packet filtered",
-}
-_TIME_EXCEEDED = {0: "Time to live exceeded", 1: "Frag reassembly time exceeded"}
 
 
 @dataclass(slots=True)
@@ -74,19 +64,7 @@ class PingOptions:
     source: str | None = None  # -I ADDR
     netns_path: Path | None = None  # --netns / --pid
     report_outstanding: bool = False  # -O
-
-
-@dataclass(slots=True)
-class RunResult:
-    nonce: bytes
-    source_addr: str
-    transmitted: int = 0
-    errors: int = 0
-    elapsed_ms: int = 0
-    start_real_ns: int = 0
-    kernel_events_lost: int = 0
-    kernel: bool = True  # False when probes cannot carry the nonce (size < 8)
-    tally: Tally = field(default_factory=Tally)  # replies are counted, not kept
+    path: bool = False  # an event per device crossed, for outputs that show the path
 
 
 class PingSink(Protocol):
@@ -101,48 +79,103 @@ class PingSink(Protocol):
 
 
 class _Probes:
-    """Probes in flight and the kernel events gathered for them, by 16-bit ICMP seq."""
+    """Probes in flight and what the kernel sent of them, by key: the probe number when
+    the payload carries it (numbered), else the 16-bit ICMP seq. A probe is forgotten
+    when the one 65536 after it is sent (iputils' window), so nothing here grows past
+    65536 entries however long the run."""
 
-    def __init__(self) -> None:
+    def __init__(self, numbered: bool) -> None:
+        self.numbered = numbered
         self.sent: dict[int, Probe] = {}
         self.events: dict[int, list[KernelEvent]] = {}
+        self.records: dict[int, ProbeRecord] = {}
         self.answered: set[int] = set()
+        self.by_seq: dict[int, int] = {}  # seq -> key of the probe in the window with it
 
-    def add(self, probe: Probe) -> bool:
-        """Track probe; True if it takes the seq of a probe (65536 probes ago) that got no
-        answer, which is then lost for good. So nothing here grows past 65536 entries."""
-        lost = probe.seq in self.sent and probe.seq not in self.answered
-        self.sent[probe.seq] = probe
-        self.events[probe.seq] = []
-        self.answered.discard(probe.seq)
-        return lost
+    def key(self, n: int) -> int:
+        """The key of the run's n-th probe (numbers wrap at 2**32, as the payload's)."""
+        return n & 0xFFFFFFFF if self.numbered else n & 0xFFFF
 
-    def forget(self, seq: int) -> None:
-        """A probe that never left (sendto failed): no reply or event will come."""
-        self.sent.pop(seq, None)
-        self.events.pop(seq, None)
-        self.answered.discard(seq)
+    def add(self, n: int, probe: Probe) -> bool:
+        """Track the n-th probe; True if the probe 65536 before it got no answer, which
+        is then lost for good (its seq is this one's)."""
+        old = self.key(n - 0x10000)
+        lapped = old in self.sent and old not in self.answered
+        self.forget(old)
+        key = self.key(n)
+        self.sent[key] = probe
+        self.events[key] = []
+        self.by_seq[key & 0xFFFF] = key
+        return lapped
+
+    def forget(self, key: int) -> None:
+        """A probe out of the window, or one that never left (sendto failed)."""
+        self.sent.pop(key, None)
+        self.events.pop(key, None)
+        self.records.pop(key, None)
+        self.answered.discard(key)
+        if self.by_seq.get(key & 0xFFFF) == key:
+            del self.by_seq[key & 0xFFFF]
 
     def unanswered(self, transmitted: int) -> list[int]:
         """Seqs of the last 65536 probes still sent and unanswered, in sending order."""
-        seqs = ((n & 0xFFFF) for n in range(max(1, transmitted - 0xFFFF), transmitted + 1))
-        return [seq for seq in seqs if seq in self.sent and seq not in self.answered]
+        return [n & 0xFFFF for n in range(max(1, transmitted - 0xFFFF), transmitted + 1)
+                if self.key(n) in self.sent and self.key(n) not in self.answered]
 
     def add_event(self, ev: KernelEvent) -> None:
-        bucket = self.events.get(ev.seq)
+        bucket = self.events.get(ev.seq)  # the kernel's probe number: our key
         if bucket is not None:  # late events of a finished probe are of no use
             bucket.append(ev)
 
-    def take_events(self, seq: int) -> list[KernelEvent]:
-        """A reply's events; the probe's are dropped so a duplicate never reuses them."""
-        return self.events.pop(seq, [])
+    def add_record(self, record: ProbeRecord) -> None:
+        """The kernel's record of an answered probe; a later one (the reply reached a
+        second device of the prober's netns) replaces it, as its delivery is later."""
+        if record.number in self.sent:
+            self.records[record.number] = record
+
+    def take(self, key: int) -> tuple[list[KernelEvent], ProbeRecord | None]:
+        """A reply's events and record; dropped, so a duplicate never reuses them."""
+        return self.events.pop(key, []), self.records.pop(key, None)
+
+
+class _Sent(NamedTuple):
+    """What putting one probe on the wire did; the sink hears of it and the run counts it
+    afterwards (_settle): in flood, once the reply that prompted it is reported."""
+
+    seq: int
+    key: int  # the probe's key in _Probes (its number when numbered)
+    at: int  # CLOCK_MONOTONIC just before sendto()
+    lapped: bool  # it took the seq of a probe 65536 earlier that got no answer
+    error: OSError | None  # sendto() failed
+
+
+@dataclass(slots=True)
+class _Pace:
+    """iputils' schedule of one run (CLOCK_MONOTONIC ns)."""
+
+    interval_ns: int
+    adaptive: bool  # -i 0 (-f's default): next probe on reply, 100 per second at least
+    linger_ns: int  # -W: how long replies are waited for after the last probe
+    deadline: int | None  # -w
+    next_send: int
+    last_send: int
+    received: int = 0  # distinct replies so far
+
+    @classmethod
+    def starting(cls, opts: PingOptions, now: int) -> _Pace:
+        adaptive = opts.interval_s <= 0
+        interval_s = FLOOD_MIN_RATE_S if adaptive else opts.interval_s
+        deadline = now + int(opts.deadline_s * NS_PER_S) if opts.deadline_s else None
+        return cls(int(interval_s * NS_PER_S), adaptive, int(opts.linger_s * NS_PER_S),
+                   deadline, now, now)
 
 
 class Pinger:
     def __init__(self, opts: PingOptions, sink: PingSink, nonce: bytes | None = None,
-                 backend_factory: Callable[[bytes], Backend] | None = None,
+                 backend_factory: EventSourceFactory | None = None,
                  after_setup: Callable[[], None] | None = None) -> None:
-        """after_setup runs once the socket, the netns and the programs are set up: the
+        """backend_factory: the kernel event source (session.kernel_events when None).
+        after_setup runs once the socket, the netns and the programs are set up: the
         command drops its privileges there, as iputils does (a long-lived caller, such as
         a service running many pings, keeps its own)."""
         self.opts = opts
@@ -152,145 +185,143 @@ class Pinger:
         self.ident = os.getpid() & 0xFFFF
         self._template = EchoTemplate(self.ident, self.nonce, opts.size)
         self._backend_factory = backend_factory
-        self._probes = _Probes()
-        self._backend: Backend | None = None  # set while a run has its programs
+        self._probes = _Probes(numbered=opts.size >= TAG_LEN)
+        self._session: Session | None = None  # set while a run is on
+        self._pace: _Pace | None = None  # set while a run is on
         self._no_room = 0  # consecutive sends refused for lack of buffer (iputils' oom_count)
 
     def run(self) -> RunResult:
         opts = self.opts
-        ns = netns.of_run(opts.netns_path)
-        with netns.entered(opts.netns_path):
-            sock = IcmpSocket(opts.ttl, opts.device, opts.source)
-            try:
-                source = source_address(opts.dst_addr, opts.device, opts.source)
-            except BaseException:
-                sock.close()
-                raise
-        try:
-            result = RunResult(nonce=self.nonce, source_addr=source)
+        with Session(opts.netns_path, self.nonce, after_setup=self._after_setup,
+                     events_factory=self._backend_factory) as session:
+            (sock,), source = session.open_sockets(self._open_socket, opts.dst_addr,
+                                                   opts.device, opts.source)
+            # The kernel correlates probes that carry their number (-s >= 12).
+            result = RunResult(nonce=self.nonce, source_addr=source,
+                               kernel=self._probes.numbered)
             self.sink.start(source)
-            result.kernel = opts.size >= NONCE_LEN
-            backend = self._open_backend() if result.kernel else None
-            self._backend = backend
+            if result.kernel:
+                session.start(self._probes.add_event, self._probes.add_record,
+                              records=True, path=opts.path)
+            else:
+                session.start(None)
+            self._session = session
             try:
-                if self._after_setup is not None:
-                    self._after_setup()
-                self._loop(sock, backend, ns, result)
+                self._loop(session, sock, result)
+                result.kernel_events_lost = session.lost()
+                result.kernel_records = session.records_read
             finally:
-                if backend is not None:
-                    result.kernel_events_lost = backend.lost()
-                    backend.close()
-        finally:
-            sock.close()
+                self._session = self._pace = None
         return result
 
-    def _open_backend(self) -> Backend:
-        if self._backend_factory is not None:
-            return self._backend_factory(self.nonce)
-        from mace_tools.kernel.backend import Backend
+    def _open_socket(self) -> list[IcmpSocket]:
+        """The run's ICMP socket, with a socket filter that drops other runs' echo
+        replies in the kernel (replies to probes too short for the nonce pass on their
+        type: probe/sockfilter.py)."""
+        sock = IcmpSocket(self.opts.ttl, self.opts.device, self.opts.source)
+        try:
+            sock.filter_replies(self.nonce if self.opts.size >= NONCE_LEN else None)
+        except BaseException:
+            sock.close()
+            raise
+        return [sock]
 
-        backend = Backend(self.nonce)
-        backend.open()
-        return backend
-
-    def _loop(self, sock: IcmpSocket, backend: Backend | None, ns: Namespaces,
-              result: RunResult) -> None:
-        opts = self.opts
-        probes = self._probes
-        poller = select.epoll()
-        poller.register(sock.fileno(), select.EPOLLIN)
-        status = StatusSignal.install()
-        if status.fd is not None:
-            poller.register(status.fd, select.EPOLLIN)
-        # -i 0, with or without -f, paces as iputils: next probe on reply, 100/s at least
-        adaptive = opts.interval_s <= 0
-        interval_ns = int((FLOOD_MIN_RATE_S if adaptive else opts.interval_s) * NS_PER_S)
+    def _loop(self, session: Session, sock: IcmpSocket, result: RunResult) -> None:
         start = time.monotonic_ns()
         result.start_real_ns = time.clock_gettime_ns(time.CLOCK_REALTIME)
-        deadline = start + int(opts.deadline_s * NS_PER_S) if opts.deadline_s else None
-        next_send = start
-        last_send = start
-        received = 0
-        try:
-            while True:
-                now = time.monotonic_ns()
-                if deadline is not None and now >= deadline:
-                    break
-                more = opts.count is None or result.transmitted < opts.count
-                if not more:
-                    # as iputils: a probe answered by an ICMP error is done too
-                    outstanding = result.transmitted - received - result.errors
-                    if outstanding <= 0 or now >= last_send + int(opts.linger_s * NS_PER_S):
-                        break
-                if more and now >= next_send:
-                    if opts.report_outstanding and result.transmitted:
-                        prev = result.transmitted & 0xFFFF
-                        if prev not in probes.answered:
-                            self.sink.no_answer_yet(prev)
-                    retry_ns = self._send(sock, result.transmitted + 1, result)
-                    if retry_ns is not None:
-                        next_send = now + retry_ns
-                    else:
-                        result.transmitted += 1
-                        last_send = now
-                        next_send = now + interval_ns if opts.flood or adaptive \
-                            else max(next_send + interval_ns, now)
-                    # no `continue`: replies are read between any two probes, else -i 0
-                    # (or any interval shorter than a send) would starve the socket
-                wake = [next_send if more else last_send + int(opts.linger_s * NS_PER_S)]
-                if deadline is not None:
-                    wake.append(deadline)
-                timeout_s = min(max(0.0, (min(wake) - time.monotonic_ns()) / NS_PER_S),
-                                MAX_POLL_S)
-                for fd, _ in poller.poll(timeout_s):
-                    if fd == status.fd:
-                        status.drain()
-                if backend is not None:
-                    # The programs submit without waking us (bpf/mace.bpf.c): drain every
-                    # turn, so unanswered probes' events never pile up in the ring.
-                    backend.drain(probes.add_event)
-                got = self._receive(sock, backend, ns, result)
-                received += got
-                if got and adaptive:
-                    next_send = time.monotonic_ns()  # next probe as soon as answered
-                if status.take():
-                    self.sink.status(result.transmitted, result.tally)
-        except KeyboardInterrupt:
-            pass  # Ctrl-C: stop sending, report what we have (as ping does)
-        finally:
-            poller.close()
-            status.close()
+        self._pace = _Pace.starting(self.opts, start)
+        session.loop(lambda: self._turn(sock, result),
+                     lambda _fd: self._receive(sock, session, result),
+                     status=lambda: self.sink.status(result.transmitted, result.tally))
         result.elapsed_ms = (time.monotonic_ns() - start) // 1_000_000
-        for seq in probes.unanswered(result.transmitted):
+        for seq in self._probes.unanswered(result.transmitted):
             self.sink.timeout(seq)
 
+    def _turn(self, sock: IcmpSocket, result: RunResult) -> float | None:
+        """iputils' loop but the reading: end the run when it is over (None), send the
+        probe that is due; seconds until the next thing is due. Replies are read after
+        every turn, so between any two probes (else -i 0, or any interval shorter than a
+        send, would starve the socket)."""
+        pace = self._pace
+        assert pace is not None
+        now = time.monotonic_ns()
+        if pace.deadline is not None and now >= pace.deadline:
+            return None
+        more = self._more(result)
+        if not more:
+            # as iputils: a probe answered by an ICMP error is done too
+            outstanding = result.transmitted - pace.received - result.errors
+            if outstanding <= 0 or now >= pace.last_send + pace.linger_ns:
+                return None
+        if more and now >= pace.next_send:
+            self._report_outstanding(result)
+            self._schedule(self._send(sock, result.transmitted + 1, result), now, result)
+        wake = pace.next_send if more else pace.last_send + pace.linger_ns
+        if pace.deadline is not None:
+            wake = min(wake, pace.deadline)
+        return max(0.0, (wake - time.monotonic_ns()) / NS_PER_S)
+
+    def _more(self, result: RunResult) -> bool:
+        """Probes left to send (-c)."""
+        return self.opts.count is None or result.transmitted < self.opts.count
+
+    def _report_outstanding(self, result: RunResult) -> None:
+        """-O: the previous probe is still unanswered as the next one goes."""
+        if self.opts.report_outstanding and result.transmitted \
+                and self._probes.key(result.transmitted) not in self._probes.answered:
+            self.sink.no_answer_yet(result.transmitted & 0xFFFF)
+
+    def _schedule(self, retry_ns: int | None, now: int, result: RunResult) -> None:
+        """Count a probe sent at `now` (retry_ns None, as _settle says) and set when the
+        next is due; or have the same probe tried again in retry_ns."""
+        pace = self._pace
+        assert pace is not None
+        if retry_ns is not None:
+            pace.next_send = now + retry_ns
+            return
+        result.transmitted += 1
+        pace.last_send = now
+        pace.next_send = now + pace.interval_ns if self.opts.flood or pace.adaptive \
+            else max(pace.next_send + pace.interval_ns, now)
+
     def _send(self, sock: IcmpSocket, n: int, result: RunResult) -> int | None:
-        """Send probe n. None: it counts as transmitted, sent or failed for good (as
-        iputils' "hard local error": reported, and counted in errors). Else the kernel had
-        no room for it: try the same probe again in that many ns, uncounted."""
+        """Send probe n and report it. None: it counts as transmitted, sent or failed for
+        good (as iputils' "hard local error": reported, and counted in errors). Else the
+        kernel had no room for it: try the same probe again in that many ns, uncounted."""
+        return self._settle(self._transmit(sock, n), result)
+
+    def _transmit(self, sock: IcmpSocket, n: int) -> _Sent:
+        """Put probe n on the wire and track it; nothing is reported or counted yet."""
         seq = n & 0xFFFF
-        message = self._template.message(seq)
+        message = self._template.message(n)
         probe = Probe(seq, 0, 0)
-        if self._probes.add(probe):
-            self.sink.timeout(seq)  # the probe 65536 before this one
+        lapped = self._probes.add(n, probe)
+        if self._session is not None:
+            probe.lost_at_send = self._session.lost()
         # Both clocks just before sendto(): the raw RTT's start (as iputils: wall clock) and
         # the send point egress is measured from (the clock of bpf_ktime_get_ns).
-        if self._backend is not None:
-            probe.lost_at_send = self._backend.lost()
         probe.sent_real_ns = time.clock_gettime_ns(time.CLOCK_REALTIME)
         probe.sent_mono_ns = time.monotonic_ns()
         try:
             sock.send(message, self.opts.dst_addr)
         except OSError as exc:
-            self._probes.forget(seq)
-            retry_ns = self._retry_after(exc)
-            if retry_ns is None:
-                result.errors += 1
-                self.sink.send_error(seq, f"sendmsg: {exc.strerror}")
-            return retry_ns
-        self._no_room = 0
-        self.sink.sent(seq)
-        return None
+            self._probes.forget(self._probes.key(n))
+            return _Sent(seq, self._probes.key(n), probe.sent_mono_ns, lapped, exc)
+        return _Sent(seq, self._probes.key(n), probe.sent_mono_ns, lapped, None)
+
+    def _settle(self, sent: _Sent, result: RunResult) -> int | None:
+        """Report a transmitted probe to the sink; what _send returns."""
+        if sent.lapped:
+            self.sink.timeout(sent.seq)  # the probe 65536 before this one
+        if sent.error is None:
+            self._no_room = 0
+            self.sink.sent(sent.seq)
+            return None
+        retry_ns = self._retry_after(sent.error)
+        if retry_ns is None:
+            result.errors += 1
+            self.sink.send_error(sent.seq, f"sendmsg: {sent.error.strerror}")
+        return retry_ns
 
     def _retry_after(self, exc: OSError) -> int | None:
         """As iputils: a full socket buffer (EAGAIN) is retried in 10 ms; a full device
@@ -306,11 +337,13 @@ class Pinger:
                 return backoff
         return None
 
-    def _receive(self, sock: IcmpSocket, backend: Backend | None, ns: Namespaces,
-                 result: RunResult) -> int:
-        """Read every waiting datagram; return how many new (non-duplicate) replies."""
+    def _receive(self, sock: IcmpSocket, session: Session | None, result: RunResult) -> int:
+        """Read every waiting datagram; return how many new (non-duplicate) replies.
+        session None: no kernel data (nothing is drained)."""
         new = 0
         probes = self._probes
+        ahead_key: int | None = None  # flood: the probe this batch sent ahead of a reply
+        due = False  # flood: a reply of this batch made the next probe due at once
         while (got := sock.recv()) is not None:
             data, recv_real = got
             parsed = parse_ip_icmp(data)
@@ -319,80 +352,87 @@ class Pinger:
             if parsed.icmp_type != 0:
                 self._maybe_error(parsed, result)
                 continue
-            if not is_our_reply(parsed, self.nonce, self.ident, self.opts.size) \
-                    or parsed.seq not in probes.sent:
+            if not is_our_reply(parsed, self.nonce, self.ident, self.opts.size):
                 continue  # another program's echo reply
-            probe = probes.sent[parsed.seq]
-            complete = True
-            if backend is not None:
-                backend.drain(probes.add_event)  # events precede socket delivery
-                complete = backend.lost() == probe.lost_at_send
-            dup = parsed.seq in probes.answered
-            reply = Reply(parsed.seq, parsed.src, parsed.ttl, parsed.icmp_len, recv_real,
-                          time.monotonic_ns())
-            events = [] if dup else probes.take_events(parsed.seq)
-            m = correlate(probe, reply, events, ns, complete)
-            m.dup = dup
+            key = self._reply_key(parsed)
+            if key is None or key not in probes.sent:
+                continue  # not a probe in the window: an earlier lap's, or forged
+            dup = key in probes.answered
+            ahead = None
             if not dup:
-                probes.answered.add(parsed.seq)
+                probes.answered.add(key)
                 new += 1
-            result.tally.add(m)
-            self.sink.reply(m)
+                # One probe per batch of replies, as ever; sent ahead of the reply when it
+                # can be, else at the next turn. A reply to that very probe (a path that
+                # answers within sendto(), as loopback does) makes the next one due.
+                if ahead_key is None:
+                    ahead = self._send_ahead(sock, key, result)
+                    ahead_key = None if ahead is None else ahead.key
+                    due = ahead is None
+                elif key == ahead_key:
+                    due = True
+            try:
+                self._reply(parsed, key, recv_real, dup, session, result)
+            finally:  # (also on Ctrl-C: a probe that left is counted)
+                if ahead is not None:
+                    # (no -O line to check for: the previous probe is the one just answered)
+                    self._schedule(self._settle(ahead, result), ahead.at, result)
+        pace = self._pace
+        if pace is not None:
+            pace.received += new
+            if due and pace.adaptive:
+                pace.next_send = time.monotonic_ns()  # next probe as soon as answered
         return new
+
+    def _reply_key(self, parsed: ParsedIcmp) -> int | None:
+        """The key of the probe a reply answers: the number its payload carries (which
+        must agree with its seq), or its seq for probes too short to carry one."""
+        if not self._probes.numbered:
+            return parsed.seq
+        number = parsed.number
+        if number is None or number & 0xFFFF != parsed.seq:
+            return None
+        return number
+
+    def _send_ahead(self, sock: IcmpSocket, key: int, result: RunResult) -> _Sent | None:
+        """Flood (-i 0, -f's default): a new reply makes the next probe due. It is sent
+        here, before the reply is measured, when the reply answers the latest probe
+        (none is left in flight: iputils' cue) and -c and -w allow one; else the next
+        turn sends it, as for any other reply."""
+        pace = self._pace
+        if pace is None or not pace.adaptive or key != self._probes.key(result.transmitted) \
+                or not self._more(result):
+            return None
+        if pace.deadline is not None and time.monotonic_ns() >= pace.deadline:
+            return None
+        return self._transmit(sock, result.transmitted + 1)
+
+    def _reply(self, parsed: ParsedIcmp, key: int, recv_real: int, dup: bool,
+               session: Session | None, result: RunResult) -> None:
+        """Measure a reply from its probe's kernel record, count it and report it."""
+        probe = self._probes.sent[key]
+        complete = True
+        if session is not None:
+            session.drain()  # a reply's record precedes its delivery to the socket
+            complete = session.lost() == probe.lost_at_send
+        reply = Reply(parsed.seq, parsed.src, parsed.ttl, parsed.icmp_len, recv_real,
+                      time.monotonic_ns())
+        events, record = ([], None) if dup else self._probes.take(key)
+        if record is None and not dup and session is not None:
+            # No record: the delivery fired no tracepoint in the prober's netns
+            # (macvlan); the kernel's state still holds the outer device's times.
+            record = session.probe_state(key)
+        path = stages(events, probe.sent_mono_ns) if events else None
+        m = measured(probe, reply, record, complete, path)
+        m.dup = dup
+        result.tally.add(m)
+        self.sink.reply(m)
 
     def _maybe_error(self, parsed: ParsedIcmp, result: RunResult) -> None:
         """An ICMP error quoting one of our probes is reported as iputils does."""
-        seq = _quoted_probe_seq(parsed.quoted, self.ident, self.nonce, self.opts.dst_addr)
-        if not parsed.checksum_ok or seq is None or seq not in self._probes.sent:
+        seq = quoted_probe_seq(parsed.quoted, self.ident, self.nonce, self.opts.dst_addr)
+        # the probe in the window with that seq (a quote of 8 bytes has no number)
+        if seq is None or seq not in self._probes.by_seq or not parsed.checksum_ok:
             return
-        table = _UNREACH if parsed.icmp_type == 3 else _TIME_EXCEEDED \
-            if parsed.icmp_type == 11 else {}
-        text = table.get(parsed.code, f"ICMP type {parsed.icmp_type} code {parsed.code}")
         result.errors += 1
-        self.sink.icmp_error(seq, parsed.src, text)
-
-
-def _quoted_probe_seq(quoted: bytes, ident: int, nonce: bytes, dst: str) -> int | None:
-    """Seq of our echo request quoted in an ICMP error, or None if it is not ours: the
-    quote must be the first fragment of an ICMP datagram to our target (as iputils checks
-    the destination: with only 8 bytes quoted, the id alone would take another program's
-    probe to another host for ours)."""
-    if len(quoted) < 20 or quoted[0] >> 4 != 4 or quoted[9] != socket.IPPROTO_ICMP:
-        return None
-    ihl = (quoted[0] & 0x0F) * 4
-    if ihl < 20 or int.from_bytes(quoted[6:8], "big") & 0x1FFF \
-            or socket.inet_ntoa(quoted[16:20]) != dst:
-        return None
-    icmp = quoted[ihl:]
-    if len(icmp) < 8 or icmp[0] != 8:
-        return None
-    seq = int.from_bytes(icmp[6:8], "big")
-    payload = icmp[8:8 + NONCE_LEN]
-    if len(payload) == NONCE_LEN:
-        return seq if payload == nonce else None
-    # RFC 792 quotes only 8 bytes: fall back on the id (not rewritten on our side of NAT).
-    return seq if int.from_bytes(icmp[4:6], "big") == ident else None
-
-
-def new_nonce() -> bytes:
-    while True:
-        nonce = os.urandom(NONCE_LEN)
-        if any(nonce):
-            return nonce
-
-
-def source_address(dst: str, device: str | None, source: str | None) -> str:
-    """Source address the kernel picks for dst in the current netns; fails as ping does
-    when there is no route."""
-    if source is not None:
-        return source
-    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        if device is not None:
-            udp.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device.encode())
-        udp.connect((dst, 1025))
-        return udp.getsockname()[0]
-    except OSError as exc:
-        raise MaceError(f"connect: {exc.strerror}") from exc
-    finally:
-        udp.close()
+        self.sink.icmp_error(seq, parsed.src, error_text(parsed.icmp_type, parsed.code))

@@ -197,10 +197,11 @@ class Tally:
                 self.ingress.add(m.ingress_ns)
 
     def summary(self, transmitted: int, errors: int, elapsed_ms: int,
-                kernel_events_lost: int) -> RunSummary:
+                kernel_events_lost: int, kernel_records: int = 0) -> RunSummary:
         return RunSummary(
             transmitted=transmitted, received=self.received, duplicates=self.duplicates,
             errors=errors, elapsed_ms=elapsed_ms, rtt_raw=self.raw.stats(),
             rtt_corrected=self.corrected.stats(), egress_avg_ms=self.egress.mean_ms(),
             ingress_avg_ms=self.ingress.mean_ms(), kernel_events_lost=kernel_events_lost,
+            kernel_records=kernel_records,
         )

@@ -1,29 +1,35 @@
 """The traceroute run: probes per hop, answers matched by what they quote, corrected.
 
-Same shape as the ping run (pinger.py): one thread, one epoll over the receive sockets;
-kernel events of an answer are in the ring before the answer reaches a socket, so the ring
-is drained before each answer is correlated (correlate.py), and on every turn. A hop
-whose answer came from inside the container host (the request never left the host's
-netns, e.g. hop 1, the bridge) is marked host-internal: its correction is taken at the
-prober's own device, as the outer device never saw it.
+Runs over a measuring session (session.py), as the ping run does: kernel events of an
+answer are in the ring before the answer reaches a socket, so the session drains them
+before each answer is correlated (correlate.py), and on every turn. A hop whose answer
+came from inside the container host (the request never left the host's netns, e.g. hop 1,
+the bridge) is marked host-internal: its correction is taken at the prober's own device,
+as the outer device never saw it.
 """
 
 from __future__ import annotations
 
 import os
-import select
 import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from mace_tools.correlate import correlate, host_netns
 from mace_tools.errors import MaceError
-from mace_tools.model import KernelEvent, Measurement, Namespaces, Packet, Probe, Reply
-from mace_tools.pinger import new_nonce, source_address
-from mace_tools.probe import netns
+from mace_tools.model import (
+    HopReply,
+    KernelEvent,
+    Measurement,
+    Namespaces,
+    Packet,
+    Probe,
+    Reply,
+    TraceResult,
+)
 from mace_tools.probe.sockets import SO_TIMESTAMPNS, read_datagram
 from mace_tools.probe.trace import (
     ICMP,
@@ -35,12 +41,11 @@ from mace_tools.probe.trace import (
     annotation,
     parse_answer,
 )
-
-if TYPE_CHECKING:
-    from mace_tools.kernel.backend import Backend
+from mace_tools.session import EventSourceFactory, Session, new_nonce
 
 NS_PER_S = 1_000_000_000
 DEFAULT_PORTS = {UDP: 33434, TCP: 80, ICMP: 0}
+POLL_S = 0.02  # the longest wait for an answer: also the granularity of -w and -z
 
 
 @dataclass(slots=True)
@@ -59,27 +64,6 @@ class TraceOptions:
     netns_path: Path | None = None
 
 
-@dataclass(slots=True)
-class HopReply:
-    """One probe's outcome: a measurement with its annotation, or a timeout (None)."""
-
-    ttl: int
-    measurement: Measurement | None = None
-    annotation: str = ""
-    host_internal: bool = False
-    reached: bool = False
-
-
-@dataclass(slots=True)
-class TraceResult:
-    nonce: bytes
-    source_addr: str
-    start_real_ns: int = 0
-    end_real_ns: int = 0
-    hops: dict[int, list[HopReply]] = field(default_factory=dict)
-    kernel_events_lost: int = 0
-
-
 class TraceSink(Protocol):
     def start(self, source_addr: str) -> None: ...
     def hop(self, ttl: int, replies: list[HopReply]) -> None: ...
@@ -94,6 +78,17 @@ class _InFlight:
     outcome: HopReply | None = None
 
 
+@dataclass(slots=True)
+class _Progress:
+    """Where a trace stands: its plan of probes, how far sending and printing got."""
+
+    plan: list[int]  # the TTL of each probe, in sending order (probe n is plan[n - 1])
+    last_ttl: int  # -m, lowered when the destination answers
+    printed: int  # the last hop handed to the sink
+    sent: int = 0  # probes sent so far
+    last_send: int = 0  # CLOCK_MONOTONIC ns
+
+
 def host_internal(m: Measurement, ns: Namespaces) -> bool:
     """The request entered the host's netns but never left it: the host answered."""
     request = [s for s in m.path if s.packet is Packet.REQUEST]
@@ -104,91 +99,75 @@ def host_internal(m: Measurement, ns: Namespaces) -> bool:
 
 class Tracer:
     def __init__(self, opts: TraceOptions, sink: TraceSink, nonce: bytes | None = None,
-                 after_setup: Callable[[], None] | None = None) -> None:
-        """after_setup: as Pinger's (the command drops its privileges there)."""
+                 after_setup: Callable[[], None] | None = None, *,
+                 backend_factory: EventSourceFactory | None = None) -> None:
+        """after_setup, backend_factory: as Pinger's (the command drops its privileges in
+        after_setup)."""
         self.opts = opts
         self._after_setup = after_setup
+        self._backend_factory = backend_factory
         self.sink = sink
         self.nonce = nonce or new_nonce()
         self.ident = os.getpid() & 0xFFFF
         self._flight: dict[int, _InFlight] = {}  # probe number -> probe
         self._by_quote: dict[bytes, int] = {}
+        self._progress = _Progress(
+            [ttl for ttl in range(opts.first_ttl, opts.max_ttl + 1)
+             for _ in range(opts.nqueries)], opts.max_ttl, opts.first_ttl - 1)
 
     def run(self) -> TraceResult:
         opts = self.opts
         proto = PROTO_NUMBERS[opts.method]
-        ns = netns.of_run(opts.netns_path)
-        with netns.entered(opts.netns_path):
-            socks = _open_sockets(proto)
-            try:
-                src = source_address(opts.dst_addr, None, None)
-            except BaseException:
-                for s in socks:
-                    s.close()
-                raise
-        sport = 33000 + (self.ident % 20000) if opts.method != ICMP else 0
-        port = opts.port if opts.port is not None else DEFAULT_PORTS[opts.method]
-        self.factory = ProbeFactory(opts.method, self.nonce, src, opts.dst_addr, opts.size,
-                                    port, sport, self.ident, opts.paris)
-        result = TraceResult(self.nonce, src)
-        from mace_tools.kernel.backend import Backend
-
-        try:
-            with Backend(self.nonce, udp=opts.method == UDP, tcp=opts.method == TCP,
-                         errors=True) as backend:
-                if self._after_setup is not None:
-                    self._after_setup()
-                self.sink.start(src)
-                self._loop(socks, backend, ns, result)
-                result.kernel_events_lost = backend.lost()
-        finally:
-            for s in socks:
-                s.close()
+        with Session(opts.netns_path, self.nonce, after_setup=self._after_setup,
+                     events_factory=self._backend_factory) as session:
+            socks, src = session.open_sockets(lambda: _open_sockets(proto), opts.dst_addr)
+            sport = 33000 + (self.ident % 20000) if opts.method != ICMP else 0
+            port = opts.port if opts.port is not None else DEFAULT_PORTS[opts.method]
+            self.factory = ProbeFactory(opts.method, self.nonce, src, opts.dst_addr,
+                                        opts.size, port, sport, self.ident, opts.paris)
+            result = TraceResult(self.nonce, src)
+            session.start(self._add_event, udp=opts.method == UDP, tcp=opts.method == TCP,
+                          errors=True)
+            self.sink.start(src)
+            self._loop(session, socks, result)
+            result.kernel_events_lost = session.lost()
         return result
 
-    def _loop(self, socks: list[socket.socket], backend: Backend, ns: Namespaces,
+    def _loop(self, session: Session, socks: list[socket.socket],
               result: TraceResult) -> None:
-        opts = self.opts
-        send_sock = socks[0]
-        poller = select.epoll()
-        for s in socks:
-            poller.register(s.fileno(), select.EPOLLIN)
-        plan = [(ttl, q) for ttl in range(opts.first_ttl, opts.max_ttl + 1)
-                for q in range(opts.nqueries)]
-        next_index = 0
-        last_ttl = opts.max_ttl  # lowered when the destination answers
-        printed = opts.first_ttl - 1
-        wait_ns = int(opts.wait_s * NS_PER_S)
+        by_fd = {s.fileno(): s for s in socks}
         result.start_real_ns = time.clock_gettime_ns(time.CLOCK_REALTIME)
-        last_send = 0
-        try:
-            while printed < last_ttl:
-                now = time.monotonic_ns()
-                outstanding = sum(1 for f in self._flight.values() if f.outcome is None)
-                can_send = (next_index < len(plan) and plan[next_index][0] <= last_ttl
-                            and outstanding < opts.simultaneous
-                            and now - last_send >= opts.sendwait_s * NS_PER_S)
-                if can_send:
-                    ttl, _ = plan[next_index]
-                    next_index += 1
-                    self._send(send_sock, next_index, ttl, backend.lost())
-                    last_send = time.monotonic_ns()
-                    continue
-                for f in self._flight.values():  # timeouts
-                    if f.outcome is None and now - f.probe.sent_mono_ns >= wait_ns:
-                        f.outcome = HopReply(f.ttl)
-                printed, last_ttl = self._emit_hops(printed, last_ttl, result)
-                if printed >= last_ttl:
-                    break
-                for fd, _ in poller.poll(0.02):  # also the granularity of -w and -z
-                    sock = next(s for s in socks if s.fileno() == fd)
-                    last_ttl = self._receive(sock, backend, ns, last_ttl)
-                backend.drain(self._add_event)  # records wake no one (bpf/mace.bpf.c)
-        except KeyboardInterrupt:
-            pass
-        finally:
-            poller.close()
+        session.loop(lambda: self._turn(session, socks[0], result),
+                     lambda fd: self._receive(by_fd[fd], session, session.ns))
         result.end_real_ns = time.clock_gettime_ns(time.CLOCK_REALTIME)
+
+    def _turn(self, session: Session, send_sock: socket.socket,
+              result: TraceResult) -> float | None:
+        """Send what the plan allows, time out what waited too long, hand every finished
+        hop to the sink; None once the last hop is printed, else how long to wait."""
+        p = self._progress
+        if p.printed >= p.last_ttl:
+            return None
+        now = time.monotonic_ns()
+        while self._can_send(now):
+            p.sent += 1
+            self._send(send_sock, p.sent, p.plan[p.sent - 1], session.lost())
+            p.last_send = now = time.monotonic_ns()
+        wait_ns = int(self.opts.wait_s * NS_PER_S)
+        for f in self._flight.values():
+            if f.outcome is None and now - f.probe.sent_mono_ns >= wait_ns:
+                f.outcome = HopReply(f.ttl)
+        self._emit_hops(result)
+        return None if p.printed >= p.last_ttl else POLL_S
+
+    def _can_send(self, now: int) -> bool:
+        """The next probe of the plan may go: its hop is not past the destination, fewer
+        than -N are waiting, and -z has passed since the last."""
+        p = self._progress
+        outstanding = sum(1 for f in self._flight.values() if f.outcome is None)
+        return (p.sent < len(p.plan) and p.plan[p.sent] <= p.last_ttl
+                and outstanding < self.opts.simultaneous
+                and now - p.last_send >= self.opts.sendwait_s * NS_PER_S)
 
     def _add_event(self, ev: KernelEvent) -> None:
         f = self._flight.get(ev.seq)
@@ -209,8 +188,9 @@ class Tracer:
         except OSError as exc:
             raise MaceError(f"sendto: {exc.strerror}", exit_code=1) from exc
 
-    def _receive(self, sock: socket.socket, backend: Backend, ns: Namespaces,
-                 last_ttl: int) -> int:
+    def _receive(self, sock: socket.socket, session: Session, ns: Namespaces) -> None:
+        """Read every waiting datagram; an answer to a probe becomes its outcome (the
+        first answer: traceroute keeps that one)."""
         while (got := read_datagram(sock)) is not None:
             data, recv_real = got
             answer = parse_answer(data, self.factory)
@@ -220,8 +200,8 @@ class Tracer:
             f = self._flight[number]
             if f.outcome is not None and f.outcome.measurement is not None:
                 continue  # a second answer to the same probe: traceroute keeps the first
-            backend.drain(self._add_event)
-            complete = backend.lost() == f.probe.lost_at_send
+            session.drain()
+            complete = session.lost() == f.probe.lost_at_send
             reply = Reply(number, answer.src, answer.ttl, answer.size, recv_real,
                           time.monotonic_ns())
             m = correlate(f.probe, reply, f.events, ns, complete)
@@ -233,26 +213,25 @@ class Tracer:
                               complete)
             f.outcome = HopReply(f.ttl, m, annotation(answer), internal, answer.reached)
             if answer.reached or answer.icmp_type == 3:
-                last_ttl = min(last_ttl, f.ttl)
-        return last_ttl
+                self._progress.last_ttl = min(self._progress.last_ttl, f.ttl)
 
     def _number(self, answer: Answer) -> int | None:
         if answer.probe_number is not None:
             return answer.probe_number if answer.probe_number in self._flight else None
         return self._by_quote.get(answer.quote_key or b"")
 
-    def _emit_hops(self, printed: int, last_ttl: int, result: TraceResult) -> tuple[int, int]:
+    def _emit_hops(self, result: TraceResult) -> None:
         """Hand every hop whose probes are all done to the sink, in order."""
-        while printed < last_ttl:
-            ttl = printed + 1
+        p = self._progress
+        while p.printed < p.last_ttl:
+            ttl = p.printed + 1
             probes = [f for f in self._flight.values() if f.ttl == ttl]
             if len(probes) < self.opts.nqueries or any(f.outcome is None for f in probes):
                 break
             replies = [f.outcome for f in sorted(probes, key=lambda f: f.probe.seq)]
             result.hops[ttl] = replies  # type: ignore[assignment]
             self.sink.hop(ttl, replies)  # type: ignore[arg-type]
-            printed = ttl
-        return printed, last_ttl
+            p.printed = ttl
 
 
 def _open_sockets(proto: int) -> list[socket.socket]:

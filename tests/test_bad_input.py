@@ -19,7 +19,7 @@ from unprivileged import LEAST_PRIVILEGE, with_capabilities
 from mace_tools.cli import ping as ping_cli
 from mace_tools.cli import traceroute as traceroute_cli
 from mace_tools.errors import MaceError
-from mace_tools.kernel import backend, native
+from mace_tools.kernel import backend, native, programs
 from mace_tools.lab.topology import Lab
 from mace_tools.probe.icmp import build_echo_request, checksum
 
@@ -266,7 +266,7 @@ def test_libbpf_missing(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.lab
 def test_missing_tracepoint(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(backend.PROGRAMS, "mace_no_such_prog", "net:no_such_tracepoint")
+    monkeypatch.setitem(programs.PROGRAMS, "mace_no_such_prog", "net:no_such_tracepoint")
     with pytest.raises(MaceError, match="cannot attach to tracepoint net:no_such_tracepoint"):
         backend.Backend(os.urandom(8)).open()
 

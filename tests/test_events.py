@@ -1,15 +1,16 @@
-"""The Python decoder agrees with struct mace_event in bpf/mace.h."""
+"""The Python decoder agrees with the records of bpf/mace.h."""
 
 import re
 import socket
 import struct
 from pathlib import Path
 
-from mace_tools.kernel import events
-from mace_tools.kernel.events import EVENT, decode
-from mace_tools.model import Hook, Packet
+from mace_tools.kernel import events, programs
+from mace_tools.kernel.events import EVENT, PROBE_STATE, REC_EVENT, REC_PROBE, RECORD, decode
+from mace_tools.model import Hook, Packet, ProbeRecord
 
 HEADER = Path(__file__).resolve().parents[1] / "bpf" / "mace.h"
+SOURCE = HEADER.parent
 _SIZES = {"__u64": 8, "__u32": 4, "__u16": 2, "__u8": 1}
 
 
@@ -24,34 +25,72 @@ def c_struct_size(name: str) -> int:
     return (size + align - 1) // align * align
 
 
-def test_event_layout_matches_header() -> None:
-    assert c_struct_size("mace_event") == EVENT.size == 48
+def test_layouts_match_header() -> None:
+    assert c_struct_size("mace_event") == EVENT.size == 56
+    assert c_struct_size("mace_probe_record") == RECORD.size == 56
+    assert c_struct_size("mace_run") == programs.RUN.size
+    assert c_struct_size("mace_switches") == programs.SWITCHES.size
+
+
+def test_probe_state_layout_matches_source() -> None:
+    body = re.search(r"struct probe_state {(.*?)};", (SOURCE / "mace.bpf.c").read_text(),
+                     re.S).group(1)
+    fields = re.findall(r"(__u\d+|char)\s+(\w+)(?:\[(\d+)\])?;", body)
+    assert sum(_SIZES.get(t, 1) * int(n or 1) for t, _, n in fields) == PROBE_STATE.size
+
+
+def test_constants_match_header() -> None:
+    header = HEADER.read_text()
+    assert f"#define MACE_MAX_RUNS {programs.MAX_RUNS}\t" in header
+    assert "#define MACE_RING_BYTES (1 << 20)" in header and programs.RING_BYTES == 1 << 20
+    for name, value in (("RECORDS", programs.RUN_RECORDS), ("PATH", programs.RUN_PATH),
+                        ("UDP", programs.RUN_UDP), ("TCP", programs.RUN_TCP),
+                        ("ERRORS", programs.RUN_ERRORS)):
+        assert re.search(rf"MACE_RUN_{name} = {value},", header)
+    assert re.search(rf"MACE_REC_EVENT = {REC_EVENT},", header)
+    assert re.search(rf"MACE_REC_PROBE = {REC_PROBE},", header)
+
+
+def event(ts: int, netns: int, ifindex: int, saddr: int, daddr: int, number: int, packet: int,
+          hook: int, dev: bytes, proto: int = 1, icmp_type: int = 0) -> bytes:
+    return EVENT.pack(REC_EVENT, packet, hook, proto, icmp_type, number & 0xFFFF, number,
+                      netns, ifindex, saddr, daddr, ts, dev)
 
 
 def test_decode_fields() -> None:
-    raw = EVENT.pack(
+    raw = event(
         123456789, 4026531840, 7,
         int.from_bytes(socket.inet_aton("198.18.1.10"), "little"),
         int.from_bytes(socket.inet_aton("198.18.0.2"), "little"),
-        513, 1, 1, b"veth0\0garbage\0\0\0", 1, 11, 0,
+        70_513, 1, 1, b"veth0\0garbage\0\0\0", 1, 11,
     )
     e = decode(raw)
-    assert (e.ts_mono_ns, e.netns, e.ifindex, e.seq) == (123456789, 4026531840, 7, 513)
+    assert (e.ts_mono_ns, e.netns, e.ifindex, e.seq) == (123456789, 4026531840, 7, 70_513)
     assert e.packet is Packet.REPLY and e.hook is Hook.RX and not e.leaving
     assert (e.dev, e.src, e.dst) == ("veth0", "198.18.1.10", "198.18.0.2")
     assert (e.proto, e.icmp_type) == (1, 11)
 
 
 def test_decode_at_offset() -> None:
-    raw = bytes(8) + EVENT.pack(1, 2, 3, 0, 0, 4, 0, 0, b"lo", 1, 0, 0)
+    raw = bytes(8) + event(1, 2, 3, 0, 0, 4, 0, 0, b"lo")
     assert decode(memoryview(raw), 8).dev == "lo"
-    assert struct.calcsize("<QIIIIHBB16sBBH") == 48
+
+
+def test_decode_probe_record() -> None:
+    raw = RECORD.pack(REC_PROBE, 2**32 - 1, 10, 20, 25, 4026531840, 3, b"out0\0x")
+    assert decode(raw) == ProbeRecord(2**32 - 1, 10, 20, 25, 4026531840, 3, "out0")
+
+
+def test_unknown_kinds_are_dropped() -> None:
+    assert decode(bytes([0]) + bytes(55)) is None
+    assert decode(bytes([9]) + bytes(55)) is None
+    assert struct.calcsize("<B3xIQQQII16s") == 56
 
 
 def test_name_caches_stay_bounded() -> None:
     # Even if the kernel side sent different bytes after the NUL for every event.
     for i in range(10_000):
-        raw = EVENT.pack(1, 2, 3, i, i, 4, 0, 0, b"eth0\0" + i.to_bytes(4, "little"), 1, 0, 0)
+        raw = event(1, 2, 3, i, i, 4, 0, 0, b"eth0\0" + i.to_bytes(4, "little"))
         assert decode(raw).dev == "eth0"
     assert len(events._dev_cache) <= events._CACHE_LIMIT
     assert len(events._addr_cache) <= events._CACHE_LIMIT

@@ -36,10 +36,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mace_tools.kernel.events import EVENT, decode, decoder
-from mace_tools.model import Hook, KernelEvent, Namespaces, Packet
-from mace_tools.pinger import Pinger, PingOptions, RunResult, _quoted_probe_seq
+from mace_tools.kernel.events import EVENT, REC_EVENT, decode, dispatcher
+from mace_tools.model import Hook, KernelEvent, Packet, RunResult
+from mace_tools.pinger import Pinger, PingOptions
 from mace_tools.probe.icmp import parse_ip_icmp
+from mace_tools.probe.icmp_errors import quoted_probe_seq as _quoted_probe_seq
 from mace_tools.probe.trace import ICMP, TCP, UDP, ProbeFactory, parse_answer
 from mace_tools.tracer import DEFAULT_PORTS, TraceOptions, Tracer
 
@@ -132,6 +133,7 @@ class PingRun:
     size: int
     pinger: Pinger
     sent: dict[int, bytes] = field(default_factory=dict)  # seq -> echo request
+    numbers: set[int] = field(default_factory=set)  # the probe numbers sent
 
     @property
     def ident(self) -> int:
@@ -147,6 +149,9 @@ class PingRun:
             payload = msg[8:]
             ours = payload[:8] == self.nonce if self.size >= 8 else \
                 ident == self.ident and payload == self.nonce[:self.size]
+            if self.size >= 12:  # numbered: the payload's number names the probe
+                number = int.from_bytes(payload[8:12], "big") if len(payload) >= 12 else None
+                ours = ours and number in self.numbers and number & 0xFFFF == seq
             return ("reply", seq) if ours and seq in self.sent else None
         echo = quoted_l4(msg, 1)
         if echo is None or echo[0] != 8:
@@ -161,7 +166,7 @@ class PingRun:
         sink = RecordingSink()
         sock = FakeSocket([datagram])
         self.pinger.sink = sink
-        self.pinger._receive(sock, None, Namespaces(1), RunResult(self.nonce, SRC))
+        self.pinger._receive(sock, None, RunResult(self.nonce, SRC))
         return sink.seen
 
 
@@ -264,6 +269,7 @@ def ping_runs(draw: st.DrawFn) -> PingRun:
     for n in range(first, first + draw(st.integers(1, 4))):
         assert pinger._send(sock, n, RunResult(nonce, SRC)) is None  # type: ignore[arg-type]
         run.sent[n & 0xFFFF] = sock.sent[-1]
+        run.numbers.add(n)
     return run
 
 
@@ -482,7 +488,7 @@ def test_garbage_never_raises(garbage: bytes, prefix: bool) -> None:
     parse_ip_icmp(datagram)
     _quoted_probe_seq(garbage, 1, b"\x01" * 8, TARGET)
     pinger = Pinger(PingOptions(TARGET), RecordingSink(), nonce=b"\x01" * 8)
-    pinger._receive(FakeSocket([datagram]), None, Namespaces(1),  # type: ignore[arg-type]
+    pinger._receive(FakeSocket([datagram]), None,  # type: ignore[arg-type]
                     RunResult(b"\x01" * 8, SRC))
     for method in (UDP, ICMP, TCP):
         factory = ProbeFactory(method, b"\x01" * 8, SRC, TARGET, 60, 80, 33000, 7, False)
@@ -498,7 +504,7 @@ NAMES = st.binary(max_size=15).map(lambda b: b.replace(b"\0", b"x"))
 @FUZZ
 @given(ts=st.integers(0, 2**64 - 1), netns=st.integers(0, 2**32 - 1),
        ifindex=st.integers(0, 2**32 - 1), saddr=st.integers(0, 2**32 - 1),
-       daddr=st.integers(0, 2**32 - 1), seq=st.integers(0, 0xFFFF),
+       daddr=st.integers(0, 2**32 - 1), seq=st.integers(0, 2**32 - 1),
        packet=st.sampled_from(list(Packet)), hook=st.sampled_from(list(Hook)), dev=NAMES,
        tail=st.binary(max_size=16), proto=st.integers(0, 255),
        icmp_type=st.integers(0, 255), offset=st.integers(0, 64))
@@ -508,11 +514,11 @@ def test_event_records_decode_as_written(ts: int, netns: int, ifindex: int, sadd
                                          offset: int) -> None:
     """Every field of a record the BPF side writes comes back as written, at any offset
     (bytes after the device name's NUL are ignored)."""
-    raw = EVENT.pack(ts, netns, ifindex, saddr, daddr, seq, packet, hook,
-                     (dev + b"\0" + tail)[:16], proto, icmp_type, 0)
+    raw = EVENT.pack(REC_EVENT, packet, hook, proto, icmp_type, seq & 0xFFFF, seq, netns,
+                     ifindex, saddr, daddr, ts, (dev + b"\0" + tail)[:16])
     buf = bytes(offset) + raw
     seen: list[KernelEvent] = []
-    decoder(seen.append)(memoryview(buf), offset)
+    dispatcher(seen.append)(memoryview(buf), offset)
     event = decode(memoryview(buf), offset)
     assert seen == [event]
     assert (event.ts_mono_ns, event.seq, event.packet, event.hook, event.ifindex,
@@ -529,8 +535,8 @@ def test_any_event_record_decodes_or_is_dropped(raw: bytes) -> None:
     """A record the Python side does not know (another build's packet kind or hook) is
     dropped, never a crash of the run's event loop."""
     seen: list[KernelEvent] = []
-    decoder(seen.append)(memoryview(raw), 0)
+    dispatcher(seen.append)(memoryview(raw), 0)
     event = decode(raw)
-    known = raw[26] < len(Packet) and raw[27] < len(Hook)  # struct mace_event
+    known = raw[0] == REC_EVENT and raw[1] < len(Packet) and raw[2] < len(Hook)
     assert seen == ([event] if known else [])
     assert (event is not None) == known

@@ -7,10 +7,9 @@ import json
 
 import pytest
 
-from mace_tools.model import Measurement, Packet, RunSummary, Stage
+from mace_tools.model import Measurement, Packet, RunResult, RunSummary, Stage
 from mace_tools.output import atlas, text
 from mace_tools.output.live import JsonSink, NdjsonSink, TextSink
-from mace_tools.pinger import RunResult
 from mace_tools.stats import Series, Tally, rtt_stats
 
 

@@ -169,20 +169,83 @@ def test_sigint_ends_the_run_even_when_started_ignored() -> None:
         interrupt_after_one_reply(proc)
 
 
-def test_probe_bookkeeping_is_bounded_and_reports_each_loss_once() -> None:
-    """Seqs wrap at 65536: a reused seq whose probe got no answer is reported lost then,
-    once; the tables never exceed 65536 entries; the end lists the last window's losses."""
-    probes = _Probes()
+@pytest.mark.parametrize("numbered", [True, False], ids=["by number", "by seq"])
+def test_probe_bookkeeping_is_bounded_and_reports_each_loss_once(numbered: bool) -> None:
+    """Seqs wrap at 65536: a probe unanswered when the one 65536 after it is sent is
+    reported lost then, once; the tables never exceed 65536 entries; the end lists the last
+    window's losses. Numbered probes are keyed by number, so a reply to a probe of an
+    earlier lap finds nothing; seq-keyed ones (payload too short) by seq."""
+    probes = _Probes(numbered)
     lost_at = []
     for n in range(1, 70_001):
-        seq = n & 0xFFFF
-        if probes.add(Probe(seq, 0, 0)):
+        if probes.add(n, Probe(n & 0xFFFF, 0, 0)):
             lost_at.append(n)
         if n % 1000 and n != 69_999:  # probes 1000, 2000, ... and 69999 go unanswered
-            probes.answered.add(seq)
+            probes.answered.add(probes.key(n))
     assert lost_at == [n + 0x10000 for n in (1000, 2000, 3000, 4000)]
     assert len(probes.sent) <= 0x10000 and len(probes.answered) <= 0x10000
+    assert len(probes.by_seq) <= 0x10000
     assert probes.unanswered(70_000) == [n & 0xFFFF for n in
                                          (*range(5000, 70_000, 1000), 69_999, 70_000)]
-    probes.forget(69_999 & 0xFFFF)  # sendto failed: an error, never also a timeout
+    assert (1000 in probes.sent) is not numbered  # number 1000 left the window; seq 1000 is
+    # probe 66536's
+    assert probes.by_seq[1000] == probes.key(66_536)
+    probes.forget(probes.key(69_999))  # sendto failed: an error, never also a timeout
     assert probes.unanswered(70_000)[-2:] == [69_000 & 0xFFFF, 70_000 & 0xFFFF]
+
+
+class _Replies:
+    """A socket that sends nothing anywhere and hands the run the datagrams queued."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+        self.incoming: list[bytes] = []
+
+    def send(self, message: bytes, dst: str) -> None:
+        self.sent.append(message)
+
+    def recv(self) -> tuple[bytes, int] | None:
+        return (self.incoming.pop(0), 0) if self.incoming else None
+
+
+class _Seen:
+    def __init__(self) -> None:
+        self.replies: list[int] = []
+
+    def reply(self, m: Any) -> None:
+        self.replies.append(m.seq)
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args: None
+
+
+def _as_reply(request: bytes) -> bytes:
+    """The echo reply a target sends for an echo request (IPv4 header in front)."""
+    from mace_tools.probe.icmp import checksum
+
+    body = b"\0\0\0\0" + request[4:]
+    icmp = body[:2] + checksum(body).to_bytes(2, "big") + body[4:]
+    header = bytes([0x45, 0]) + (20 + len(icmp)).to_bytes(2, "big") + bytes(4) + \
+        bytes([64, 1, 0, 0]) + bytes([198, 18, 0, 2, 198, 18, 1, 10])
+    return header + icmp
+
+
+def test_a_reply_from_an_earlier_lap_is_not_taken_for_the_new_probe() -> None:
+    """Probe 5 and probe 65541 share seq 5. Probe 5's reply, late by one lap, names its
+    own number in the payload: it is not counted for probe 65541, whose own reply is."""
+    from mace_tools.model import RunResult
+    from mace_tools.pinger import Pinger, PingOptions
+
+    sink, sock = _Seen(), _Replies()
+    pinger = Pinger(PingOptions("198.18.0.2", size=56), sink, nonce=b"\x07" * 8)
+    result = RunResult(b"\x07" * 8, "198.18.1.10")
+    for n in range(1, 65_542):
+        assert pinger._send(sock, n, result) is None  # type: ignore[arg-type]
+    early, late = sock.sent[4], sock.sent[65_540]
+    assert early[6:8] == late[6:8] == (5).to_bytes(2, "big")  # the same seq
+    sock.incoming = [_as_reply(early)]
+    assert pinger._receive(sock, None, result) == 0  # type: ignore[arg-type]
+    assert sink.replies == []
+    sock.incoming = [_as_reply(late)]
+    assert pinger._receive(sock, None, result) == 1  # type: ignore[arg-type]
+    assert sink.replies == [5]

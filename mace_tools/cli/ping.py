@@ -113,6 +113,7 @@ def ping(
         source=source,
         netns_path=site.netns_path,
         report_outstanding=outstanding,
+        path=mode != "text",  # the JSON outputs show each reply's path
     )
     sink = make_sink(mode, dst_name=host, dst_addr=addr, size=numbers.size, quiet=quiet,
                      timestamps=timestamps, flood=flood, interface=interface)

@@ -1,33 +1,27 @@
-"""The eBPF backend: load bpf/mace.bpf.o for one run, attach it, hand out its events.
+"""The eBPF backend of one run: its place in the host's program set, its records.
 
-Each run loads its own copy of the programs with its own nonce in .rodata, so two
-mace-ping processes never see each other's probes (and the kernel drops foreign packets
-before anything is written). Load + attach takes ~20 ms here (CO-RE relocation against
-/sys/kernel/btf/vmlinux); nothing is compiled at run time.
+All runs share one program set (kernel/programs.py): a run joins it with its nonce and
+options, and reads its own ring buffer: one record per answered ping probe (correlated in
+the kernel), plus one event per device crossed when it asks for the path (-v, JSON,
+traceroute). Joining an already loaded set takes a few ms; the first run loads and pins
+it (~20 ms here: CO-RE relocation against /sys/kernel/btf/vmlinux; nothing is compiled at
+run time).
 """
 
 from __future__ import annotations
 
-import errno
 import mmap
 import os
 import stat
-import struct
 from collections.abc import Callable
 from pathlib import Path
 
 from mace_tools.errors import MaceError
-from mace_tools.kernel import native
-from mace_tools.kernel.events import decoder
+from mace_tools.kernel import native, programs
+from mace_tools.kernel.events import PROBE_STATE, dispatcher, probe_record_from_state
 from mace_tools.kernel.ringbuf import RingBuffer
-from mace_tools.model import KernelEvent
+from mace_tools.model import KernelEvent, ProbeRecord
 
-PROGRAMS = {
-    "mace_xmit": "net:net_dev_start_xmit",
-    "mace_rx": "net:netif_rx",
-    "mace_receive": "net:netif_receive_skb",
-}
-CONFIG = struct.Struct("=QBBB5x")  # struct mace_config (bpf/mace.h)
 VMLINUX_BTF = Path("/sys/kernel/btf/vmlinux")
 SHIPPED_OBJECT = Path(__file__).with_name("mace.bpf.o")  # built by `make build`
 
@@ -75,35 +69,32 @@ def _untrusted(real: Path) -> str | None:
     return None
 
 
-def _load_error(err: int) -> MaceError:
-    if err in (errno.EPERM, errno.EACCES):
-        return MaceError(
-            "permission denied loading BPF programs: run as root "
-            "(or with CAP_BPF, CAP_PERFMON and CAP_NET_RAW)"
-        )
-    return MaceError(
-        f"cannot load BPF programs: {os.strerror(err)} (MACE_DEBUG=1 shows libbpf's log)"
-    )
-
-
 class Backend:
-    """Attached programs plus their ring buffer; use as a context manager."""
+    """A run's membership in the program set plus its ring buffer; a context manager."""
 
-    def __init__(self, nonce: bytes, obj_path: Path | None = None, *, udp: bool = False,
-                 tcp: bool = False, errors: bool = False) -> None:
-        """udp/tcp/errors switch on traceroute's matching (UDP and TCP probes, ICMP errors
-        quoting a probe); off, the verifier prunes those branches from mace-ping's copy."""
+    def __init__(self, nonce: bytes, obj_path: Path | None = None, *, records: bool = False,
+                 path: bool = True, udp: bool = False, tcp: bool = False,
+                 errors: bool = False, prober_netns: int | None = None,
+                 host_netns: int | None = None) -> None:
+        """records: correlate echo probes in the kernel (ping; the payload carries the
+        probe number); path: also one event per device; udp/tcp/errors: traceroute's
+        matching. prober_netns/host_netns: inodes (prober: the calling thread's netns
+        when not given; host: None to let the kernel infer it per probe)."""
         if len(nonce) != 8 or not any(nonce):
             raise ValueError("nonce must be 8 bytes, not all zero")
-        self._nonce = int.from_bytes(nonce, "little")  # as the BPF side reads it (x86/arm64)
-        self._switches = (int(udp), int(tcp), int(errors))
+        self._nonce = nonce
+        self._flags = ((programs.RUN_RECORDS if records else 0)
+                       | (programs.RUN_PATH if path else 0)
+                       | (programs.RUN_UDP if udp else 0) | (programs.RUN_TCP if tcp else 0)
+                       | (programs.RUN_ERRORS if errors else 0))
+        self._prober = prober_netns
+        self._host = host_netns
         self._path = obj_path or object_path()
-        self._obj: int | None = None
-        self._links: list[int] = []
-        self._prog_fds: dict[str, int] = {}
+        self._member: programs.Membership | None = None
         self._ring: RingBuffer | None = None
         self._lost_map: mmap.mmap | None = None
         self._lost: memoryview | None = None
+        self._slot = 0
 
     def __enter__(self) -> Backend:
         try:
@@ -123,58 +114,60 @@ class Backend:
             )
         if not self._path.exists():
             raise MaceError(f"BPF object {self._path} not found: build it with 'make build'")
-        lib = native.libbpf()
-        obj = lib.bpf_object__open_file(str(self._path).encode(), None)
-        if not obj:
-            raise MaceError(f"cannot open BPF object {self._path}: "
-                            f"{os.strerror(native.last_errno())}")
-        self._obj = obj
-        rodata = lib.bpf_object__find_map_by_name(obj, b".rodata")
-        if not rodata:
-            raise MaceError(f"BPF object {self._path} has no .rodata: rebuild it")
-        view = native.map_initial_value(rodata)
-        if len(view) < CONFIG.size:
-            raise MaceError(f"BPF object {self._path} is older than this mace-tools: rebuild it")
-        view[: CONFIG.size] = CONFIG.pack(self._nonce, *self._switches)
-        err = lib.bpf_object__load(obj)
-        if err:
-            raise _load_error(-err)
-        for prog_name, tracepoint in PROGRAMS.items():
-            prog = lib.bpf_object__find_program_by_name(obj, prog_name.encode())
-            link = lib.bpf_program__attach(prog) if prog else None
-            if not link:
-                raise MaceError(f"cannot attach to tracepoint {tracepoint}: "
-                                f"{os.strerror(native.last_errno() or errno.ENOENT)}")
-            self._links.append(link)
-            self._prog_fds[prog_name] = lib.bpf_program__fd(prog)
-        events = lib.bpf_object__find_map_by_name(obj, b"events")
-        self._ring = RingBuffer(lib.bpf_map__fd(events), lib.bpf_map__max_entries(events))
-        lost_fd = lib.bpf_map__fd(lib.bpf_object__find_map_by_name(obj, b"lost"))
+        prober = self._prober if self._prober is not None else \
+            os.stat("/proc/thread-self/ns/net").st_ino
+        try:
+            self._member = programs.join(self._path, self._nonce, self._flags, prober,
+                                         self._host)
+        except OSError as exc:
+            raise MaceError(f"cannot set up the BPF programs: {exc.strerror}") from exc
+        self._slot = self._member.entry.slot
+        self._ring = RingBuffer(self._member.ring_fd, programs.RING_BYTES)
+        lost_fd = self._member.pset.fds["lost"]
         # BPF_F_MMAPABLE: read with a memory load, no syscall (and no privilege) per reply
-        self._lost_map = mmap.mmap(lost_fd, mmap.PAGESIZE, mmap.MAP_SHARED, mmap.PROT_READ)
-        self._lost = memoryview(self._lost_map)[:8].cast("Q")
+        size = -(-programs.MAX_RUNS * 8 // mmap.PAGESIZE) * mmap.PAGESIZE
+        self._lost_map = mmap.mmap(lost_fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+        self._lost = memoryview(self._lost_map)[:programs.MAX_RUNS * 8].cast("Q")
 
     @property
     def fd(self) -> int:
-        """A pollable fd: readable when events are waiting."""
+        """A pollable fd: readable when records are waiting."""
         assert self._ring is not None
         return self._ring.fd
 
-    def drain(self, sink: Callable[[KernelEvent], None]) -> int:
-        """Decode every waiting event into sink; return how many."""
+    @property
+    def loaded_here(self) -> bool:
+        """True when this run loaded the program set (no other run had it attached)."""
+        return self._member is not None and self._member.loaded
+
+    def drain(self, on_event: Callable[[KernelEvent], None],
+              on_record: Callable[[ProbeRecord], None] | None = None) -> int:
+        """Decode every waiting record into its sink; return how many."""
         assert self._ring is not None
-        return self._ring.consume(decoder(sink))
+        return self._ring.consume(dispatcher(on_event, on_record))
 
     def lost(self) -> int:
-        """Events the kernel side could not record (ring buffer full), plus the times the
-        reader gave up on a record still being written. A probe in flight while this
-        changed may miss events: it gets no correction (Pinger, Tracer)."""
+        """Records the kernel side could not write to this run's ring (full), plus the
+        times the reader gave up on a record still being written. A probe in flight while
+        this changed may miss records: it gets no correction."""
         assert self._lost is not None and self._ring is not None
-        return self._lost[0] + self._ring.stalls
+        return self._lost[self._slot] + self._ring.stalls
+
+    def probe_state(self, number: int) -> ProbeRecord | None:
+        """A probe's kernel state, read from the map: for a reply whose delivery fired no
+        tracepoint in the prober netns (macvlan), so no record came. A syscall: the rare
+        path only."""
+        assert self._member is not None
+        key = self._nonce + number.to_bytes(4, "little") + bytes(4)
+        raw = native.map_lookup(self._member.pset.fds["probes"], key, PROBE_STATE.size)
+        return probe_record_from_state(number, raw) if raw is not None else None
 
     def run_stats(self) -> dict[str, tuple[int, int]]:
-        """Per program (run_time_ns, run_cnt); zeros unless kernel.bpf_stats_enabled=1."""
-        return {name: native.prog_run_stats(fd) for name, fd in self._prog_fds.items()}
+        """Per program (run_time_ns, run_cnt) over every run of the set; zeros unless
+        kernel.bpf_stats_enabled=1."""
+        assert self._member is not None
+        return {name: native.prog_run_stats(fd)
+                for name, fd in self._member.pset.prog_fds.items()}
 
     def close(self) -> None:
         if self._ring is not None:
@@ -185,10 +178,6 @@ class Backend:
             self._lost.release()
             self._lost_map.close()
             self._lost_map = self._lost = None
-        lib = native.libbpf() if (self._links or self._obj) else None
-        for link in self._links:
-            lib.bpf_link__destroy(link)
-        self._links.clear()
-        if self._obj:
-            lib.bpf_object__close(self._obj)
-            self._obj = None
+        if self._member is not None:
+            member, self._member = self._member, None
+            member.leave()

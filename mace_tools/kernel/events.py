@@ -1,4 +1,5 @@
-"""Decoding of struct mace_event (bpf/mace.h) into model.KernelEvent."""
+"""Decoding of the records of a run's ring (bpf/mace.h): struct mace_event into
+model.KernelEvent, struct mace_probe_record into model.ProbeRecord."""
 
 from __future__ import annotations
 
@@ -6,11 +7,18 @@ import socket
 import struct
 from collections.abc import Callable
 
-from mace_tools.model import Hook, KernelEvent, Packet
+from mace_tools.model import Hook, KernelEvent, Packet, ProbeRecord
 
-# struct mace_event: ts_ns, netns, ifindex, saddr, daddr, seq, packet, hook, dev[16],
-# proto, icmp_type, pad
-EVENT = struct.Struct("<QIIIIHBB16sBBH")
+# struct mace_event: kind, packet, hook, proto, icmp_type, pad, seq, number, netns, ifindex,
+# saddr, daddr, pad, ts_ns, dev[16]
+EVENT = struct.Struct("<BBBBBxHIIIIIxxxxQ16s")
+# struct mace_probe_record: kind, pad[3], number, departed, returned, delivered, outer
+# netns, outer ifindex, outer dev[16]
+RECORD = struct.Struct("<B3xIQQQII16s")
+# struct probe_state (bpf/mace.bpf.c): departed, returned, delivered, outer dev address,
+# delivered dev address, host netns, outer netns, outer ifindex, pad, outer dev name
+PROBE_STATE = struct.Struct("=QQQQQIIII16s")
+REC_EVENT, REC_PROBE = 1, 2  # enum mace_record_kind
 
 _HOOKS = tuple(Hook)
 _PACKETS = tuple(Packet)
@@ -38,32 +46,48 @@ def _dev(raw: bytes) -> str:
     return name
 
 
-def decoder(sink: Callable[[KernelEvent], None]) -> Callable[[memoryview, int], None]:
-    """A ring-buffer record handler that decodes into sink in one call per event (this is
-    the per-event hot path at flood rates)."""
-    unpack, packets, hooks, event = EVENT.unpack_from, _PACKETS, _HOOKS, KernelEvent
+def dispatcher(on_event: Callable[[KernelEvent], None],
+               on_record: Callable[[ProbeRecord], None] | None = None,
+               ) -> Callable[[memoryview, int], None]:
+    """A ring-buffer record handler: events decoded into on_event, probe records into
+    on_record, in one call each (this is the per-record hot path at flood rates). A
+    record of a kind this build does not know (another build's mace.h) is dropped."""
+    unpack_event, unpack_record = EVENT.unpack_from, RECORD.unpack_from
+    packets, hooks, event, probe_record = _PACKETS, _HOOKS, KernelEvent, ProbeRecord
     devs, addrs = _dev_cache, _addr_cache
     n_packets, n_hooks = len(_PACKETS), len(_HOOKS)
 
     def handle(buf: memoryview, offset: int) -> None:
-        ts, netns, ifindex, saddr, daddr, seq, packet, hook, dev, proto, icmp_type, _ = \
-            unpack(buf, offset)
+        kind = buf[offset]
+        if kind == REC_PROBE:
+            if on_record is not None:
+                _, number, departed, returned, delivered, netns, ifindex, dev = \
+                    unpack_record(buf, offset)
+                on_record(probe_record(number, departed, returned, delivered, netns, ifindex,
+                                       devs.get(dev) or _dev(dev)))
+            return
+        if kind != REC_EVENT:
+            return
+        _, packet, hook, proto, icmp_type, _seq, number, netns, ifindex, saddr, daddr, ts, \
+            dev = unpack_event(buf, offset)
         if packet >= n_packets or hook >= n_hooks:
-            return  # written by another build's mace.h (MACE_BPF_OBJECT): unknown, dropped
-        sink(event(ts, seq, packets[packet], hooks[hook], ifindex, netns,
-                   devs.get(dev) or _dev(dev), addrs.get(saddr) or _addr(saddr),
-                   addrs.get(daddr) or _addr(daddr), proto, icmp_type))
+            return
+        on_event(event(ts, number, packets[packet], hooks[hook], ifindex, netns,
+                       devs.get(dev) or _dev(dev), addrs.get(saddr) or _addr(saddr),
+                       addrs.get(daddr) or _addr(daddr), proto, icmp_type))
 
     return handle
 
 
-def decode(buf: memoryview | bytes, offset: int = 0) -> KernelEvent | None:
-    """One record, or None if its packet kind or hook is not one this build knows."""
-    ts, netns, ifindex, saddr, daddr, seq, packet, hook, dev, proto, icmp_type, _ = \
-        EVENT.unpack_from(buf, offset)
-    if packet >= len(_PACKETS) or hook >= len(_HOOKS):
-        return None
-    return KernelEvent(
-        ts, seq, _PACKETS[packet], _HOOKS[hook], ifindex, netns, _dev(dev),
-        _addr(saddr), _addr(daddr), proto, icmp_type,
-    )
+def decode(buf: memoryview | bytes, offset: int = 0) -> KernelEvent | ProbeRecord | None:
+    """One record, or None if it is of a kind (or packet kind, or hook) this build does
+    not know."""
+    out: list[KernelEvent | ProbeRecord] = []
+    dispatcher(out.append, out.append)(memoryview(buf), offset)
+    return out[0] if out else None
+
+
+def probe_record_from_state(number: int, raw: bytes) -> ProbeRecord:
+    """A probe's kernel state (the probes map's value) as the record it would have sent."""
+    departed, returned, delivered, _, _, _, netns, ifindex, _, dev = PROBE_STATE.unpack(raw)
+    return ProbeRecord(number, departed, returned, delivered, netns, ifindex, _dev(dev))

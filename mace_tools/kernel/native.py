@@ -51,6 +51,17 @@ class _Lib:
             "bpf_program__fd": (_c_int, [_c_void_p]),
             "bpf_link__destroy": (_c_int, [_c_void_p]),
             "bpf_map_lookup_elem": (_c_int, [_c_int, _c_void_p, _c_void_p]),
+            "bpf_map_update_elem": (_c_int, [_c_int, _c_void_p, _c_void_p, ctypes.c_uint64]),
+            "bpf_map_delete_elem": (_c_int, [_c_int, _c_void_p]),
+            "bpf_map_get_next_key": (_c_int, [_c_int, _c_void_p, _c_void_p]),
+            "bpf_map_create": (_c_int, [_c_int, _c_char_p, ctypes.c_uint32, ctypes.c_uint32,
+                                        ctypes.c_uint32, _c_void_p]),
+            "bpf_link_get_next_id": (_c_int, [ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint32)]),
+            "bpf_prog_get_next_id": (_c_int, [ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint32)]),
+            "bpf_link_get_fd_by_id": (_c_int, [ctypes.c_uint32]),
+            "bpf_prog_get_fd_by_id": (_c_int, [ctypes.c_uint32]),
+            "bpf_map_get_fd_by_id": (_c_int, [ctypes.c_uint32]),
+            "bpf_link__fd": (_c_int, [_c_void_p]),
             "bpf_obj_get_info_by_fd": (
                 _c_int, [_c_int, _c_void_p, ctypes.POINTER(ctypes.c_uint32)]),
             "libbpf_num_possible_cpus": (_c_int, []),
@@ -153,6 +164,144 @@ def prog_run_stats(prog_fd: int) -> tuple[int, int]:
     if libbpf().bpf_obj_get_info_by_fd(prog_fd, ctypes.byref(info), ctypes.byref(size)) != 0:
         return (0, 0)
     return (info.run_time_ns, info.run_cnt)
+
+
+def _check(ret: int, what: str) -> int:
+    """libbpf's low-level calls return -errno (or a negative value and errno)."""
+    if ret < 0:
+        err = -ret if ret != -1 else ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return ret
+
+
+def map_update(fd: int, key: bytes, value: bytes) -> None:
+    """bpf_map_update_elem(fd, key, value, BPF_ANY); OSError on failure."""
+    _check(libbpf().bpf_map_update_elem(fd, key, value, 0), "map update")
+
+
+def map_delete(fd: int, key: bytes) -> bool:
+    """bpf_map_delete_elem; False if the key was not there."""
+    ret = libbpf().bpf_map_delete_elem(fd, key)
+    if ret in (-errno.ENOENT,) or (ret == -1 and ctypes.get_errno() == errno.ENOENT):
+        return False
+    _check(ret, "map delete")
+    return True
+
+
+def map_lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
+    """The value at key, or None if there is none."""
+    value = ctypes.create_string_buffer(value_size)
+    ret = libbpf().bpf_map_lookup_elem(fd, key, value)
+    if ret in (-errno.ENOENT,) or (ret == -1 and ctypes.get_errno() == errno.ENOENT):
+        return None
+    _check(ret, "map lookup")
+    return value.raw
+
+
+def map_keys(fd: int, key_size: int) -> list[bytes]:
+    """Every key of a hash map (a snapshot: entries may come and go meanwhile)."""
+    keys: list[bytes] = []
+    prev: bytes | None = None
+    nxt = ctypes.create_string_buffer(key_size)
+    while libbpf().bpf_map_get_next_key(fd, prev, nxt) == 0:
+        keys.append(nxt.raw)
+        prev = nxt.raw
+        if len(keys) > 1 << 20:  # a map cannot hold more; never loop forever
+            break
+    return keys
+
+
+BPF_MAP_TYPE_RINGBUF = 27
+
+
+def ringbuf_create(name: bytes, size: int) -> int:
+    """A new BPF ring buffer map of size bytes; its fd."""
+    return _check(libbpf().bpf_map_create(BPF_MAP_TYPE_RINGBUF, name, 0, 0, size, None),
+                  "ring buffer create")
+
+
+def _ids(fn: str) -> list[int]:
+    ids: list[int] = []
+    nxt = ctypes.c_uint32(0)
+    while getattr(libbpf(), fn)(nxt.value, ctypes.byref(nxt)) == 0:
+        ids.append(nxt.value)
+    return ids
+
+
+def link_ids() -> list[int]:
+    """The ids of every BPF link on the host (a snapshot)."""
+    return _ids("bpf_link_get_next_id")
+
+
+def prog_ids() -> list[int]:
+    """The ids of every loaded BPF program on the host (a snapshot)."""
+    return _ids("bpf_prog_get_next_id")
+
+
+def prog_id(prog_fd: int) -> int:
+    info = _ProgInfo()
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    _check(libbpf().bpf_obj_get_info_by_fd(prog_fd, ctypes.byref(info), ctypes.byref(size)),
+           "program info")
+    return info.id
+
+
+def _fd_by_id(fn: str, obj_id: int) -> int | None:
+    """An fd of the link/prog/map with that id, None if it is gone meanwhile."""
+    fd = getattr(libbpf(), fn)(obj_id)
+    if fd < 0:
+        err = -fd if fd != -1 else ctypes.get_errno()
+        if err == errno.ENOENT:
+            return None
+        raise OSError(err, f"{fn}({obj_id}): {os.strerror(err)}")
+    return fd
+
+
+def link_fd(link_id: int) -> int | None:
+    return _fd_by_id("bpf_link_get_fd_by_id", link_id)
+
+
+def prog_fd(prog_id: int) -> int | None:
+    return _fd_by_id("bpf_prog_get_fd_by_id", prog_id)
+
+
+def map_fd(map_id: int) -> int | None:
+    return _fd_by_id("bpf_map_get_fd_by_id", map_id)
+
+
+def _info(fd: int, size: int) -> bytes:
+    """struct bpf_*_info of a link or map (the leading `size` bytes)."""
+    buf = ctypes.create_string_buffer(size)
+    length = ctypes.c_uint32(size)
+    _check(libbpf().bpf_obj_get_info_by_fd(fd, buf, ctypes.byref(length)), "object info")
+    return buf.raw
+
+
+def link_prog_id(link_fd: int) -> int:
+    """struct bpf_link_info: type, id, prog_id, ..."""
+    return int.from_bytes(_info(link_fd, 64)[8:12], sys.byteorder)
+
+
+def map_name(map_fd: int) -> str:
+    """struct bpf_map_info: type, id, key_size, value_size, max_entries, map_flags, name."""
+    return _info(map_fd, 80)[24:40].split(b"\0", 1)[0].decode(errors="replace")
+
+
+def prog_name_and_maps(prog_fd: int) -> tuple[str, list[int]]:
+    """A program's name and the ids of the maps it uses."""
+    info = _ProgInfo()
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    _check(libbpf().bpf_obj_get_info_by_fd(prog_fd, ctypes.byref(info), ctypes.byref(size)),
+           "program info")
+    count = info.nr_map_ids
+    ids = (ctypes.c_uint32 * max(count, 1))()
+    info2 = _ProgInfo()
+    info2.nr_map_ids = count
+    info2.map_ids = ctypes.addressof(ids)
+    size = ctypes.c_uint32(ctypes.sizeof(info2))
+    _check(libbpf().bpf_obj_get_info_by_fd(prog_fd, ctypes.byref(info2), ctypes.byref(size)),
+           "program info")
+    return info.name.decode(errors="replace"), list(ids[:min(count, info2.nr_map_ids)])
 
 
 def setns(fd: int) -> None:

@@ -77,6 +77,7 @@ def mace_summary(s: RunSummary, nonce: bytes) -> dict[str, Any]:
         "replies_with_kernel_data": s.corrected_count,
         "coverage": round(s.coverage, 6),
         "kernel_events_lost": s.kernel_events_lost,
+        "kernel_records": s.kernel_records,  # read from the kernel: 1 per answer, + path
     }
 
 

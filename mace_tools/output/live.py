@@ -12,9 +12,8 @@ import json
 import sys
 from typing import IO, Any
 
-from mace_tools.model import Measurement, RunSummary
+from mace_tools.model import Measurement, RunResult, RunSummary
 from mace_tools.output import atlas, text
-from mace_tools.pinger import RunResult
 from mace_tools.stats import Tally
 
 PROG = "mace-ping"
@@ -63,7 +62,7 @@ class _Sink:
 
     def _summary(self, result: RunResult) -> RunSummary:
         return result.tally.summary(result.transmitted, result.errors, result.elapsed_ms,
-                                    result.kernel_events_lost)
+                                    result.kernel_events_lost, result.kernel_records)
 
     def _document(self, result: RunResult, results: list[dict[str, Any]]) -> dict[str, Any]:
         return atlas.document(

@@ -15,8 +15,8 @@ import sys
 from typing import IO, Any
 
 from mace_tools import __version__
+from mace_tools.model import HopReply, TraceResult
 from mace_tools.output.atlas import FW, reply_record
-from mace_tools.tracer import HopReply, TraceResult
 
 _ERR = {" !H": "H", " !N": "N", " !P": "P", " !X": "A", " !F": "F", " !S": "S"}
 

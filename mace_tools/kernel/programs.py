@@ -1,0 +1,398 @@
+"""One program set for every run on the host: found by id, joined, left.
+
+The programs of bpf/mace.bpf.c serve any number of runs (bpf/mace.h): a run is an entry
+in the `mace_runs` map, keyed by its nonce, with a slot of its own: its ring buffer (a
+map the run creates and puts into mace_rings[slot], so only it holds the fd that reads
+it) and its lost-records counter. So N concurrent mace-ping runs cost every packet on the
+host one program set, not N (the bench's scaling rows).
+
+No file names the set. A run finds it by walking the kernel's BPF links (ids are global:
+no bpffs, no mount namespace in the way, as there would be for `ip netns exec`, which
+gives its command a fresh /sys), keeps an fd of each of its three links for as long as
+it runs, and closes them when it leaves: the kernel detaches the set when the last run
+closes its links, or dies. So nothing outlives the runs, whatever way they end. The set
+of the first run that finds none is loaded by it; joining and leaving hold an flock on
+LOCK, so two runs starting together never load two sets. A run that died leaves its
+entry in the map (its fds closed, the set lives on in the others): found by its owner
+pid and start time, cleared by the next run to join or leave. A set is joined only by
+runs of the same build (switches.build: the object's digest).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from mace_tools.errors import MaceError
+from mace_tools.kernel import native
+
+# /run, not /run/lock (not on every system) or /tmp (`ip netns exec` keeps /run; a
+# world-writable directory would let anyone hold the lock).
+LOCK = Path("/run/mace-bpf.lock")
+MAX_RUNS = 128  # MACE_MAX_RUNS (bpf/mace.h)
+RING_BYTES = 1 << 20  # MACE_RING_BYTES
+
+# enum mace_run_flags
+RUN_RECORDS, RUN_PATH, RUN_UDP, RUN_TCP, RUN_ERRORS = 1, 2, 4, 8, 16
+
+PROGRAMS = {
+    "mace_xmit": "net:net_dev_start_xmit",
+    "mace_rx": "net:netif_rx",
+    "mace_receive": "net:netif_receive_skb",
+}
+# role -> (name libbpf finds it by, name the kernel reports: 15 characters at most)
+MAPS = {
+    "runs": ("mace_runs", "mace_runs"),
+    "rings": ("mace_rings", "mace_rings"),
+    "lost": ("mace_lost", "mace_lost"),
+    "probes": ("mace_probes", "mace_probes"),
+    "switches": (".bss", "mace.bss"),  # libbpf names it after the object file
+}
+RUN = struct.Struct("=IIIIIIQ")  # struct mace_run
+SWITCHES = struct.Struct("=IIIIQ")  # struct mace_switches: runs, udp, tcp, errors, build
+SLOT = struct.Struct("=I")
+COUNTER = struct.Struct("=Q")
+
+
+@dataclass(frozen=True, slots=True)
+class RunEntry:
+    """A run as the runs map holds it (struct mace_run)."""
+
+    slot: int
+    flags: int
+    prober_netns: int
+    host_netns: int  # 0: inferred per probe by the kernel
+    owner_pid: int
+    owner_start: int
+
+    def pack(self) -> bytes:
+        return RUN.pack(self.slot, self.flags, self.prober_netns, self.host_netns,
+                        self.owner_pid, 0, self.owner_start)
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> RunEntry:
+        slot, flags, prober, host, pid, _, start = RUN.unpack(raw)
+        return cls(slot, flags, prober, host, pid, start)
+
+
+def process_start(pid: int) -> int | None:
+    """A process's start time in clock ticks (/proc/PID/stat field 22), or None if it is
+    gone: with the pid, it names one process (pids are reused)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    fields = stat.rsplit(b")", 1)[-1].split()
+    try:
+        return int(fields[19])  # field 22; fields[0] is field 3 (state)
+    except (IndexError, ValueError):
+        return None
+
+
+def alive(entry: RunEntry) -> bool:
+    return process_start(entry.owner_pid) == entry.owner_start
+
+
+def build_of(path: Path) -> int:
+    """The build id of an object file: the first 8 bytes of its SHA-256, never 0."""
+    return int.from_bytes(hashlib.sha256(path.read_bytes()).digest()[:8], "little") or 1
+
+
+class ProgramSet:
+    """fds of one attached program set: its links (holding them keeps it attached), its
+    programs and its maps by role."""
+
+    def __init__(self, links: list[int], prog_fds: dict[str, int], maps: dict[str, int],
+                 build: int) -> None:
+        self.links = links
+        self.prog_fds = prog_fds
+        self.fds = maps
+        self.build = build
+
+    def run_entries(self) -> dict[bytes, RunEntry]:
+        out = {}
+        for key in native.map_keys(self.fds["runs"], 8):
+            raw = native.map_lookup(self.fds["runs"], key, RUN.size)
+            if raw is not None:
+                out[key] = RunEntry.unpack(raw)
+        return out
+
+    def write_switches(self, entries: dict[bytes, RunEntry]) -> None:
+        flags = [e.flags for e in entries.values()]
+        value = SWITCHES.pack(len(flags), sum(1 for f in flags if f & RUN_UDP),
+                              sum(1 for f in flags if f & RUN_TCP),
+                              sum(1 for f in flags if f & RUN_ERRORS), self.build)
+        native.map_update(self.fds["switches"], SLOT.pack(0), value)
+
+    def close(self) -> None:
+        """Close every fd: the last holder's close detaches the programs."""
+        for fd in (*self.fds.values(), *self.prog_fds.values(), *self.links):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.links, self.prog_fds, self.fds = [], {}, {}
+
+
+def load(path: Path, build: int) -> ProgramSet:
+    """Open, load and attach the object; the set's fds are ours, libbpf's object is not
+    kept (its maps, programs and links live on through them)."""
+    lib = native.libbpf()
+    obj = lib.bpf_object__open_file(str(path).encode(), None)
+    if not obj:
+        raise MaceError(f"cannot open BPF object {path}: {os.strerror(native.last_errno())}")
+    links: list[int] = []
+    pset = ProgramSet([], {}, {}, build)
+    try:
+        bss = lib.bpf_object__find_map_by_name(obj, b".bss")
+        if not bss:
+            raise MaceError(f"BPF object {path} has no .bss: rebuild it ('make build')")
+        initial = native.map_initial_value(bss)
+        initial[:SWITCHES.size] = SWITCHES.pack(0, 0, 0, 0, build)
+        err = lib.bpf_object__load(obj)
+        if err:
+            raise load_error(-err)
+        for role, (name, _) in MAPS.items():
+            m = lib.bpf_object__find_map_by_name(obj, name.encode())
+            if not m:
+                raise MaceError(f"BPF object {path} has no map {name}: rebuild it "
+                                "('make build')")
+            pset.fds[role] = os.dup(lib.bpf_map__fd(m))
+        for prog_name, tracepoint in PROGRAMS.items():
+            prog = lib.bpf_object__find_program_by_name(obj, prog_name.encode())
+            link = lib.bpf_program__attach(prog) if prog else None
+            if not link:
+                raise MaceError(f"cannot attach to tracepoint {tracepoint}: "
+                                f"{os.strerror(native.last_errno() or errno.ENOENT)}")
+            links.append(link)
+            pset.prog_fds[prog_name] = os.dup(lib.bpf_program__fd(prog))
+            pset.links.append(os.dup(lib.bpf_link__fd(link)))
+    except BaseException:
+        pset.close()
+        raise
+    finally:
+        for link in links:
+            lib.bpf_link__destroy(link)  # closes libbpf's fd; ours keeps it attached
+        lib.bpf_object__close(obj)
+    return pset
+
+
+def load_error(err: int) -> MaceError:
+    if err in (errno.EPERM, errno.EACCES):
+        return MaceError(
+            "permission denied loading BPF programs: run as root "
+            "(or with CAP_BPF, CAP_PERFMON and CAP_NET_RAW)"
+        )
+    return MaceError(
+        f"cannot load BPF programs: {os.strerror(err)} (MACE_DEBUG=1 shows libbpf's log)"
+    )
+
+
+def _attached_links() -> Iterator[tuple[int, str, int, list[int]]]:
+    """(link fd, program name, program id, the program's map ids) of every attached link
+    whose program is one of ours by name; the caller closes the fds it keeps (the
+    others are closed here)."""
+    for link_id in native.link_ids():
+        link = native.link_fd(link_id)
+        if link is None:
+            continue
+        keep = False
+        try:
+            prog_id = native.link_prog_id(link)
+            prog = native.prog_fd(prog_id) if prog_id else None
+            if prog is None:
+                continue
+            try:
+                name, map_ids = native.prog_name_and_maps(prog)
+            finally:
+                os.close(prog)
+            if name in PROGRAMS:
+                keep = True
+                yield link, name, prog_id, map_ids
+        finally:
+            if not keep:
+                os.close(link)
+
+
+def find(build: int) -> ProgramSet | None:
+    """The attached set of this build, with fds of all three links, or None. A set's
+    programs share its maps and no two sets share any: that is how links are grouped."""
+    links = list(_attached_links())
+    try:
+        for xmit in (link for link in links if link[1] == "mace_xmit"):
+            group = {name: (fd, prog_id, map_ids) for fd, name, prog_id, map_ids in links
+                     if name != "mace_xmit" and set(map_ids) & set(xmit[3])}
+            group["mace_xmit"] = (xmit[0], xmit[2], xmit[3])
+            if set(group) != set(PROGRAMS):
+                continue
+            pset = _open_set(group, build)
+            if pset is not None:
+                links = [link for link in links if link[0] not in pset.links]
+                return pset
+        return None
+    finally:
+        for fd, *_ in links:
+            os.close(fd)
+
+
+def _open_set(progs: dict[str, tuple[int, int, list[int]]], build: int) -> ProgramSet | None:
+    """A ProgramSet of these three links if their maps are a set of this build."""
+    _, _, map_ids = progs["mace_xmit"]
+    by_name = {kernel_name: role for role, (_, kernel_name) in MAPS.items()}
+    maps: dict[str, int] = {}
+    prog_fds: dict[str, int] = {}
+    try:
+        for map_id in map_ids:
+            fd = native.map_fd(map_id)
+            if fd is None:
+                return None
+            role = by_name.get(native.map_name(fd))
+            if role is None or role in maps:
+                os.close(fd)
+                continue
+            maps[role] = fd
+        if set(maps) != set(MAPS):
+            return None
+        raw = native.map_lookup(maps["switches"], SLOT.pack(0), SWITCHES.size)
+        if raw is None or SWITCHES.unpack(raw)[4] != build:
+            return None
+        for name, (_, prog_id, _) in progs.items():
+            fd = native.prog_fd(prog_id)
+            if fd is None:
+                return None
+            prog_fds[name] = fd
+        pset = ProgramSet([link for link, _, _ in progs.values()], prog_fds, maps, build)
+        maps, prog_fds = {}, {}  # the set's now
+        return pset
+    finally:
+        for fd in (*maps.values(), *prog_fds.values()):
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def _locked() -> Iterator[None]:
+    """An exclusive flock on LOCK, so only one run at a time finds, loads or changes the
+    set (root's file, mode 0600: no one else can hold it)."""
+    fd = os.open(LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _clear_dead(pset: ProgramSet) -> dict[bytes, RunEntry]:
+    """Remove the entries of runs whose process is gone; the live ones."""
+    live = {}
+    for key, entry in pset.run_entries().items():
+        if alive(entry):
+            live[key] = entry
+        else:
+            native.map_delete(pset.fds["runs"], key)
+            native.map_delete(pset.fds["rings"], SLOT.pack(entry.slot))
+    return live
+
+
+class Membership:
+    """One run's place in the program set: its entry, its slot, its ring's fd."""
+
+    def __init__(self, pset: ProgramSet, nonce: bytes, entry: RunEntry, ring_fd: int,
+                 loaded: bool) -> None:
+        self.pset = pset
+        self.nonce = nonce
+        self.entry = entry
+        self.ring_fd = ring_fd
+        self.loaded = loaded  # this run loaded the set (no other run had)
+
+    def leave(self) -> None:
+        """Take the run out of the set and close its fds (the last run's close detaches
+        the programs). Without the lock (not root any more, say) the entry still goes;
+        the switches are then brought up to date by the next run."""
+        try:
+            with _locked():
+                self._remove_entry()
+                self.pset.write_switches(_clear_dead(self.pset))
+        except OSError:
+            with contextlib.suppress(OSError):
+                self._remove_entry()
+        finally:
+            os.close(self.ring_fd)
+            self.pset.close()
+
+    def _remove_entry(self) -> None:
+        native.map_delete(self.pset.fds["runs"], self.nonce)
+        native.map_delete(self.pset.fds["rings"], SLOT.pack(self.entry.slot))
+
+
+def _add_run(pset: ProgramSet, nonce: bytes, flags: int, prober_netns: int,
+             host_netns: int, live: dict[bytes, RunEntry]) -> tuple[RunEntry, int]:
+    used = {e.slot for e in live.values()}
+    slot = next((s for s in range(MAX_RUNS) if s not in used), None)
+    if slot is None:
+        raise MaceError(f"too many concurrent runs ({MAX_RUNS}) share the BPF programs")
+    if nonce in live:
+        raise MaceError("the nonce is in use by another run")
+    start = process_start(os.getpid())
+    entry = RunEntry(slot, flags, prober_netns, host_netns, os.getpid(), start or 0)
+    ring = native.ringbuf_create(b"mace_run", RING_BYTES)
+    try:
+        native.map_update(pset.fds["lost"], SLOT.pack(slot), COUNTER.pack(0))
+        native.map_update(pset.fds["rings"], SLOT.pack(slot), SLOT.pack(ring))
+        native.map_update(pset.fds["runs"], nonce, entry.pack())  # after its ring
+        pset.write_switches({**live, nonce: entry})
+    except BaseException:
+        native.map_delete(pset.fds["runs"], nonce)
+        native.map_delete(pset.fds["rings"], SLOT.pack(slot))
+        os.close(ring)
+        raise
+    return entry, ring
+
+
+def join(path: Path, nonce: bytes, flags: int, prober_netns: int,
+         host_netns: int | None) -> Membership:
+    """Add a run to the host's program set of this build (loaded if there is none)."""
+    build = build_of(path)
+    with _locked():
+        pset = find(build)
+        loaded = pset is None
+        if pset is None:
+            pset = load(path, build)
+        try:
+            live = _clear_dead(pset)
+            entry, ring = _add_run(pset, nonce, flags, prober_netns, host_netns or 0, live)
+        except BaseException:
+            pset.close()
+            raise
+    return Membership(pset, nonce, entry, ring, loaded)
+
+
+def run_owners() -> list[int]:
+    """The pids of the live runs in every attached set, of any build (for the bench)."""
+    owners: list[int] = []
+    with _locked():
+        links = list(_attached_links())
+        try:
+            runs_maps = {map_id for _, name, _, map_ids in links if name == "mace_xmit"
+                         for map_id in map_ids}
+            for map_id in runs_maps:
+                fd = native.map_fd(map_id)
+                if fd is None:
+                    continue
+                try:
+                    if native.map_name(fd) != MAPS["runs"][1]:
+                        continue
+                    for key in native.map_keys(fd, 8):
+                        raw = native.map_lookup(fd, key, RUN.size)
+                        if raw is not None and alive(entry := RunEntry.unpack(raw)):
+                            owners.append(entry.owner_pid)
+                finally:
+                    os.close(fd)
+        finally:
+            for fd, *_ in links:
+                os.close(fd)
+    return owners

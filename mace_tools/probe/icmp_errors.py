@@ -1,0 +1,65 @@
+"""ICMP errors that quote one of our probes: which probe, and what to call the error.
+
+An ICMP error (destination unreachable, time exceeded, ...) carries the head of the
+datagram it answers: its IP header and at least 8 bytes of what followed (RFC 792; routers
+after RFC 1812 quote more). What is taken for one of a run's probes must be the first
+fragment of a datagram sent to the run's target with the probe's protocol; the caller then
+matches the quoted L4 bytes against its probes. Parsing never raises: anything malformed,
+cut short or foreign gives None.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from mace_tools.probe.icmp import ICMP_ECHO, NONCE_LEN
+
+# iputils' wording of the errors ping reports (ping4_print_icmp), by type then code
+_UNREACH = {
+    0: "Destination Net Unreachable",
+    1: "Destination Host Unreachable",
+    2: "Destination Protocol Unreachable",
+    3: "Destination Port Unreachable",
+    4: "Frag needed and DF set",
+    5: "Source Route Failed",
+    9: "Destination Net Prohibited",
+    10: "Destination Host Prohibited",
+    13: "Packet filtered",
+}
+_TIME_EXCEEDED = {0: "Time to live exceeded", 1: "Frag reassembly time exceeded"}
+_TEXTS = {3: _UNREACH, 11: _TIME_EXCEEDED}
+
+
+def error_text(icmp_type: int, code: int) -> str:
+    """How ping words an ICMP error (as iputils, for the ones it names)."""
+    return _TEXTS.get(icmp_type, {}).get(code, f"ICMP type {icmp_type} code {code}")
+
+
+def quoted_l4(quoted: bytes, proto: int, dst: str) -> bytes | None:
+    """What follows the quoted IPv4 header (at least 8 bytes), if the quote is the first
+    fragment of a datagram to dst with this IP protocol; else None. The destination is
+    checked as iputils checks it: with only 8 bytes quoted, an id alone would take another
+    program's probe to another host for ours."""
+    if len(quoted) < 20 or quoted[0] >> 4 != 4 or quoted[9] != proto:
+        return None
+    ihl = (quoted[0] & 0x0F) * 4
+    if ihl < 20 or int.from_bytes(quoted[6:8], "big") & 0x1FFF \
+            or socket.inet_ntoa(quoted[16:20]) != dst:
+        return None  # (a later fragment: what follows its header is payload, not L4)
+    l4 = quoted[ihl:]
+    return l4 if len(l4) >= 8 else None
+
+
+def quoted_probe_seq(quoted: bytes, ident: int, nonce: bytes, dst: str) -> int | None:
+    """Seq of our echo request quoted in an ICMP error, or None if it is not ours: an echo
+    request to our target carrying the run's nonce (when only 8 bytes are quoted, the
+    run's ICMP id)."""
+    icmp = quoted_l4(quoted, socket.IPPROTO_ICMP, dst)
+    if icmp is None or icmp[0] != ICMP_ECHO:
+        return None
+    seq = int.from_bytes(icmp[6:8], "big")
+    payload = icmp[8:8 + NONCE_LEN]
+    if len(payload) == NONCE_LEN:
+        return seq if payload == nonce else None
+    # RFC 792 quotes only 8 bytes: fall back on the id (not rewritten on our side of NAT).
+    return seq if int.from_bytes(icmp[4:6], "big") == ident else None

@@ -1,0 +1,227 @@
+"""One program set for every run (kernel/programs.py) and correlation in the kernel.
+
+Probes are sent here by hand from lab container c0 (a raw socket in its netns), so what
+is tested is the kernel side and its Backend alone: the map of runs, each run's own ring,
+the in-kernel record against the userspace correlation of the same probe's events, and
+the clean-up of a run that died.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mace_tools.correlate import correlate, measured
+from mace_tools.kernel import native
+from mace_tools.kernel.backend import Backend
+from mace_tools.lab.topology import Lab
+from mace_tools.model import KernelEvent, Namespaces, Probe, ProbeRecord, Reply
+from mace_tools.probe import netns
+from mace_tools.probe.icmp import checksum
+
+pytestmark = pytest.mark.lab
+
+
+def echo(ident: int, number: int, nonce: bytes, size: int = 56) -> bytes:
+    """An echo request with payload layout v2: nonce, u32 number, fill."""
+    payload = (nonce + struct.pack("!I", number) + bytes(range(12, 256)) * 2)[:size]
+    head = struct.pack("!BBHHH", 8, 0, 0, ident, number & 0xFFFF)
+    csum = checksum(head + payload)
+    return struct.pack("!BBHHH", 8, 0, csum, ident, number & 0xFFFF) + payload
+
+
+def prog_ids(backend: Backend) -> set[int]:
+    """The kernel ids of the programs a run's set is made of."""
+    return {native.prog_id(fd) for fd in backend._member.pset.prog_fds.values()}
+
+
+def inode_of(name: str) -> int:
+    return os.stat(Lab.netns_path(name)).st_ino
+
+
+class Run:
+    """A hand-driven run: a Backend and the probes it sent, their records and events."""
+
+    def __init__(self, lab: Lab, backend: Backend, nonce: bytes) -> None:
+        self.lab, self.backend, self.nonce = lab, backend, nonce
+        self.records: dict[int, ProbeRecord] = {}
+        self.events: dict[int, list[KernelEvent]] = {}
+        self.sent: dict[int, Probe] = {}
+        self.crossed = 0  # records and events read from the ring
+
+    def on_record(self, r: ProbeRecord) -> None:
+        self.records[r.number] = r
+        self.crossed += 1
+
+    def on_event(self, ev: KernelEvent) -> None:
+        self.events.setdefault(ev.seq, []).append(ev)
+        self.crossed += 1
+
+    def drain(self) -> None:
+        self.backend.drain(self.on_event, self.on_record)
+
+
+def open_run(lab: Lab, *, path: bool = True) -> Run:
+    nonce = os.urandom(8)
+    backend = Backend(nonce, records=True, path=path,
+                      prober_netns=inode_of(lab.container_ns(0)),
+                      host_netns=inode_of(lab.host_ns))
+    backend.open()
+    return Run(lab, backend, nonce)
+
+
+def ping(lab: Lab, runs: list[tuple[Run, range | list[int]]]) -> dict[int, tuple[Run, Reply]]:
+    """Send each run's probe numbers from c0 (interleaved), wait for the replies."""
+    with netns.entered(Path(lab.netns_path(lab.container_ns(0)))):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    sock.setsockopt(socket.SOL_SOCKET, 35, 1)  # SO_TIMESTAMPNS
+    replies: dict[int, tuple[Run, Reply]] = {}
+    by_nonce = {run.nonce: run for run, _ in runs}
+    with sock:
+        for batch in zip(*[[(run, n) for n in numbers] for run, numbers in runs], strict=True):
+            for run, n in batch:
+                probe = Probe(n, 0, 0, run.backend.lost())
+                probe.sent_real_ns = time.clock_gettime_ns(time.CLOCK_REALTIME)
+                probe.sent_mono_ns = time.monotonic_ns()
+                sock.sendto(echo(0x4d41, n, run.nonce), (lab.target_addr, 0))
+                run.sent[n] = probe
+            deadline = time.monotonic() + 2
+            want = len(replies) + len(batch)
+            while len(replies) < want and time.monotonic() < deadline:
+                select.select([sock], [], [], 0.1)
+                try:
+                    data, anc, _, _ = sock.recvmsg(2048, 64, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    continue
+                sec, nsec = struct.unpack("=qq", anc[0][2])
+                ihl = (data[0] & 0x0F) * 4
+                icmp = data[ihl:]
+                if icmp[0] != 0 or icmp[8:16] not in by_nonce:
+                    continue
+                run = by_nonce[icmp[8:16]]
+                number = struct.unpack("!I", icmp[16:20])[0]
+                run.drain()
+                replies[id(run) ^ number] = (run, Reply(number, "", data[8], len(icmp),
+                                                        sec * 10**9 + nsec,
+                                                        time.monotonic_ns()))
+    return replies
+
+
+def test_two_runs_share_one_program_set_and_see_only_their_own_probes(lab: Lab) -> None:
+    a, b = open_run(lab), open_run(lab)
+    try:
+        assert not b.backend.loaded_here  # b found a's set (or both found another's)
+        assert set(a.backend.run_stats()) == set(b.backend.run_stats())
+        assert prog_ids(a.backend) == prog_ids(b.backend)
+        assert a.backend._member.entry.slot != b.backend._member.entry.slot
+        replies = ping(lab, [(a, range(1, 41)), (b, range(70_001, 70_041))])
+        assert len(replies) == 80
+        a.drain()
+        b.drain()
+        assert set(a.records) == set(range(1, 41))
+        assert set(b.records) == set(range(70_001, 70_041))
+        assert set(a.events) == set(range(1, 41)) and set(b.events) == set(range(70_001, 70_041))
+    finally:
+        a.backend.close()
+        b.backend.close()
+
+
+def test_kernel_record_matches_userspace_correlation(lab: Lab) -> None:
+    """Same probe, two correlations: the kernel's record and correlate.py over the
+    probe's per-device events must agree to the nanosecond (one stamp serves both)."""
+    run = open_run(lab)
+    try:
+        replies = ping(lab, [(run, range(1, 101))])
+        run.drain()
+        ns = Namespaces(inode_of(lab.container_ns(0)), inode_of(lab.host_ns))
+        corrected = 0
+        for _run, reply in replies.values():
+            probe = run.sent[reply.seq]
+            from_kernel = measured(probe, reply, run.records.get(reply.seq))
+            from_events = correlate(probe, reply, run.events[reply.seq], ns)
+            assert from_kernel.rtt_corrected_ns == from_events.rtt_corrected_ns
+            assert from_kernel.egress_ns == from_events.egress_ns
+            assert from_kernel.ingress_ns == from_events.ingress_ns
+            assert from_kernel.outer_dev == from_events.outer_dev == \
+                f"{lab.outer_dev}@{ns.host}"
+            corrected += from_kernel.corrected
+        assert corrected == 100
+    finally:
+        run.backend.close()
+
+
+def test_a_reused_seq_is_a_new_probe_in_the_kernel(lab: Lab) -> None:
+    """Probes 7 and 65543 share ICMP seq 7; the kernel keys its state by the payload's
+    number, so each gets its own record, with its own times."""
+    run = open_run(lab, path=False)
+    try:
+        replies = ping(lab, [(run, [7, 65_543])])
+        run.drain()
+        assert set(run.records) == {7, 65_543}
+        for _run, reply in replies.values():
+            record = run.records[reply.seq]
+            assert record.departed_ns >= run.sent[reply.seq].sent_mono_ns
+            assert measured(run.sent[reply.seq], reply, record).corrected
+        assert run.records[65_543].departed_ns > run.records[7].returned_ns
+    finally:
+        run.backend.close()
+
+
+def test_records_alone_cross_once_per_answer(lab: Lab) -> None:
+    """Without the path, the kernel sends one record per answered probe, nothing else."""
+    run = open_run(lab, path=False)
+    try:
+        ping(lab, [(run, range(1, 51))])
+        run.drain()
+        assert not run.events
+        assert set(run.records) == set(range(1, 51))
+        assert run.crossed == 50
+    finally:
+        run.backend.close()
+
+
+def test_a_killed_run_is_cleared_by_the_next(lab: Lab) -> None:
+    """A run SIGKILLed in the middle leaves its entry in a set other runs still hold; the
+    next run to join removes it. When the last holder goes, the set is detached."""
+    code = ("import os, sys, time\n"
+            "from mace_tools.kernel.backend import Backend\n"
+            "b = Backend(bytes.fromhex(sys.argv[1])); b.open()\n"
+            "print('joined', flush=True); time.sleep(60)\n")
+    keeper = open_run(lab)
+    nonce = os.urandom(8)
+    child = subprocess.Popen([sys.executable, "-c", code, nonce.hex()], stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "joined"
+        child.send_signal(signal.SIGKILL)
+        child.wait(5)
+        assert nonce in keeper.backend._member.pset.run_entries()  # left behind
+        run = open_run(lab)
+        try:
+            assert nonce not in run.backend._member.pset.run_entries()
+            assert prog_ids(run.backend) == prog_ids(keeper.backend)
+        finally:
+            run.backend.close()
+        ids = prog_ids(keeper.backend)
+    finally:
+        child.kill()
+        child.wait()
+        keeper.backend.close()
+    # Programs are freed after an RCU grace period: gone within a second, not at once.
+    deadline = time.monotonic() + 5
+    while ids & loaded_prog_ids() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not ids & loaded_prog_ids(), "the set outlived its last run"
+
+
+def loaded_prog_ids() -> set[int]:
+    return set(native.prog_ids())
