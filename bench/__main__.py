@@ -81,24 +81,36 @@ def main() -> int:
         section(res, "truth_v1", lambda: ex.truth_v1_bias(lab, probes, args.interval))
         print("perturbation", flush=True)
         section(res, "perturbation", lambda: ex.perturbation(lab, SETTINGS, witness, 0.005))
-        print("flood rate", flush=True)
+        print("flood rate, iputils -f beside each run", flush=True)
         seconds, repeats = (3, 1) if args.quick else (5, 3)
         section(res, "flood", lambda: ex.flood_repeated(lab, seconds, 0, repeats))
         section(res, "flood_loaded", lambda: ex.flood_repeated(lab, seconds, 4, repeats))
         for key in ("flood", "flood_loaded"):
             if "error" not in res[key]:
-                print(f"  {res[key]['neighbours']} neighbours: "
-                      f"{res[key]['probes_per_s']:.0f} probes/s (runs "
-                      f"{', '.join(f'{r:.0f}' for r in res[key]['probes_per_s_runs'])}), "
-                      f"coverage {res[key]['coverage']}", flush=True)
+                f = res[key]
+                print(f"  {f['neighbours']} neighbours: {f['probes_per_s']:.0f} probes/s (runs "
+                      f"{', '.join(f'{r:.0f}' for r in f['probes_per_s_runs'])}), iputils -f "
+                      f"{', '.join(f'{r:.0f}' for r in f['iputils_per_s_runs'])}, ratio "
+                      f"{f['ratio_median']:.2f}x, coverage {f['coverage_min']}, "
+                      f"{f['kernel_events_lost_total']} lost", flush=True)
         print("BPF cost", flush=True)
         section(res, "cost", lambda: ex.bpf_cost(lab, seconds=3 if args.quick else 5,
                                                  neighbours=4))
+        section(res, "foreign_cost", lambda: ex.foreign_cost(
+            lab, seconds=3 if args.quick else 10, neighbours=4))
+        if "error" not in res["foreign_cost"]:
+            print(f"  foreign traffic: {res['foreign_cost']['programs']['all']['ns_per_run']} "
+                  "ns per run (all programs)", flush=True)
+        print("records per answered probe", flush=True)
+        section(res, "records", lambda: ex.records_per_probe(lab, 500, 0.01))
+        if "error" not in res["records"]:
+            print(f"  {res['records']['records_per_answered_probe']} records per answered "
+                  "probe", flush=True)
         print("start-up", flush=True)
         section(res, "startup", lambda: ex.startup(lab, runs=5 if args.quick else 20))
         print("scaling", flush=True)
-        section(res, "scaling", lambda: ex.scaling(lab, [1, 2, 4], witness, 0.005,
-                                                   neighbours=4))
+        section(res, "scaling", lambda: ex.scaling(lab, [1, 2, 4, 8], witness, 0.005,
+                                                   neighbours=4, rounds=3 if args.quick else 5))
     with Lab(prefix=f"mbr{os.getpid() % 100000}", containers=1, routers=2) as routed:
         routed.warm_up()
         print("traceroute accuracy (routed lab, truth v2)", flush=True)

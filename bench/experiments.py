@@ -11,6 +11,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -21,17 +22,18 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from bench.tools import ToolResult, ToolRun, capture_filter, iputils, mace_ping, scamper
-from mace_tools.kernel.backend import Backend
+from mace_tools.kernel import programs
 from mace_tools.lab.capture import Capture, CapturedEcho, TruthCapture
 from mace_tools.lab.load import Load
 from mace_tools.lab.topology import Lab
 from mace_tools.stats import percentile
 
 # Lab roles: c0 mace-ping; c1..c8 load neighbours; c9 iputils; c10 scamper;
-# c11 the independent ping whose RTT shows perturbation; c12..c14 extra mace-ping instances.
-CONTAINERS = 15
+# c11 the independent ping whose RTT shows perturbation; c12..c18 extra mace-ping instances
+# (with c0: the 8 concurrent runs of the scaling section).
+CONTAINERS = 19
 IPUTILS_CONTAINER, SCAMPER_CONTAINER, WITNESS_CONTAINER = 9, 10, 11
-EXTRA_MACE = (12, 13, 14)
+EXTRA_MACE = (12, 13, 14, 15, 16, 17, 18)
 ID_IPUTILS_CONTAINER, ID_IPUTILS_HOST, ID_SCAMPER = 4242, 4343, 4545
 FTRACE_EVENTS = ("net/net_dev_start_xmit", "net/net_dev_xmit", "net/netif_rx",
                  "net/netif_receive_skb")
@@ -192,6 +194,39 @@ def _merge(samples: list[list[float]]) -> dict[str, float]:
     return {"n": len(rtts), "mean": sum(rtts) / len(rtts), "p99": percentile(rtts, 99)}
 
 
+# One run joined, no probe sent: the programs attached as while any run is active.
+_HOLD_A_RUN = ("import os, sys\n"
+               "from mace_tools.kernel.backend import Backend\n"
+               "with Backend(os.urandom(8)):\n"
+               "    print('ready', flush=True)\n"
+               "    sys.stdin.read()\n")
+
+
+@contextmanager
+def programs_attached() -> Iterator[None]:
+    """mace's programs attached (one run in the shared set, sending nothing), held by a
+    child process as a mace-ping run is: whatever a run holds goes when it exits, so one
+    condition never outlives its block (in this process, a set loaded by Backend stayed
+    attached after close(), slowing every later section)."""
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD_A_RUN], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    try:
+        if proc.stdout.readline().strip() != "ready":
+            proc.wait(timeout=30)
+            raise NotMeasured(f"no run joined the programs: {_last_line(proc.stderr.read())}")
+        yield
+    finally:
+        proc.stdin.close()  # the run leaves
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+
+
 def _paired_delta(cond: list[list[float]], base: list[list[float]]) -> tuple[float, float]:
     """Mean and standard error of (condition block mean - baseline block mean) over rounds:
     each round's blocks ran back to back, so the pairing cancels slow drift."""
@@ -212,8 +247,7 @@ def perturbation(lab: Lab, settings: list[tuple[str, int, str]], count: int,
     rows = []
     block = max(50, count // rounds)
     order = random.Random(seed)
-    conditions = {"base": nullcontext, "bpf": lambda: Backend(os.urandom(8)),
-                  "ftrace": ftrace_enabled}
+    conditions = {"base": nullcontext, "bpf": programs_attached, "ftrace": ftrace_enabled}
     for name, neighbours, kind in settings:
         samples: dict[str, list[list[float]]] = {"base": [], "bpf": [], "ftrace": []}
         with load_setting(lab, neighbours, kind, 3 * rounds * (block * interval + 1) + 60):
@@ -250,34 +284,57 @@ def bpf_stats() -> Iterator[None]:
         path.write_text(before)
 
 
+def _bpftool_progs(*args: str) -> list[dict]:
+    out = subprocess.run(["bpftool", "-j", "prog", "show", *args], capture_output=True,
+                         text=True).stdout
+    data = json.loads(out or "[]")
+    return data if isinstance(data, list) else [data]
+
+
 def mace_program_stats() -> dict[str, tuple[int, int]]:
-    """(run_time_ns, run_cnt) summed per mace program name over every loaded copy."""
-    out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True,
-                         check=True).stdout
+    """(run_time_ns, run_cnt) per mace program name, summed over every loaded copy: one
+    while runs share the set (loaded_program_sets() says whether another is loaded)."""
     totals: dict[str, tuple[int, int]] = {}
-    for prog in json.loads(out):
+    for prog in _bpftool_progs():
         name = prog.get("name", "")
-        if name.startswith("mace_"):
+        if name in programs.PROGRAMS:
             t, c = totals.get(name, (0, 0))
             totals[name] = (t + prog.get("run_time_ns", 0), c + prog.get("run_cnt", 0))
     return totals
+
+
+def loaded_program_sets() -> int:
+    """Copies of mace's programs loaded on the host: 1 while runs share
+    the set; more means another copy is attached too (a private one, or a leaked one),
+    and every packet pays for each."""
+    return sum(p.get("name") == "mace_xmit" for p in _bpftool_progs())
 
 
 class NotMeasured(Exception):
     """A bench section could not measure; the message says why (one line for the table)."""
 
 
-def wait_for_programs(program_sets: int, timeout_s: float = 60.0) -> None:
-    """Until `program_sets` copies of mace's programs are loaded (a fixed sleep measured
-    nothing on a machine where start-up took longer than the sleep)."""
+def run_owners() -> set[int]:
+    """Pids of the live runs of the host's program set(s): one set serves every run, so a
+    run is an entry of its runs map, not a loaded program."""
+    return set(programs.run_owners())
+
+
+def wait_for_runs(procs: list[subprocess.Popen], timeout_s: float = 60.0) -> None:
+    """Until each of these mace-ping processes is a run of the shared program set (a fixed
+    sleep measured nothing on a machine where start-up took longer than the sleep). Keyed
+    by pid, so another engineer's run on the same host is never taken for ours."""
+    pids = {p.pid for p in procs}  # ip netns exec execs: its pid is mace-ping's
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True,
-                             text=True).stdout
-        if sum(p.get("name") == "mace_xmit" for p in json.loads(out or "[]")) >= program_sets:
+        if pids <= run_owners():
             return
+        dead = [p.args for p in procs if p.poll() is not None]
+        if dead:
+            raise NotMeasured(f"mace-ping exited before its run was active: {dead[0][-1]}")
         time.sleep(0.05)
-    raise NotMeasured(f"{program_sets} mace program set(s) not loaded within {timeout_s:.0f} s")
+    raise NotMeasured(f"{len(pids)} mace-ping run(s) not active in the shared program set "
+                      f"within {timeout_s:.0f} s")
 
 
 def _delta(after: dict[str, tuple[int, int]], before: dict[str, tuple[int, int]]) -> dict:
@@ -294,7 +351,8 @@ def _delta(after: dict[str, tuple[int, int]], before: dict[str, tuple[int, int]]
     return out
 
 
-def _run_with_rusage(cmd: list[str], timeout_s: float) -> tuple[str, dict]:
+def _run_with_rusage(cmd: list[str], timeout_s: float
+                     ) -> tuple[subprocess.CompletedProcess[str], dict]:
     """Run cmd under GNU time: the child's own peak RSS and CPU (rusage from a fork of
     this Python process would count the parent's pages until exec)."""
     with tempfile.NamedTemporaryFile("r") as report:
@@ -303,34 +361,81 @@ def _run_with_rusage(cmd: list[str], timeout_s: float) -> tuple[str, dict]:
                               capture_output=True, text=True, timeout=timeout_s)
         wall = time.monotonic() - start
         rss_kb, user, system = report.read().split()[-3:]
-    return proc.stdout, {"wall_s": wall, "cpu_s": float(user) + float(system),
-                         "max_rss_mb": int(rss_kb) / 1024, "returncode": proc.returncode}
+    return proc, {"wall_s": wall, "cpu_s": float(user) + float(system),
+                  "max_rss_mb": int(rss_kb) / 1024, "returncode": proc.returncode}
 
 
-def flood_and_cost(lab: Lab, seconds: int, neighbours: int) -> dict:
-    """mace-ping -f for `seconds` under flood neighbours: rate, coverage, CPU, peak RSS."""
-    cmd = lab.on_host(sys.executable, "-m", "mace_tools.cli.ping", "--netns",
-                      lab.netns_path(lab.container_ns(0)), "-f", "-q", "-w", str(seconds),
-                      "-W", "1", lab.target_addr)
-    with load_setting(lab, neighbours, "flood", seconds + 30):
-        out, usage = _run_with_rusage(cmd, seconds + 30)
-    sent = int(re.search(r"(\d+) packets transmitted", out).group(1))
-    received = int(re.search(r"(\d+) received", out).group(1))
-    sending_s = int(re.search(r"time (\d+)ms", out).group(1)) / 1000  # the run, not start-up
+def _last_line(text: str) -> str:
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else "no output"
+
+
+def ping_summary(tool: str, proc: subprocess.CompletedProcess[str]) -> dict:
+    """The figures of a ping-style quiet summary (iputils' lines; mace-ping adds its
+    kernel-data line). The rate is over the summary's own `time`: the run, not start-up."""
+    out = proc.stdout
+    sent = re.search(r"(\d+) packets transmitted", out)
+    received = re.search(r"(\d+) received", out)
+    took = re.search(r"time (\d+)ms", out)
+    if not (sent and received and took) or int(took.group(1)) == 0:
+        raise NotMeasured(f"{tool} printed no summary (exit {proc.returncode}): "
+                          f"{_last_line(proc.stderr or out)}")
     kernel = re.search(r"kernel data (\d+)/(\d+) replies", out)
     lost = re.search(r"(\d+) events lost", out)
-    return {"seconds": seconds, "neighbours": neighbours, "sent": sent, "received": received,
-            "probes_per_s": sent / sending_s,
-            "coverage": int(kernel.group(1)) / int(kernel.group(2)) if kernel else None,
-            "kernel_events_lost": int(lost.group(1)) if lost else None, **usage}
+    return {"sent": int(sent.group(1)), "received": int(received.group(1)),
+            "probes_per_s": int(sent.group(1)) / (int(took.group(1)) / 1000),
+            "coverage": (int(kernel.group(1)) / int(kernel.group(2))
+                         if kernel and int(kernel.group(2)) else None),
+            "kernel_events_lost": int(lost.group(1)) if lost else None}
+
+
+def mace_flood(lab: Lab, seconds: int) -> dict:
+    """mace-ping -f for `seconds` from c0: rate, coverage, lost records, CPU, peak RSS."""
+    cmd = lab.on_host(sys.executable, "-m", "mace_tools.cli.ping", "--netns",
+                  lab.netns_path(lab.container_ns(0)), "-f", "-q", "-w", str(seconds),
+                  "-W", "1", lab.target_addr)
+    proc, usage = _run_with_rusage(cmd, seconds + 30)
+    return {**ping_summary("mace-ping -f", proc), **usage}
+
+
+def iputils_flood(lab: Lab, seconds: int) -> dict:
+    """iputils `ping -f` for `seconds` from the same container (c0): the rate to match."""
+    cmd = ["ip", "netns", "exec", lab.container_ns(0), "ping", "-f", "-q", "-w",
+           str(seconds), lab.target_addr]
+    proc, usage = _run_with_rusage(cmd, seconds + 30)
+    return {**ping_summary("iputils ping -f", proc), **usage}
+
+
+def flood_pair(lab: Lab, seconds: int, neighbours: int, mace_first: bool) -> dict:
+    """mace-ping -f and iputils ping -f from c0, one right after the other under the same
+    neighbours' floods; which goes first alternates over repeats (no order bias)."""
+    floods = [("mace", mace_flood), ("iputils", iputils_flood)]
+    stray = loaded_program_sets()  # none of our runs is active: 0 unless someone else's
+    with load_setting(lab, neighbours, "flood", 2 * seconds + 60):
+        got = {name: run(lab, seconds) for name, run in (floods if mace_first
+                                                          else floods[::-1])}
+    mace, ref = got["mace"], got["iputils"]
+    return {**mace, "seconds": seconds, "neighbours": neighbours, "mace_first": mace_first,
+            "iputils": ref, "ratio": mace["probes_per_s"] / ref["probes_per_s"],
+            "stray_sets": stray}
 
 
 def flood_repeated(lab: Lab, seconds: int, neighbours: int, repeats: int) -> dict:
-    """flood_and_cost `repeats` times: the median run, with every run's rate as the spread."""
-    runs = sorted((flood_and_cost(lab, seconds, neighbours) for _ in range(repeats)),
-                  key=lambda r: r["probes_per_s"])
-    return {**runs[len(runs) // 2], "repeats": repeats,
-            "probes_per_s_runs": [r["probes_per_s"] for r in runs]}
+    """flood_pair `repeats` times: the median mace run's figures, every run's rate, iputils'
+    rate beside each, and each pair's ratio (mace / iputils) with their median."""
+    pairs = [flood_pair(lab, seconds, neighbours, mace_first=i % 2 == 0)
+             for i in range(repeats)]
+    by_rate = sorted(pairs, key=lambda r: r["probes_per_s"])
+    return {**by_rate[len(by_rate) // 2], "repeats": repeats,
+            "probes_per_s_runs": [r["probes_per_s"] for r in by_rate],
+            "iputils_per_s_runs": sorted(r["iputils"]["probes_per_s"] for r in pairs),
+            "ratio_runs": [r["ratio"] for r in pairs],
+            "ratio_median": statistics.median(r["ratio"] for r in pairs),
+            "coverage_min": min((r["coverage"] if r["coverage"] is not None else 0.0)
+                                for r in pairs),
+            "kernel_events_lost_total": sum(r["kernel_events_lost"] or 0 for r in pairs),
+            "lost_unknown": any(r["kernel_events_lost"] is None for r in pairs),
+            "stray_sets": max(r["stray_sets"] for r in pairs)}
 
 
 def bpf_cost(lab: Lab, seconds: float, neighbours: int) -> dict:
@@ -342,13 +447,72 @@ def bpf_cost(lab: Lab, seconds: float, neighbours: int) -> dict:
             lab.netns_path(lab.container_ns(0)), "-f", "-q", "-w", str(int(seconds) + 5),
             lab.target_addr), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            wait_for_programs(1)
+            wait_for_runs([flood])
             before = mace_program_stats()
             time.sleep(seconds)
             after = mace_program_stats()
+            sets = loaded_program_sets()
         finally:
             flood.wait(timeout=30)
-    return {"neighbours": neighbours, "seconds": seconds, "programs": _delta(after, before)}
+    return {"neighbours": neighbours, "seconds": seconds, "sets_loaded": sets,
+            "programs": _delta(after, before)}
+
+
+def interrupt(run: ToolRun, timeout_s: float = 30) -> ToolResult:
+    """Stop a tool as Ctrl-C does (it prints its summary) and collect it; killed if it
+    does not stop."""
+    if run.proc.poll() is None:
+        run.proc.send_signal(signal.SIGINT)
+    try:
+        return run.collect(timeout_s)
+    except subprocess.TimeoutExpired:
+        run.proc.kill()
+        return run.collect(timeout_s)
+
+
+def foreign_cost(lab: Lab, seconds: float, neighbours: int) -> dict:
+    """ns per program run on foreign traffic: one mace-ping run probing once a second, so
+    the programs are active (a run in the map: switches.runs > 0), while `neighbours`
+    iputils floods (echoes without mace's nonce) cross every hook; stats over that window."""
+    deadline = int(seconds) + 90
+    run = mace_ping(lab, 0, os.urandom(8), deadline, 1.0, "-q", "-w", str(deadline))
+    try:
+        wait_for_runs([run.proc])
+        with load_setting(lab, neighbours, "flood", seconds + 30), bpf_stats():
+            time.sleep(0.5)  # every flood at full rate
+            before = mace_program_stats()
+            time.sleep(seconds)
+            after = mace_program_stats()
+            sets = loaded_program_sets()
+    finally:
+        result = interrupt(run)
+    if not result.rtt_ms:
+        raise NotMeasured(f"the slow mace-ping run got no reply: {_last_line(result.stderr)}")
+    return {"neighbours": neighbours, "seconds": seconds, "mace_replies": len(result.rtt_ms),
+            "sets_loaded": sets, "programs": _delta(after, before)}
+
+
+def records_per_probe(lab: Lab, count: int, interval: float) -> dict:
+    """Records crossing to userspace per answered probe: `mace.kernel_records` (records
+    and events read from the ring) over `rcvd` of one plain `mace-ping --json` from c0."""
+    cmd = lab.on_host(sys.executable, "-m", "mace_tools.cli.ping", "--netns",
+                  lab.netns_path(lab.container_ns(0)), "--json", "-c", str(count),
+                  "-i", str(interval), lab.target_addr)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=count * interval + 60)
+    try:
+        doc = json.loads(proc.stdout)
+    except json.JSONDecodeError:
+        raise NotMeasured(f"mace-ping --json printed no document (exit {proc.returncode}): "
+                          f"{_last_line(proc.stderr)}") from None
+    mace = doc.get("mace", {})
+    if "kernel_records" not in mace:
+        raise NotMeasured("mace-ping --json has no mace.kernel_records (not wired yet)")
+    received = doc.get("rcvd", 0)
+    return {"probes": count, "interval_s": interval, "received": received,
+            "kernel_records": mace["kernel_records"], "coverage": mace.get("coverage"),
+            "kernel_events_lost": mace.get("kernel_events_lost"),
+            "records_per_answered_probe": mace["kernel_records"] / received if received
+            else None}
 
 
 def startup(lab: Lab, runs: int) -> dict:
@@ -410,8 +574,8 @@ def bcc_startup() -> dict:
     check = subprocess.run([python, "-c", "import bcc"], capture_output=True, text=True)
     if check.returncode != 0:
         return {"skipped": "bcc (python3-bpfcc) is not installed"}
-    out, usage = _run_with_rusage([python, "-c", _BCC_PROG], 120)
-    m = re.search(r"loaded_ms ([\d.]+)", out)
+    proc, usage = _run_with_rusage([python, "-c", _BCC_PROG], 120)
+    m = re.search(r"loaded_ms ([\d.]+)", proc.stdout)
     if not m:
         return {"skipped": "bcc cannot compile on this kernel (no kernel headers)",
                 "exit_ms": usage["wall_s"] * 1000}
@@ -419,43 +583,116 @@ def bcc_startup() -> dict:
             "peak_rss_mb": usage["max_rss_mb"]}
 
 
-def scaling(lab: Lab, instances: list[int], count: int, interval: float,
-            neighbours: int) -> list[dict]:
-    """1, 2, 4 concurrent mace-ping runs under flood: per-run BPF cost and the witness RTT.
-    The instances run longer than the witness, so their programs' counters are read while
-    they are still loaded. The same number of iputils pings at the same rate is the
-    control: the instances' own probe traffic also slows the witness down."""
-    rows = []
-    containers = (0, *EXTRA_MACE)
-    with load_setting(lab, neighbours, "flood", (len(instances) + 1) * 2 * count * interval
-                      + 60):
-        base = _merge([_witness_ping(lab, count, interval)])
-        for n in instances:
+def _bounded_count(interval: float, block: int) -> int:
+    """Probes for a run stopped by `interrupt` after one witness block: enough for the
+    wait for the runs plus the block, and bounded, should the bench itself die."""
+    return int((90 + block * interval) / interval)
+
+
+def _mace_block(lab: Lab, n: int, block: int, interval: float,
+                cost_window_s: float) -> tuple[list[float], list[ToolResult], dict | None]:
+    """The witness while `n` mace-ping runs (one shared program set) probe at `interval`;
+    then, if cost_window_s, their programs' cost over that window (stats on only then:
+    bpf_stats' own clock reads would slow the witness)."""
+    count = _bounded_count(interval, block)
+    runs = [mace_ping(lab, (0, *EXTRA_MACE)[i], os.urandom(8), count, interval, "-q",
+                      "-w", str(int(count * interval) + 5)) for i in range(n)]
+    cost = None
+    try:
+        wait_for_runs([r.proc for r in runs])
+        rtts = _witness_ping(lab, block, interval)
+        if cost_window_s:
             with bpf_stats():
-                runs = [mace_ping(lab, containers[i], os.urandom(8), 2 * count, interval, "-q")
-                        for i in range(n)]
-                wait_for_programs(n)
                 before = mace_program_stats()
-                witness = _merge([_witness_ping(lab, count, interval)])
-                after = mace_program_stats()
-                results: list[ToolResult] = [r.collect() for r in runs]
-            control_runs = [iputils(lab, lab.container_ns(containers[i]), 5000 + i, 2 * count,
-                                    interval) for i in range(n)]
-            time.sleep(0.5)
-            control = _merge([_witness_ping(lab, count, interval)])
-            for run in control_runs:
-                run.collect()
-            coverage = [r.summary.get("mace", {}).get("coverage") for r in results]
-            rows.append({"instances": n, "coverage": coverage,
-                         "cost": _delta(after, before)["all"], "witness": witness,
-                         "witness_delta_mean_us": witness["mean"] - base["mean"],
-                         "witness_delta_p99_us": witness["p99"] - base["p99"],
-                         "control_delta_mean_us": control["mean"] - base["mean"],
-                         "bpf_share_mean_us": witness["mean"] - control["mean"]})
-            print(f"  scaling {n}: {rows[-1]['cost']['ns_per_run'] or 0:.1f} ns/run, witness "
-                  f"{rows[-1]['witness_delta_mean_us']:+.2f} µs (same-rate iputils "
-                  f"{rows[-1]['control_delta_mean_us']:+.2f} µs)", flush=True)
+                time.sleep(cost_window_s)
+                cost = _delta(mace_program_stats(), before)
+                cost["sets_loaded"] = loaded_program_sets()
+    finally:
+        results = [interrupt(r) for r in runs]
+    return rtts, results, cost
+
+
+def _control_block(lab: Lab, n: int, block: int, interval: float) -> list[float]:
+    """The witness while `n` iputils pings probe at the same rate from the same containers:
+    the instances' own probe traffic, without mace."""
+    runs = [iputils(lab, lab.container_ns((0, *EXTRA_MACE)[i]), 5000 + i,
+                    _bounded_count(interval, block), interval) for i in range(n)]
+    try:
+        time.sleep(0.5)  # iputils is up in a few ms; all of them sending
+        return _witness_ping(lab, block, interval)
+    finally:
+        for run in runs:
+            interrupt(run)
+
+
+def scaling(lab: Lab, instances: list[int], count: int, interval: float, neighbours: int,
+            rounds: int = 5, seed: int = 2) -> list[dict]:
+    """1..8 concurrent mace-ping runs under flood neighbours: the witness's RTT with the runs
+    probing, with as many iputils pings at the same rate (the control: the runs' own probe
+    traffic slows the witness too), and with neither (the baseline). As in perturbation(),
+    each round runs one block of each condition in a shuffled order and every figure is a
+    mean of per-round paired differences with its standard error; "mace minus control" is
+    what the runs cost the witness beyond their probes' traffic (programs, and the CPU of
+    the runs' processes). The programs' cost is read in a window after the first round's
+    witness, with the runs still probing."""
+    rows = []
+    block = max(50, count // rounds)
+    order = random.Random(seed)
+    budget = len(instances) * rounds * (3 * block * interval + 60) + 60
+    with load_setting(lab, neighbours, "flood", budget):
+        for n in instances:
+            samples: dict[str, list[list[float]]] = {"base": [], "mace": [], "control": []}
+            results: list[ToolResult] = []
+            cost: dict | None = None
+            try:
+                for _ in range(rounds):
+                    for cond in order.sample(list(samples), k=len(samples)):
+                        if cond == "base":
+                            rtts = _witness_ping(lab, block, interval)
+                        elif cond == "control":
+                            rtts = _control_block(lab, n, block, interval)
+                        else:
+                            rtts, got, window = _mace_block(lab, n, block, interval,
+                                                            0.0 if cost else 1.0)
+                            results += got
+                            cost = cost or window
+                        samples[cond].append(rtts)
+                rows.append(_scaling_row(n, rounds, block, samples, results, cost))
+            except NotMeasured as exc:  # this N is reported as such, the others stand
+                rows.append({"instances": n, "error": str(exc)})
+                print(f"  scaling {n}: not measured: {exc}", flush=True)
+                continue
+            r = rows[-1]
+            print(f"  scaling {n}: {r['cost']['ns_per_run'] or 0:.1f} ns/run, mace minus "
+                  f"control {r['bpf_share_mean_us']:+.2f} ± {r['bpf_share_se_us']:.2f} µs "
+                  f"(witness {r['witness_delta_mean_us']:+.2f}, same-rate iputils "
+                  f"{r['control_delta_mean_us']:+.2f}), coverage >= {r['coverage_min']}",
+                  flush=True)
     return rows
+
+
+def _scaling_row(n: int, rounds: int, block: int, samples: dict[str, list[list[float]]],
+                 results: list[ToolResult], cost: dict | None) -> dict:
+    base, mace, control = (_merge(samples[k]) for k in ("base", "mace", "control"))
+    if not (base["n"] and mace["n"] and control["n"]):
+        raise NotMeasured(f"{n} runs: the witness got no replies")
+    witness_d, witness_se = _paired_delta(samples["mace"], samples["base"])
+    control_d, control_se = _paired_delta(samples["control"], samples["base"])
+    share_d, share_se = _paired_delta(samples["mace"], samples["control"])
+    half_a, half_b = _merge(samples["base"][0::2]), _merge(samples["base"][1::2])
+    coverage = [r.summary.get("mace", {}).get("coverage") for r in results]
+    return {"instances": n, "rounds": rounds, "block": block, "runs": len(results),
+            "coverage_min": min((c if c is not None else 0.0) for c in coverage),
+            "kernel_events_lost": sum(r.summary.get("mace", {}).get("kernel_events_lost")
+                                      or 0 for r in results),
+            "cost": (cost or {}).get("all", {"runs": 0, "ns_per_run": None}),
+            "sets_loaded": (cost or {}).get("sets_loaded"),
+            "baseline": base, "witness": mace, "control": control,
+            "noise_mean_us": abs(half_a["mean"] - half_b["mean"]) if half_b["n"] else None,
+            "witness_delta_mean_us": witness_d, "witness_delta_se_us": witness_se,
+            "witness_delta_p99_us": mace["p99"] - base["p99"],
+            "control_delta_mean_us": control_d, "control_delta_se_us": control_se,
+            "bpf_share_mean_us": share_d, "bpf_share_se_us": share_se}
 
 
 TRACE_METHODS = [("UDP", [], "udp"), ("UDP --paris", ["--paris"], "udp"),
@@ -474,9 +711,9 @@ def traceroute_accuracy(lab: Lab, traces: int, queries: int) -> list[dict]:
         for _ in range(traces):
             nonce = os.urandom(8)
             cmd = lab.on_host(sys.executable, "-m", "mace_tools.cli.traceroute", "--netns",
-                              lab.netns_path(lab.container_ns(0)), "--json", "--nonce",
-                              nonce.hex(), "-q", str(queries), "-w", "1", *flags,
-                              lab.target_addr)
+                          lab.netns_path(lab.container_ns(0)), "--json", "--nonce",
+                          nonce.hex(), "-q", str(queries), "-w", "1", *flags,
+                          lab.target_addr)
             with TruthCapture(lab.outer_link, "icmp or tcp or udp") as cap:
                 doc = json.loads(subprocess.run(cmd, capture_output=True, text=True,
                                                 timeout=120).stdout)

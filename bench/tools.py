@@ -113,9 +113,9 @@ def parse_mace(out: str) -> ToolResult:
 def mace_ping(lab: Lab, container: int, nonce: bytes, count: int, interval: float,
               *extra: str) -> ToolRun:
     cmd = lab.on_host(sys.executable, "-m", "mace_tools.cli.ping", "--netns",
-                      lab.netns_path(lab.container_ns(container)), "--ndjson", "--nonce",
-                      nonce.hex(), "-c", str(count), "-i", str(interval), *extra,
-                      lab.target_addr)
+                  lab.netns_path(lab.container_ns(container)), "--ndjson", "--nonce",
+                  nonce.hex(), "-c", str(count), "-i", str(interval), *extra,
+                  lab.target_addr)
     return _start("mace-ping", cmd, parse_mace, ("nonce", nonce))
 
 
