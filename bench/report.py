@@ -367,13 +367,15 @@ def _foreign_cost(c: dict) -> list[str]:
 
 def _records(r: dict) -> list[str]:
     return [f"## {TITLES['records']}\n",
-            "`mace.kernel_records` (records and events read from the ring) over `rcvd` of one "
-            f"`mace-ping -c {r['probes']} -i {r['interval_s']} --json` from c0.\n",
-            "| replies | kernel records | per answered probe | coverage | events lost |",
-            "|---|---|---|---|---|",
+            "Records and events read from the run's ring (its summary's \"N kernel records\") "
+            f"over the replies of one `mace-ping -q -c {r['probes']} -i {r['interval_s']}` "
+            "from c0 (no path asked for); `--json` also ships the path, an event per device "
+            "crossed: its figure beside it.\n",
+            "| replies | kernel records | per answered probe | with --json (path) |",
+            "|---|---|---|---|",
             f"| {r['received']} | {r['kernel_records']} | "
-            f"{_f(r['records_per_answered_probe'])} | {_f(r['coverage'], 4)} | "
-            f"{r['kernel_events_lost']} |"]
+            f"{_f(r['records_per_answered_probe'])} | "
+            f"{_f(r['json_records_per_answered_probe'])} |"]
 
 
 def _startup(s: dict) -> list[str]:

@@ -409,6 +409,21 @@ static __always_inline bool maybe_ours(const struct probe_hdrs *h)
 	return switches.tcp && h->ip.protocol == IPPROTO_TCP;
 }
 
+/* False for an ICMP packet no run can want, judged on its first read (IPv4 header with
+ * no options, then ICMP): an echo whose nonce has no bit in switches.nonce_bits, an error
+ * while no run matches errors. Only for bytes read from the linear data. */
+static __always_inline bool may_be_wanted(const struct probe_hdrs *h)
+{
+	__u32 lo;
+
+	if (h->ip.ver_ihl != 0x45 || h->ip.protocol != IPPROTO_ICMP)
+		return true;
+	if (h->l4[0] != ICMP_ECHO && h->l4[0] != ICMP_ECHOREPLY)
+		return switches.errors;
+	lo = *(__u32 *)&h->l4[8];
+	return switches.nonce_bits[(lo / 64) % (MACE_NONCE_BITS / 64)] & (1ULL << (lo % 64));
+}
+
 /* How many bytes from the IPv4 header on deciding about this packet may read. */
 static __always_inline __u32 bytes_to_read(const struct probe_hdrs *h)
 {
@@ -683,8 +698,8 @@ static __always_inline int record(const struct sk_buff *skb, unsigned char *l3,
 	if (bpf_probe_read_kernel(&h, sizeof(h), l3) || !maybe_ours(&h))
 		return 0;
 	p = pkt_at(skb, l3);
-	if (p.len < sizeof(h))
-		return 0;
+	if (p.len < sizeof(h) || (p.linear >= sizeof(h) && !may_be_wanted(&h)))
+		return 0; /* a foreign echo leaves here, unless its nonce was not in that read */
 	/* What is not in the linear data is read through a dynptr, which takes time (1-2 µs
 	 * when its code is cold): stamp such a packet before, not after. */
 	if (hook != MACE_HOOK_XMIT && p.linear < bytes_to_read(&h))

@@ -50,15 +50,20 @@ struct mace_run {
 	__u64 owner_start;	/* its start time (/proc/PID/stat field 22): PID reuse */
 };
 
-/* Counts of runs that need the costlier matches: read first, on every packet. And which
+#define MACE_NONCE_BITS 4096	/* nonce_bits: one bit per (first nonce word % 4096) */
+
+/* Counts of runs that need the costlier matches: read first, on every packet. Which
  * build of mace.bpf.c a loaded set is (the first 8 bytes of the object's SHA-256, set
- * before load): a run joins only a set of its own build. */
+ * before load): a run joins only a set of its own build. And a bit per active run's
+ * nonce (its first u32, little-endian, modulo MACE_NONCE_BITS): an echo whose bit is
+ * clear is foreign, known without a hash lookup. */
 struct mace_switches {
 	__u32 runs;
 	__u32 udp;
 	__u32 tcp;
 	__u32 errors;
 	__u64 build;
+	__u64 nonce_bits[MACE_NONCE_BITS / 64];
 };
 
 enum mace_record_kind {

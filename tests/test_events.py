@@ -15,14 +15,28 @@ _SIZES = {"__u64": 8, "__u32": 4, "__u16": 2, "__u8": 1}
 
 
 def c_struct_size(name: str) -> int:
-    """Size of a C struct from mace.h with natural alignment (fields are simple scalars)."""
-    body = re.search(rf"struct {name} {{(.*?)}};", HEADER.read_text(), re.S).group(1)
+    """Size of a C struct from mace.h with natural alignment (fields are scalars or arrays
+    of them; an array's length may be a MACE_ constant over a number)."""
+    header = HEADER.read_text()
+    body = re.search(rf"struct {name} {{(.*?)}};", header, re.S).group(1)
     size = align = 0
-    for ctype, _field, count in re.findall(r"(__u\d+|char)\s+(\w+)(?:\[(\d+)\])?;", body):
+    for ctype, _field, count in re.findall(r"(__u\d+|char)\s+(\w+)(?:\[([^\]]+)\])?;", body):
         width = _SIZES.get(ctype, 1)
-        size = (size + width - 1) // width * width + width * int(count or 1)
+        size = (size + width - 1) // width * width + width * array_length(count, header)
         align = max(align, width)
     return (size + align - 1) // align * align
+
+
+def array_length(expr: str, header: str) -> int:
+    """1 for a scalar; N; or MACE_X / N with MACE_X #defined as a number in mace.h."""
+    if not expr:
+        return 1
+    m = re.fullmatch(r"\s*(\w+)\s*(?:/\s*(\d+))?\s*", expr)
+    assert m, f"array length {expr!r}: not a form this parser knows"
+    name, divisor = m.groups()
+    value = int(name) if name.isdigit() else \
+        int(re.search(rf"#define {name}\s+(\d+)", header).group(1))
+    return value // int(divisor or 1)
 
 
 def test_layouts_match_header() -> None:

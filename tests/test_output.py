@@ -71,7 +71,7 @@ def summary(raw: list[float] | None = None, corrected: list[float] | None = None
         transmitted=3, received=3, duplicates=0, errors=0, elapsed_ms=2003,
         rtt_raw=series["raw"].stats(), rtt_corrected=series["corrected"].stats(),
         egress_avg_ms=series["egress"].mean_ms(), ingress_avg_ms=series["ingress"].mean_ms(),
-        kernel_events_lost=0)
+        kernel_events_lost=0, kernel_records=3)
     base.update(kw)
     return RunSummary(**base)  # type: ignore[arg-type]
 
@@ -95,7 +95,7 @@ def test_summary_lines() -> None:
         "rtt min/avg/max/mdev = 0.041/0.051/0.061/0.008 ms",
         "mace corrected min/avg/max/mdev = 0.003/0.004/0.005/0.001 ms",
         "mace overhead egress/ingress avg = 0.016/0.004 ms, "
-        "kernel data 3/3 replies (100%), 0 events lost",
+        "kernel data 3/3 replies (100%), 0 events lost, 3 kernel records",
     ]
 
 
@@ -105,7 +105,7 @@ def test_summary_loss_duplicates_errors_and_partial_coverage() -> None:
     lines = text.summary("h", s).splitlines()
     assert lines[2] == ("3 packets transmitted, 2 received, +1 duplicates, +1 errors, "
                         "33.3333% packet loss, time 2003ms")
-    assert lines[5].endswith("kernel data 1/2 replies (50%), 0 events lost")
+    assert lines[5].endswith("kernel data 1/2 replies (50%), 0 events lost, 3 kernel records")
 
 
 def test_summary_nothing_received() -> None:
@@ -116,9 +116,9 @@ def test_summary_nothing_received() -> None:
 
 
 def test_summary_without_any_correction() -> None:
-    s = summary(corrected=[], egress=[], ingress=[], kernel_events_lost=5)
+    s = summary(corrected=[], egress=[], ingress=[], kernel_events_lost=5, kernel_records=0)
     assert text.summary("h", s).splitlines()[4] == \
-        "mace corrected: none, kernel data 0/3 replies (0%), 5 events lost"
+        "mace corrected: none, kernel data 0/3 replies (0%), 5 events lost, 0 kernel records"
 
 
 def run_result() -> RunResult:

@@ -56,7 +56,9 @@ MAPS = {
     "switches": (".bss", "mace.bss"),  # libbpf names it after the object file
 }
 RUN = struct.Struct("=IIIIIIQ")  # struct mace_run
-SWITCHES = struct.Struct("=IIIIQ")  # struct mace_switches: runs, udp, tcp, errors, build
+NONCE_BITS = 4096  # MACE_NONCE_BITS
+# struct mace_switches: runs, udp, tcp, errors, build, nonce_bits
+SWITCHES = struct.Struct(f"=IIIIQ{NONCE_BITS // 8}s")
 SLOT = struct.Struct("=I")
 COUNTER = struct.Struct("=Q")
 
@@ -100,6 +102,16 @@ def alive(entry: RunEntry) -> bool:
     return process_start(entry.owner_pid) == entry.owner_start
 
 
+def nonce_bits(nonces: Iterator[bytes] | dict[bytes, RunEntry]) -> bytes:
+    """switches.nonce_bits for these nonces: bit (first u32, little-endian) % NONCE_BITS,
+    as u64 words in the machine's order (the BPF side reads them so)."""
+    words = [0] * (NONCE_BITS // 64)
+    for nonce in nonces:
+        bit = int.from_bytes(nonce[:4], "little") % NONCE_BITS
+        words[bit // 64] |= 1 << (bit % 64)
+    return struct.pack(f"={len(words)}Q", *words)
+
+
 def build_of(path: Path) -> int:
     """The build id of an object file: the first 8 bytes of its SHA-256, never 0."""
     return int.from_bytes(hashlib.sha256(path.read_bytes()).digest()[:8], "little") or 1
@@ -128,7 +140,8 @@ class ProgramSet:
         flags = [e.flags for e in entries.values()]
         value = SWITCHES.pack(len(flags), sum(1 for f in flags if f & RUN_UDP),
                               sum(1 for f in flags if f & RUN_TCP),
-                              sum(1 for f in flags if f & RUN_ERRORS), self.build)
+                              sum(1 for f in flags if f & RUN_ERRORS), self.build,
+                              nonce_bits(entries))
         native.map_update(self.fds["switches"], SLOT.pack(0), value)
 
     def close(self) -> None:
@@ -153,7 +166,7 @@ def load(path: Path, build: int) -> ProgramSet:
         if not bss:
             raise MaceError(f"BPF object {path} has no .bss: rebuild it ('make build')")
         initial = native.map_initial_value(bss)
-        initial[:SWITCHES.size] = SWITCHES.pack(0, 0, 0, 0, build)
+        initial[:SWITCHES.size] = SWITCHES.pack(0, 0, 0, 0, build, bytes(NONCE_BITS // 8))
         err = lib.bpf_object__load(obj)
         if err:
             raise load_error(-err)

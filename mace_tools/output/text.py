@@ -84,12 +84,13 @@ def summary(dst_name: str, s: RunSummary, kernel: bool = True) -> str:
         return "\n".join([*lines, ""])  # iputils ends with a blank line instead
     lines.append(f"rtt min/avg/max/mdev = {_triple(raw)} ms")
     if not kernel:
-        lines.append("mace corrected: none (probes smaller than 8 bytes cannot carry the nonce)")
+        lines.append("mace corrected: none (probes smaller than 12 bytes cannot carry the "
+                     "nonce and the probe number)")
         return "\n".join(lines)
     corrected = s.rtt_corrected
     n_ok, n = s.corrected_count, raw.n
     coverage = f"kernel data {n_ok}/{n} replies ({100 * n_ok / n:g}%), " \
-               f"{s.kernel_events_lost} events lost"
+               f"{s.kernel_events_lost} events lost, {s.kernel_records} kernel records"
     if corrected is None or s.egress_avg_ms is None:
         lines.append(f"mace corrected: none, {coverage}")
         return "\n".join(lines)
