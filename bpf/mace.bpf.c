@@ -58,30 +58,38 @@ struct {
 	__type(value, struct mace_run);
 } mace_runs SEC(".maps");
 
-/* Each run's own ring buffer, put into its slot by the run (or the agent serving it):
- * only the holder of that ring's fd reads its records. */
+/* Each run's own ring buffer, under its nonce, put there by the run (or the agent serving
+ * it): only the holder of that ring's fd reads its records. */
 struct ring {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, MACE_RING_BYTES);
 };
 
 struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
+	__uint(type, BPF_MAP_TYPE_HASH_OF_MAPS);
 	__uint(max_entries, MACE_MAX_RUNS);
-	__type(key, __u32);
+	__type(key, __u64);
 	__array(values, struct ring);
 } mace_rings SEC(".maps");
 
-/* Records a run's ring had no room for, per slot. Mapped into the reader's memory
- * (BPF_F_MMAPABLE): it compares its counter at a probe's send and at its reply, with no
- * syscall, and any change marks the probes in flight as incomplete (never corrected from
- * what is left). Loss is rare, so the atomic add costs nothing that matters. */
-struct {
+/* Records a run's ring had no room for: one counter per run, in a map of its own under its
+ * nonce, mapped into the reader's memory (BPF_F_MMAPABLE): it compares its counter at a
+ * probe's send and at its reply, with no syscall, and any change marks the probes in
+ * flight as incomplete (never corrected from what is left). Loss is rare, so the atomic
+ * add costs nothing that matters. */
+struct lost_counter {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, MACE_MAX_RUNS);
+	__uint(max_entries, 1);
 	__uint(map_flags, BPF_F_MMAPABLE);
 	__type(key, __u32);
 	__type(value, __u64);
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH_OF_MAPS);
+	__uint(max_entries, MACE_MAX_RUNS);
+	__type(key, __u64);
+	__array(values, struct lost_counter);
 } mace_lost SEC(".maps");
 
 /*
@@ -146,8 +154,9 @@ struct probe_id {
 /*
  * A ping probe's state, from its request's departure from the prober netns (which
  * resets it: a number is never reused within a run, but a state is never trusted across
- * a reset either) to its reply's delivery. An LRU map: a probe never answered is evicted
- * in time; one evicted in flight gets no record, so its reply is shown raw.
+ * a reset either) to its reply's delivery, which sends its record and frees it. An LRU
+ * map: a probe never answered is evicted in time; one evicted in flight (16384 newer
+ * probes on the host during its round trip) gets no record: its reply is shown raw.
  */
 struct probe_state {
 	__u64 departed_ns;	/* last departure from the host netns (0: none yet) */
@@ -229,10 +238,15 @@ struct {
 #define TCP_ACK 0x10
 
 /* A record the run's ring had no room for: its probes in flight are not corrected. */
-static __always_inline void count_lost(__u32 slot)
+static __always_inline void count_lost(__u64 nonce)
 {
-	__u64 *n = bpf_map_lookup_elem(&mace_lost, &slot);
+	void *counter = bpf_map_lookup_elem(&mace_lost, &nonce);
+	__u32 zero = 0;
+	__u64 *n;
 
+	if (!counter)
+		return;
+	n = bpf_map_lookup_elem(counter, &zero);
 	if (n)
 		__sync_fetch_and_add(n, 1);
 }
@@ -566,14 +580,14 @@ static __always_inline void ship_event(const struct seen_packet *s, const struct
 				       const struct net_device *dev, __u32 netns, __u32 ifindex,
 				       __u8 hook, __u64 ts)
 {
-	void *ring = bpf_map_lookup_elem(&mace_rings, &s->run->slot);
+	void *ring = bpf_map_lookup_elem(&mace_rings, &s->id.nonce);
 	struct mace_event *e;
 
 	if (!ring)
 		return;
 	e = bpf_ringbuf_reserve(ring, sizeof(*e), 0);
 	if (!e) {
-		count_lost(s->run->slot);
+		count_lost(s->id.nonce);
 		return;
 	}
 	e->kind = MACE_REC_EVENT;
@@ -658,12 +672,12 @@ static __always_inline void follow_reply(const struct seen_packet *s,
 		return;
 	st->delivered_ns = ts;
 	st->delivered_dev = (__u64)dev;
-	ring = bpf_map_lookup_elem(&mace_rings, &s->run->slot);
+	ring = bpf_map_lookup_elem(&mace_rings, &s->id.nonce);
 	if (!ring)
 		return;
 	r = bpf_ringbuf_reserve(ring, sizeof(*r), 0);
 	if (!r) {
-		count_lost(s->run->slot);
+		count_lost(s->id.nonce);
 		return;
 	}
 	r->kind = MACE_REC_PROBE;
@@ -676,6 +690,9 @@ static __always_inline void follow_reply(const struct seen_packet *s,
 	r->outer_ifindex = st->outer_ifindex;
 	__builtin_memcpy(r->outer_dev, st->outer_name, sizeof(r->outer_dev));
 	bpf_ringbuf_submit(r, BPF_RB_NO_WAKEUP); /* see ship_event */
+	/* Answered: the state is freed at once, so the LRU map, shared by every run, holds
+	 * only probes in flight (and unanswered ones until they are evicted). */
+	bpf_map_delete_elem(&mace_probes, &s->id);
 }
 
 /* A packet whose IPv4 header is at l3: act on it if it is one of our probes or an answer

@@ -4,16 +4,17 @@
  * events.py decodes the records, mace_tools/kernel/programs.py writes the run entries).
  * Change both together; tests/test_events.py checks the sizes.
  *
- * One program set serves every run on the host: a run is an entry in the `runs` map,
- * keyed by its nonce, and owns a slot: its own ring buffer (rings[slot]) and its own
- * lost-records counter (lost[slot]). The kernel only ever writes a run's records into
- * that run's ring, so no run sees another's probes.
+ * One program set serves every run on the host: a run is an entry in the runs map,
+ * keyed by its nonce, with its own ring buffer and its own lost-records counter, both
+ * maps the run creates and puts into a map of maps under the same nonce. Every entry is
+ * inserted only if its key is new (BPF_NOEXIST), so two runs can never share one; the
+ * kernel only ever writes a run's records into that run's ring.
  */
 #ifndef __MACE_H
 #define __MACE_H
 
 #define MACE_NONCE_LEN 8
-#define MACE_MAX_RUNS 128		/* slots: concurrent runs one program set serves */
+#define MACE_MAX_RUNS 128		/* concurrent runs one program set serves */
 #define MACE_RING_BYTES (1 << 20)	/* each run's ring buffer: ~18k records */
 
 enum mace_hook {
@@ -40,14 +41,14 @@ enum mace_run_flags {
 
 /* Value of the runs map (key: the nonce, as the first 8 payload bytes read little-endian). */
 struct mace_run {
-	__u32 slot;		/* its ring buffer and lost counter */
 	__u32 flags;		/* enum mace_run_flags */
 	__u32 prober_netns;	/* inode of the netns its probes leave from */
 	__u32 host_netns;	/* inode of the container host's netns; 0: the first other
 				 * netns the request enters (correlate.py's rule) */
-	__u32 owner_pid;	/* user side only: who to clean up after if it dies */
+	__u32 token_id;		/* user side only: the id of a map only the run holds; the
+				 * run is alive while that map exists (any pid namespace) */
+	__u32 owner_pid;	/* user side only: its pid, as its own pid namespace saw it */
 	__u32 pad;
-	__u64 owner_start;	/* its start time (/proc/PID/stat field 22): PID reuse */
 };
 
 #define MACE_NONCE_BITS 4096	/* nonce_bits: one bit per (first nonce word % 4096) */

@@ -46,20 +46,24 @@ _DeviceKey = tuple[Packet, int, int, bool]  # packet, netns, ifindex, leaving
 
 
 def stages(events: Iterable[KernelEvent], sent_mono_ns: int) -> list[Stage]:
-    """One stage per (packet, device, direction), at its earliest event, in time order.
+    """One stage per (packet, device, direction), in time order: an arrival at its
+    earliest event, a departure at its latest (as the kernel's record takes them).
 
     A packet arriving on a veth is seen twice (netif_rx, then netif_receive_skb after the
-    backlog); its arrival is the first, which is also where captures timestamp it. Events
-    before the send point belong to an earlier probe with the same seq: left out.
+    backlog); its arrival is the first, which is also where captures timestamp it. A
+    departure the driver refused (NETDEV_TX_BUSY) is tried again: it left at the last
+    try. Events before the send point belong to an earlier probe: left out.
     """
     first: dict[_DeviceKey, KernelEvent] = {}
     xmit = Hook.XMIT
     for ev in events:
         if ev.ts_mono_ns < sent_mono_ns:
             continue
-        key = (ev.packet, ev.netns, ev.ifindex, ev.hook is xmit)
+        leaving = ev.hook is xmit
+        key = (ev.packet, ev.netns, ev.ifindex, leaving)
         seen = first.get(key)
-        if seen is None or ev.ts_mono_ns < seen.ts_mono_ns:
+        if seen is None or (ev.ts_mono_ns > seen.ts_mono_ns if leaving
+                            else ev.ts_mono_ns < seen.ts_mono_ns):
             first[key] = ev
     ordered = sorted(first.values(), key=lambda e: e.ts_mono_ns)
     return [
@@ -86,6 +90,14 @@ def outer_departure(path: list[Stage], ns: Namespaces) -> Stage | None:
     return leaving[-1] if leaving else None
 
 
+def raw_measurement(probe: Probe, reply: Reply, path: list[Stage]) -> Measurement:
+    """A reply's measurement before any correction: its raw RTT, as iputils has it."""
+    return Measurement(seq=reply.seq, src=reply.src, ttl=reply.ttl,
+                       icmp_bytes=reply.icmp_bytes,
+                       rtt_raw_ns=reply.recv_real_ns - probe.sent_real_ns, path=path,
+                       recv_real_ns=reply.recv_real_ns)
+
+
 def correlate(probe: Probe, reply: Reply, events: Iterable[KernelEvent],
               ns: Namespaces, complete: bool = True) -> Measurement:
     """Build the measurement of one reply from its probe's kernel events. `complete` is
@@ -93,15 +105,7 @@ def correlate(probe: Probe, reply: Reply, events: Iterable[KernelEvent],
     or a record could not be read): then its path is shown, but nothing is corrected, as
     any device could be missing from it (the last one the request left, say)."""
     path = stages(events, probe.sent_mono_ns)
-    m = Measurement(
-        seq=reply.seq,
-        src=reply.src,
-        ttl=reply.ttl,
-        icmp_bytes=reply.icmp_bytes,
-        rtt_raw_ns=reply.recv_real_ns - probe.sent_real_ns,
-        path=path,
-        recv_real_ns=reply.recv_real_ns,
-    )
+    m = raw_measurement(probe, reply, path)
     out = outer_departure(path, ns) if complete else None
     if out is None:
         return m
@@ -129,15 +133,7 @@ def measured(probe: Probe, reply: Reply, record: ProbeRecord | None, complete: b
     record came). Same rules as correlate(): nothing corrected unless the request was
     seen leaving the host netns after this probe was sent and the reply arriving back
     on that device; ingress only when the delivery was seen after that."""
-    m = Measurement(
-        seq=reply.seq,
-        src=reply.src,
-        ttl=reply.ttl,
-        icmp_bytes=reply.icmp_bytes,
-        rtt_raw_ns=reply.recv_real_ns - probe.sent_real_ns,
-        path=path or [],
-        recv_real_ns=reply.recv_real_ns,
-    )
+    m = raw_measurement(probe, reply, path or [])
     if (record is None or not complete or not record.departed_ns or not record.returned_ns
             or record.departed_ns < probe.sent_mono_ns
             or record.returned_ns < record.departed_ns):

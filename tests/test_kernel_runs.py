@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from mace_tools.correlate import correlate, measured
-from mace_tools.kernel import native
-from mace_tools.kernel.backend import Backend
+from mace_tools.kernel import native, programs
+from mace_tools.kernel.backend import Backend, object_path
 from mace_tools.lab.topology import Lab
 from mace_tools.model import KernelEvent, Namespaces, Probe, ProbeRecord, Reply
 from mace_tools.probe import netns
@@ -122,7 +122,7 @@ def test_two_runs_share_one_program_set_and_see_only_their_own_probes(lab: Lab) 
         assert not b.backend.loaded_here  # b found a's set (or both found another's)
         assert set(a.backend.run_stats()) == set(b.backend.run_stats())
         assert prog_ids(a.backend) == prog_ids(b.backend)
-        assert a.backend._member.entry.slot != b.backend._member.entry.slot
+        assert a.backend._member.ring_fd != b.backend._member.ring_fd
         replies = ping(lab, [(a, range(1, 41)), (b, range(70_001, 70_041))])
         assert len(replies) == 80
         a.drain()
@@ -225,3 +225,79 @@ def test_a_killed_run_is_cleared_by_the_next(lab: Lab) -> None:
 
 def loaded_prog_ids() -> set[int]:
     return set(native.prog_ids())
+
+
+def test_a_map_is_never_read_into_a_smaller_buffer() -> None:
+    """Another build's maps may have other sizes: a lookup that does not fit is refused,
+    not written past its buffer."""
+    fd = native.map_create(native.BPF_MAP_TYPE_ARRAY, b"mace_test", 4, 16, 1)
+    try:
+        assert native.map_lookup(fd, bytes(4), 16) == bytes(16)
+        with pytest.raises(OSError):
+            native.map_lookup(fd, bytes(4), 8)
+        with pytest.raises(OSError):
+            native.map_keys(fd, 8)
+    finally:
+        os.close(fd)
+
+
+def test_another_build_is_not_joined(lab: Lab, tmp_path: Path) -> None:
+    """A set of another object (an upgrade, a second install) is left alone: a run joins
+    only a set of its own build, and both work."""
+    other = tmp_path / "other.bpf.o"
+    other.write_bytes(object_path().read_bytes() + b"\0")  # same programs, another digest
+    mine = open_run(lab, path=False)
+    theirs = Backend(os.urandom(8), other, records=True, path=False,
+                     prober_netns=inode_of(lab.container_ns(0)),
+                     host_netns=inode_of(lab.host_ns))
+    theirs.open()
+    try:
+        assert theirs.loaded_here
+        assert prog_ids(mine.backend).isdisjoint(prog_ids(theirs))
+        ping(lab, [(mine, range(1, 11))])
+        mine.drain()
+        assert set(mine.records) == set(range(1, 11))
+    finally:
+        theirs.close()
+        mine.backend.close()
+
+
+def test_a_run_in_its_own_pid_and_mount_namespace_clears_no_one(lab: Lab) -> None:
+    """A run in a container has its own pids and its own /run (so its own lock file): it
+    must neither take a live run's entry for a dead one nor share its ring. Liveness is a
+    map only the run holds, which any pid namespace sees the same."""
+    code = ("import os, sys, time\n"
+            "from mace_tools.kernel.backend import Backend\n"
+            "b = Backend(bytes.fromhex(sys.argv[1]), prober_netns=1, host_netns=2); b.open()\n"
+            "print('joined', os.getpid(), flush=True); time.sleep(60)\n")
+    keeper = open_run(lab, path=False)
+    nonce = os.urandom(8)
+    child = subprocess.Popen(["unshare", "--pid", "--fork", "--kill-child", "--mount-proc",
+                              "--mount", sys.executable, "-c", code, nonce.hex()],
+                             stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    try:
+        assert child.stdout is not None
+        line = child.stdout.readline().split()
+        assert line[:1] == ["joined"], line
+        assert line[1] == "1"  # pid 1 in its namespace, as a container's init
+        entries = keeper.backend._member.pset.run_entries()
+        assert keeper.nonce in entries and nonce in entries
+        ping(lab, [(keeper, range(1, 6))])
+        keeper.drain()
+        assert set(keeper.records) == set(range(1, 6))
+    finally:
+        child.kill()  # and with it, its pid 1 (--kill-child)
+        child.wait()
+    deadline = time.monotonic() + 5  # the kernel frees a dead process's maps soon after
+    while keeper.backend._member.pset.run_entries().get(nonce) is not None and \
+            programs.alive(keeper.backend._member.pset.run_entries()[nonce]) and \
+            time.monotonic() < deadline:
+        time.sleep(0.02)
+    try:
+        later = open_run(lab, path=False)  # clears the dead run's entry, not the keeper's
+        entries = later.backend._member.pset.run_entries()
+        assert keeper.nonce in entries and nonce not in entries
+        later.backend.close()
+    finally:
+        keeper.backend.close()

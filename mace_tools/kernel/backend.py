@@ -2,9 +2,9 @@
 
 All runs share one program set (kernel/programs.py): a run joins it with its nonce and
 options, and reads its own ring buffer: one record per answered ping probe (correlated in
-the kernel), plus one event per device crossed when it asks for the path (-v, JSON,
-traceroute). Joining an already loaded set takes a few ms; the first run loads and pins
-it (~20 ms here: CO-RE relocation against /sys/kernel/btf/vmlinux; nothing is compiled at
+the kernel), plus one event per device crossed when it asks for the path (JSON outputs,
+traceroute). Joining an attached set takes a few ms; a run that finds none loads it
+(~20 ms here: CO-RE relocation against /sys/kernel/btf/vmlinux; nothing is compiled at
 run time).
 """
 
@@ -94,7 +94,6 @@ class Backend:
         self._ring: RingBuffer | None = None
         self._lost_map: mmap.mmap | None = None
         self._lost: memoryview | None = None
-        self._slot = 0
 
     def __enter__(self) -> Backend:
         try:
@@ -121,13 +120,11 @@ class Backend:
                                          self._host)
         except OSError as exc:
             raise MaceError(f"cannot set up the BPF programs: {exc.strerror}") from exc
-        self._slot = self._member.entry.slot
         self._ring = RingBuffer(self._member.ring_fd, programs.RING_BYTES)
-        lost_fd = self._member.pset.fds["lost"]
         # BPF_F_MMAPABLE: read with a memory load, no syscall (and no privilege) per reply
-        size = -(-programs.MAX_RUNS * 8 // mmap.PAGESIZE) * mmap.PAGESIZE
-        self._lost_map = mmap.mmap(lost_fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
-        self._lost = memoryview(self._lost_map)[:programs.MAX_RUNS * 8].cast("Q")
+        self._lost_map = mmap.mmap(self._member.lost_fd, mmap.PAGESIZE, mmap.MAP_SHARED,
+                                   mmap.PROT_READ)
+        self._lost = memoryview(self._lost_map)[:8].cast("Q")
 
     @property
     def fd(self) -> int:
@@ -151,7 +148,7 @@ class Backend:
         times the reader gave up on a record still being written. A probe in flight while
         this changed may miss records: it gets no correction."""
         assert self._lost is not None and self._ring is not None
-        return self._lost[self._slot] + self._ring.stalls
+        return self._lost[0] + self._ring.stalls
 
     def probe_state(self, number: int) -> ProbeRecord | None:
         """A probe's kernel state, read from the map: for a reply whose delivery fired no

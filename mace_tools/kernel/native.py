@@ -174,9 +174,19 @@ def _check(ret: int, what: str) -> int:
     return ret
 
 
-def map_update(fd: int, key: bytes, value: bytes) -> None:
-    """bpf_map_update_elem(fd, key, value, BPF_ANY); OSError on failure."""
-    _check(libbpf().bpf_map_update_elem(fd, key, value, 0), "map update")
+BPF_ANY, BPF_NOEXIST = 0, 1
+
+
+def map_update(fd: int, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
+    """bpf_map_update_elem(fd, key, value, flags); OSError on failure (EEXIST: the key was
+    there already, with BPF_NOEXIST). The sizes must be the map's (map_sizes)."""
+    _check(libbpf().bpf_map_update_elem(fd, key, value, flags), "map update")
+
+
+def map_sizes(fd: int) -> tuple[int, int]:
+    """(key_size, value_size) of a map: struct bpf_map_info's third and fourth words."""
+    info = _info(fd, 80)
+    return (int.from_bytes(info[8:12], sys.byteorder), int.from_bytes(info[12:16], sys.byteorder))
 
 
 def map_delete(fd: int, key: bytes) -> bool:
@@ -189,7 +199,12 @@ def map_delete(fd: int, key: bytes) -> bool:
 
 
 def map_lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
-    """The value at key, or None if there is none."""
+    """The value at key, or None if there is none. The kernel writes the map's own value
+    size: a map whose sizes are not (len(key), value_size) is refused (OSError), never
+    read into a buffer it would overrun."""
+    if map_sizes(fd) != (len(key), value_size):
+        raise OSError(errno.EINVAL, f"map lookup: sizes {map_sizes(fd)} are not "
+                      f"{(len(key), value_size)}")
     value = ctypes.create_string_buffer(value_size)
     ret = libbpf().bpf_map_lookup_elem(fd, key, value)
     if ret in (-errno.ENOENT,) or (ret == -1 and ctypes.get_errno() == errno.ENOENT):
@@ -199,7 +214,10 @@ def map_lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
 
 
 def map_keys(fd: int, key_size: int) -> list[bytes]:
-    """Every key of a hash map (a snapshot: entries may come and go meanwhile)."""
+    """Every key of a hash map (a snapshot: entries may come and go meanwhile); OSError
+    if its keys are not key_size bytes."""
+    if map_sizes(fd)[0] != key_size:
+        raise OSError(errno.EINVAL, f"map keys: key size {map_sizes(fd)[0]} is not {key_size}")
     keys: list[bytes] = []
     prev: bytes | None = None
     nxt = ctypes.create_string_buffer(key_size)
@@ -211,20 +229,42 @@ def map_keys(fd: int, key_size: int) -> list[bytes]:
     return keys
 
 
-BPF_MAP_TYPE_RINGBUF = 27
+BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_RINGBUF = 2, 27
+BPF_F_MMAPABLE = 1 << 10
+
+
+class _MapCreateOpts(ctypes.Structure):
+    # struct bpf_map_create_opts (libbpf 1.x bpf.h)
+    _fields_ = [("sz", ctypes.c_size_t), ("btf_fd", ctypes.c_uint32),
+                ("btf_key_type_id", ctypes.c_uint32), ("btf_value_type_id", ctypes.c_uint32),
+                ("btf_vmlinux_value_type_id", ctypes.c_uint32),
+                ("inner_map_fd", ctypes.c_uint32), ("map_flags", ctypes.c_uint32),
+                ("map_extra", ctypes.c_uint64), ("numa_node", ctypes.c_uint32),
+                ("map_ifindex", ctypes.c_uint32)]
+
+
+def map_create(map_type: int, name: bytes, key_size: int, value_size: int,
+               max_entries: int, flags: int = 0) -> int:
+    """A new BPF map; its fd."""
+    opts = _MapCreateOpts(sz=ctypes.sizeof(_MapCreateOpts), map_flags=flags)
+    return _check(libbpf().bpf_map_create(map_type, name, key_size, value_size, max_entries,
+                                          ctypes.byref(opts)), "map create")
 
 
 def ringbuf_create(name: bytes, size: int) -> int:
     """A new BPF ring buffer map of size bytes; its fd."""
-    return _check(libbpf().bpf_map_create(BPF_MAP_TYPE_RINGBUF, name, 0, 0, size, None),
-                  "ring buffer create")
+    return map_create(BPF_MAP_TYPE_RINGBUF, name, 0, 0, size)
 
 
 def _ids(fn: str) -> list[int]:
+    """Every id, walked with bpf_*_get_next_id; PermissionError without CAP_SYS_ADMIN."""
     ids: list[int] = []
     nxt = ctypes.c_uint32(0)
-    while getattr(libbpf(), fn)(nxt.value, ctypes.byref(nxt)) == 0:
+    while (ret := getattr(libbpf(), fn)(nxt.value, ctypes.byref(nxt))) == 0:
         ids.append(nxt.value)
+    err = -ret if ret != -1 else ctypes.get_errno()
+    if err != errno.ENOENT:
+        raise OSError(err, f"{fn}: {os.strerror(err)}")
     return ids
 
 
@@ -280,6 +320,11 @@ def _info(fd: int, size: int) -> bytes:
 def link_prog_id(link_fd: int) -> int:
     """struct bpf_link_info: type, id, prog_id, ..."""
     return int.from_bytes(_info(link_fd, 64)[8:12], sys.byteorder)
+
+
+def map_id(map_fd: int) -> int:
+    """struct bpf_map_info's id (its second word)."""
+    return int.from_bytes(_info(map_fd, 80)[4:8], sys.byteorder)
 
 
 def map_name(map_fd: int) -> str:

@@ -1,10 +1,12 @@
 """One program set for every run on the host: found by id, joined, left.
 
 The programs of bpf/mace.bpf.c serve any number of runs (bpf/mace.h): a run is an entry
-in the `mace_runs` map, keyed by its nonce, with a slot of its own: its ring buffer (a
-map the run creates and puts into mace_rings[slot], so only it holds the fd that reads
-it) and its lost-records counter. So N concurrent mace-ping runs cost every packet on the
-host one program set, not N (the bench's scaling rows).
+in the `mace_runs` map, keyed by its nonce, and has a ring buffer and a lost-records
+counter of its own: maps the run creates and puts into mace_rings and mace_lost under the
+same nonce, so only it holds the fd that reads them. Every entry goes in only if its key
+is new (BPF_NOEXIST): two runs can never share one, whatever lock each held. So N
+concurrent mace-ping runs cost every packet on the host one program set, not N (the
+bench's scaling rows).
 
 No file names the set. A run finds it by walking the kernel's BPF links (ids are global:
 no bpffs, no mount namespace in the way, as there would be for `ip netns exec`, which
@@ -12,10 +14,12 @@ gives its command a fresh /sys), keeps an fd of each of its three links for as l
 it runs, and closes them when it leaves: the kernel detaches the set when the last run
 closes its links, or dies. So nothing outlives the runs, whatever way they end. The set
 of the first run that finds none is loaded by it; joining and leaving hold an flock on
-LOCK, so two runs starting together never load two sets. A run that died leaves its
-entry in the map (its fds closed, the set lives on in the others): found by its owner
-pid and start time, cleared by the next run to join or leave. A set is joined only by
-runs of the same build (switches.build: the object's digest).
+LOCK, so two runs starting together (in one mount namespace: a container has its own
+/run) do not load two sets. A run that died leaves its entry in the map (its fds closed,
+the set lives on in the others): its token, a map only it held, is gone with it, which
+any run sees whatever its pid namespace; the next run to join or leave clears it. A set
+is joined only by runs of the same build (switches.build: the object's digest). Walking
+link ids needs CAP_SYS_ADMIN: without it a run loads a set of its own (not shared).
 """
 
 from __future__ import annotations
@@ -55,11 +59,11 @@ MAPS = {
     "probes": ("mace_probes", "mace_probes"),
     "switches": (".bss", "mace.bss"),  # libbpf names it after the object file
 }
-RUN = struct.Struct("=IIIIIIQ")  # struct mace_run
+RUN = struct.Struct("=IIIIII")  # struct mace_run
 NONCE_BITS = 4096  # MACE_NONCE_BITS
 # struct mace_switches: runs, udp, tcp, errors, build, nonce_bits
 SWITCHES = struct.Struct(f"=IIIIQ{NONCE_BITS // 8}s")
-SLOT = struct.Struct("=I")
+ZERO = struct.pack("=I", 0)  # the key of a one-entry array
 COUNTER = struct.Struct("=Q")
 
 
@@ -67,39 +71,33 @@ COUNTER = struct.Struct("=Q")
 class RunEntry:
     """A run as the runs map holds it (struct mace_run)."""
 
-    slot: int
     flags: int
     prober_netns: int
     host_netns: int  # 0: inferred per probe by the kernel
-    owner_pid: int
-    owner_start: int
+    token_id: int  # a map only the run holds: alive while it exists
+    owner_pid: int  # as the run's own pid namespace sees it (for people, not for liveness)
 
     def pack(self) -> bytes:
-        return RUN.pack(self.slot, self.flags, self.prober_netns, self.host_netns,
-                        self.owner_pid, 0, self.owner_start)
+        return RUN.pack(self.flags, self.prober_netns, self.host_netns, self.token_id,
+                        self.owner_pid, 0)
 
     @classmethod
     def unpack(cls, raw: bytes) -> RunEntry:
-        slot, flags, prober, host, pid, _, start = RUN.unpack(raw)
-        return cls(slot, flags, prober, host, pid, start)
-
-
-def process_start(pid: int) -> int | None:
-    """A process's start time in clock ticks (/proc/PID/stat field 22), or None if it is
-    gone: with the pid, it names one process (pids are reused)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return None
-    fields = stat.rsplit(b")", 1)[-1].split()
-    try:
-        return int(fields[19])  # field 22; fields[0] is field 3 (state)
-    except (IndexError, ValueError):
-        return None
+        flags, prober, host, token, pid, _ = RUN.unpack(raw)
+        return cls(flags, prober, host, token, pid)
 
 
 def alive(entry: RunEntry) -> bool:
-    return process_start(entry.owner_pid) == entry.owner_start
+    """The run's token map still exists (it dies with the run's last fd of it). Unknown
+    (no privilege to look) counts as alive: an entry is never cleared on a guess."""
+    try:
+        fd = native.map_fd(entry.token_id)
+    except OSError:
+        return True
+    if fd is None:
+        return False
+    os.close(fd)
+    return True
 
 
 def nonce_bits(nonces: Iterator[bytes] | dict[bytes, RunEntry]) -> bytes:
@@ -136,13 +134,24 @@ class ProgramSet:
                 out[key] = RunEntry.unpack(raw)
         return out
 
-    def write_switches(self, entries: dict[bytes, RunEntry]) -> None:
+    def switches_of(self, entries: dict[bytes, RunEntry]) -> bytes:
         flags = [e.flags for e in entries.values()]
-        value = SWITCHES.pack(len(flags), sum(1 for f in flags if f & RUN_UDP),
-                              sum(1 for f in flags if f & RUN_TCP),
-                              sum(1 for f in flags if f & RUN_ERRORS), self.build,
-                              nonce_bits(entries))
-        native.map_update(self.fds["switches"], SLOT.pack(0), value)
+        return SWITCHES.pack(len(flags), sum(1 for f in flags if f & RUN_UDP),
+                             sum(1 for f in flags if f & RUN_TCP),
+                             sum(1 for f in flags if f & RUN_ERRORS), self.build,
+                             nonce_bits(entries))
+
+    def update_switches(self) -> None:
+        """Write the switches the live entries call for, and read the entries again until
+        they did not change meanwhile: a run joining from another mount namespace (its own
+        lock file) may write its switches between our read and our write, and it must
+        never be left out (its echoes would be dropped on their nonce bit)."""
+        for _ in range(100):
+            value = self.switches_of(_clear_dead(self))
+            native.map_update(self.fds["switches"], ZERO, value)
+            if self.switches_of(self.run_entries()) == value:
+                return
+        raise MaceError("the BPF program set's runs keep changing: cannot update its switches")
 
     def close(self) -> None:
         """Close every fd: the last holder's close detaches the programs."""
@@ -233,9 +242,13 @@ def _attached_links() -> Iterator[tuple[int, str, int, list[int]]]:
 
 
 def find(build: int) -> ProgramSet | None:
-    """The attached set of this build, with fds of all three links, or None. A set's
-    programs share its maps and no two sets share any: that is how links are grouped."""
-    links = list(_attached_links())
+    """The attached set of this build, with fds of all three links, or None (also when
+    this process may not walk the host's links: no CAP_SYS_ADMIN). A set's programs share
+    its maps and no two sets share any: that is how links are grouped."""
+    try:
+        links = list(_attached_links())
+    except PermissionError:
+        return None
     try:
         for xmit in (link for link in links if link[1] == "mace_xmit"):
             group = {name: (fd, prog_id, map_ids) for fd, name, prog_id, map_ids in links
@@ -271,7 +284,9 @@ def _open_set(progs: dict[str, tuple[int, int, list[int]]], build: int) -> Progr
             maps[role] = fd
         if set(maps) != set(MAPS):
             return None
-        raw = native.map_lookup(maps["switches"], SLOT.pack(0), SWITCHES.size)
+        if native.map_sizes(maps["switches"]) != (4, SWITCHES.size):
+            return None  # another build's (a different .bss): not even read
+        raw = native.map_lookup(maps["switches"], ZERO, SWITCHES.size)
         if raw is None or SWITCHES.unpack(raw)[4] != build:
             return None
         for name, (_, prog_id, _) in progs.items():
@@ -300,70 +315,93 @@ def _locked() -> Iterator[None]:
 
 
 def _clear_dead(pset: ProgramSet) -> dict[bytes, RunEntry]:
-    """Remove the entries of runs whose process is gone; the live ones."""
+    """Remove the entries of runs that are gone; the live ones."""
     live = {}
     for key, entry in pset.run_entries().items():
         if alive(entry):
             live[key] = entry
         else:
-            native.map_delete(pset.fds["runs"], key)
-            native.map_delete(pset.fds["rings"], SLOT.pack(entry.slot))
+            _remove(pset, key)
     return live
 
 
-class Membership:
-    """One run's place in the program set: its entry, its slot, its ring's fd."""
+def _remove(pset: ProgramSet, nonce: bytes) -> None:
+    """A run's entries, all keyed by its nonce: nobody else's can go with them."""
+    for role in ("runs", "rings", "lost"):
+        native.map_delete(pset.fds[role], nonce)
 
-    def __init__(self, pset: ProgramSet, nonce: bytes, entry: RunEntry, ring_fd: int,
-                 loaded: bool) -> None:
+
+class Membership:
+    """One run's place in the program set: its entry and the fds of its own maps."""
+
+    def __init__(self, pset: ProgramSet, nonce: bytes, entry: RunEntry,
+                 own: dict[str, int], loaded: bool) -> None:
         self.pset = pset
         self.nonce = nonce
         self.entry = entry
-        self.ring_fd = ring_fd
+        self.ring_fd, self.lost_fd, self.token_fd = own["ring"], own["lost"], own["token"]
         self.loaded = loaded  # this run loaded the set (no other run had)
 
     def leave(self) -> None:
         """Take the run out of the set and close its fds (the last run's close detaches
-        the programs). Without the lock (not root any more, say) the entry still goes;
+        the programs). Without the lock (not root any more, say) the entries still go;
         the switches are then brought up to date by the next run."""
         try:
             with _locked():
-                self._remove_entry()
-                self.pset.write_switches(_clear_dead(self.pset))
-        except OSError:
+                _remove(self.pset, self.nonce)
+                self.pset.update_switches()
+        except (OSError, MaceError):
             with contextlib.suppress(OSError):
-                self._remove_entry()
+                _remove(self.pset, self.nonce)
         finally:
-            os.close(self.ring_fd)
+            for fd in (self.ring_fd, self.lost_fd, self.token_fd):
+                os.close(fd)
             self.pset.close()
 
-    def _remove_entry(self) -> None:
-        native.map_delete(self.pset.fds["runs"], self.nonce)
-        native.map_delete(self.pset.fds["rings"], SLOT.pack(self.entry.slot))
+
+def _own_maps() -> dict[str, int]:
+    """A new run's own maps: its ring buffer, its lost counter (one u64, mapped into its
+    memory) and its token (nothing in it: it exists while the run holds it)."""
+    own: dict[str, int] = {}
+    try:
+        own["ring"] = native.ringbuf_create(b"mace_run", RING_BYTES)
+        own["lost"] = native.map_create(native.BPF_MAP_TYPE_ARRAY, b"mace_run_lost", 4, 8, 1,
+                                        native.BPF_F_MMAPABLE)
+        own["token"] = native.map_create(native.BPF_MAP_TYPE_ARRAY, b"mace_run_token", 4, 4,
+                                         1)
+    except BaseException:
+        for fd in own.values():
+            os.close(fd)
+        raise
+    return own
 
 
 def _add_run(pset: ProgramSet, nonce: bytes, flags: int, prober_netns: int,
-             host_netns: int, live: dict[bytes, RunEntry]) -> tuple[RunEntry, int]:
-    used = {e.slot for e in live.values()}
-    slot = next((s for s in range(MAX_RUNS) if s not in used), None)
-    if slot is None:
+             host_netns: int, live: dict[bytes, RunEntry]) -> tuple[RunEntry, dict[str, int]]:
+    if len(live) >= MAX_RUNS:
         raise MaceError(f"too many concurrent runs ({MAX_RUNS}) share the BPF programs")
-    if nonce in live:
-        raise MaceError("the nonce is in use by another run")
-    start = process_start(os.getpid())
-    entry = RunEntry(slot, flags, prober_netns, host_netns, os.getpid(), start or 0)
-    ring = native.ringbuf_create(b"mace_run", RING_BYTES)
+    own = _own_maps()
+    entry = RunEntry(flags, prober_netns, host_netns, native.map_id(own["token"]), os.getpid())
+    inserted: list[str] = []
     try:
-        native.map_update(pset.fds["lost"], SLOT.pack(slot), COUNTER.pack(0))
-        native.map_update(pset.fds["rings"], SLOT.pack(slot), SLOT.pack(ring))
-        native.map_update(pset.fds["runs"], nonce, entry.pack())  # after its ring
-        pset.write_switches({**live, nonce: entry})
-    except BaseException:
-        native.map_delete(pset.fds["runs"], nonce)
-        native.map_delete(pset.fds["rings"], SLOT.pack(slot))
-        os.close(ring)
+        # Each only if the nonce is new to it; the ring and counter before the entry the
+        # programs look up first.
+        for role, value in (("lost", own["lost"]), ("rings", own["ring"])):
+            native.map_update(pset.fds[role], nonce, struct.pack("=I", value),
+                              native.BPF_NOEXIST)
+            inserted.append(role)
+        native.map_update(pset.fds["runs"], nonce, entry.pack(), native.BPF_NOEXIST)
+        inserted.append("runs")
+        pset.update_switches()
+    except BaseException as exc:
+        for role in inserted:
+            native.map_delete(pset.fds[role], nonce)
+        for fd in own.values():
+            os.close(fd)
+        if isinstance(exc, OSError) and exc.errno == errno.EEXIST:
+            raise MaceError("the nonce is in use by another run") from None
         raise
-    return entry, ring
+    return entry, own
 
 
 def join(path: Path, nonce: bytes, flags: int, prober_netns: int,
@@ -377,11 +415,11 @@ def join(path: Path, nonce: bytes, flags: int, prober_netns: int,
             pset = load(path, build)
         try:
             live = _clear_dead(pset)
-            entry, ring = _add_run(pset, nonce, flags, prober_netns, host_netns or 0, live)
+            entry, own = _add_run(pset, nonce, flags, prober_netns, host_netns or 0, live)
         except BaseException:
             pset.close()
             raise
-    return Membership(pset, nonce, entry, ring, loaded)
+    return Membership(pset, nonce, entry, own, loaded)
 
 
 def run_owners() -> list[int]:
@@ -397,8 +435,9 @@ def run_owners() -> list[int]:
                 if fd is None:
                     continue
                 try:
-                    if native.map_name(fd) != MAPS["runs"][1]:
-                        continue
+                    if native.map_name(fd) != MAPS["runs"][1] or \
+                            native.map_sizes(fd) != (8, RUN.size):
+                        continue  # not a runs map, or another build's
                     for key in native.map_keys(fd, 8):
                         raw = native.map_lookup(fd, key, RUN.size)
                         if raw is not None and alive(entry := RunEntry.unpack(raw)):
