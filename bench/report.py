@@ -181,7 +181,7 @@ def _foreign_target(res: dict) -> tuple[str, str, bool | str | None]:
 
 
 def _records_target(res: dict) -> tuple[str, str, bool | str | None]:
-    target = "records per answered probe crossing to userspace (`-c 500 -i 0.01 --json`): 1"
+    target = "records per answered probe crossing to userspace (`-q -c 500 -i 0.01`): 1"
     r = _measured(res, "records")
     if not r or r["records_per_answered_probe"] is None:
         return target, _why(res, "records") if not r else "no reply", NOT_MEASURED

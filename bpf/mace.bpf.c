@@ -575,52 +575,11 @@ static __always_inline bool classify(struct pkt *p, struct probe_hdrs *h, struct
 	return false;
 }
 
-/* One event per device crossed, into the run's ring (MACE_RUN_PATH runs). */
-static __always_inline void ship_event(const struct seen_packet *s, const struct probe_hdrs *h,
-				       const struct net_device *dev, __u32 netns, __u32 ifindex,
-				       __u8 hook, __u64 ts)
-{
-	void *ring = bpf_map_lookup_elem(&mace_rings, &s->id.nonce);
-	struct mace_event *e;
-
-	if (!ring)
-		return;
-	e = bpf_ringbuf_reserve(ring, sizeof(*e), 0);
-	if (!e) {
-		count_lost(s->id.nonce);
-		return;
-	}
-	e->kind = MACE_REC_EVENT;
-	e->packet = s->packet;
-	e->hook = hook;
-	e->proto = s->proto;
-	e->icmp_type = s->proto == IPPROTO_ICMP ? s->icmp_type : 0;
-	e->pad0 = 0;
-	e->seq = s->seq;
-	e->number = s->id.number;
-	e->netns = netns;
-	e->ifindex = ifindex;
-	e->saddr = h->ip.saddr;
-	e->daddr = h->ip.daddr;
-	e->pad1 = 0;
-	/* The whole array, not a _str read: ring-buffer records are not zeroed, so bytes
-	 * after a _str copy's NUL would differ per event (and defeat userspace's name cache). */
-	bpf_probe_read_kernel(e->dev, sizeof(e->dev), dev->name);
-	/* A departure is stamped here, as late as can be, unless follow_request() already
-	 * did: then the record and this event carry the same time. */
-	e->ts_ns = ts ?: bpf_ktime_get_ns();
-	/* No wakeup: a wakeup runs irq_work (an IPI here) and the reader's wake-up inside
-	 * the probe's own path (measured with 4 flooding neighbours: +10 µs on a flood's raw
-	 * RTT and egress, -20% probes/s). Readers drain the ring when a reply reaches their
-	 * socket, which is always after its records were submitted, and on every turn of
-	 * their loop. */
-	bpf_ringbuf_submit(e, BPF_RB_NO_WAKEUP);
-}
-
 /* A request crossing a device: the probe's state follows its departures (correlate.py's
  * rules: the host netns is the run's, or the first other netns the request enters; the
  * outer departure is the last one from the host netns). Returns the departure's stamp
- * when it was one from the host netns (the path's event then carries the same), else 0. */
+ * when it was one from the host netns (the path's event then carries the same), else 0.
+ * Called last of this program's work on a request: the packet leaves after we return. */
 static __always_inline __u64 follow_request(const struct seen_packet *s,
 					    const struct net_device *dev, __u32 netns,
 					    __u32 ifindex, __u8 hook)
@@ -651,6 +610,55 @@ static __always_inline __u64 follow_request(const struct seen_packet *s,
 	bpf_probe_read_kernel(st->outer_name, sizeof(st->outer_name), dev->name);
 	st->departed_ns = bpf_ktime_get_ns(); /* last: the packet leaves after we return */
 	return st->departed_ns;
+}
+
+/* One event per device crossed, into the run's ring (MACE_RUN_PATH runs). A request of a
+ * records run also has its state followed here (follow_request), between filling the
+ * event and stamping it: a departure's one stamp is then taken as late as can be, after
+ * this program's other work, and the record and the event carry the same time. */
+static __always_inline void ship_event(const struct seen_packet *s, const struct probe_hdrs *h,
+				       const struct net_device *dev, __u32 netns, __u32 ifindex,
+				       __u8 hook, __u64 ts, bool follow)
+{
+	void *ring = bpf_map_lookup_elem(&mace_rings, &s->id.nonce);
+	struct mace_event *e = NULL;
+
+	if (ring) {
+		e = bpf_ringbuf_reserve(ring, sizeof(*e), 0);
+		if (!e)
+			count_lost(s->id.nonce);
+	}
+	if (e) {
+		e->kind = MACE_REC_EVENT;
+		e->packet = s->packet;
+		e->hook = hook;
+		e->proto = s->proto;
+		e->icmp_type = s->proto == IPPROTO_ICMP ? s->icmp_type : 0;
+		e->pad0 = 0;
+		e->seq = s->seq;
+		e->number = s->id.number;
+		e->netns = netns;
+		e->ifindex = ifindex;
+		e->saddr = h->ip.saddr;
+		e->daddr = h->ip.daddr;
+		e->pad1 = 0;
+		/* The whole array, not a _str read: ring-buffer records are not zeroed, so
+		 * bytes after a _str copy's NUL would differ per event (and defeat userspace's
+		 * name cache). */
+		bpf_probe_read_kernel(e->dev, sizeof(e->dev), dev->name);
+	}
+	if (follow)
+		ts = follow_request(s, dev, netns, ifindex, hook) ?: ts;
+	if (!e)
+		return;
+	/* A departure not stamped by follow_request() is stamped here, as late as can be. */
+	e->ts_ns = ts ?: bpf_ktime_get_ns();
+	/* No wakeup: a wakeup runs irq_work (an IPI here) and the reader's wake-up inside
+	 * the probe's own path (measured with 4 flooding neighbours: +10 µs on a flood's raw
+	 * RTT and egress, -20% probes/s). Readers drain the ring when a reply reaches their
+	 * socket, which is always after its records were submitted, and on every turn of
+	 * their loop. */
+	bpf_ringbuf_submit(e, BPF_RB_NO_WAKEUP);
 }
 
 /* A reply arriving at a device: its first arrival on the outer device, and its delivery
@@ -703,6 +711,7 @@ static __always_inline int record(const struct sk_buff *skb, unsigned char *l3,
 	struct seen_packet s = {};
 	struct probe_hdrs h;
 	__u32 ifindex, netns;
+	bool follow;
 	__u8 ihl;
 	__u64 ts = 0;
 	struct pkt p;
@@ -745,14 +754,14 @@ static __always_inline int record(const struct sk_buff *skb, unsigned char *l3,
 	ifindex = BPF_CORE_READ(dev, ifindex);
 	netns = BPF_CORE_READ(dev, nd_net.net, ns.inum);
 
-	if (s.run->flags & MACE_RUN_RECORDS && s.proto == IPPROTO_ICMP) {
-		if (s.packet == MACE_PKT_REQUEST)
-			ts = follow_request(&s, dev, netns, ifindex, hook) ?: ts;
-		else if (hook != MACE_HOOK_XMIT)
-			follow_reply(&s, dev, netns, ts);
-	}
+	follow = s.run->flags & MACE_RUN_RECORDS && s.proto == IPPROTO_ICMP;
+	if (follow && s.packet == MACE_PKT_REPLY && hook != MACE_HOOK_XMIT)
+		follow_reply(&s, dev, netns, ts);
+	follow = follow && s.packet == MACE_PKT_REQUEST;
 	if (s.run->flags & MACE_RUN_PATH)
-		ship_event(&s, &h, dev, netns, ifindex, hook, ts);
+		ship_event(&s, &h, dev, netns, ifindex, hook, ts, follow);
+	else if (follow)
+		follow_request(&s, dev, netns, ifindex, hook);
 	return 0;
 }
 

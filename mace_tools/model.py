@@ -40,7 +40,8 @@ class KernelEvent(NamedTuple):
     """
 
     ts_mono_ns: int
-    seq: int  # ICMP sequence number (host order)
+    seq: int  # the probe number (the payload's u32 for ping, the ICMP seq or UDP/TCP tag
+    # number for traceroute): the key the run tracks its probe by
     packet: Packet
     hook: Hook
     ifindex: int

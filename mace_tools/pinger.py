@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import NamedTuple, Protocol
 
 from mace_tools.correlate import measured, stages
+from mace_tools.errors import MaceError
 from mace_tools.model import KernelEvent, Measurement, Probe, ProbeRecord, Reply, RunResult
 from mace_tools.probe.icmp import (
     NONCE_LEN,
@@ -221,6 +222,8 @@ class Pinger:
         sock = IcmpSocket(self.opts.ttl, self.opts.device, self.opts.source)
         try:
             sock.filter_replies(self.nonce if self.opts.size >= NONCE_LEN else None)
+        except MaceError:
+            pass  # it only saves work: every datagram is still matched after recv()
         except BaseException:
             sock.close()
             raise
