@@ -129,6 +129,19 @@ def test_text_output_keeps_iputils_tokens(lab: Lab) -> None:
     assert lines[8].endswith("kernel data 2/2 replies (100%), 0 events lost, 2 kernel records")
 
 
+def test_flood_is_fully_corrected_one_record_per_reply(lab: Lab) -> None:
+    """-f at full speed: every reply corrected from its own kernel record, nothing lost,
+    exactly one record read per answered probe (the path is not asked for in text)."""
+    proc = subprocess.run(lab.on_host(
+        sys.executable, "-m", "mace_tools.cli.ping", "--netns", lab.container_ns(0),
+        "-f", "-q", "-c", "5000", lab.target_addr), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    counts = re.search(r"5000 packets transmitted, (\d+) received", proc.stdout)
+    assert counts and int(counts.group(1)) == 5000, proc.stdout
+    assert "kernel data 5000/5000 replies (100%), 0 events lost, 5000 kernel records" \
+        in proc.stdout, proc.stdout
+
+
 def test_no_reply_exits_1_with_atlas_timeouts(lab: Lab) -> None:
     # 198.18.0.3 is on the lab's outer link but nobody has it: requests go unanswered.
     proc = subprocess.run(
