@@ -676,7 +676,11 @@ static __always_inline void follow_reply(const struct seen_packet *s,
 	if (st->departed_ns && !st->returned_ns && st->outer_dev == (__u64)dev &&
 	    ts >= st->departed_ns)
 		st->returned_ns = ts;
-	if (netns != s->run->prober_netns || st->delivered_dev == (__u64)dev)
+	/* A delivery counts only after the return: an echo reply with the run's nonce that
+	 * reaches the prober's netns first was never on the outer device (a forgery from
+	 * inside, say), and must neither send a record nor take the real reply's place. */
+	if (netns != s->run->prober_netns || !st->returned_ns ||
+	    st->delivered_dev == (__u64)dev)
 		return;
 	st->delivered_ns = ts;
 	st->delivered_dev = (__u64)dev;
