@@ -206,8 +206,7 @@ _HOLD_A_RUN = ("import os, sys\n"
 def programs_attached() -> Iterator[None]:
     """mace's programs attached (one run in the shared set, sending nothing), held by a
     child process as a mace-ping run is: whatever a run holds goes when it exits, so one
-    condition never outlives its block (in this process, a set loaded by Backend stayed
-    attached after close(), slowing every later section)."""
+    condition never outlives its block, whatever happens in this process."""
     proc = subprocess.Popen([sys.executable, "-c", _HOLD_A_RUN], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None

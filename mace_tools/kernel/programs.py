@@ -30,7 +30,7 @@ import fcntl
 import hashlib
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,7 +64,6 @@ NONCE_BITS = 4096  # MACE_NONCE_BITS
 # struct mace_switches: runs, udp, tcp, errors, build, nonce_bits
 SWITCHES = struct.Struct(f"=IIIIQ{NONCE_BITS // 8}s")
 ZERO = struct.pack("=I", 0)  # the key of a one-entry array
-COUNTER = struct.Struct("=Q")
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +99,7 @@ def alive(entry: RunEntry) -> bool:
     return True
 
 
-def nonce_bits(nonces: Iterator[bytes] | dict[bytes, RunEntry]) -> bytes:
+def nonce_bits(nonces: Iterable[bytes]) -> bytes:
     """switches.nonce_bits for these nonces: bit (first u32, little-endian) % NONCE_BITS,
     as u64 words in the machine's order (the BPF side reads them so)."""
     words = [0] * (NONCE_BITS // 64)
@@ -108,6 +107,16 @@ def nonce_bits(nonces: Iterator[bytes] | dict[bytes, RunEntry]) -> bytes:
         bit = int.from_bytes(nonce[:4], "little") % NONCE_BITS
         words[bit // 64] |= 1 << (bit % 64)
     return struct.pack(f"={len(words)}Q", *words)
+
+
+def entries_of(runs_fd: int) -> dict[bytes, RunEntry]:
+    """Every entry of a runs map, by nonce (a snapshot)."""
+    out = {}
+    for key in native.map_keys(runs_fd, 8):
+        raw = native.map_lookup(runs_fd, key, RUN.size)
+        if raw is not None:
+            out[key] = RunEntry.unpack(raw)
+    return out
 
 
 def build_of(path: Path) -> int:
@@ -127,12 +136,7 @@ class ProgramSet:
         self.build = build
 
     def run_entries(self) -> dict[bytes, RunEntry]:
-        out = {}
-        for key in native.map_keys(self.fds["runs"], 8):
-            raw = native.map_lookup(self.fds["runs"], key, RUN.size)
-            if raw is not None:
-                out[key] = RunEntry.unpack(raw)
-        return out
+        return entries_of(self.fds["runs"])
 
     def switches_of(self, entries: dict[bytes, RunEntry]) -> bytes:
         flags = [e.flags for e in entries.values()]
@@ -438,10 +442,7 @@ def run_owners() -> list[int]:
                     if native.map_name(fd) != MAPS["runs"][1] or \
                             native.map_sizes(fd) != (8, RUN.size):
                         continue  # not a runs map, or another build's
-                    for key in native.map_keys(fd, 8):
-                        raw = native.map_lookup(fd, key, RUN.size)
-                        if raw is not None and alive(entry := RunEntry.unpack(raw)):
-                            owners.append(entry.owner_pid)
+                    owners += [e.owner_pid for e in entries_of(fd).values() if alive(e)]
                 finally:
                     os.close(fd)
         finally:
