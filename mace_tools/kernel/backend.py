@@ -94,6 +94,8 @@ class Backend:
         self._ring: RingBuffer | None = None
         self._lost_map: mmap.mmap | None = None
         self._lost: memoryview | None = None
+        # the record handler of the sinks last drained into: built once, not per drain
+        self._handler: tuple[object, object, Callable[[memoryview, int], None]] | None = None
 
     def __enter__(self) -> Backend:
         try:
@@ -141,7 +143,9 @@ class Backend:
               on_record: Callable[[ProbeRecord], None] | None = None) -> int:
         """Decode every waiting record into its sink; return how many."""
         assert self._ring is not None
-        return self._ring.consume(dispatcher(on_event, on_record))
+        if self._handler is None or self._handler[:2] != (on_event, on_record):
+            self._handler = (on_event, on_record, dispatcher(on_event, on_record))
+        return self._ring.consume(self._handler[2])
 
     def lost(self) -> int:
         """Records the kernel side could not write to this run's ring (full), plus the
