@@ -639,13 +639,18 @@ static __always_inline void ship_event(const struct seen_packet *s, const struct
 		e->number = s->id.number;
 		e->netns = netns;
 		e->ifindex = ifindex;
-		e->saddr = h->ip.saddr;
-		e->daddr = h->ip.daddr;
 		e->pad1 = 0;
-		/* The whole array, not a _str read: ring-buffer records are not zeroed, so
-		 * bytes after a _str copy's NUL would differ per event (and defeat userspace's
-		 * name cache). */
-		bpf_probe_read_kernel(e->dev, sizeof(e->dev), dev->name);
+		if (s->run->flags & MACE_RUN_HIDE_HOST && netns != s->run->prober_netns) {
+			e->saddr = e->daddr = 0;	/* NAT'd addresses and host devices */
+			__builtin_memset(e->dev, 0, sizeof(e->dev));
+		} else {
+			e->saddr = h->ip.saddr;
+			e->daddr = h->ip.daddr;
+			/* The whole array, not a _str read: ring-buffer records are not
+			 * zeroed, so bytes after a _str copy's NUL would differ per event (and
+			 * defeat userspace's name cache). */
+			bpf_probe_read_kernel(e->dev, sizeof(e->dev), dev->name);
+		}
 	}
 	if (follow)
 		ts = follow_request(s, dev, netns, ifindex, hook) ?: ts;
@@ -700,7 +705,10 @@ static __always_inline void follow_reply(const struct seen_packet *s,
 	r->delivered_ns = ts;
 	r->outer_netns = st->outer_netns;
 	r->outer_ifindex = st->outer_ifindex;
-	__builtin_memcpy(r->outer_dev, st->outer_name, sizeof(r->outer_dev));
+	if (s->run->flags & MACE_RUN_HIDE_HOST && st->outer_netns != s->run->prober_netns)
+		__builtin_memset(r->outer_dev, 0, sizeof(r->outer_dev));
+	else
+		__builtin_memcpy(r->outer_dev, st->outer_name, sizeof(r->outer_dev));
 	bpf_ringbuf_submit(r, BPF_RB_NO_WAKEUP); /* see ship_event */
 	/* Answered: the state is freed at once, so the LRU map, shared by every run, holds
 	 * only probes in flight (and unanswered ones until they are evicted). */

@@ -37,6 +37,9 @@ enum mace_run_flags {
 	MACE_RUN_UDP = 4,	/* match UDP probes (payload: nonce, then u16 probe number) */
 	MACE_RUN_TCP = 8,	/* match TCP SYN probes (same payload) and their SYN-ACK/RST */
 	MACE_RUN_ERRORS = 16,	/* match ICMP errors quoting a probe seen earlier */
+	MACE_RUN_HIDE_HOST = 32, /* a client of the agent: its records carry no host-side
+				  * device names or addresses (netns and ifindex stay: numbers
+				  * that name nothing outside the host) */
 };
 
 /* Value of the runs map (key: the nonce, as the first 8 payload bytes read little-endian). */

@@ -11,3 +11,7 @@ class MaceError(Exception):
     def __init__(self, message: str, exit_code: int = 2) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class NoPrivilege(MaceError):
+    """The process may not load or join the BPF programs: a run can still go on raw."""

@@ -220,6 +220,7 @@ class RunResult:
     kernel_events_lost: int = 0
     kernel_records: int = 0  # records and events read from the kernel (1 per answer)
     kernel: bool = True  # False when probes cannot carry nonce and number (size < 12)
+    source: str = "local"  # of the kernel data: "local", "agent", or "none" (measured raw)
     tally: Tally = field(default_factory=_new_tally)
 
 
@@ -245,3 +246,4 @@ class TraceResult:
     end_real_ns: int = 0
     hops: dict[int, list[HopReply]] = field(default_factory=dict)
     kernel_events_lost: int = 0
+    source: str = "local"  # of the kernel data: "local", "agent", or "none" (measured raw)

@@ -21,6 +21,7 @@ nothing.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import time
@@ -41,7 +42,7 @@ from mace_tools.probe.icmp import (
     parse_ip_icmp,
 )
 from mace_tools.probe.icmp_errors import error_text, quoted_probe_seq
-from mace_tools.probe.sockets import IcmpSocket
+from mace_tools.probe.sockets import IcmpSocket, open_icmp_socket
 from mace_tools.session import EventSourceFactory, Session, new_nonce
 from mace_tools.stats import Tally
 
@@ -182,7 +183,8 @@ class Pinger:
         self.opts = opts
         self._after_setup = after_setup
         self.sink = sink
-        self.nonce = nonce or new_nonce()
+        self._nonce_asked = nonce  # None: the event source's choice (an agent's), or new
+        self.nonce = nonce or new_nonce()  # the run's, once it runs
         self.ident = os.getpid() & 0xFFFF
         self._template = EchoTemplate(self.ident, self.nonce, opts.size)
         self._backend_factory = backend_factory
@@ -193,19 +195,24 @@ class Pinger:
 
     def run(self) -> RunResult:
         opts = self.opts
-        with Session(opts.netns_path, self.nonce, after_setup=self._after_setup,
+        with Session(opts.netns_path, self._nonce_asked, after_setup=self._after_setup,
                      events_factory=self._backend_factory) as session:
             (sock,), source = session.open_sockets(self._open_socket, opts.dst_addr,
                                                    opts.device, opts.source)
-            # The kernel correlates probes that carry their number (-s >= 12).
-            result = RunResult(nonce=self.nonce, source_addr=source,
-                               kernel=self._probes.numbered)
-            self.sink.start(source)
-            if result.kernel:
-                session.start(self._probes.add_event, self._probes.add_record,
-                              records=True, path=opts.path)
+            # The kernel correlates probes that carry their number (-s >= 12). The event
+            # source may choose the nonce (an agent does): the filter and probes after it.
+            if self._probes.numbered:
+                self.nonce = session.open_events(self._probes.add_event,
+                                                 self._probes.add_record, records=True,
+                                                 path=opts.path)
             else:
-                session.start(None)
+                self.nonce = session.open_events(None)
+            self._filter_replies(sock)
+            self._template = EchoTemplate(self.ident, self.nonce, opts.size)
+            result = RunResult(nonce=self.nonce, source_addr=source,
+                               kernel=self._probes.numbered, source=session.source)
+            session.ready()
+            self.sink.start(source)
             self._session = session
             try:
                 self._loop(session, sock, result)
@@ -216,18 +223,22 @@ class Pinger:
         return result
 
     def _open_socket(self) -> list[IcmpSocket]:
-        """The run's ICMP socket, with a socket filter that drops other runs' echo
-        replies in the kernel (replies to probes too short for the nonce pass on their
-        type: probe/sockfilter.py)."""
-        sock = IcmpSocket(self.opts.ttl, self.opts.device, self.opts.source)
-        try:
-            sock.filter_replies(self.nonce if self.opts.size >= NONCE_LEN else None)
-        except MaceError:
-            pass  # it only saves work: every datagram is still matched after recv()
-        except BaseException:
-            sock.close()
-            raise
+        """The run's ICMP socket: raw, or without CAP_NET_RAW a ping socket (probe/
+        sockets.py). A ping socket's requests carry the kernel's ICMP id, not ours, and
+        replies and quoted errors of probes too short for the nonce match on the id: so
+        the run's ident is set here, once the socket is open (the template is built
+        after this, and the kernel writes the id of a ping socket's requests anyway)."""
+        sock = open_icmp_socket(self.opts.ttl, self.opts.device, self.opts.source)
+        if sock.ident is not None:
+            self.ident = sock.ident
         return [sock]
+
+    def _filter_replies(self, sock: IcmpSocket) -> None:
+        """A socket filter that drops other runs' echo replies in the kernel (replies to
+        probes too short for the nonce pass on their type: probe/sockfilter.py)."""
+        # it only saves work: every datagram is still matched after recv()
+        with contextlib.suppress(MaceError):
+            sock.filter_replies(self.nonce if self.opts.size >= NONCE_LEN else None)
 
     def _loop(self, session: Session, sock: IcmpSocket, result: RunResult) -> None:
         start = time.monotonic_ns()

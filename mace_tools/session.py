@@ -3,11 +3,12 @@ run (tracer.py).
 
 A Session opens the run's sockets inside the probing netns (a socket keeps the netns it was
 made in; the rest of the process stays where it started) and learns the source address
-the kernel picks there; holds the run's nonce and its event source (today the local eBPF
-programs, kernel/backend.py, bound only when a run starts so mace-ping's start-up stays
-light; a factory stands in for them in tests); runs after_setup once all that is open (the
-command drops its privileges there); and runs the loop: one thread, one epoll over the
-sockets. What belongs to a protocol (ping's pacing, traceroute's hop plan and emission)
+the kernel picks there; holds the run's nonce and its event source (the programs this
+process joins or loads, kernel/backend.py, bound only when a run starts so mace-ping's
+start-up stays light; or a run the host's mace-agent serves, agent/client.py, which
+chooses the nonce; sources.py picks; a factory stands in for them in tests); runs
+after_setup once all that is open (the command drops its privileges there); and runs the
+loop: one thread, one epoll over the sockets. What belongs to a protocol (ping's pacing, traceroute's hop plan and emission)
 stays with the run that uses the session.
 """
 
@@ -30,7 +31,12 @@ MAX_WAIT_S = 60.0  # a turn's wait is cut to this: epoll takes int ms, and clock
 
 
 class EventSource(Protocol):
-    """Where a run's kernel records come from: kernel.backend.Backend, or a test's fake."""
+    """Where a run's kernel records come from: kernel.backend.Backend (the programs this
+    process joined or loaded), agent.client.AgentEvents (a run the host's mace-agent
+    serves), or a test's fake. nonce: the run's (an agent chooses it)."""
+
+    nonce: bytes
+    kind: str  # "local" or "agent": mace.source in the JSON outputs
 
     @property
     def fd(self) -> int: ...
@@ -48,7 +54,9 @@ class RunSocket(Protocol):
     def close(self) -> None: ...
 
 
-EventSourceFactory = Callable[[bytes], EventSource]  # the run's nonce -> an open source
+# (the nonce asked for or None, the run's namespaces, switches) -> an open source, or None:
+# no kernel data for this run (it is measured raw); see kernel_events for the switches.
+EventSourceFactory = Callable[..., "EventSource | None"]
 S = TypeVar("S", bound=RunSocket)
 
 
@@ -77,13 +85,14 @@ def source_address(dst: str, device: str | None, source: str | None) -> str:
         udp.close()
 
 
-def kernel_events(nonce: bytes, ns: Namespaces, **switches: bool) -> EventSource:
+def kernel_events(nonce: bytes | None, ns: Namespaces, **switches: bool) -> EventSource:
     """This run's place in the host's eBPF program set (libbpf is bound only now).
-    switches: records (ping's in-kernel correlation), path (an event per device),
-    udp/tcp/errors (traceroute's matching): kernel.backend.Backend."""
+    nonce None: a new one. switches: records (ping's in-kernel correlation), path (an
+    event per device), udp/tcp/errors (traceroute's matching): kernel.backend.Backend."""
     from mace_tools.kernel.backend import Backend
 
-    backend = Backend(nonce, prober_netns=ns.prober, host_netns=ns.host, **switches)
+    backend = Backend(nonce or new_nonce(), prober_netns=ns.prober, host_netns=ns.host,
+                      **switches)
     try:
         backend.open()
     except BaseException:
@@ -95,13 +104,14 @@ def kernel_events(nonce: bytes, ns: Namespaces, **switches: bool) -> EventSource
 class Session:
     """A run's sockets, event source and loop; a context manager that closes them all."""
 
-    def __init__(self, netns_path: Path | None, nonce: bytes, *,
+    def __init__(self, netns_path: Path | None, nonce: bytes | None = None, *,
                  after_setup: Callable[[], None] | None = None,
                  events_factory: EventSourceFactory | None = None) -> None:
-        """netns_path: the netns to probe from (None: ours). after_setup runs once the
-        sockets and the event source are open (the command drops its privileges there,
-        as iputils does; a long-lived caller keeps its own). events_factory: the event
-        source (default: kernel_events)."""
+        """netns_path: the netns to probe from (None: ours). nonce: the run's, if the
+        caller chose it (else the event source's choice, or a new one). after_setup runs
+        at ready(), once the sockets and the event source are open (the command drops
+        its privileges there, as iputils does; a long-lived caller keeps its own).
+        events_factory: the event source (default: kernel_events)."""
         self.nonce = nonce
         self.netns_path = netns_path
         self.ns: Namespaces = netns.of_run(netns_path)
@@ -112,12 +122,31 @@ class Session:
         self._on_event: Callable[[KernelEvent], None] | None = None
         self._on_record: Callable[[ProbeRecord], None] | None = None
         self.records_read = 0  # records and events that crossed from the kernel
+        self.source = "none"  # where the kernel data comes from: "local", "agent", "none"
 
     def __enter__(self) -> Session:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def open_events(self, on_event: Callable[[KernelEvent], None] | None,
+                    on_record: Callable[[ProbeRecord], None] | None = None,
+                    **switches: bool) -> bytes:
+        """Open the event source (an agent chooses the run's nonce), its events
+        going to on_event and its probe records to on_record (on_event None: the run gets
+        no kernel data, as when probes are too short to carry the nonce); switches go to
+        the factory. The run's nonce."""
+        if on_event is not None:
+            factory = self._events_factory or kernel_events
+            self._events = factory(self.nonce, self.ns, **switches)
+            if self._events is not None:
+                self.nonce = self._events.nonce
+                self.source = self._events.kind
+                self._on_event, self._on_record = on_event, on_record
+        if self.nonce is None:
+            self.nonce = new_nonce()
+        return self.nonce
 
     def open_sockets(self, make: Callable[[], Sequence[S]], dst_addr: str,
                      device: str | None = None, source: str | None = None) -> tuple[list[S], str]:
@@ -129,18 +158,8 @@ class Session:
             self._sockets.extend(sockets)
             return sockets, source_address(dst_addr, device, source)
 
-    def start(self, on_event: Callable[[KernelEvent], None] | None,
-              on_record: Callable[[ProbeRecord], None] | None = None,
-              **switches: bool) -> None:
-        """Open the event source, its events going to on_event and its probe records to
-        on_record (on_event None: the run gets no kernel data, as when probes are too
-        short to carry the nonce); switches go to kernel_events. Then after_setup: from
-        here on the run needs no privilege."""
-        if on_event is not None:
-            factory = self._events_factory
-            self._events = factory(self.nonce) if factory is not None \
-                else kernel_events(self.nonce, self.ns, **switches)
-            self._on_event, self._on_record = on_event, on_record
+    def ready(self) -> None:
+        """Everything is open: after_setup. From here on the run needs no privilege."""
         if self._after_setup is not None:
             self._after_setup()
 

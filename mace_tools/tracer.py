@@ -107,7 +107,8 @@ class Tracer:
         self._after_setup = after_setup
         self._backend_factory = backend_factory
         self.sink = sink
-        self.nonce = nonce or new_nonce()
+        self._nonce_asked = nonce  # None: the event source's choice (an agent's), or new
+        self.nonce = nonce or new_nonce()  # the run's, once it runs
         self.ident = os.getpid() & 0xFFFF
         self._flight: dict[int, _InFlight] = {}  # probe number -> probe
         self._by_quote: dict[bytes, int] = {}
@@ -118,16 +119,19 @@ class Tracer:
     def run(self) -> TraceResult:
         opts = self.opts
         proto = PROTO_NUMBERS[opts.method]
-        with Session(opts.netns_path, self.nonce, after_setup=self._after_setup,
+        with Session(opts.netns_path, self._nonce_asked, after_setup=self._after_setup,
                      events_factory=self._backend_factory) as session:
             socks, src = session.open_sockets(lambda: _open_sockets(proto), opts.dst_addr)
+            # the event source may choose the nonce the probes carry (an agent does)
+            self.nonce = session.open_events(self._add_event, path=True,
+                                             udp=opts.method == UDP, tcp=opts.method == TCP,
+                                             errors=True)
             sport = 33000 + (self.ident % 20000) if opts.method != ICMP else 0
             port = opts.port if opts.port is not None else DEFAULT_PORTS[opts.method]
             self.factory = ProbeFactory(opts.method, self.nonce, src, opts.dst_addr,
                                         opts.size, port, sport, self.ident, opts.paris)
-            result = TraceResult(self.nonce, src)
-            session.start(self._add_event, udp=opts.method == UDP, tcp=opts.method == TCP,
-                          errors=True)
+            result = TraceResult(self.nonce, src, source=session.source)
+            session.ready()
             self.sink.start(src)
             self._loop(session, socks, result)
             result.kernel_events_lost = session.lost()

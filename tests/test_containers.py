@@ -12,6 +12,8 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -99,15 +101,16 @@ def truth(nonce: bytes) -> TruthCapture:
 
 
 def assert_corrected(stdout: str, stderr: str, returncode: int, cap: TruthCapture,
-                     ) -> list[float]:
-    """Coverage 100%, outer device = our veth in the host netns on every reply, and the
-    accuracy criterion (tests/accuracy.py) against truth v2."""
+                     outer_name: str = OUTER) -> list[float]:
+    """Coverage 100%, outer device = our veth in the host netns on every reply (named
+    outer_name: "" when an agent withholds it), and the accuracy criterion
+    (tests/accuracy.py) against truth v2."""
     assert returncode == 0, stderr
     records, summary = parse_ndjson(stdout)
     rows = compare(PingRun(records, summary, returncode, stderr), cap)
     assert summary["mace"]["coverage"] == 1.0 and len(rows) == PROBES
     host_ino = os.stat("/proc/self/ns/net").st_ino  # the tests run on the container host
-    assert {r["outer_dev"] for r in records} == {f"{OUTER}@{host_ino}"}
+    assert {r["outer_dev"] for r in records} == {f"{outer_name}@{host_ino}"}
     errors = [r.error_us for r in rows]
     assert None not in errors
     assert_accurate_errors(errors)
@@ -167,14 +170,56 @@ def test_mace_ping_inside_a_container_corrects(engine: Engine, mace_image: str,
     assert_corrected(proc.stdout.decode(), proc.stderr.decode(), proc.returncode, cap)
 
 
+@pytest.fixture(scope="module")
+def host_agent() -> Iterator[Path]:
+    """mace-agent on the container host (its root netns, as the systemd unit runs it), on
+    a socket in a directory of its own: the directory containers mount at /run/mace."""
+    directory = Path(tempfile.mkdtemp(prefix=f"mt{RUN}-agent-"))
+    directory.chmod(0o755)  # containers' users must reach the socket (mode 0666)
+    sock = directory / "agent.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "mace_tools.cli.agent", "--socket",
+                             str(sock)], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not sock.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, \
+                "mace-agent did not start"
+            time.sleep(0.05)
+        yield directory
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+        sock.unlink(missing_ok=True)
+        directory.rmdir()
+    assert proc.returncode == 0, err
+
+
+def test_unprivileged_container_is_corrected_through_the_agent(
+        engine: Engine, mace_image: str, target: str, host_agent: Path) -> None:
+    """No capability at all (a ping socket probes; Podman's default ping_group_range is
+    gid 0 only, Docker's every group), only the agent's socket directory mounted."""
+    user = "1000:1000" if engine.runtime == "docker" else "0:0"
+    with TruthCapture(OuterLink(None, OUTER, TARGET_NS, "tgt0"), "icmp",
+                      expect_requests=PROBES) as cap:
+        proc = engine.run("--rm", "--cap-drop", "ALL", "--user", user, "-v",
+                          f"{host_agent}:/run/mace", mace_image, "--ndjson", "-c",
+                          str(PROBES), "-i", "0.005", target, check=False)
+    stdout = proc.stdout.decode()
+    assert '"source": "agent"' in stdout, proc.stderr.decode()
+    assert_corrected(stdout, proc.stderr.decode(), proc.returncode, cap, outer_name="")
+
+
 def test_inside_a_container_without_bpf_privilege(engine: Engine, mace_image: str,
                                                   target: str) -> None:
+    """No agent, no BPF privilege: measured raw, and one line says how to get corrections."""
     proc = engine.run("--rm", "--cap-drop", "ALL", "--cap-add", "NET_RAW", mace_image,
                       "-c", "1", target, check=False)
-    assert proc.returncode == 2
-    assert proc.stderr.decode().strip().endswith(
-        "mace-ping: permission denied loading BPF programs: run as root "
-        "(or with CAP_BPF, CAP_PERFMON and CAP_NET_RAW)")
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stderr.decode().splitlines() == [
+        "mace-ping: no mace-agent at /run/mace/agent.sock and no BPF privilege: replies are "
+        "shown raw (corrected=none); run mace-agent on the host and mount /run/mace, or give "
+        "CAP_BPF and CAP_PERFMON"]
+    assert "corrected=none" in proc.stdout.decode()
 
 
 def test_unknown_and_stopped_containers(engine: Engine, image: str) -> None:

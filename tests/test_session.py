@@ -27,9 +27,12 @@ NONCE = bytes.fromhex("0102030405060708")
 class FakeEvents:
     """An event source that only logs what the run asks of it."""
 
-    def __init__(self, log: list[tuple[str, int]]) -> None:
+    kind = "local"
+
+    def __init__(self, log: list[tuple[str, int]], nonce: bytes = NONCE) -> None:
         self.log = log
         self.closed = False
+        self.nonce = nonce
 
     @property
     def fd(self) -> int:
@@ -57,6 +60,8 @@ class FakeNet:
     read that was going on when its probe left (a path slower than Python), only by the
     next; else it is there at once, as when the path answers within sendto() (loopback,
     a netns lab)."""
+
+    ident = None  # as a raw socket's: the run's own id goes out
 
     def __init__(self, log: list[tuple[str, int]], delayed: bool) -> None:
         self.log, self.delayed = log, delayed
@@ -132,12 +137,12 @@ def ping(monkeypatch: pytest.MonkeyPatch, delayed: bool, **opts: object) \
         nets.append(FakeNet(log, delayed))
         return nets[-1]
 
-    def fake_events(nonce: bytes) -> FakeEvents:
+    def fake_events(nonce: bytes, ns: object, **switches: bool) -> FakeEvents:
         assert nonce == NONCE
         events.append(FakeEvents(log))
         return events[-1]
 
-    monkeypatch.setattr(pinger, "IcmpSocket", fake_socket)
+    monkeypatch.setattr(pinger, "open_icmp_socket", fake_socket)
     # no 100/s minimum-rate probes: in flood, only replies send (whatever the VM's load)
     monkeypatch.setattr(pinger, "FLOOD_MIN_RATE_S", 60.0)
     options = PingOptions(TARGET, source=SOURCE, **opts)  # type: ignore[arg-type]
@@ -192,10 +197,10 @@ def test_paced_ping_sends_on_its_schedule_only(monkeypatch: pytest.MonkeyPatch) 
 def test_probes_too_short_for_the_nonce_open_no_event_source(
         monkeypatch: pytest.MonkeyPatch) -> None:
     log: list[tuple[str, int]] = []
-    monkeypatch.setattr(pinger, "IcmpSocket", lambda *args: FakeNet(log, delayed=True))
+    monkeypatch.setattr(pinger, "open_icmp_socket", lambda *args: FakeNet(log, delayed=True))
     result = Pinger(PingOptions(TARGET, source=SOURCE, size=4, count=2, interval_s=0.0),
                     LogSink(log), nonce=NONCE,  # type: ignore[arg-type]
-                    backend_factory=lambda nonce: pytest.fail("no source wanted")).run()
+                    backend_factory=lambda *_, **__: pytest.fail("no source wanted")).run()
     assert not result.kernel and result.tally.received == 2
     assert ("drain", 0) not in log
 
@@ -206,18 +211,19 @@ def test_probes_too_short_for_the_nonce_open_no_event_source(
 def session() -> Iterator[tuple[Session, list[tuple[str, int]]]]:
     log: list[tuple[str, int]] = []
     s = Session(None, NONCE, after_setup=lambda: log.append(("after_setup", 0)),
-                events_factory=lambda nonce: FakeEvents(log))
+                events_factory=lambda nonce, ns, **switches: FakeEvents(log))
     with s:
         yield s, log
 
 
-def test_setup_runs_after_the_event_source_is_open(
+def test_setup_runs_once_the_event_source_and_sockets_are_open(
         session: tuple[Session, list[tuple[str, int]]]) -> None:
     s, log = session
+    assert s.open_events(lambda ev: None) == NONCE and s.source == "local"
     (net,), source = s.open_sockets(lambda: [FakeNet(log, delayed=True)], TARGET,
                                     source=SOURCE)
     assert source == SOURCE and log == []
-    s.start(lambda ev: None)
+    s.ready()
     assert log == [("after_setup", 0)]
     s.drain()
     assert log[-1] == ("drain", 0)
@@ -228,8 +234,9 @@ def test_setup_runs_after_the_event_source_is_open(
 def test_ctrl_c_ends_the_loop_and_sigquit_is_left_alone_without_a_status_line(
         session: tuple[Session, list[tuple[str, int]]]) -> None:
     s, log = session
+    s.open_events(lambda ev: None)
     (net,), _ = s.open_sockets(lambda: [FakeNet(log, delayed=True)], TARGET, source=SOURCE)
-    s.start(lambda ev: None)
+    s.ready()
     net.send(bytes([8, 0, 0, 0, 0, 1, 0, 1]) + NONCE, TARGET)  # readable from now on
     log.clear()
     before = signal.getsignal(signal.SIGQUIT)

@@ -35,6 +35,9 @@ RuntimeOption = Annotated[str, typer.Option(
     "--runtime", help="docker, podman, crio (via crictl) or auto")]
 ListContainersOption = Annotated[bool, typer.Option(
     "--list-containers", help="list the containers that can be measured, and exit")]
+AgentOption = Annotated[str | None, typer.Option(
+    "--agent", metavar="PATH", help="the mace-agent socket to get corrections from "
+    "(default: $MACE_AGENT, else /run/mace/agent.sock if it exists)")]
 
 
 def run_app(app: typer.Typer, prog: str, argv: list[str] | None = None,
@@ -56,6 +59,19 @@ def run_app(app: typer.Typer, prog: str, argv: list[str] | None = None,
     except KeyboardInterrupt:
         return 130
     return status if isinstance(status, int) else 0
+
+
+def drop_privileges() -> None:
+    """Once the run's sockets and event source are open, give up every capability for
+    good, as iputils does (kernel/native.py). A process that holds none (an unprivileged
+    client of mace-agent) has nothing to give up, and does not bind ctypes to learn it."""
+    from mace_tools.sources import effective_capabilities
+
+    if effective_capabilities() == 0:
+        return
+    from mace_tools.kernel.native import drop_privileges as drop
+
+    drop()
 
 
 def c_long(text: str) -> int | None:

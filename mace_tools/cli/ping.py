@@ -18,9 +18,11 @@ from mace_tools.cli.common import (
     INT_MAX,
     LONG_MAX,
     UINT_MAX,
+    AgentOption,
     ContainerOption,
     ListContainersOption,
     RuntimeOption,
+    drop_privileges,
     output_mode,
     parse_nonce,
     ping_strtod,
@@ -87,12 +89,13 @@ def ping(
         "--nonce", help="the run's 8-byte probe nonce as 16 hex digits (default: random); "
         "lets a capture filter on it (icmp[8:4], icmp[12:4]); must differ between "
         "concurrent runs")] = None,
+    agent: AgentOption = None,
     version: Annotated[bool, typer.Option("-V", "--version", help="print version")] = False,
 ) -> None:
     host = required_host(PROG, version, list_containers, runtime, host)
-    from mace_tools.kernel.native import drop_privileges
     from mace_tools.output.live import make_sink
     from mace_tools.pinger import Pinger, PingOptions
+    from mace_tools.sources import event_sources
 
     numbers = _numbers(count, interval, size, ttl, linger, deadline)
     mode = output_mode(json_out, ndjson)
@@ -117,7 +120,9 @@ def ping(
     )
     sink = make_sink(mode, dst_name=host, dst_addr=addr, size=numbers.size, quiet=quiet,
                      timestamps=timestamps, flood=flood, interface=interface)
-    result = Pinger(opts, sink, nonce=parse_nonce(nonce), after_setup=drop_privileges).run()
+    sources = event_sources(PROG, agent, site.netns_path, nonce is not None)
+    result = Pinger(opts, sink, nonce=parse_nonce(nonce), backend_factory=sources,
+                    after_setup=drop_privileges).run()
     sink.finish(result)
     received = result.tally.received
     wanted = numbers.count

@@ -12,11 +12,13 @@ import typer
 
 from mace_tools.cli.common import (
     INT_MAX,
+    AgentOption,
     ContainerOption,
     ListContainersOption,
     RuntimeOption,
     c_double,
     c_long,
+    drop_privileges,
     output_mode,
     parse_nonce,
     probe_site,
@@ -142,12 +144,13 @@ def traceroute(
     = False,
     ndjson: Annotated[bool, typer.Option("--ndjson", help="one JSON record per hop")] = False,
     nonce: Annotated[str | None, typer.Option("--nonce", help="16 hex digits")] = None,
+    agent: AgentOption = None,
     version: Annotated[bool, typer.Option("-V", "--version")] = False,
 ) -> None:
     host = required_host(PROG, version, list_containers, runtime, host)
-    from mace_tools.kernel.native import drop_privileges
     from mace_tools.output.traceroute import TraceOutput
     from mace_tools.probe.trace import ICMP, TCP, UDP
+    from mace_tools.sources import event_sources
     from mace_tools.tracer import TraceOptions, Tracer
 
     if sum((icmp, tcp, udp)) > 1:
@@ -168,8 +171,9 @@ def traceroute(
     output = TraceOutput(mode, dst_name=host, dst_addr=addr, method=method, max_ttl=hops.max,
                          size=size, paris=paris)
     try:
-        result = Tracer(opts, output, nonce=parse_nonce(nonce),
-                        after_setup=drop_privileges).run()
+        sources = event_sources(PROG, agent, site.netns_path, nonce is not None)
+        result = Tracer(opts, output, nonce=parse_nonce(nonce), after_setup=drop_privileges,
+                        backend_factory=sources).run()
     except MaceError as exc:  # past the arguments, failures are runtime errors: exit 1
         raise MaceError(str(exc), exit_code=1) from exc
     output.finish(result)

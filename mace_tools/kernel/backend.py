@@ -10,13 +10,14 @@ run time).
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import stat
 from collections.abc import Callable
 from pathlib import Path
 
-from mace_tools.errors import MaceError
+from mace_tools.errors import MaceError, NoPrivilege
 from mace_tools.kernel import native, programs
 from mace_tools.kernel.events import PROBE_STATE, dispatcher, probe_record_from_state
 from mace_tools.kernel.ringbuf import RingBuffer
@@ -72,6 +73,8 @@ def _untrusted(real: Path) -> str | None:
 class Backend:
     """A run's membership in the program set plus its ring buffer; a context manager."""
 
+    kind = "local"  # session.EventSource: the programs this process joined or loaded
+
     def __init__(self, nonce: bytes, obj_path: Path | None = None, *, records: bool = False,
                  path: bool = True, udp: bool = False, tcp: bool = False,
                  errors: bool = False, prober_netns: int | None = None,
@@ -82,7 +85,7 @@ class Backend:
         when not given; host: None to let the kernel infer it per probe)."""
         if len(nonce) != 8 or not any(nonce):
             raise ValueError("nonce must be 8 bytes, not all zero")
-        self._nonce = nonce
+        self.nonce = nonce
         self._flags = ((programs.RUN_RECORDS if records else 0)
                        | (programs.RUN_PATH if path else 0)
                        | (programs.RUN_UDP if udp else 0) | (programs.RUN_TCP if tcp else 0)
@@ -118,9 +121,11 @@ class Backend:
         prober = self._prober if self._prober is not None else \
             os.stat("/proc/thread-self/ns/net").st_ino
         try:
-            self._member = programs.join(self._path, self._nonce, self._flags, prober,
+            self._member = programs.join(self._path, self.nonce, self._flags, prober,
                                          self._host)
         except OSError as exc:
+            if exc.errno in (errno.EPERM, errno.EACCES):
+                raise NoPrivilege(f"cannot set up the BPF programs: {exc.strerror}") from exc
             raise MaceError(f"cannot set up the BPF programs: {exc.strerror}") from exc
         self._ring = RingBuffer(self._member.ring_fd, programs.RING_BYTES)
         # BPF_F_MMAPABLE: read with a memory load, no syscall (and no privilege) per reply
@@ -159,7 +164,7 @@ class Backend:
         tracepoint in the prober netns (macvlan), so no record came. A syscall: the rare
         path only."""
         assert self._member is not None
-        key = self._nonce + number.to_bytes(4, "little") + bytes(4)
+        key = self.nonce + number.to_bytes(4, "little") + bytes(4)
         raw = native.map_lookup(self._member.pset.fds["probes"], key, PROBE_STATE.size)
         return probe_record_from_state(number, raw) if raw is not None else None
 

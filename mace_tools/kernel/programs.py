@@ -34,7 +34,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from mace_tools.errors import MaceError
+from mace_tools.errors import MaceError, NoPrivilege
 from mace_tools.kernel import native
 
 # /run, not /run/lock (not on every system) or /tmp (`ip netns exec` keeps /run; a
@@ -44,7 +44,7 @@ MAX_RUNS = 128  # MACE_MAX_RUNS (bpf/mace.h)
 RING_BYTES = 1 << 20  # MACE_RING_BYTES
 
 # enum mace_run_flags
-RUN_RECORDS, RUN_PATH, RUN_UDP, RUN_TCP, RUN_ERRORS = 1, 2, 4, 8, 16
+RUN_RECORDS, RUN_PATH, RUN_UDP, RUN_TCP, RUN_ERRORS, RUN_HIDE_HOST = 1, 2, 4, 8, 16, 32
 
 PROGRAMS = {
     "mace_xmit": "net:net_dev_start_xmit",
@@ -210,7 +210,7 @@ def load(path: Path, build: int) -> ProgramSet:
 
 def load_error(err: int) -> MaceError:
     if err in (errno.EPERM, errno.EACCES):
-        return MaceError(
+        return NoPrivilege(
             "permission denied loading BPF programs: run as root "
             "(or with CAP_BPF, CAP_PERFMON and CAP_NET_RAW)"
         )
@@ -363,49 +363,121 @@ class Membership:
             self.pset.close()
 
 
-def _own_maps() -> dict[str, int]:
-    """A new run's own maps: its ring buffer, its lost counter (one u64, mapped into its
-    memory) and its token (nothing in it: it exists while the run holds it)."""
-    own: dict[str, int] = {}
+def new_token() -> int:
+    """A map that only its holder keeps open: a run's entry names its id (RunEntry)."""
+    return native.map_create(native.BPF_MAP_TYPE_ARRAY, b"mace_run_token", 4, 4, 1)
+
+
+def _ring_and_counter() -> tuple[int, int]:
+    ring = native.ringbuf_create(b"mace_run", RING_BYTES)
     try:
-        own["ring"] = native.ringbuf_create(b"mace_run", RING_BYTES)
-        own["lost"] = native.map_create(native.BPF_MAP_TYPE_ARRAY, b"mace_run_lost", 4, 8, 1,
-                                        native.BPF_F_MMAPABLE)
-        own["token"] = native.map_create(native.BPF_MAP_TYPE_ARRAY, b"mace_run_token", 4, 4,
-                                         1)
+        lost = native.map_create(native.BPF_MAP_TYPE_ARRAY, b"mace_run_lost", 4, 8, 1,
+                                 native.BPF_F_MMAPABLE)
     except BaseException:
-        for fd in own.values():
-            os.close(fd)
+        os.close(ring)
         raise
-    return own
+    return ring, lost
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """A nonce whose ring buffer and lost counter are in the set (mace_rings, mace_lost),
+    not yet a run: the programs look a nonce up in mace_runs first, so nothing is written
+    to that ring until activate() adds the entry. Putting a map into a map of maps waits
+    for an RCU grace period (~10 ms each here); the agent keeps a few reservations made
+    ahead, so a client does not wait for them."""
+
+    nonce: bytes
+    ring_fd: int
+    lost_fd: int
+
+    def close(self) -> None:
+        for fd in (self.ring_fd, self.lost_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def reserve(pset: ProgramSet, nonce: bytes) -> Reservation:
+    """Put a new ring and counter into the set under nonce (only if no one has it:
+    MaceError if someone does). The caller closes the reservation's fds."""
+    ring, lost = _ring_and_counter()
+    inserted: list[str] = []
+    try:
+        # each only if the nonce is new to it; the entry the programs look up comes later
+        for role, value in (("lost", lost), ("rings", ring)):
+            native.map_update(pset.fds[role], nonce, struct.pack("=I", value),
+                              native.BPF_NOEXIST)
+            inserted.append(role)
+    except BaseException as exc:
+        for role in inserted:
+            with contextlib.suppress(OSError):
+                native.map_delete(pset.fds[role], nonce)
+        for fd in (ring, lost):
+            os.close(fd)
+        if isinstance(exc, OSError) and exc.errno == errno.EEXIST:
+            raise MaceError("the nonce is in use by another run") from None
+        raise
+    return Reservation(nonce, ring, lost)
+
+
+def unreserve(pset: ProgramSet, reservation: Reservation) -> None:
+    """Take a reservation's maps out of the set (after deactivate, for a run) and close
+    them. Its ring is never handed to anyone else: it may hold a run's records."""
+    try:
+        for role in ("rings", "lost"):
+            native.map_delete(pset.fds[role], reservation.nonce)
+    finally:
+        reservation.close()
+
+
+def activate(pset: ProgramSet, nonce: bytes, entry: RunEntry) -> None:
+    """Make a reservation a run: its entry (only if the nonce has none), then the
+    switches (its nonce bit, its counts)."""
+    native.map_update(pset.fds["runs"], nonce, entry.pack(), native.BPF_NOEXIST)
+    try:
+        pset.update_switches()
+    except BaseException:
+        native.map_delete(pset.fds["runs"], nonce)
+        raise
+
+
+def deactivate(pset: ProgramSet, nonce: bytes) -> None:
+    """The run's entry goes, then the switches: nothing is written to its ring after."""
+    native.map_delete(pset.fds["runs"], nonce)
+    pset.update_switches()
 
 
 def _add_run(pset: ProgramSet, nonce: bytes, flags: int, prober_netns: int,
              host_netns: int, live: dict[bytes, RunEntry]) -> tuple[RunEntry, dict[str, int]]:
     if len(live) >= MAX_RUNS:
         raise MaceError(f"too many concurrent runs ({MAX_RUNS}) share the BPF programs")
-    own = _own_maps()
-    entry = RunEntry(flags, prober_netns, host_netns, native.map_id(own["token"]), os.getpid())
-    inserted: list[str] = []
+    token = new_token()
     try:
-        # Each only if the nonce is new to it; the ring and counter before the entry the
-        # programs look up first.
-        for role, value in (("lost", own["lost"]), ("rings", own["ring"])):
-            native.map_update(pset.fds[role], nonce, struct.pack("=I", value),
-                              native.BPF_NOEXIST)
-            inserted.append(role)
-        native.map_update(pset.fds["runs"], nonce, entry.pack(), native.BPF_NOEXIST)
-        inserted.append("runs")
-        pset.update_switches()
+        reservation = reserve(pset, nonce)
+    except BaseException:
+        os.close(token)
+        raise
+    entry = RunEntry(flags, prober_netns, host_netns, native.map_id(token), os.getpid())
+    try:
+        activate(pset, nonce, entry)
     except BaseException as exc:
-        for role in inserted:
-            native.map_delete(pset.fds[role], nonce)
-        for fd in own.values():
-            os.close(fd)
+        os.close(token)
+        unreserve(pset, reservation)
         if isinstance(exc, OSError) and exc.errno == errno.EEXIST:
             raise MaceError("the nonce is in use by another run") from None
         raise
-    return entry, own
+    return entry, {"ring": reservation.ring_fd, "lost": reservation.lost_fd, "token": token}
+
+
+def attached_set(path: Path) -> tuple[ProgramSet, bool]:
+    """The host's program set of this object's build, loaded if none is attached; and
+    whether it was loaded here. Held (its links' fds) until the caller closes it."""
+    build = build_of(path)
+    with _locked():
+        pset = find(build)
+        if pset is not None:
+            return pset, False
+        return load(path, build), True
 
 
 def join(path: Path, nonce: bytes, flags: int, prober_netns: int,

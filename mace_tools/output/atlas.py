@@ -59,11 +59,14 @@ def _stat(stats: RttStats | None, name: str) -> float:
     return -1 if stats is None else _round(getattr(stats, name))
 
 
-def mace_summary(s: RunSummary, nonce: bytes) -> dict[str, Any]:
+def mace_summary(s: RunSummary, nonce: bytes, source: str = "local") -> dict[str, Any]:
     corrected = s.rtt_corrected
     return {
         "tool": f"mace-ping {__version__}",
         "nonce": nonce.hex(),
+        # where the kernel data came from: "agent" (the host's mace-agent), "local" (the
+        # programs this run joined or loaded) or "none" (no source: every reply raw)
+        "source": source,
         "min": _stat(corrected, "min"),
         "avg": _stat(corrected, "avg"),
         "max": _stat(corrected, "max"),
@@ -83,7 +86,7 @@ def mace_summary(s: RunSummary, nonce: bytes) -> dict[str, Any]:
 
 def document(*, dst_name: str, dst_addr: str, src_addr: str, size: int, start_real_ns: int,
              summary: RunSummary, nonce: bytes, results: list[dict[str, Any]],
-             first_ttl: int | None) -> dict[str, Any]:
+             first_ttl: int | None, source: str = "local") -> dict[str, Any]:
     raw = summary.rtt_raw
     return {
         "fw": FW, "af": 4, "type": "ping", "proto": "ICMP",
@@ -96,5 +99,5 @@ def document(*, dst_name: str, dst_addr: str, src_addr: str, size: int, start_re
         "timestamp": start_real_ns // 1_000_000_000, "lts": -1, "step": None,
         "msm_id": None, "prb_id": None,
         "result": results,
-        "mace": mace_summary(summary, nonce),
+        "mace": mace_summary(summary, nonce, source),
     }

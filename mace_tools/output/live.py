@@ -68,7 +68,8 @@ class _Sink:
         return atlas.document(
             dst_name=self.dst_name, dst_addr=self.dst_addr, src_addr=self.source,
             size=self.size, start_real_ns=result.start_real_ns, summary=self._summary(result),
-            nonce=result.nonce, results=results, first_ttl=result.tally.first_ttl)
+            nonce=result.nonce, results=results, first_ttl=result.tally.first_ttl,
+            source=result.source)
 
     def finish(self, result: RunResult) -> None:
         raise NotImplementedError
@@ -116,7 +117,8 @@ class TextSink(_Sink):
     def finish(self, result: RunResult) -> None:
         if self.flood and not self.quiet:
             self.out.write("\n")
-        self._write(text.summary(self.dst_name, self._summary(result), result.kernel))
+        self._write(text.summary(self.dst_name, self._summary(result), result.kernel,
+                                 result.source))
 
 
 class JsonSink(_Sink):

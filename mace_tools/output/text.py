@@ -70,7 +70,7 @@ def _triple(s: RttStats) -> str:
     return f"{s.min:.3f}/{s.avg:.3f}/{s.max:.3f}/{s.mdev:.3f}"
 
 
-def summary(dst_name: str, s: RunSummary, kernel: bool = True) -> str:
+def summary(dst_name: str, s: RunSummary, kernel: bool = True, source: str = "local") -> str:
     counts = f"{s.transmitted} packets transmitted, {s.received} received"
     if s.duplicates:
         counts += f", +{s.duplicates} duplicates"
@@ -86,6 +86,9 @@ def summary(dst_name: str, s: RunSummary, kernel: bool = True) -> str:
     if not kernel:
         lines.append("mace corrected: none (probes smaller than 12 bytes cannot carry the "
                      "nonce and the probe number)")
+        return "\n".join(lines)
+    if source == "none":
+        lines.append("mace corrected: none (no kernel data: no mace-agent, no BPF privilege)")
         return "\n".join(lines)
     corrected = s.rtt_corrected
     n_ok, n = s.corrected_count, raw.n

@@ -35,7 +35,7 @@ ERRORS_WITH_QUOTE = (ICMP_DEST_UNREACH, 4, 5, ICMP_TIME_EXCEEDED, ICMP_PARAMETER
 _ERRORS_WITH_QUOTE = frozenset(ERRORS_WITH_QUOTE)
 _HDR = struct.Struct("!BBHHH")
 _NUMBER = struct.Struct("!I")
-_FILL = bytes(i & 0xFF for i in range(65536))
+_FILL = bytes(range(256)) * 256  # byte i = i & 0xff (a generator took 2 ms of start-up)
 
 
 def checksum(data: bytes) -> int:

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mace_tools.errors import MaceError
-from mace_tools.kernel.native import setns
 from mace_tools.model import Namespaces
 
 NETNS_RUN_DIR = Path("/run/netns")
@@ -163,6 +162,8 @@ def entered(path: Path | None) -> Iterator[None]:
         target = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
         raise MaceError(f"cannot open network namespace {path}: {exc.strerror}") from exc
+    from mace_tools.kernel.native import setns  # ctypes: only for runs that enter a netns
+
     home = os.open(SELF_NETNS, os.O_RDONLY | os.O_CLOEXEC)
     try:
         setns(target)

@@ -1,23 +1,37 @@
-"""The ICMP socket the probes leave from and the replies come back to.
+"""The ICMP sockets the probes leave from and the replies come back to.
 
-A raw IPPROTO_ICMP socket, as iputils uses when privileged: we write the whole ICMP
-message (so the payload carries the run nonce at a fixed place) and read replies with
+IcmpSocket: a raw IPPROTO_ICMP socket, as iputils uses when privileged: we write the whole
+ICMP message (so the payload carries the run nonce at a fixed place) and read replies with
 their kernel receive timestamp (SO_TIMESTAMPNS), which is what iputils' RTT ends at.
 Datagrams are read with recvmsg() into a new bytes object, not with recvmsg_into() into a
 preallocated buffer: measured on CPython 3.11, recvmsg_into() costs ~80-100 ns more per
 call than the 64 KiB allocation it saves (malloc hands the same block back, and the
 result is shrunk in place), and callers keep what they read (ParsedIcmp parses lazily),
 so a view of a buffer that the next read overwrites would need a copy anyway.
+
+PingSocket: without CAP_NET_RAW, an ICMP datagram ("ping") socket, where
+net.ipv4.ping_group_range holds one of our groups (iputils ping does the same). The kernel
+sets the ICMP id (the socket's "port": `ident`) and the checksum of what we send and keeps
+our payload, so the nonce and probe number the eBPF side matches on leave unchanged. It
+reads an echo reply without its IP header, and an ICMP error about a probe from the error
+queue (IP_RECVERR): our own request as quoted, with a sock_extended_err beside it. recv()
+hands both on as the IPv4 datagram a raw socket would have read (reply_datagram,
+error_datagram), so a run has one parsing path for both sockets.
+
+open_icmp_socket() picks: raw where permitted, else a ping socket, else one clear line.
 """
 
 from __future__ import annotations
 
+import errno
 import socket
 import struct
 import time
+from typing import NamedTuple
 
 from mace_tools.errors import MaceError
 from mace_tools.probe import sockfilter
+from mace_tools.probe.icmp import ICMP_DEST_UNREACH, ICMP_PARAMETERPROB, checksum
 
 SOL_RAW = 255
 ICMP_FILTER = 1
@@ -31,6 +45,28 @@ _ANCILLARY = socket.CMSG_SPACE(_TIMESTAMPNS.size)  # room for the one control me
 MAX_DATAGRAM = 65535  # an IPv4 datagram's largest total length: never truncated
 RECV_BUFFER = 1 << 20  # room for a flood's replies while we drain kernel events
 
+# ... and these (linux/in.h, linux/errqueue.h)
+SOL_IP = 0
+IP_RECVERR = 11
+IP_RECVTTL = 12  # the reply's TTL, as an IP_TTL control message (an int)
+SO_EE_ORIGIN_ICMP = 2
+_TTL = struct.Struct("=i")
+# struct sock_extended_err, then the offender (struct sockaddr_in: family, port, address)
+_EXTENDED_ERR = struct.Struct("=IBBBBII2x2x4s8x")
+_PING_ANCILLARY = (_ANCILLARY + socket.CMSG_SPACE(_TTL.size)
+                   + socket.CMSG_SPACE(_EXTENDED_ERR.size))
+_NO_ROOM = (errno.EAGAIN, errno.ENOBUFS, errno.ENOMEM)  # the run retries these itself
+_IPV4 = struct.Struct("!BBHHHBBH4s4s")
+_ICMP_ERROR_HEAD = struct.Struct("!BBHI")
+ICMP_FRAG_NEEDED = 4  # a destination unreachable's code
+
+NOT_PERMITTED = ("raw ICMP socket not permitted: run as root (or with CAP_NET_RAW, or in "
+                 "a group of net.ipv4.ping_group_range for a ping socket)")
+
+
+class NotPermitted(MaceError):
+    """The kernel refused to create the socket at all (not one of its options)."""
+
 
 def read_datagram(sock: socket.socket) -> tuple[bytes, int] | None:
     """One datagram from a non-blocking socket with SO_TIMESTAMPNS on, and its kernel
@@ -39,40 +75,67 @@ def read_datagram(sock: socket.socket) -> tuple[bytes, int] | None:
         data, ancdata, _flags, _addr = sock.recvmsg(MAX_DATAGRAM, _ANCILLARY)
     except BlockingIOError:
         return None
+    return data, _receive_time(ancdata)
+
+
+def _receive_time(ancdata: list[tuple[int, int, bytes]]) -> int:
+    """The kernel's receive time among a datagram's control messages (CLOCK_REALTIME ns);
+    now, if the kernel gave none."""
     for level, kind, value in ancdata:
         if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS \
                 and len(value) >= _TIMESTAMPNS.size:
             sec, nsec = _TIMESTAMPNS.unpack_from(value)
-            return data, sec * 1_000_000_000 + nsec
-    return data, time.clock_gettime_ns(time.CLOCK_REALTIME)
+            return sec * 1_000_000_000 + nsec
+    return time.clock_gettime_ns(time.CLOCK_REALTIME)
+
+
+def _open(kind: int, refused: str) -> socket.socket:
+    try:
+        return socket.socket(socket.AF_INET, kind, socket.IPPROTO_ICMP)
+    except PermissionError as exc:  # raw: EPERM; ping: EACCES (ping_group_range)
+        raise NotPermitted(refused) from exc
+    except OSError as exc:
+        raise MaceError(f"socket: {exc.strerror}") from exc
 
 
 class IcmpSocket:
-    """Raw ICMP socket, created in the current thread's network namespace."""
+    """Raw ICMP socket, created in the current thread's network namespace. PingSocket
+    below is one too for the run (same methods), opened differently."""
+
+    KIND = socket.SOCK_RAW
+    REFUSED = "raw ICMP socket not permitted: run as root (or with CAP_NET_RAW)"
 
     def __init__(self, ttl: int | None = None, device: str | None = None,
                  source: str | None = None) -> None:
+        self.sock = sock = _open(self.KIND, self.REFUSED)
         try:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
-        except PermissionError as exc:
-            raise MaceError("raw ICMP socket not permitted: run as root (or with CAP_NET_RAW)") \
-                from exc
-        self.sock = sock
-        try:
-            sock.setsockopt(SOL_RAW, ICMP_FILTER, struct.pack("=I", _FILTER_MASK))
+            self._set_options()
             sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECV_BUFFER)
             if ttl is not None:
                 sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
             if device is not None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device.encode())
-            if source is not None:
-                sock.bind((source, 0))
+            self._bind(source)
         except OSError as exc:
             sock.close()
             what = f"interface '{device}'" if device else f"address '{source}'" if source else ""
             raise MaceError(f"cannot use {what or 'socket option'}: {exc.strerror}") from exc
         sock.setblocking(False)
+
+    def _set_options(self) -> None:
+        """Only echo replies and the errors worth reporting are queued (as iputils)."""
+        self.sock.setsockopt(SOL_RAW, ICMP_FILTER, struct.pack("=I", _FILTER_MASK))
+
+    def _bind(self, source: str | None) -> None:
+        if source is not None:
+            self.sock.bind((source, 0))
+
+    @property
+    def ident(self) -> int | None:
+        """The ICMP id the kernel puts in every request; None: a raw socket sends the
+        caller's."""
+        return None
 
     def filter_replies(self, nonce: bytes | None) -> None:
         """Have the kernel drop, before they are queued here, echo replies that do not
@@ -100,3 +163,159 @@ class IcmpSocket:
 
     def close(self) -> None:
         self.sock.close()
+
+
+class PingSocket(IcmpSocket):
+    """ICMP datagram socket (module docstring), set up as iputils ping sets one up:
+    IP_RECVERR (ICMP errors about our requests), IP_RECVTTL (the reply's TTL),
+    SO_TIMESTAMPNS, -t as IP_TTL, -I as SO_BINDTODEVICE or bind()."""
+
+    KIND = socket.SOCK_DGRAM
+    REFUSED = "ping socket not permitted: none of our groups is in net.ipv4.ping_group_range"
+
+    def _set_options(self) -> None:
+        self.sock.setsockopt(SOL_IP, IP_RECVERR, 1)
+        self.sock.setsockopt(SOL_IP, IP_RECVTTL, 1)
+
+    def _bind(self, source: str | None) -> None:
+        # Bound now (port 0: the kernel picks a free id, as on the first sendto()), the
+        # ident is known before any reply or error has to be matched on it.
+        self.sock.bind((source or "0.0.0.0", 0))
+        address, self._ident = self.sock.getsockname()
+        self._local = socket.inet_aton(address)  # 0.0.0.0 unless -I gave one
+
+    @property
+    def ident(self) -> int:
+        return self._ident
+
+    def filter_replies(self, nonce: bytes | None) -> None:
+        """Nothing to do: the kernel queues on a ping socket only echo replies whose id
+        is its own (ping_rcv looks the socket up by it), and errors about its own
+        requests, so no other run's replies reach it. (A filter would see the ICMP
+        header at offset 0, not the raw socket's IP header: sockfilter's program would
+        drop every reply here.)"""
+
+    def send(self, message: bytes, dst: str) -> None:
+        """The kernel sets the id and checksum; the payload leaves as given."""
+        try:
+            self.sock.sendto(message, (dst, 0))
+        except OSError as exc:
+            if exc.errno in _NO_ROOM:
+                raise
+            # With IP_RECVERR each ICMP error is also the socket's pending error, which the
+            # next call reports once: a sendto() then fails, sending nothing, while the
+            # error waits in the error queue for recv(). Sent again, it goes; a real
+            # failure (no route) fails again, and is raised.
+            self.sock.sendto(message, (dst, 0))
+
+    def recv(self) -> tuple[bytes, int] | None:
+        """The next echo reply, else the next ICMP error, as the IPv4 datagram a raw
+        socket reads, with the kernel's receive time; None when neither waits. The error
+        queue is read when no reply waits: a batch of replies costs no extra call each."""
+        try:
+            icmp, ancdata, _flags, addr = self.sock.recvmsg(MAX_DATAGRAM, _PING_ANCILLARY)
+        except OSError:
+            # none waits (EAGAIN), or the pending error of an ICMP error (see send)
+            return self._recv_error()
+        at, ttl, _ = _controls(ancdata)
+        sender = socket.inet_aton(addr[0]) if addr else bytes(4)  # (the kernel names it)
+        return reply_datagram(icmp, sender, self._local, ttl), at
+
+    def _recv_error(self) -> tuple[bytes, int] | None:
+        """The next ICMP error about one of our requests, as reported by the router (or
+        host) that sent it; errors of local origin are skipped (sendto() raised them)."""
+        while True:
+            try:
+                request, ancdata, _flags, addr = self.sock.recvmsg(
+                    MAX_DATAGRAM, _PING_ANCILLARY, socket.MSG_ERRQUEUE)
+            except OSError:  # EAGAIN: the queue is empty
+                return None
+            at, ttl, extended = _controls(ancdata)
+            if extended is None or extended[1] != SO_EE_ORIGIN_ICMP:
+                continue
+            _errno, _origin, icmp_type, code, _pad, info, _data, offender = extended
+            # the error queue names the request's destination as the message's address
+            target = socket.inet_aton(addr[0]) if addr else bytes(4)
+            error = QueuedError(icmp_type, code, info, offender, ttl)
+            return error_datagram(error, self._local, target, request), at
+
+
+class QueuedError(NamedTuple):
+    """An ICMP error about one of our requests, as the error queue describes it."""
+
+    icmp_type: int
+    code: int
+    info: int  # ee_info: a frag-needed's next-hop MTU, a parameter problem's pointer
+    offender: bytes  # who sent it (packed IPv4 address)
+    ttl: int  # its own TTL on arrival
+
+
+def _controls(ancdata: list[tuple[int, int, bytes]]) -> tuple[int, int, tuple | None]:
+    """A ping socket message's kernel receive time (now if the kernel gave none), TTL (0
+    if it gave none) and sock_extended_err fields (None on a reply): one pass, as it is
+    done for every reply."""
+    at, ttl, extended = 0, 0, None
+    for level, kind, value in ancdata:
+        if level == SOL_IP:
+            if kind == socket.IP_TTL and len(value) >= _TTL.size:
+                ttl = _TTL.unpack_from(value)[0]
+            elif kind == IP_RECVERR and len(value) >= _EXTENDED_ERR.size:
+                extended = _EXTENDED_ERR.unpack_from(value)
+        elif kind == SO_TIMESTAMPNS and level == socket.SOL_SOCKET \
+                and len(value) >= _TIMESTAMPNS.size:
+            sec, nsec = _TIMESTAMPNS.unpack_from(value)
+            at = sec * 1_000_000_000 + nsec
+    return at or time.clock_gettime_ns(time.CLOCK_REALTIME), ttl, extended
+
+
+def ipv4_header(length: int, ttl: int, src: bytes, dst: bytes) -> bytes:
+    """The 20-byte header of an IPv4 datagram of `length` bytes carrying ICMP, with its
+    checksum (the identification and fragment fields are 0: not ours to know)."""
+    length = min(length, 0xFFFF)
+    ttl &= 0xFF
+    unsummed = _IPV4.pack(0x45, 0, length, 0, 0, ttl, socket.IPPROTO_ICMP, 0, src, dst)
+    return _IPV4.pack(0x45, 0, length, 0, 0, ttl, socket.IPPROTO_ICMP, checksum(unsummed),
+                      src, dst)
+
+
+def reply_datagram(icmp: bytes, src: bytes, dst: bytes, ttl: int) -> bytes:
+    """An ICMP message read from a ping socket (src: its sender, packed), as a raw socket
+    would read it: behind an IPv4 header with the sender, the TTL and the total length."""
+    return ipv4_header(20 + len(icmp), ttl, src, dst) + icmp
+
+
+def error_datagram(error: QueuedError, local: bytes, target: bytes, request: bytes) -> bytes:
+    """An ICMP error read from a ping socket's error queue (our request, as quoted), as a
+    raw socket would read it: an IPv4 header from the offender, then an ICMP error of the
+    error's type and code (its checksum correct) quoting an IPv4 header from `local` to
+    the request's destination `target` and the request. The quoted header's TTL is 0 and
+    its length the quote's: the error queue keeps neither."""
+    quote = ipv4_header(20 + len(request), 0, local, target) + request
+    body = _ICMP_ERROR_HEAD.pack(error.icmp_type, error.code, 0, _rest_of_header(error)) \
+        + quote
+    body = body[:2] + checksum(body).to_bytes(2, "big") + body[4:]
+    return ipv4_header(20 + len(body), error.ttl, error.offender, local) + body
+
+
+def _rest_of_header(error: QueuedError) -> int:
+    """The ICMP header's second word as the error carried it, where ee_info keeps it."""
+    if error.icmp_type == ICMP_DEST_UNREACH and error.code == ICMP_FRAG_NEEDED:
+        return error.info & 0xFFFF  # next-hop MTU (RFC 1191)
+    if error.icmp_type == ICMP_PARAMETERPROB:
+        return (error.info & 0xFF) << 24  # the pointer
+    return 0
+
+
+def open_icmp_socket(ttl: int | None = None, device: str | None = None,
+                     source: str | None = None) -> IcmpSocket | PingSocket:
+    """The run's ICMP socket in the current netns: raw where CAP_NET_RAW allows (it
+    sends exactly our bytes), else a ping socket where net.ipv4.ping_group_range holds
+    one of our groups (as iputils), else a one-line MaceError saying what would do."""
+    try:
+        return IcmpSocket(ttl, device, source)
+    except NotPermitted:
+        pass
+    try:
+        return PingSocket(ttl, device, source)
+    except NotPermitted:
+        raise MaceError(NOT_PERMITTED) from None

@@ -1,0 +1,446 @@
+"""mace-agent: the protocol on its own, then the agent in the namespace lab's host netns
+serving clients that run inside the lab's containers without privilege.
+
+The agent runs as a real process (python -m mace_tools.cli.agent) on a socket in a
+directory of its own; clients are real mace-ping processes (or this test process, for the
+protocol's edge cases) and are measured against truth v2 on the lab's outer link.
+"""
+
+from __future__ import annotations
+
+import array
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from accuracy import PROBES, assert_accurate_errors
+from unprivileged import with_capabilities
+
+from mace_tools.agent import client, protocol, server
+from mace_tools.agent.protocol import ProtocolError
+from mace_tools.errors import MaceError
+from mace_tools.kernel import programs
+from mace_tools.lab.capture import TruthCapture
+from mace_tools.lab.demo import PingRun, compare, parse_ndjson
+from mace_tools.lab.topology import Lab
+
+# --- the protocol on its own (no privilege) ---------------------------------------------
+
+
+@pytest.mark.parametrize("data", [
+    b"", b"not json", b"[1]", b"1", b'"run"', b'{"op":"run"}', b'{"v":2,"op":"run"}',
+    b'{"v":1,"op":"run","records":NaN}', b'{"v":1, "x": Infinity}', b"\xff\xfe",
+    b"[" * 3000 + b"]" * 3000,
+])
+def test_malformed_messages_are_refused(data: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        protocol.decode(data)
+
+
+def test_fields_are_checked_strictly() -> None:
+    message = protocol.decode(b'{"v":1,"op":"run","records":true,"run":3,"n":1.0,"b":true}')
+    assert protocol.boolean(message, "records") is True
+    assert protocol.boolean(message, "path") is False  # absent: off
+    assert protocol.integer(message, "run", 1, 10) == 3
+    for key, lo, hi in (("n", 0, 10), ("b", 0, 10), ("run", 4, 10), ("missing", 0, 1)):
+        with pytest.raises(ProtocolError):
+            protocol.integer(message, key, lo, hi)
+    with pytest.raises(ProtocolError):
+        protocol.boolean({"records": 1}, "records")
+
+
+def test_messages_round_trip_with_their_fds() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    r, w = os.pipe()
+    try:
+        protocol.send(a, {"ok": True, "run": 1}, (r, w))
+        message, fds = protocol.receive(b)
+        assert message == {"v": 1, "ok": True, "run": 1} and len(fds) == 2
+        protocol.close_all(fds)
+        a.sendmsg([b"x" * (protocol.MAX_MESSAGE + 1)])
+        with pytest.raises(ProtocolError, match="longer than"):
+            protocol.receive(b)
+        a.close()
+        assert protocol.receive(b) == (None, [])  # the peer closed
+    finally:
+        for fd in (r, w):
+            os.close(fd)
+        b.close()
+
+
+def test_an_unreachable_agent_is_one_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(MaceError, match=r"cannot reach mace-agent at .*No such file"):
+        client.open_run(tmp_path / "agent.sock", None, records=True)
+
+
+# --- the agent in the lab -----------------------------------------------------------------
+
+class RunningAgent:
+    """A mace-agent process in the lab's host netns, on a socket of its own."""
+
+    def __init__(self, lab: Lab, *args: str) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="mt-agent-"))
+        self.dir.chmod(0o755)
+        self.socket = self.dir / "agent.sock"
+        self.log = self.dir / "agent.log"
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                lab.on_host(sys.executable, "-m", "mace_tools.cli.agent", "--socket",
+                            str(self.socket), "-v", *args),
+                stdout=log, stderr=subprocess.STDOUT, env=_env())
+        deadline = time.monotonic() + 20
+        while not self.socket.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                pytest.fail(f"mace-agent did not start: {self.log.read_text()}")
+            time.sleep(0.05)
+
+    def stop(self) -> int | None:
+        """SIGTERM, as systemd stops it; its exit status (None if it had to be killed)."""
+        status: int | None = None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                status = self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        else:
+            status = self.proc.returncode
+        for path in (self.socket, self.log):
+            path.unlink(missing_ok=True)
+        self.dir.rmdir()
+        return status
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.getcwd()}
+
+
+PING_GROUP_RANGE = "net.ipv4.ping_group_range"
+
+
+@pytest.fixture(scope="module")
+def ping_sockets(lab: Lab) -> Iterator[None]:
+    """Containers 0 and 1 let every group open ICMP ping sockets, as Docker's do (each netns
+    has its own range; the lab's are restored afterwards)."""
+    old = {}
+    for i in (0, 1):
+        ns = lab.container_ns(i)
+        old[ns] = subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-n", PING_GROUP_RANGE],
+                                 capture_output=True, text=True, check=True).stdout.split()
+        subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-q", "-w",
+                        f"{PING_GROUP_RANGE}=0 2147483647"], check=True)
+    try:
+        yield
+    finally:
+        for ns, (lo, hi) in old.items():
+            subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-q", "-w",
+                            f"{PING_GROUP_RANGE}={lo} {hi}"], check=True)
+
+
+@pytest.fixture(scope="module")
+def agent(lab: Lab, ping_sockets: None) -> Iterator[RunningAgent]:
+    running = RunningAgent(lab)
+    try:
+        yield running
+    finally:
+        log = running.log.read_text() if running.log.exists() else ""
+        status = running.stop()
+        assert status == 0, log
+
+
+def client_command(lab: Lab, container: int, agent: RunningAgent, *args: str,
+                   capabilities: tuple[str, ...] = ()) -> list[str]:
+    """mace-ping inside a lab container, through the agent, with no capability at all (it
+    probes through a ping socket: fixture ping_sockets)."""
+    return ["ip", "netns", "exec", lab.container_ns(container),
+            *with_capabilities(*capabilities), sys.executable, "-m", "mace_tools.cli.ping",
+            "--agent", str(agent.socket), *args, lab.target_addr]
+
+
+def client_ping(lab: Lab, container: int, agent: RunningAgent, *args: str) -> PingRun:
+    proc = subprocess.run(client_command(lab, container, agent, "--ndjson", *args),
+                          capture_output=True, text=True, timeout=120, env=_env())
+    assert proc.returncode != 2, proc.stderr
+    records, summary = parse_ndjson(proc.stdout)
+    return PingRun(records, summary, proc.returncode, proc.stderr)
+
+
+def host_ino(lab: Lab) -> int:
+    return os.stat(lab.netns_path(lab.host_ns)).st_ino
+
+
+@pytest.mark.lab
+def test_unprivileged_client_is_corrected_against_truth(lab: Lab, agent: RunningAgent) -> None:
+    with TruthCapture(lab.outer_link, "icmp", expect_requests=PROBES) as cap:
+        run = client_ping(lab, 0, agent, "-c", str(PROBES), "-i", "0.005")
+    assert run.returncode == 0 and run.stderr == "", run.stderr
+    mace = run.summary["mace"]
+    assert mace["source"] == "agent" and mace["coverage"] == 1.0
+    assert mace["kernel_events_lost"] == 0
+    rows = compare(run, cap)
+    assert len(rows) == PROBES
+    # taken at the host's outer device, whose name the agent withholds (no --reveal-path)
+    assert {r.outer_dev for r in rows} == {f"@{host_ino(lab)}"}
+    errors = [r.error_us for r in rows]
+    assert None not in errors, "capture missed probes"
+    assert_accurate_errors(errors)
+    assert all(r.corrected_ms < r.raw_ms for r in rows)
+
+
+@pytest.mark.lab
+def test_host_details_are_withheld_from_the_path(lab: Lab, agent: RunningAgent) -> None:
+    run = client_ping(lab, 0, agent, "-c", "2", "-i", "0.01")
+    container_ino = os.stat(lab.netns_path(lab.container_ns(0))).st_ino
+    stages = [s for r in run.records for s in r["path"]]
+    outside = [s for s in stages if s["netns"] != container_ino]
+    inside = [s for s in stages if s["netns"] == container_ino]
+    assert outside and inside
+    assert all(s["dev"] == "" and s["src"] == "0.0.0.0" for s in outside), outside
+    assert all(s["dev"] == "eth0" for s in inside), inside
+
+
+@pytest.mark.lab
+def test_two_clients_at_once_get_their_own_runs(lab: Lab, agent: RunningAgent) -> None:
+    procs = [subprocess.Popen(client_command(lab, i, agent, "--ndjson", "-c", "40", "-i",
+                                             "0.01"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=_env()) for i in (0, 1)]
+    runs = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        runs.append(parse_ndjson(out))
+    nonces = {summary["mace"]["nonce"] for _, summary in runs}
+    assert len(nonces) == 2
+    for records, summary in runs:
+        assert summary["mace"]["source"] == "agent"
+        assert summary["mace"]["coverage"] == 1.0 and len(records) == 40
+
+
+# A client holding a run: prints its nonce, then on each line of stdin drains its ring and
+# prints how many records it read, and "probe" sends 3 probes of its own first.
+_HOLDER = """
+import sys, time, socket
+from pathlib import Path
+from mace_tools.agent import client
+from mace_tools.probe.icmp import EchoTemplate
+ev = client.open_run(Path(sys.argv[1]), None, records=True, path=False)
+print(ev.nonce.hex(), flush=True)
+records = []
+for line in sys.stdin:
+    if line.strip() == "probe":
+        s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+        t = EchoTemplate(4242, ev.nonce, 56)
+        for n in (1, 2, 3):
+            s.sendto(t.message(n), (sys.argv[2], 0))
+            time.sleep(0.05)
+    ev.drain(lambda e: None, records.append)
+    print(len(records), flush=True)
+"""
+
+
+@pytest.mark.lab
+def test_probes_from_another_netns_get_nothing(lab: Lab, agent: RunningAgent) -> None:
+    """A run is for the netns its client is in: probes carrying its nonce sent from any
+    other netns produce no record for it; its own do."""
+    holder = subprocess.Popen(
+        ["ip", "netns", "exec", lab.container_ns(0), *with_capabilities("net_raw"),
+         sys.executable, "-c", _HOLDER, str(agent.socket), lab.target_addr],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=_env())
+    try:
+        assert holder.stdout is not None and holder.stdin is not None
+        nonce = bytes.fromhex(holder.stdout.readline().strip())
+        from mace_tools.probe import netns
+        from mace_tools.probe.icmp import EchoTemplate
+
+        with netns.entered(Path(lab.netns_path(lab.container_ns(1)))):
+            raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+        try:
+            template = EchoTemplate(4242, nonce, 56)
+            for n in (1, 2, 3):
+                raw.sendto(template.message(n), (lab.target_addr, 0))
+                time.sleep(0.05)
+        finally:
+            raw.close()
+        time.sleep(0.2)
+        holder.stdin.write("drain\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline().strip() == "0"
+        holder.stdin.write("probe\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline().strip() == "3"
+    finally:
+        holder.kill()
+        holder.communicate()
+
+
+def _owners_include(pid: int) -> bool:
+    return pid in programs.run_owners()
+
+
+def _wait_for(condition: object, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():  # type: ignore[operator]
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.lab
+def test_a_killed_client_has_its_runs_freed(lab: Lab, agent: RunningAgent) -> None:
+    proc = subprocess.Popen(client_command(lab, 0, agent, "-c", "1000", "-i", "0.05"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env())
+    try:
+        assert _wait_for(lambda: _owners_include(proc.pid)), "the client's run never showed"
+        proc.kill()
+        proc.wait()
+        assert _wait_for(lambda: not _owners_include(proc.pid)), "the run outlived its client"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.lab
+def test_a_killed_agent_leaves_its_clients_raw_with_one_line(lab: Lab,
+                                                              ping_sockets: None) -> None:
+    doomed = RunningAgent(lab)
+    try:
+        proc = subprocess.Popen(client_command(lab, 0, doomed, "--ndjson", "-c", "12", "-i",
+                                               "0.1"),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=_env())
+        assert _wait_for(lambda: _owners_include(proc.pid))
+        time.sleep(0.3)
+        doomed.proc.kill()
+        out, err = proc.communicate(timeout=60)
+    finally:
+        doomed.stop()
+    assert proc.returncode == 0, err
+    assert err.strip().splitlines() == [
+        "mace-ping: mace-agent went away: the rest of this run is measured raw"]
+    records, _ = parse_ndjson(out)
+    assert len(records) == 12
+    corrected = [r["rtt_corrected"] is not None for r in records]
+    assert corrected[0] and not corrected[-1]
+    assert corrected == sorted(corrected, reverse=True)  # corrected until it went, then raw
+
+
+def _raw_exchange(path: Path, data: bytes, fds: list[int] | None = None) -> list[dict | None]:
+    """Send one datagram as a client; every answer until the agent closes."""
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    conn.settimeout(10)
+    conn.connect(str(path))
+    try:
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                      array.array("i", fds))] if fds else []
+        conn.sendmsg([data], ancillary)
+        answers: list[dict | None] = []
+        while True:
+            raw = conn.recv(protocol.MAX_MESSAGE)
+            if not raw:
+                return answers
+            answers.append(json.loads(raw))
+    finally:
+        conn.close()
+
+
+@pytest.mark.lab
+def test_malformed_clients_are_answered_once_and_the_agent_serves_on(
+        lab: Lab, agent: RunningAgent) -> None:
+    for data in (b"not json", b"[1]", b'{"v":2,"op":"run"}', b'{"v":1,"op":"nope"}',
+                 b'{"v":1,"op":"run","records":"yes"}', b'{"v":1,"op":"run","x":NaN}',
+                 b"x" * (protocol.MAX_MESSAGE + 10), b"[" * 4000, os.urandom(300)):
+        answers = _raw_exchange(agent.socket, data)
+        assert len(answers) == 1 and answers[0] is not None, data[:40]
+        assert answers[0]["ok"] is False and answers[0]["error"]
+    r, w = os.pipe()
+    try:
+        answers = _raw_exchange(agent.socket, b'{"v":1,"op":"end","run":1}', [r, w])
+        assert answers[0]["ok"] is False and "file descriptors" in answers[0]["error"]
+    finally:
+        os.close(r)
+        os.close(w)
+    # a run ended twice, a state of a run that is not this connection's: refused, served on
+    ev = client.open_run(agent.socket, None, records=True)
+    try:
+        answer, _ = client.request(ev._conn, {"op": "end", "run": ev._run})
+        assert answer["ok"]
+        with pytest.raises(MaceError, match="no run"):
+            client.request(ev._conn, {"op": "state", "run": ev._run, "number": 1})
+    finally:
+        ev.close()
+    # a silent client and one that never reads its answers hold up no one
+    silent = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    silent.connect(str(agent.socket))
+    deaf = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    deaf.connect(str(agent.socket))
+    deaf.setblocking(False)
+    try:
+        for _ in range(2000):
+            try:
+                deaf.send(b'{"v":1,"op":"state","run":7,"number":1}')
+            except (BlockingIOError, BrokenPipeError, ConnectionResetError):
+                break
+        run = client_ping(lab, 0, agent, "-c", "3", "-i", "0.01")
+        assert run.returncode == 0 and run.summary["mace"]["coverage"] == 1.0
+    finally:
+        silent.close()
+        deaf.close()
+    assert agent.proc.poll() is None
+
+
+@pytest.mark.lab
+def test_a_hundred_concurrent_clients(agent: RunningAgent) -> None:
+    runs = []
+    try:
+        for _ in range(100):
+            runs.append(client.open_run(agent.socket, None, records=True))
+        assert len({ev.nonce for ev in runs}) == 100
+        assert programs.run_owners().count(os.getpid()) == 100
+    finally:
+        for ev in runs:
+            ev.close()
+    assert _wait_for(lambda: os.getpid() not in programs.run_owners())
+
+
+def test_the_systemd_unit_is_valid(tmp_path: Path) -> None:
+    """The shipped unit, pointed at this checkout's command, passes systemd's checks."""
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze not installed")
+    unit = (Path(server.__file__).with_name("mace-agent.service")).read_text()
+    command = Path(sys.executable).with_name("mace-agent")
+    assert "ExecStart=/usr/local/bin/mace-agent " in unit
+    (tmp_path / "mace-agent.service").write_text(
+        unit.replace("/usr/local/bin/mace-agent", str(command)))
+    proc = subprocess.run([analyze, "verify", str(tmp_path / "mace-agent.service")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+
+
+@pytest.mark.lab
+@pytest.mark.parametrize("flags", [["-I"], ["-U"], ["-T"]])
+def test_traceroute_through_the_agent(lab: Lab, agent: RunningAgent, flags: list[str]) -> None:
+    proc = subprocess.run(
+        ["ip", "netns", "exec", lab.container_ns(0), *with_capabilities("net_raw"),
+         sys.executable, "-m", "mace_tools.cli.traceroute", "--agent", str(agent.socket),
+         "--json", "-q", "3", "-w", "1", *flags, lab.target_addr],
+        capture_output=True, text=True, timeout=120, env=_env())
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["mace"]["source"] == "agent" and doc["mace"]["coverage"] == 1.0, doc["mace"]
+    assert doc["result"][-1]["result"][0]["from"] == lab.target_addr
