@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 from accuracy import PROBES, assert_accurate_errors
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from unprivileged import with_capabilities
 
 from mace_tools.agent import client, protocol, server
@@ -339,8 +341,10 @@ def test_a_killed_agent_leaves_its_clients_raw_with_one_line(lab: Lab,
     assert corrected == sorted(corrected, reverse=True)  # corrected until it went, then raw
 
 
-def _raw_exchange(path: Path, data: bytes, fds: list[int] | None = None) -> list[dict | None]:
-    """Send one datagram as a client; every answer until the agent closes."""
+def _raw_exchange(path: Path, data: bytes, fds: list[int] | None = None,
+                  keep_open: bool = True) -> list[dict | None]:
+    """Send one datagram as a client; every answer until the agent closes (keep_open
+    False: only the first answer; then this side closes, ending any run it was given)."""
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     conn.settimeout(10)
     conn.connect(str(path))
@@ -350,10 +354,15 @@ def _raw_exchange(path: Path, data: bytes, fds: list[int] | None = None) -> list
         conn.sendmsg([data], ancillary)
         answers: list[dict | None] = []
         while True:
-            raw = conn.recv(protocol.MAX_MESSAGE)
+            raw, ancdata, _, _ = conn.recvmsg(protocol.MAX_MESSAGE, socket.CMSG_SPACE(64))
+            for level, kind, value in ancdata:  # a run's fds, if it got one
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    protocol.close_all(list(array.array("i", value[:len(value) // 4 * 4])))
             if not raw:
                 return answers
             answers.append(json.loads(raw))
+            if not keep_open:
+                return answers
     finally:
         conn.close()
 
@@ -444,3 +453,30 @@ def test_traceroute_through_the_agent(lab: Lab, agent: RunningAgent, flags: list
     doc = json.loads(proc.stdout)
     assert doc["mace"]["source"] == "agent" and doc["mace"]["coverage"] == 1.0, doc["mace"]
     assert doc["result"][-1]["result"][0]["from"] == lab.target_addr
+
+
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**64, 2**64) | st.floats(allow_nan=False)
+    | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                 max_size=4),
+    max_leaves=12)
+_MESSAGES = st.one_of(
+    st.binary(max_size=protocol.MAX_MESSAGE + 64),
+    st.fixed_dictionaries({"v": st.sampled_from([1, 1, 2, "1", None]),
+                           "op": st.sampled_from(["run", "state", "end", "x", 1])},
+                          optional={"run": _JSON_VALUES, "number": _JSON_VALUES,
+                                    "records": _JSON_VALUES, "path": _JSON_VALUES,
+                                    "udp": _JSON_VALUES}).map(
+        lambda m: json.dumps(m).encode()))
+
+
+@pytest.mark.lab
+@settings(max_examples=150, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=_MESSAGES)
+def test_fuzzed_messages_never_stop_the_agent(agent: RunningAgent, data: bytes) -> None:
+    """Whatever a client sends, it gets answers (ok or one error) and the agent lives on."""
+    answers = _raw_exchange(agent.socket, data, keep_open=False)
+    assert all(isinstance(a, dict) and isinstance(a.get("ok"), bool) for a in answers)
+    assert agent.proc.poll() is None
