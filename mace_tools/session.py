@@ -8,8 +8,8 @@ process joins or loads, kernel/backend.py, bound only when a run starts so mace-
 start-up stays light; or a run the host's mace-agent serves, agent/client.py, which
 chooses the nonce; sources.py picks; a factory stands in for them in tests); runs
 after_setup once all that is open (the command drops its privileges there); and runs the
-loop: one thread, one epoll over the sockets. What belongs to a protocol (ping's pacing, traceroute's hop plan and emission)
-stays with the run that uses the session.
+loop: one thread, one epoll over the sockets. What belongs to a protocol (ping's pacing,
+traceroute's hop plan and emission) stays with the run that uses the session.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from mace_tools.model import (
     Reply,
     TraceResult,
 )
-from mace_tools.probe.sockets import SO_TIMESTAMPNS, read_datagram
+from mace_tools.probe.sockets import NOT_PERMITTED, NotPermitted
 from mace_tools.probe.trace import (
     ICMP,
     PROTO_NUMBERS,
@@ -40,6 +40,12 @@ from mace_tools.probe.trace import (
     ProbeFactory,
     annotation,
     parse_answer,
+)
+from mace_tools.probe.tracesockets import (
+    PingTraceSocket,
+    RawSocket,
+    TraceSocket,
+    UdpSocket,
 )
 from mace_tools.session import EventSourceFactory, Session, new_nonce
 
@@ -118,15 +124,17 @@ class Tracer:
 
     def run(self) -> TraceResult:
         opts = self.opts
-        proto = PROTO_NUMBERS[opts.method]
         with Session(opts.netns_path, self._nonce_asked, after_setup=self._after_setup,
                      events_factory=self._backend_factory) as session:
-            socks, src = session.open_sockets(lambda: _open_sockets(proto), opts.dst_addr)
+            socks, src = session.open_sockets(lambda: _open_sockets(opts.method, self.ident),
+                                              opts.dst_addr)
+            # a ping socket's requests carry the kernel's id; a UDP socket's port may be
+            # another where the run's was taken
+            self.ident, sport = socks[0].ident, socks[0].sport
             # the event source may choose the nonce the probes carry (an agent does)
             self.nonce = session.open_events(self._add_event, path=True,
                                              udp=opts.method == UDP, tcp=opts.method == TCP,
                                              errors=True)
-            sport = 33000 + (self.ident % 20000) if opts.method != ICMP else 0
             port = opts.port if opts.port is not None else DEFAULT_PORTS[opts.method]
             self.factory = ProbeFactory(opts.method, self.nonce, src, opts.dst_addr,
                                         opts.size, port, sport, self.ident, opts.paris)
@@ -137,7 +145,7 @@ class Tracer:
             result.kernel_events_lost = session.lost()
         return result
 
-    def _loop(self, session: Session, socks: list[socket.socket],
+    def _loop(self, session: Session, socks: list[TraceSocket],
               result: TraceResult) -> None:
         by_fd = {s.fileno(): s for s in socks}
         result.start_real_ns = time.clock_gettime_ns(time.CLOCK_REALTIME)
@@ -145,7 +153,7 @@ class Tracer:
                      lambda fd: self._receive(by_fd[fd], session, session.ns))
         result.end_real_ns = time.clock_gettime_ns(time.CLOCK_REALTIME)
 
-    def _turn(self, session: Session, send_sock: socket.socket,
+    def _turn(self, session: Session, send_sock: TraceSocket,
               result: TraceResult) -> float | None:
         """Send what the plan allows, time out what waited too long, hand every finished
         hop to the sink; None once the last hop is printed, else how long to wait."""
@@ -178,24 +186,23 @@ class Tracer:
         if f is not None:
             f.events.append(ev)
 
-    def _send(self, sock: socket.socket, number: int, ttl: int, lost: int = 0) -> None:
+    def _send(self, sock: TraceSocket, number: int, ttl: int, lost: int = 0) -> None:
         """lost: the backend's lost-events count now (a change by the answer: incomplete)."""
         tp = self.factory.build(number)
-        sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
         probe = Probe(number, 0, 0, lost)
         self._flight[number] = _InFlight(probe, ttl, tp.quote_key)
         self._by_quote[tp.quote_key] = number
         probe.sent_real_ns = time.clock_gettime_ns(time.CLOCK_REALTIME)
         probe.sent_mono_ns = time.monotonic_ns()
         try:
-            sock.sendto(tp.message, (self.opts.dst_addr, 0))
+            sock.send(tp.message, self.opts.dst_addr, ttl)
         except OSError as exc:
             raise MaceError(f"sendto: {exc.strerror}", exit_code=1) from exc
 
-    def _receive(self, sock: socket.socket, session: Session, ns: Namespaces) -> None:
+    def _receive(self, sock: TraceSocket, session: Session, ns: Namespaces) -> None:
         """Read every waiting datagram; an answer to a probe becomes its outcome (the
         first answer: traceroute keeps that one)."""
-        while (got := read_datagram(sock)) is not None:
+        while (got := sock.recv()) is not None:
             data, recv_real = got
             answer = parse_answer(data, self.factory)
             number = self._number(answer) if answer else None
@@ -238,22 +245,31 @@ class Tracer:
             p.printed = ttl
 
 
-def _open_sockets(proto: int) -> list[socket.socket]:
-    """[send socket, ICMP receive socket]: raw, created in the current netns."""
-    socks: list[socket.socket] = []
+def _open_sockets(method: str, ident: int) -> list[TraceSocket]:
+    """[send socket, ICMP receive socket if another], created in the current netns: raw
+    where CAP_NET_RAW allows; else, as Linux traceroute unprivileged, a UDP socket (-U)
+    or a ping socket (-I) that reads the ICMP errors from its error queue. TCP SYN
+    probes need a raw socket."""
+    sport = 33000 + (ident % 20000) if method != ICMP else 0
     try:
-        send = socket.socket(socket.AF_INET, socket.SOCK_RAW, proto)
-        socks.append(send)
-        icmp = send if proto == socket.IPPROTO_ICMP else \
-            socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
-        if icmp is not send:
-            socks.append(icmp)
-        for s in socks:
-            s.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
-            s.setblocking(False)
-    except PermissionError as exc:
-        for s in socks:
-            s.close()
-        raise MaceError("raw sockets not permitted: run as root (or with CAP_NET_RAW)",
-                        exit_code=1) from exc
-    return socks
+        send = RawSocket(PROTO_NUMBERS[method], ident, sport)
+    except NotPermitted as exc:
+        if method == TCP:
+            raise MaceError("raw sockets not permitted (TCP SYN probes need one): run as "
+                            "root (or with CAP_NET_RAW), or probe with -U or -I",
+                            exit_code=1) from exc
+        return [UdpSocket(sport, ident)] if method == UDP else [_ping_socket()]
+    if method == ICMP:
+        return [send]
+    try:
+        return [send, RawSocket(socket.IPPROTO_ICMP)]
+    except BaseException:
+        send.close()
+        raise
+
+
+def _ping_socket() -> PingTraceSocket:
+    try:
+        return PingTraceSocket()
+    except NotPermitted as exc:
+        raise MaceError(NOT_PERMITTED, exit_code=1) from exc

@@ -230,14 +230,8 @@ class FakeSocket:
         self.incoming = list(incoming or [])
         self.sent: list[bytes] = []
 
-    def send(self, message: bytes, dst: str) -> None:  # IcmpSocket (mace-ping)
+    def send(self, message: bytes, dst: str, ttl: int = 0) -> None:  # IcmpSocket, TraceSocket
         self.sent.append(message)
-
-    def sendto(self, message: bytes, addr: tuple[str, int]) -> None:  # mace-traceroute
-        self.sent.append(message)
-
-    def setsockopt(self, *args: object) -> None:
-        pass
 
     def recv(self) -> tuple[bytes, int] | None:
         return (self.incoming.pop(0), 0) if self.incoming else None

@@ -125,9 +125,11 @@ def test_names_resolve_in_the_probing_netns(lab_dns: tuple[str, object], lab: La
 
 
 def test_runtime_error_exits_1() -> None:
+    """TCP SYN probes need a raw socket (UDP and ICMP do without: test_traceroute_
+    unprivileged.py)."""
     proc = subprocess.run(
         [*WITHOUT_CAPABILITIES, sys.executable, "-m", "mace_tools.cli.traceroute",
-         "-w", "1", "127.0.0.1"],
+         "-T", "-w", "1", "127.0.0.1"],
         capture_output=True, text=True, timeout=30, env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert proc.returncode == 1, proc.stderr
     assert "run as root" in proc.stderr and "Traceback" not in proc.stderr

@@ -222,22 +222,11 @@ class PingSocket(IcmpSocket):
         return reply_datagram(icmp, sender, self._local, ttl), at
 
     def _recv_error(self) -> tuple[bytes, int] | None:
-        """The next ICMP error about one of our requests, as reported by the router (or
-        host) that sent it; errors of local origin are skipped (sendto() raised them)."""
-        while True:
-            try:
-                request, ancdata, _flags, addr = self.sock.recvmsg(
-                    MAX_DATAGRAM, _PING_ANCILLARY, socket.MSG_ERRQUEUE)
-            except OSError:  # EAGAIN: the queue is empty
-                return None
-            at, ttl, extended = _controls(ancdata)
-            if extended is None or extended[1] != SO_EE_ORIGIN_ICMP:
-                continue
-            _errno, _origin, icmp_type, code, _pad, info, _data, offender = extended
-            # the error queue names the request's destination as the message's address
-            target = socket.inet_aton(addr[0]) if addr else bytes(4)
-            error = QueuedError(icmp_type, code, info, offender, ttl)
-            return error_datagram(error, self._local, target, request), at
+        """The next ICMP error about one of our requests (read_error), as a raw socket
+        reads it."""
+        if (got := read_error(self.sock)) is None:
+            return None
+        return error_datagram(got.error, self._local, got.target, got.quoted), got.at
 
 
 class QueuedError(NamedTuple):
@@ -248,6 +237,36 @@ class QueuedError(NamedTuple):
     info: int  # ee_info: a frag-needed's next-hop MTU, a parameter problem's pointer
     offender: bytes  # who sent it (packed IPv4 address)
     ttl: int  # its own TTL on arrival
+
+
+class ErrorMessage(NamedTuple):
+    """One message of a socket's error queue: an ICMP error and what it quoted of ours."""
+
+    error: QueuedError
+    quoted: bytes  # our datagram from its L4 message (ping) or payload (UDP) on, as quoted
+    target: bytes  # the datagram's destination (packed)
+    port: int  # ... and destination port (UDP; 0 on a ping socket)
+    at: int  # kernel receive time of the error, CLOCK_REALTIME ns
+
+
+def read_error(sock: socket.socket) -> ErrorMessage | None:
+    """The next ICMP error in the error queue of a socket with IP_RECVERR (a ping or UDP
+    socket), as reported by the router (or host) that sent it; None when the queue is
+    empty. Errors of local origin are skipped (sendto() raised them)."""
+    while True:
+        try:
+            quoted, ancdata, _flags, addr = sock.recvmsg(
+                MAX_DATAGRAM, _PING_ANCILLARY, socket.MSG_ERRQUEUE)
+        except OSError:  # EAGAIN: the queue is empty
+            return None
+        at, ttl, extended = _controls(ancdata)
+        if extended is None or extended[1] != SO_EE_ORIGIN_ICMP:
+            continue
+        _errno, _origin, icmp_type, code, _pad, info, _data, offender = extended
+        # the error queue names the datagram's destination as the message's address
+        target, port = (socket.inet_aton(addr[0]), addr[1]) if addr else (bytes(4), 0)
+        return ErrorMessage(QueuedError(icmp_type, code, info, offender, ttl), quoted,
+                            target, port, at)
 
 
 def _controls(ancdata: list[tuple[int, int, bytes]]) -> tuple[int, int, tuple | None]:
@@ -268,14 +287,14 @@ def _controls(ancdata: list[tuple[int, int, bytes]]) -> tuple[int, int, tuple | 
     return at or time.clock_gettime_ns(time.CLOCK_REALTIME), ttl, extended
 
 
-def ipv4_header(length: int, ttl: int, src: bytes, dst: bytes) -> bytes:
-    """The 20-byte header of an IPv4 datagram of `length` bytes carrying ICMP, with its
+def ipv4_header(length: int, ttl: int, src: bytes, dst: bytes,
+                proto: int = socket.IPPROTO_ICMP) -> bytes:
+    """The 20-byte header of an IPv4 datagram of `length` bytes carrying proto, with its
     checksum (the identification and fragment fields are 0: not ours to know)."""
     length = min(length, 0xFFFF)
     ttl &= 0xFF
-    unsummed = _IPV4.pack(0x45, 0, length, 0, 0, ttl, socket.IPPROTO_ICMP, 0, src, dst)
-    return _IPV4.pack(0x45, 0, length, 0, 0, ttl, socket.IPPROTO_ICMP, checksum(unsummed),
-                      src, dst)
+    unsummed = _IPV4.pack(0x45, 0, length, 0, 0, ttl, proto, 0, src, dst)
+    return _IPV4.pack(0x45, 0, length, 0, 0, ttl, proto, checksum(unsummed), src, dst)
 
 
 def reply_datagram(icmp: bytes, src: bytes, dst: bytes, ttl: int) -> bytes:
@@ -284,13 +303,14 @@ def reply_datagram(icmp: bytes, src: bytes, dst: bytes, ttl: int) -> bytes:
     return ipv4_header(20 + len(icmp), ttl, src, dst) + icmp
 
 
-def error_datagram(error: QueuedError, local: bytes, target: bytes, request: bytes) -> bytes:
-    """An ICMP error read from a ping socket's error queue (our request, as quoted), as a
-    raw socket would read it: an IPv4 header from the offender, then an ICMP error of the
-    error's type and code (its checksum correct) quoting an IPv4 header from `local` to
-    the request's destination `target` and the request. The quoted header's TTL is 0 and
-    its length the quote's: the error queue keeps neither."""
-    quote = ipv4_header(20 + len(request), 0, local, target) + request
+def error_datagram(error: QueuedError, local: bytes, target: bytes, request: bytes,
+                   proto: int = socket.IPPROTO_ICMP) -> bytes:
+    """An ICMP error read from an error queue (our request, as quoted: its L4 message of
+    protocol proto), as a raw socket would read it: an IPv4 header from the offender,
+    then an ICMP error of the error's type and code (its checksum correct) quoting an
+    IPv4 header from `local` to the request's destination `target` and the request. The
+    quoted header's TTL is 0 and its length the quote's: the error queue keeps neither."""
+    quote = ipv4_header(20 + len(request), 0, local, target, proto) + request
     body = _ICMP_ERROR_HEAD.pack(error.icmp_type, error.code, 0, _rest_of_header(error)) \
         + quote
     body = body[:2] + checksum(body).to_bytes(2, "big") + body[4:]
