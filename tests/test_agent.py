@@ -442,10 +442,13 @@ def test_the_systemd_unit_is_valid(tmp_path: Path) -> None:
 
 
 @pytest.mark.lab
-@pytest.mark.parametrize("flags", [["-I"], ["-U"], ["-T"]])
-def test_traceroute_through_the_agent(lab: Lab, agent: RunningAgent, flags: list[str]) -> None:
+@pytest.mark.parametrize(("flags", "capabilities"), [(["-I"], ()), (["-U"], ()),
+                                                     (["-T"], ("net_raw",))])
+def test_traceroute_through_the_agent(lab: Lab, agent: RunningAgent, flags: list[str],
+                                      capabilities: tuple[str, ...]) -> None:
+    """No capability for -I and -U (a ping socket, a UDP socket); TCP SYN needs NET_RAW."""
     proc = subprocess.run(
-        ["ip", "netns", "exec", lab.container_ns(0), *with_capabilities("net_raw"),
+        ["ip", "netns", "exec", lab.container_ns(0), *with_capabilities(*capabilities),
          sys.executable, "-m", "mace_tools.cli.traceroute", "--agent", str(agent.socket),
          "--json", "-q", "3", "-w", "1", *flags, lab.target_addr],
         capture_output=True, text=True, timeout=120, env=_env())
