@@ -715,6 +715,25 @@ static __always_inline void follow_reply(const struct seen_packet *s,
 	bpf_map_delete_elem(&mace_probes, &s->id);
 }
 
+/* A run the agent serves (MACE_RUN_HIDE_HOST) hears only of probes seen leaving its own
+ * netns, and of their answers: its nonce is no password (it is on the wire), so a probe
+ * carrying it from anywhere else must not reach its records or its path. Leaving the
+ * prober netns creates the probe's state (follow_request does for ping's records); any
+ * later packet of the probe is admitted only while that state exists. */
+static __always_inline bool admitted(const struct seen_packet *s, __u32 netns, __u8 hook)
+{
+	if (s->packet == MACE_PKT_REQUEST && hook == MACE_HOOK_XMIT &&
+	    netns == s->run->prober_netns) {
+		if (!(s->run->flags & MACE_RUN_RECORDS && s->proto == IPPROTO_ICMP)) {
+			struct probe_state fresh = {.host_netns = s->run->host_netns};
+
+			bpf_map_update_elem(&mace_probes, &s->id, &fresh, BPF_NOEXIST);
+		}
+		return true;
+	}
+	return bpf_map_lookup_elem(&mace_probes, &s->id) != NULL;
+}
+
 /* A packet whose IPv4 header is at l3: act on it if it is one of our probes or an answer
  * to one. Returns early, and writes nothing, for everything else. */
 static __always_inline int record(const struct sk_buff *skb, unsigned char *l3,
@@ -765,6 +784,8 @@ static __always_inline int record(const struct sk_buff *skb, unsigned char *l3,
 		remember_rx(skb, dev);
 	ifindex = BPF_CORE_READ(dev, ifindex);
 	netns = BPF_CORE_READ(dev, nd_net.net, ns.inum);
+	if (s.run->flags & MACE_RUN_HIDE_HOST && !admitted(&s, netns, hook))
+		return 0;
 
 	follow = s.run->flags & MACE_RUN_RECORDS && s.proto == IPPROTO_ICMP;
 	if (follow && s.packet == MACE_PKT_REPLY && hook != MACE_HOOK_XMIT)

@@ -26,6 +26,7 @@ typedef _Bool bool;
 enum { false = 0, true = 1 };
 
 #define BPF_ANY 0
+#define BPF_NOEXIST 1
 
 enum bpf_map_type {
 	BPF_MAP_TYPE_HASH = 1,

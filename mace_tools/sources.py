@@ -59,18 +59,20 @@ def event_sources(prog: str, agent: str | None, netns_path: Path | None,
         print(f"{prog}: {line}", file=sys.stderr)
 
     def factory(nonce: bytes | None, ns: Namespaces, **switches: bool) -> EventSource | None:
+        agent_said = f"no mace-agent at {path}"
         if netns_path is None and not nonce_asked and (explicit or path.exists()):
             try:
                 return client.open_run(path, warn, **switches)
-            except MaceError:
+            except MaceError as exc:
                 if explicit:
                     raise
-        why = f"no mace-agent at {path} and no BPF privilege"
+                agent_said = str(exc)  # there, but did not serve: its words
+        why = f"{agent_said} and no BPF privilege"
         if may_load_programs():
             try:
                 return kernel_events(nonce, ns, **switches)
             except NoPrivilege as exc:
-                why = f"no mace-agent at {path}, and {exc}"
+                why = f"{agent_said}, and {exc}"
         warn(f"{why}: replies are shown raw (corrected=none); run mace-agent on the host "
              f"and mount {path.parent}, or give CAP_BPF and CAP_PERFMON")
         return None

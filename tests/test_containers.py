@@ -202,7 +202,7 @@ def test_unprivileged_container_is_corrected_through_the_agent(
     with TruthCapture(OuterLink(None, OUTER, TARGET_NS, "tgt0"), "icmp",
                       expect_requests=PROBES) as cap:
         proc = engine.run("--rm", "--cap-drop", "ALL", "--user", user, "-v",
-                          f"{host_agent}:/run/mace", mace_image, "--ndjson", "-c",
+                          f"{host_agent}:/run/mace:ro", mace_image, "--ndjson", "-c",
                           str(PROBES), "-i", "0.005", target, check=False)
     stdout = proc.stdout.decode()
     assert '"source": "agent"' in stdout, proc.stderr.decode()

@@ -22,8 +22,7 @@ from typing import Any
 
 from mace_tools.agent import protocol
 from mace_tools.errors import MaceError
-from mace_tools.kernel.events import dispatcher
-from mace_tools.kernel.ringbuf import RingBuffer
+from mace_tools.kernel.run_records import RunRecords
 from mace_tools.model import KernelEvent, ProbeRecord
 
 ENV = "MACE_AGENT"  # the agent's socket, when not the default
@@ -81,25 +80,21 @@ class AgentEvents:
         self.nonce = nonce
         self._conn = conn
         self._run = run_id
-        self._ring_fd, self._lost_fd = ring_fd, lost_fd
-        self._ring: RingBuffer | None = RingBuffer(ring_fd, ring_bytes)
-        self._lost_map: mmap.mmap | None = mmap.mmap(lost_fd, mmap.PAGESIZE, mmap.MAP_SHARED,
-                                                     mmap.PROT_READ)
-        self._lost = memoryview(self._lost_map)[:8].cast("Q")
+        self._fds = (ring_fd, lost_fd)
+        self._records: RunRecords | None = RunRecords(ring_fd, lost_fd, ring_bytes)
         self._warn = warn or (lambda line: print(line, file=sys.stderr))
         self._gone = False
         self._poll = select.poll()
         self._poll.register(conn, select.POLLIN | select.POLLRDHUP)
         self._checked = time.monotonic_ns()
-        self._handler: tuple[object, object, Callable[[memoryview, int], None]] | None = None
 
     @property
     def fd(self) -> int:
-        return self._ring_fd
+        return self._fds[0]
 
     def drain(self, on_event: Callable[[KernelEvent], None],
               on_record: Callable[[ProbeRecord], None] | None = None) -> int:
-        assert self._ring is not None
+        assert self._records is not None
         now = time.monotonic_ns()
         if not self._gone and now - self._checked >= CHECK_EVERY_NS:
             self._checked = now
@@ -108,9 +103,7 @@ class AgentEvents:
             # What still comes (the set lives on while another agent or run holds it)
             # is not read: the run said it goes on raw, and it does.
             return 0
-        if self._handler is None or self._handler[:2] != (on_event, on_record):
-            self._handler = (on_event, on_record, dispatcher(on_event, on_record))
-        return self._ring.consume(self._handler[2])
+        return self._records.drain(on_event, on_record)
 
     def _check_agent(self) -> None:
         """The agent is gone when its end of the connection is (it never writes to us
@@ -119,27 +112,38 @@ class AgentEvents:
         events = self._poll.poll(0)
         if events and events[0][1] & (select.POLLHUP | select.POLLRDHUP | select.POLLERR
                                       | select.POLLIN):
+            self._went_away()
+
+    def _went_away(self) -> None:
+        if not self._gone:
             self._gone = True
             self._warn("mace-agent went away: the rest of this run is measured raw")
 
     def lost(self) -> int:
-        """The run's lost records, plus its ring's stalls, plus one once the agent is
+        """The run's lost records (kernel/run_records.py), plus one once the agent is
         gone (every probe in flight then, or later, goes uncorrected)."""
-        assert self._ring is not None
-        return self._lost[0] + self._ring.stalls + (1 if self._gone else 0)
+        assert self._records is not None
+        return self._records.lost() + (1 if self._gone else 0)
 
     def probe_state(self, number: int) -> ProbeRecord | None:
         """A probe's kernel state, asked of the agent (a reply that came with no record:
-        macvlan). None when it cannot say."""
+        macvlan). None when it cannot say. An answer must name the probe asked about; an
+        agent that does not answer in time is taken for gone (a late answer would else
+        be read as the next one's)."""
         if self._gone:
             return None
+        number &= 0xFFFFFFFF
         try:
             answer, fds = request(self._conn, {"op": "state", "run": self._run,
-                                               "number": number & 0xFFFFFFFF})
+                                               "number": number})
         except MaceError:
+            self._went_away()
             return None
         protocol.close_all(fds)
         state = answer.get("state")
+        if answer.get("number") != number:
+            self._went_away()
+            return None
         if not isinstance(state, dict):
             return None
         try:
@@ -152,14 +156,10 @@ class AgentEvents:
     def close(self) -> None:
         """End the run: closing the connection is enough (the agent ends a closed
         connection's runs)."""
-        if self._ring is not None:
-            self._ring.close()
-            self._ring = None
-        if self._lost_map is not None:
-            self._lost.release()
-            self._lost_map.close()
-            self._lost_map = None
-        for fd in (self._ring_fd, self._lost_fd):
+        if self._records is not None:
+            self._records.close()
+            self._records = None
+        for fd in self._fds:
             os.close(fd)
         self._conn.close()
 

@@ -5,10 +5,11 @@ agent's pid namespace sees it; 0 when the client's process is not visible there)
 SO_PEERPIDFD (Linux 6.5) gives a pidfd of that very process: it can never come to name a
 reused pid. The client's network namespace is read through the pidfd
 (PIDFD_GET_NET_NAMESPACE, Linux 6.11) when a run starts, so a run always probes from the
-netns its process is in. On older kernels: pidfd_open(pid) and /proc/PID/ns/net, then the
-pidfd is checked to still name a live process; the pid cannot have been reused between
-the two, since the pidfd was opened first and the process is still alive at the end (the
-pidfd documentation's race-free pattern).
+netns its process is in. On older kernels: pidfd_open(pid) at accept and /proc/PID/ns/net,
+then the pidfd is checked to still name a live process, which proves /proc was read of the
+process the pidfd names. It is weaker than SO_PEERPIDFD: the pidfd is opened at accept,
+not at connect, and if the client exited in between (waiting in the backlog) and its pid
+was reused, the agent would name the new process. Kernels from 6.5 do not have this gap.
 """
 
 from __future__ import annotations

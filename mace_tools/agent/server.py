@@ -5,45 +5,53 @@ updates, and no record passes through the agent (the client reads its run's ring
 itself), so nothing a client does, or fails to do, can hold up the others: a client that
 sends garbage is answered once and dropped; one that does not read its answers is
 dropped; one that does not read its ring loses its own records (counted in its own lost
-counter). A second thread keeps a few reservations (a nonce with its ring and counter
-already in the set) made ahead and takes ended runs' maps out behind: each of those map
-updates waits for an RCU grace period (~10 ms), which a client should not wait for.
+counter). What waits for the kernel (putting maps into the set and taking them out) is
+done by the reservations worker (reservations.py); a run request that finds no
+reservation ready is answered when the worker has made one.
+
+Limits: runs per connection; runs per user (uid) and per network namespace, counting
+every ring buffer handed to that user or netns that still exists, so a client that keeps
+its rings after its runs ended cannot pile up kernel memory (containers often all run as
+uid 0: the netns limit is the one that tells them apart); and the agent never takes the
+last STANDALONE_SLOTS of the set's MAX_RUNS, which stay for privileged runs of their own.
 
 Runs are tied to the client's connection: when it closes (the client ended, crashed or
 was killed) its runs end. When the agent ends, its links close and, unless a standalone
-run still holds the set, the programs detach; its runs' entries die with its token.
+run still holds the set, the programs detach; its entries die with its token.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import grp
 import os
 import queue
+import resource
 import selectors
 import signal
 import socket
-import stat
 import sys
 import threading
+import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mace_tools.agent import listen, protocol
 from mace_tools.agent import peer as peers
-from mace_tools.agent import protocol
 from mace_tools.agent.protocol import ProtocolError
+from mace_tools.agent.reservations import Reservations
 from mace_tools.errors import MaceError
 from mace_tools.kernel import native, programs
 from mace_tools.kernel.events import PROBE_STATE, probe_record_from_state
-from mace_tools.session import new_nonce
 
 MESSAGES_PER_TURN = 8  # a busy client yields to the others after this many requests
-SWITCHES = ("records", "path", "udp", "tcp", "errors")
-_FLAGS = {"records": programs.RUN_RECORDS, "path": programs.RUN_PATH,
-          "udp": programs.RUN_UDP, "tcp": programs.RUN_TCP, "errors": programs.RUN_ERRORS}
+STANDALONE_SLOTS = 16  # of the set's MAX_RUNS, never taken by the agent
+ACCEPT_PAUSE_S = 0.5  # out of fds: the listener is not watched for this long
+SWITCHES = {"records": programs.RUN_RECORDS, "path": programs.RUN_PATH,
+            "udp": programs.RUN_UDP, "tcp": programs.RUN_TCP, "errors": programs.RUN_ERRORS}
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,88 +61,19 @@ class AgentOptions:
     reveal_path: bool = False  # clients see host-side device names and addresses
     max_clients: int = 512
     runs_per_client: int = 8
+    runs_per_user: int = 64  # rings that still exist, per uid
+    runs_per_netns: int = 16  # rings that still exist, per client netns
     ready_runs: int = 4  # reservations made ahead
     verbose: bool = False
-
-
-@dataclass(slots=True)
-class _Run:
-    nonce: bytes
-    reservation: programs.Reservation
 
 
 @dataclass(slots=True)
 class _Client:
     conn: socket.socket
     peer: peers.Peer
-    runs: dict[int, _Run] = field(default_factory=dict)
+    runs: dict[int, programs.Reservation] = field(default_factory=dict)
     next_run: int = 1
-
-
-class _Reservations:
-    """Reservations made ahead, and ended runs' maps taken out behind, on a thread of
-    their own (ctypes releases the GIL around each syscall)."""
-
-    def __init__(self, pset: programs.ProgramSet, ready: int) -> None:
-        self._pset = pset
-        self._ready: queue.Queue[programs.Reservation] = queue.Queue()
-        self._ended: queue.Queue[programs.Reservation | None] = queue.Queue()
-        self._want = ready
-        self._failed: BaseException | None = None
-        self._thread = threading.Thread(target=self._work, name="mace-reservations",
-                                        daemon=True)
-        self._thread.start()
-
-    def take(self) -> programs.Reservation:
-        """A reservation: made ahead if one is ready, else made now."""
-        try:
-            reservation = self._ready.get_nowait()
-        except queue.Empty:
-            reservation = self._make()
-        self._ended.put_nowait(None)  # wakes the thread to make another
-        return reservation
-
-    def end(self, reservation: programs.Reservation) -> None:
-        self._ended.put_nowait(reservation)
-
-    def _make(self) -> programs.Reservation:
-        while True:
-            try:
-                return programs.reserve(self._pset, new_nonce())
-            except MaceError:
-                continue  # the nonce is someone's (2**-64): another
-
-    def _work(self) -> None:
-        while True:
-            while self._ready.qsize() < self._want:
-                try:
-                    self._ready.put(self._make())
-                except (OSError, MaceError) as exc:  # the set is full; take() will say so
-                    self._failed = exc
-                    break
-            item = self._ended.get()
-            if item is _STOP:
-                return
-            if item is not None:
-                with contextlib.suppress(OSError):
-                    programs.unreserve(self._pset, item)
-
-    def close(self) -> None:
-        """Stop the thread, then take every reservation out (ready and ended)."""
-        self._ended.put(_STOP)  # type: ignore[arg-type]
-        self._thread.join()
-        for q in (self._ended, self._ready):
-            while True:
-                try:
-                    item = q.get_nowait()
-                except queue.Empty:
-                    break
-                if isinstance(item, programs.Reservation):
-                    with contextlib.suppress(OSError):
-                        programs.unreserve(self._pset, item)
-
-
-_STOP = object()
+    waiting: tuple[int, int] | None = None  # a run request (flags, netns) waiting
 
 
 class Agent:
@@ -147,22 +86,43 @@ class Agent:
         self.options = options
         self._log = log or (lambda line: print(f"mace-agent: {line}", file=sys.stderr))
         self._clients: dict[int, _Client] = {}
+        self._waiting: deque[_Client] = deque()
+        # ("uid", uid) or ("netns", inode) -> ids of the rings handed to it
+        self._rings_of: dict[tuple[str, int], list[int]] = {}
         self._selector = selectors.DefaultSelector()
         self._stop = False
         self._listener: socket.socket | None = None
-        self._wakeup: tuple[socket.socket, socket.socket] | None = None
+        self._listener_inode: int | None = None
+        self._accept_paused_until = 0.0
+        self._no_fds_from_clients = False
+        self._closer: queue.Queue[list[int] | None] = queue.Queue()
+        self._closer_thread: threading.Thread | None = None
+        self._wake_r, self._wake_w = socket.socketpair()
+        for s in (self._wake_r, self._wake_w):
+            s.setblocking(False)
         self.host_netns = os.stat("/proc/self/ns/net").st_ino
+        _raise_fd_limit()
         path = obj_path or object_path()
         try:
             self.pset, self.loaded = programs.attached_set(path)
         except OSError as exc:
+            self._wake_r.close()
+            self._wake_w.close()
             raise MaceError(f"cannot set up the BPF programs: {exc.strerror}") from exc
+        self._token: int | None = None
         try:
             self._token = programs.new_token()
-            self._token_id = native.map_id(self._token)
-            self._reservations = _Reservations(self.pset, options.ready_runs)
+            token_id = native.map_id(self._token)
+            self._idle = programs.RunEntry(0, 0, 0, token_id, os.getpid())
+            self._token_id = token_id
+            self._reservations = Reservations(self.pset, options.ready_runs, token_id,
+                                              os.getpid(), self._wake)
         except BaseException:
+            if self._token is not None:
+                os.close(self._token)
             self.pset.close()
+            self._wake_r.close()
+            self._wake_w.close()
             raise
 
     def __enter__(self) -> Agent:
@@ -174,44 +134,32 @@ class Agent:
     # --- the socket and the loop ---------------------------------------------------
 
     def listen(self) -> None:
-        """Bind the socket (a stale one left by a dead agent is replaced; a live agent's
-        is not), with the access the options give, and listen."""
-        path = self.options.socket_path
-        _claim(path)
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        old_umask = os.umask(0o177)  # no one else may connect before the chmod below
-        try:
-            listener.bind(str(path))
-        except OSError as exc:
-            listener.close()
-            raise MaceError(f"cannot bind {path}: {exc.strerror}") from None
-        finally:
-            os.umask(old_umask)
-        if self.options.group is not None:
-            os.chown(path, -1, _group_id(self.options.group))
-            os.chmod(path, 0o660)
-        else:
-            os.chmod(path, 0o666)
-        listener.listen(128)
-        listener.setblocking(False)
-        self._listener = listener
-        self._selector.register(listener, selectors.EVENT_READ, self._accept)
+        self._listener, self._no_fds_from_clients = listen.bind(self.options.socket_path,
+                                                                self.options.group)
+        self._listener_inode = os.fstat(self._listener.fileno()).st_ino
+        self._selector.register(self._listener, selectors.EVENT_READ, self._accept)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, self._woken)
+        if not self._no_fds_from_clients:
+            # Without SO_PASSRIGHTS an fd a client sends reaches us, and its last close
+            # may wait (a lingering TCP socket, a FUSE file): closed on a thread, not here.
+            self._closer_thread = threading.Thread(target=self._close_fds, daemon=True,
+                                                   name="mace-fd-closer")
+            self._closer_thread.start()
 
     def serve(self, until: Callable[[], bool] | None = None) -> None:
         """Serve until SIGTERM or SIGINT (or until() is true, checked every turn)."""
         assert self._listener is not None, "listen() first"
-        wake_r, wake_w = socket.socketpair()
-        wake_r.setblocking(False)
-        wake_w.setblocking(False)
-        self._wakeup = (wake_r, wake_w)
-        self._selector.register(wake_r, selectors.EVENT_READ, self._woken)
         previous = {sig: signal.signal(sig, self._on_signal)
                     for sig in (signal.SIGTERM, signal.SIGINT)}
-        old_fd = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+        old_fd = signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
         try:
             while not self._stop and not (until is not None and until()):
-                for key, _ in self._selector.select(timeout=1.0 if until else None):
+                timeout = 1.0 if until else None
+                if self._accept_paused_until:
+                    timeout = max(0.0, self._accept_paused_until - time.monotonic())
+                for key, _ in self._selector.select(timeout=timeout):
                     key.data(key.fileobj)
+                self._resume_accepting()
         finally:
             signal.set_wakeup_fd(old_fd)
             for sig, handler in previous.items():
@@ -220,9 +168,16 @@ class Agent:
     def _on_signal(self, signum: int, frame: object) -> None:
         self._stop = True
 
+    def _wake(self) -> None:
+        """From the reservations worker: a reservation is ready, or could not be made."""
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"r")
+
     def _woken(self, sock: socket.socket) -> None:
         with contextlib.suppress(OSError):
-            sock.recv(64)
+            while sock.recv(4096):
+                pass
+        self._answer_waiting()
 
     def _accept(self, listener: socket.socket) -> None:
         while True:
@@ -230,7 +185,15 @@ class Agent:
                 conn, _ = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:  # EMFILE, ...: the client waits in the backlog
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # The listener stays readable: watching it now would spin. Said once
+                    # per pause; clients wait in the backlog meanwhile.
+                    self._log(f"accept: {exc.strerror}: not accepting for "
+                              f"{ACCEPT_PAUSE_S} s")
+                    self._selector.unregister(listener)
+                    self._accept_paused_until = time.monotonic() + ACCEPT_PAUSE_S
+                    return
                 self._log(f"accept: {exc.strerror}")
                 return
             conn.setblocking(False)
@@ -247,6 +210,12 @@ class Agent:
             if self.options.verbose:
                 self._log(f"client pid {peer.pid} uid {peer.uid} connected")
 
+    def _resume_accepting(self) -> None:
+        if self._accept_paused_until and time.monotonic() >= self._accept_paused_until \
+                and self._listener is not None:
+            self._accept_paused_until = 0.0
+            self._selector.register(self._listener, selectors.EVENT_READ, self._accept)
+
     def _readable(self, conn: socket.socket) -> None:
         client = self._clients.get(conn.fileno())
         if client is None:
@@ -262,12 +231,15 @@ class Agent:
             except OSError:
                 self._drop(client)
                 return
+            if fds:
+                if self._closer_thread is not None:
+                    self._closer.put(fds)
+                else:
+                    protocol.close_all(fds)
+                self._drop(client, "a client sends no file descriptors")
+                return
             if message is None:
                 self._drop(client)
-                return
-            if fds:
-                protocol.close_all(fds)
-                self._drop(client, "a client sends no file descriptors")
                 return
             try:
                 answer, out_fds = self._handle(client, message)
@@ -276,86 +248,155 @@ class Agent:
                 return
             except MaceError as exc:
                 answer, out_fds = {"ok": False, "error": str(exc)}, ()
-            try:
-                protocol.send(conn, answer, out_fds)
-            except OSError:  # not reading its answers (EAGAIN), or gone: dropped
-                self._drop(client)
+            if answer is None:
+                return  # waits for a reservation: its connection is not read meanwhile
+            if not self._send(client, answer, out_fds):
                 return
+
+    def _send(self, client: _Client, answer: dict[str, Any], fds: tuple[int, ...] = ()) \
+            -> bool:
+        try:
+            protocol.send(client.conn, answer, fds)
+        except OSError:  # not reading its answers (EAGAIN), or gone: dropped
+            self._drop(client)
+            return False
+        return True
+
+    def _close_fds(self) -> None:
+        while (fds := self._closer.get()) is not None:
+            protocol.close_all(fds)
 
     # --- requests ------------------------------------------------------------------
 
     def _handle(self, client: _Client, message: dict[str, Any]) \
-            -> tuple[dict[str, Any], tuple[int, ...]]:
+            -> tuple[dict[str, Any] | None, tuple[int, ...]]:
         op = message.get("op")
         if op == "run":
-            return self._start_run(client, message)
+            return self._run_request(client, message)
         if op == "state":
             return self._probe_state(client, message), ()
         if op == "end":
             run_id = protocol.integer(message, "run", 1, 2**31 - 1)
-            run = client.runs.pop(run_id, None)
-            if run is None:
+            reservation = client.runs.pop(run_id, None)
+            if reservation is None:
                 raise MaceError(f"no run {run_id} on this connection")
-            self._end_run(run)
+            self._end_run(reservation)
             return {"ok": True}, ()
         raise ProtocolError(f"unknown op {op!r}")
 
-    def _start_run(self, client: _Client, message: dict[str, Any]) \
-            -> tuple[dict[str, Any], tuple[int, ...]]:
-        switches = {name: protocol.boolean(message, name) for name in SWITCHES}
+    def _run_request(self, client: _Client, message: dict[str, Any]) \
+            -> tuple[dict[str, Any] | None, tuple[int, ...]]:
+        """Checked now; answered now if a reservation is ready, else when one is."""
+        flags = sum(bit for name, bit in SWITCHES.items() if protocol.boolean(message, name))
         if len(client.runs) >= self.options.runs_per_client:
             raise MaceError(f"too many runs on one connection "
                             f"({self.options.runs_per_client})")
         prober = peers.netns_of(client.peer)
-        flags = sum(_FLAGS[name] for name, on in switches.items() if on)
-        if not self.options.reveal_path:
-            flags |= programs.RUN_HIDE_HOST
-        entry = programs.RunEntry(flags, prober, self.host_netns, self._token_id,
-                                  max(client.peer.pid, 0))
+        for key, limit in ((("uid", client.peer.uid), self.options.runs_per_user),
+                           (("netns", prober), self.options.runs_per_netns)):
+            if self._live_rings(key) >= limit:
+                raise MaceError(f"too many runs for {key[0]} {key[1]} ({limit}; ended ones "
+                                "count while their ring buffers are still open)")
+        if self._slots_held() >= programs.MAX_RUNS - STANDALONE_SLOTS:
+            raise MaceError("too many concurrent runs on this host")
+        reservation, failure = self._reservations.take()
+        if reservation is None:
+            if failure is not None:
+                raise MaceError(f"cannot add the run: {failure}")
+            client.waiting = (flags, prober)
+            self._waiting.append(client)
+            self._selector.unregister(client.conn)  # read again once answered
+            return None, ()
+        return self._start_run(client, flags, prober, reservation)
+
+    def _answer_waiting(self) -> None:
+        while self._waiting:
+            client = self._waiting[0]
+            if client.waiting is None or client.conn.fileno() not in self._clients:
+                self._waiting.popleft()  # dropped meanwhile
+                continue
+            reservation, failure = self._reservations.take()
+            if reservation is None and failure is None:
+                return  # the worker is making one
+            self._waiting.popleft()
+            flags, prober = client.waiting
+            client.waiting = None
+            self._selector.register(client.conn, selectors.EVENT_READ, self._readable)
+            if reservation is None:
+                self._send(client, {"ok": False, "error": f"cannot add the run: {failure}"})
+                continue
+            try:
+                answer, fds = self._start_run(client, flags, prober, reservation)
+            except MaceError as exc:
+                answer, fds = {"ok": False, "error": str(exc)}, ()
+            self._send(client, answer, fds)
+
+    def _start_run(self, client: _Client, flags: int, prober: int,
+                   reservation: programs.Reservation) -> tuple[dict[str, Any], tuple[int, ...]]:
         try:
-            reservation = self._reservations.take()
-        except OSError as exc:
-            raise _run_error(exc) from None
-        try:
-            programs.activate(self.pset, reservation.nonce, entry)
+            if not self.options.reveal_path:
+                flags |= programs.RUN_HIDE_HOST
+            entry = programs.RunEntry(flags, prober, self.host_netns, self._token_id,
+                                      max(client.peer.pid, 0))
+            programs.activate(self.pset, reservation.nonce, entry, idle=self._idle)
         except BaseException as exc:
             self._reservations.end(reservation)
             if isinstance(exc, OSError):
-                raise _run_error(exc) from None
+                raise MaceError(f"cannot add the run: {exc.strerror}") from None
             raise
         run_id = client.next_run
         client.next_run += 1
-        client.runs[run_id] = _Run(reservation.nonce, reservation)
+        client.runs[run_id] = reservation
+        ring_id = native.map_id(reservation.ring_fd)
+        for key in (("uid", client.peer.uid), ("netns", prober)):
+            self._rings_of.setdefault(key, []).append(ring_id)
         if self.options.verbose:
-            self._log(f"client pid {client.peer.pid}: run {run_id} nonce "
-                      f"{reservation.nonce.hex()} netns {prober}")
+            self._log(f"client pid {client.peer.pid}: run {run_id} netns {prober}")
         return ({"ok": True, "run": run_id, "nonce": reservation.nonce.hex(),
                  "ring_bytes": programs.RING_BYTES, "host_details": self.options.reveal_path},
                 (reservation.ring_fd, reservation.lost_fd))
 
+    def _live_rings(self, key: tuple[str, int]) -> int:
+        """Rings handed to a uid or netns that still exist (held by the agent for a run,
+        or by a client that kept its fd after its run ended)."""
+        live = [ring for ring in self._rings_of.get(key, []) if _map_exists(ring)]
+        if live:
+            self._rings_of[key] = live
+        else:
+            self._rings_of.pop(key, None)
+        return len(live)
+
+    def _slots_held(self) -> int:
+        return sum(len(c.runs) for c in self._clients.values()) + self._reservations.slots
+
     def _probe_state(self, client: _Client, message: dict[str, Any]) -> dict[str, Any]:
         run_id = protocol.integer(message, "run", 1, 2**31 - 1)
         number = protocol.integer(message, "number", 0, 2**32 - 1)
-        run = client.runs.get(run_id)
-        if run is None:
+        reservation = client.runs.get(run_id)
+        if reservation is None:
             raise MaceError(f"no run {run_id} on this connection")
-        key = run.nonce + number.to_bytes(4, "little") + bytes(4)
+        key = reservation.nonce + number.to_bytes(4, "little") + bytes(4)
         raw = native.map_lookup(self.pset.fds["probes"], key, PROBE_STATE.size)
         if raw is None:
-            return {"ok": True, "state": None}
+            return {"ok": True, "number": number, "state": None}
         r = probe_record_from_state(number, raw)
-        hidden = not self.options.reveal_path  # as the kernel withholds it from records
-        return {"ok": True, "state": {
+        return {"ok": True, "number": number, "state": {
             "departed": r.departed_ns, "returned": r.returned_ns,
             "delivered": r.delivered_ns, "outer_netns": r.outer_netns,
-            "outer_ifindex": r.outer_ifindex, "outer_dev": "" if hidden else r.outer_dev}}
+            "outer_ifindex": r.outer_ifindex,
+            # the name the kernel withholds from this client's records, withheld here too
+            "outer_dev": r.outer_dev if self.options.reveal_path else ""}}
 
-    def _end_run(self, run: _Run) -> None:
+    def _end_run(self, reservation: programs.Reservation) -> None:
+        """Back to an idle entry (nothing more is written to its ring), then out of the
+        set on the worker. If that write fails the entry stays as it is, with its maps:
+        taken out with the agent's token when it ends, never reused."""
         try:
-            programs.deactivate(self.pset, run.nonce)
+            programs.deactivate(self.pset, reservation.nonce, idle=self._idle)
         except (OSError, MaceError) as exc:
-            self._log(f"cannot end run {run.nonce.hex()}: {exc}")
-        self._reservations.end(run.reservation)
+            self._log(f"cannot end run {reservation.nonce.hex()}: {exc}")
+            return
+        self._reservations.end(reservation)
 
     def _drop(self, client: _Client, why: str | None = None) -> None:
         """Answer a broken client once (best effort), end its runs, close it."""
@@ -365,10 +406,11 @@ class Agent:
             if self.options.verbose:
                 self._log(f"client pid {client.peer.pid} dropped: {why}")
         self._clients.pop(client.conn.fileno(), None)
+        client.waiting = None
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(client.conn)
-        for run in client.runs.values():
-            self._end_run(run)
+        for reservation in client.runs.values():
+            self._end_run(reservation)
         client.runs.clear()
         client.conn.close()
         client.peer.close()
@@ -389,58 +431,42 @@ class Agent:
         if self._listener is not None:
             self._listener.close()
             self._listener = None
-            with contextlib.suppress(OSError):
-                os.unlink(self.options.socket_path)
-        if self._wakeup is not None:
-            for s in self._wakeup:
-                s.close()
-            self._wakeup = None
+            listen.remove_if_ours(self.options.socket_path, self._listener_inode)
+        if self._closer_thread is not None:
+            self._closer.put(None)
+            self._closer_thread.join(timeout=5)
         self._selector.close()
         try:
             self._reservations.close()
         finally:
-            os.close(self._token)
+            if self._token is not None:
+                os.close(self._token)
             self.pset.close()
+            self._wake_r.close()
+            self._wake_w.close()
 
 
-def _run_error(exc: OSError) -> MaceError:
-    if exc.errno == errno.E2BIG:
-        return MaceError(f"too many concurrent runs on this host ({programs.MAX_RUNS})")
-    return MaceError(f"cannot add the run: {exc.strerror}")
+def _map_exists(map_id: int) -> bool:
+    try:
+        fd = native.map_fd(map_id)
+    except OSError:
+        return True  # cannot tell: counted
+    if fd is None:
+        return False
+    os.close(fd)
+    return True
+
+
+def _raise_fd_limit() -> None:
+    """Each client holds a connection and a pidfd, each run two map fds: the soft limit
+    (1024 under systemd) goes up to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _answer_and_close(conn: socket.socket, why: str) -> None:
     with contextlib.suppress(OSError):
         protocol.send(conn, {"ok": False, "error": why})
     conn.close()
-
-
-def _group_id(name: str) -> int:
-    try:
-        return grp.getgrnam(name).gr_gid
-    except KeyError:
-        raise MaceError(f"no group named {name!r}") from None
-
-
-def _claim(path: Path) -> None:
-    """Make room for the socket at path: its directory (0755: containers mount it), and
-    no live agent on it (a dead one's socket is removed)."""
-    try:
-        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-    except OSError as exc:
-        raise MaceError(f"cannot create {path.parent}: {exc.strerror}") from None
-    try:
-        info = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(info.st_mode):
-        raise MaceError(f"{path} exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    try:
-        probe.connect(str(path))
-    except OSError:
-        os.unlink(path)  # nothing listens: a dead agent's
-        return
-    finally:
-        probe.close()
-    raise MaceError(f"another mace-agent serves {path}")

@@ -8,12 +8,14 @@ SIGTERM or SIGINT (README "Many containers, one host"; protocol: agent/protocol.
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from mace_tools.agent.protocol import DEFAULT_SOCKET
 from mace_tools.cli.common import run_app
 
 PROG = "mace-agent"
@@ -30,8 +32,8 @@ app = typer.Typer(
                   "that mounts the socket's directory.")
 def agent(
     socket_path: Annotated[Path, typer.Option(
-        "--socket", metavar="PATH", help="the unix socket to serve on")]
-    = Path("/run/mace/agent.sock"),
+        "--socket", metavar="PATH", help="the unix socket to serve on (its directory must "
+        "be root's, writable by no one else)")] = DEFAULT_SOCKET,
     group: Annotated[str | None, typer.Option(
         "--group", metavar="NAME", help="only this group may connect (socket mode 0660; "
         "default: anyone, 0666)")] = None,
@@ -39,6 +41,12 @@ def agent(
         "--reveal-path", help="give clients host-side device names and addresses")] = False,
     runs_per_client: Annotated[int, typer.Option(
         "--runs-per-client", min=1, max=128, help="concurrent runs on one connection")] = 8,
+    runs_per_user: Annotated[int, typer.Option(
+        "--runs-per-user", min=1, max=128, help="runs per client uid (ring buffers still "
+        "open count)")] = 64,
+    runs_per_netns: Annotated[int, typer.Option(
+        "--runs-per-netns", min=1, max=128, help="runs per client network namespace "
+        "(ring buffers still open count)")] = 16,
     max_clients: Annotated[int, typer.Option(
         "--max-clients", min=1, max=65536, help="concurrent connections")] = 512,
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="a line per client and "
@@ -54,6 +62,7 @@ def agent(
 
     options = AgentOptions(socket_path=socket_path, group=group, reveal_path=reveal_path,
                            max_clients=max_clients, runs_per_client=runs_per_client,
+                           runs_per_user=runs_per_user, runs_per_netns=runs_per_netns,
                            verbose=verbose)
     with Agent(options) as service:
         service.listen()
@@ -64,6 +73,9 @@ def agent(
 
 
 def main(argv: list[str] | None = None) -> int:
+    # SIGTERM before the service is up (systemd stopping a slow start) unwinds like Ctrl-C,
+    # so whatever was set up is released; serving, the service's own handler takes over.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     return run_app(app, PROG, argv)
 
 

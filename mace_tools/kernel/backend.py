@@ -11,7 +11,6 @@ run time).
 from __future__ import annotations
 
 import errno
-import mmap
 import os
 import stat
 from collections.abc import Callable
@@ -19,8 +18,8 @@ from pathlib import Path
 
 from mace_tools.errors import MaceError, NoPrivilege
 from mace_tools.kernel import native, programs
-from mace_tools.kernel.events import PROBE_STATE, dispatcher, probe_record_from_state
-from mace_tools.kernel.ringbuf import RingBuffer
+from mace_tools.kernel.events import PROBE_STATE, probe_record_from_state
+from mace_tools.kernel.run_records import RunRecords
 from mace_tools.model import KernelEvent, ProbeRecord
 
 VMLINUX_BTF = Path("/sys/kernel/btf/vmlinux")
@@ -94,11 +93,7 @@ class Backend:
         self._host = host_netns
         self._path = obj_path or object_path()
         self._member: programs.Membership | None = None
-        self._ring: RingBuffer | None = None
-        self._lost_map: mmap.mmap | None = None
-        self._lost: memoryview | None = None
-        # the record handler of the sinks last drained into: built once, not per drain
-        self._handler: tuple[object, object, Callable[[memoryview, int], None]] | None = None
+        self._records: RunRecords | None = None
 
     def __enter__(self) -> Backend:
         try:
@@ -127,17 +122,14 @@ class Backend:
             if exc.errno in (errno.EPERM, errno.EACCES):
                 raise NoPrivilege(f"cannot set up the BPF programs: {exc.strerror}") from exc
             raise MaceError(f"cannot set up the BPF programs: {exc.strerror}") from exc
-        self._ring = RingBuffer(self._member.ring_fd, programs.RING_BYTES)
-        # BPF_F_MMAPABLE: read with a memory load, no syscall (and no privilege) per reply
-        self._lost_map = mmap.mmap(self._member.lost_fd, mmap.PAGESIZE, mmap.MAP_SHARED,
-                                   mmap.PROT_READ)
-        self._lost = memoryview(self._lost_map)[:8].cast("Q")
+        self._records = RunRecords(self._member.ring_fd, self._member.lost_fd,
+                                   programs.RING_BYTES)
 
     @property
     def fd(self) -> int:
         """A pollable fd: readable when records are waiting."""
-        assert self._ring is not None
-        return self._ring.fd
+        assert self._records is not None
+        return self._records.fd
 
     @property
     def loaded_here(self) -> bool:
@@ -147,17 +139,15 @@ class Backend:
     def drain(self, on_event: Callable[[KernelEvent], None],
               on_record: Callable[[ProbeRecord], None] | None = None) -> int:
         """Decode every waiting record into its sink; return how many."""
-        assert self._ring is not None
-        if self._handler is None or self._handler[:2] != (on_event, on_record):
-            self._handler = (on_event, on_record, dispatcher(on_event, on_record))
-        return self._ring.consume(self._handler[2])
+        assert self._records is not None
+        return self._records.drain(on_event, on_record)
 
     def lost(self) -> int:
         """Records the kernel side could not write to this run's ring (full), plus the
         times the reader gave up on a record still being written. A probe in flight while
         this changed may miss records: it gets no correction."""
-        assert self._lost is not None and self._ring is not None
-        return self._lost[0] + self._ring.stalls
+        assert self._records is not None
+        return self._records.lost()
 
     def probe_state(self, number: int) -> ProbeRecord | None:
         """A probe's kernel state, read from the map: for a reply whose delivery fired no
@@ -176,14 +166,9 @@ class Backend:
                 for name, fd in self._member.pset.prog_fds.items()}
 
     def close(self) -> None:
-        if self._ring is not None:
-            self._ring.close()
-            self._ring = None
-        if self._lost_map is not None:
-            assert self._lost is not None
-            self._lost.release()
-            self._lost_map.close()
-            self._lost_map = self._lost = None
+        if self._records is not None:
+            self._records.close()
+            self._records = None
         if self._member is not None:
             member, self._member = self._member, None
             member.leave()

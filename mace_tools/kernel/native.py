@@ -174,7 +174,7 @@ def _check(ret: int, what: str) -> int:
     return ret
 
 
-BPF_ANY, BPF_NOEXIST = 0, 1
+BPF_ANY, BPF_NOEXIST, BPF_EXIST = 0, 1, 2
 
 
 def map_update(fd: int, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:

@@ -139,11 +139,13 @@ class ProgramSet:
         return entries_of(self.fds["runs"])
 
     def switches_of(self, entries: dict[bytes, RunEntry]) -> bytes:
-        flags = [e.flags for e in entries.values()]
+        """An entry with no switches (an agent's reservation) is no run: not counted."""
+        runs = {nonce: e for nonce, e in entries.items() if e.flags}
+        flags = [e.flags for e in runs.values()]
         return SWITCHES.pack(len(flags), sum(1 for f in flags if f & RUN_UDP),
                              sum(1 for f in flags if f & RUN_TCP),
                              sum(1 for f in flags if f & RUN_ERRORS), self.build,
-                             nonce_bits(entries))
+                             nonce_bits(runs))
 
     def update_switches(self) -> None:
         """Write the switches the live entries call for, and read the entries again until
@@ -430,20 +432,39 @@ def unreserve(pset: ProgramSet, reservation: Reservation) -> None:
         reservation.close()
 
 
-def activate(pset: ProgramSet, nonce: bytes, entry: RunEntry) -> None:
-    """Make a reservation a run: its entry (only if the nonce has none), then the
-    switches (its nonce bit, its counts)."""
+def add_entry(pset: ProgramSet, nonce: bytes, entry: RunEntry) -> None:
+    """An entry with no switches (flags 0: the programs ignore it) for a reservation, so
+    a dead agent's reservations are cleared with its runs (_clear_dead)."""
     native.map_update(pset.fds["runs"], nonce, entry.pack(), native.BPF_NOEXIST)
+
+
+def remove_entry(pset: ProgramSet, nonce: bytes) -> None:
+    native.map_delete(pset.fds["runs"], nonce)
+
+
+def activate(pset: ProgramSet, nonce: bytes, entry: RunEntry,
+             idle: RunEntry | None = None) -> None:
+    """Make a reservation a run: its entry (only if the nonce has none; or, idle given,
+    in place of the reservation's idle entry), then the switches (its nonce bit, its
+    counts)."""
+    if idle is None:
+        native.map_update(pset.fds["runs"], nonce, entry.pack(), native.BPF_NOEXIST)
+    else:
+        native.map_update(pset.fds["runs"], nonce, entry.pack(), native.BPF_EXIST)
     try:
         pset.update_switches()
     except BaseException:
-        native.map_delete(pset.fds["runs"], nonce)
+        deactivate(pset, nonce, idle)
         raise
 
 
-def deactivate(pset: ProgramSet, nonce: bytes) -> None:
-    """The run's entry goes, then the switches: nothing is written to its ring after."""
-    native.map_delete(pset.fds["runs"], nonce)
+def deactivate(pset: ProgramSet, nonce: bytes, idle: RunEntry | None = None) -> None:
+    """The run's entry goes (idle given: becomes that idle entry again), then the
+    switches: nothing is written to its ring after."""
+    if idle is None:
+        native.map_delete(pset.fds["runs"], nonce)
+    else:
+        native.map_update(pset.fds["runs"], nonce, idle.pack(), native.BPF_EXIST)
     pset.update_switches()
 
 
