@@ -30,11 +30,14 @@ from mace_tools.stats import percentile
 
 # Lab roles: c0 mace-ping; c1..c8 load neighbours; c9 iputils; c10 scamper;
 # c11 the independent ping whose RTT shows perturbation; c12..c18 extra mace-ping instances
-# (with c0: the 8 concurrent runs of the scaling section).
-CONTAINERS = 19
+# (with c0: the 8 concurrent runs of the scaling section); the agent's 16 concurrent
+# clients (bench/agent.py) run in every container but the floods c1..c4 and c11, which
+# takes c19 and c20 as well.
+CONTAINERS = 21
 IPUTILS_CONTAINER, SCAMPER_CONTAINER, WITNESS_CONTAINER = 9, 10, 11
 EXTRA_MACE = (12, 13, 14, 15, 16, 17, 18)
 ID_IPUTILS_CONTAINER, ID_IPUTILS_HOST, ID_SCAMPER = 4242, 4343, 4545
+PACKAGE = Path(programs.__file__).resolve().parents[1]  # mace_tools/
 FTRACE_EVENTS = ("net/net_dev_start_xmit", "net/net_dev_xmit", "net/netif_rx",
                  "net/netif_receive_skb")
 TRACEFS = Path("/sys/kernel/tracing")
@@ -158,7 +161,7 @@ def _fmt(d: dict) -> str:
     return f"mean {d['mean']:+.2f} µs, |p99| {d['abs_p99']:.2f} µs" if d.get("n") else "no data"
 
 
-def _witness_ping(lab: Lab, count: int, interval: float) -> list[float]:
+def witness_ping(lab: Lab, count: int, interval: float) -> list[float]:
     """RTTs (µs) of an iputils ping from the witness container, which mace never probes."""
     proc = subprocess.run(["ip", "netns", "exec", lab.container_ns(WITNESS_CONTAINER), "ping",
                            "-n", "-c", str(count), "-i", str(interval), lab.target_addr],
@@ -213,7 +216,7 @@ def programs_attached() -> Iterator[None]:
     try:
         if proc.stdout.readline().strip() != "ready":
             proc.wait(timeout=30)
-            raise NotMeasured(f"no run joined the programs: {_last_line(proc.stderr.read())}")
+            raise NotMeasured(f"no run joined the programs: {last_line(proc.stderr.read())}")
         yield
     finally:
         proc.stdin.close()  # the run leaves
@@ -253,7 +256,7 @@ def perturbation(lab: Lab, settings: list[tuple[str, int, str]], count: int,
             for _ in range(rounds):
                 for cond in order.sample(list(conditions), k=len(conditions)):
                     with conditions[cond]():
-                        samples[cond].append(_witness_ping(lab, block, interval))
+                        samples[cond].append(witness_ping(lab, block, interval))
         base, bpf, ftrace = (_merge(samples[k]) for k in ("base", "bpf", "ftrace"))
         half_a, half_b = _merge(samples["base"][0::2]), _merge(samples["base"][1::2])
         bpf_delta, bpf_se = _paired_delta(samples["bpf"], samples["base"])
@@ -350,21 +353,21 @@ def _delta(after: dict[str, tuple[int, int]], before: dict[str, tuple[int, int]]
     return out
 
 
-def _run_with_rusage(cmd: list[str], timeout_s: float
-                     ) -> tuple[subprocess.CompletedProcess[str], dict]:
+def run_with_rusage(cmd: list[str], timeout_s: float, env: dict[str, str] | None = None
+                    ) -> tuple[subprocess.CompletedProcess[str], dict]:
     """Run cmd under GNU time: the child's own peak RSS and CPU (rusage from a fork of
     this Python process would count the parent's pages until exec)."""
     with tempfile.NamedTemporaryFile("r") as report:
         start = time.monotonic()
         proc = subprocess.run(["/usr/bin/time", "-o", report.name, "-f", "%M %U %S", *cmd],
-                              capture_output=True, text=True, timeout=timeout_s)
+                              capture_output=True, text=True, timeout=timeout_s, env=env)
         wall = time.monotonic() - start
         rss_kb, user, system = report.read().split()[-3:]
     return proc, {"wall_s": wall, "cpu_s": float(user) + float(system),
                   "max_rss_mb": int(rss_kb) / 1024, "returncode": proc.returncode}
 
 
-def _last_line(text: str) -> str:
+def last_line(text: str) -> str:
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
     return lines[-1] if lines else "no output"
 
@@ -378,7 +381,7 @@ def ping_summary(tool: str, proc: subprocess.CompletedProcess[str]) -> dict:
     took = re.search(r"time (\d+)ms", out)
     if not (sent and received and took) or int(took.group(1)) == 0:
         raise NotMeasured(f"{tool} printed no summary (exit {proc.returncode}): "
-                          f"{_last_line(proc.stderr or out)}")
+                          f"{last_line(proc.stderr or out)}")
     kernel = re.search(r"kernel data (\d+)/(\d+) replies", out)
     lost = re.search(r"(\d+) events lost", out)
     return {"sent": int(sent.group(1)), "received": int(received.group(1)),
@@ -393,7 +396,7 @@ def mace_flood(lab: Lab, seconds: int) -> dict:
     cmd = lab.on_host(sys.executable, "-m", "mace_tools.cli.ping", "--netns",
                   lab.netns_path(lab.container_ns(0)), "-f", "-q", "-w", str(seconds),
                   "-W", "1", lab.target_addr)
-    proc, usage = _run_with_rusage(cmd, seconds + 30)
+    proc, usage = run_with_rusage(cmd, seconds + 30)
     return {**ping_summary("mace-ping -f", proc), **usage}
 
 
@@ -401,7 +404,7 @@ def iputils_flood(lab: Lab, seconds: int) -> dict:
     """iputils `ping -f` for `seconds` from the same container (c0): the rate to match."""
     cmd = ["ip", "netns", "exec", lab.container_ns(0), "ping", "-f", "-q", "-w",
            str(seconds), lab.target_addr]
-    proc, usage = _run_with_rusage(cmd, seconds + 30)
+    proc, usage = run_with_rusage(cmd, seconds + 30)
     return {**ping_summary("iputils ping -f", proc), **usage}
 
 
@@ -486,7 +489,7 @@ def foreign_cost(lab: Lab, seconds: float, neighbours: int) -> dict:
     finally:
         result = interrupt(run)
     if not result.rtt_ms:
-        raise NotMeasured(f"the slow mace-ping run got no reply: {_last_line(result.stderr)}")
+        raise NotMeasured(f"the slow mace-ping run got no reply: {last_line(result.stderr)}")
     return {"neighbours": neighbours, "seconds": seconds, "mace_replies": len(result.rtt_ms),
             "sets_loaded": sets, "programs": _delta(after, before)}
 
@@ -508,7 +511,7 @@ def records_per_probe(lab: Lab, count: int, interval: float) -> dict:
     received = re.search(r"(\d+) received", out)
     records = re.search(r"(\d+) kernel records", out)
     if not received or not records:
-        raise NotMeasured(f"mace-ping -q printed no kernel records: {_last_line(out + err)}")
+        raise NotMeasured(f"mace-ping -q printed no kernel records: {last_line(out + err)}")
     json_out, _ = run("--json")
     try:
         mace = json.loads(json_out).get("mace", {})
@@ -523,10 +526,24 @@ def records_per_probe(lab: Lab, count: int, interval: float) -> dict:
             else None}
 
 
+def installed_env() -> dict[str, str]:
+    """The environment a start-up is timed in, as a real install starts: mace_tools
+    byte-compiled (pip compiles at install; a checkout has only what earlier runs left),
+    and no PYTHONDONTWRITEBYTECODE, so the first, untimed run caches whatever else it
+    imports (with it set, every start compiled those again: ~30 ms). No MACE_AGENT either:
+    which agent a run uses is the row's to say, not the caller's shell's."""
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(PACKAGE)], check=True,
+                   capture_output=True)
+    return {k: v for k, v in os.environ.items()
+            if k not in ("PYTHONDONTWRITEBYTECODE", "MACE_AGENT")}
+
+
 def startup(lab: Lab, runs: int) -> dict:
     """`-c 1` from a container: spawn -> first echo request on the container's eth0
-    (tcpdump, CLOCK_REALTIME on both ends), spawn -> exit, and peak RSS."""
+    (tcpdump, CLOCK_REALTIME on both ends), spawn -> exit, and peak RSS; byte code
+    compiled as installed (installed_env), after one untimed run of each tool."""
     ns = lab.container_ns(0)
+    env = installed_env()
     tools = {
         "mace-ping -c 1": [sys.executable, "-m", "mace_tools.cli.ping", "-c", "1", "-q",
                            lab.target_addr],
@@ -535,10 +552,11 @@ def startup(lab: Lab, runs: int) -> dict:
     results = {}
     for name, tool in tools.items():
         spawns, usages = [], []
+        run_with_rusage(["ip", "netns", "exec", ns, *tool], 30, env)  # caches, warms
         with Capture(ns, "eth0", "icmp[0] = 8") as cap:
             for _ in range(runs):
                 spawns.append(time.clock_gettime_ns(time.CLOCK_REALTIME))
-                _, usage = _run_with_rusage(["ip", "netns", "exec", ns, *tool], 30)
+                _, usage = run_with_rusage(["ip", "netns", "exec", ns, *tool], 30, env)
                 usages.append(usage)
                 time.sleep(0.05)
         sends = sorted(p.ts_real_ns for p in cap.packets)
@@ -560,6 +578,7 @@ def startup(lab: Lab, runs: int) -> dict:
               f"(median), exit {results[name]['exit_ms_median']:.1f} ms, rss {rss:.1f} MB",
               flush=True)
     results["bcc"] = bcc_startup()
+    results["bytecode"] = "compiled, one untimed run first"  # earlier results lack this
     return results
 
 
@@ -582,7 +601,7 @@ def bcc_startup() -> dict:
     check = subprocess.run([python, "-c", "import bcc"], capture_output=True, text=True)
     if check.returncode != 0:
         return {"skipped": "bcc (python3-bpfcc) is not installed"}
-    proc, usage = _run_with_rusage([python, "-c", _BCC_PROG], 120)
+    proc, usage = run_with_rusage([python, "-c", _BCC_PROG], 120)
     m = re.search(r"loaded_ms ([\d.]+)", proc.stdout)
     if not m:
         return {"skipped": "bcc cannot compile on this kernel (no kernel headers)",
@@ -591,7 +610,7 @@ def bcc_startup() -> dict:
             "peak_rss_mb": usage["max_rss_mb"]}
 
 
-def _bounded_count(interval: float, block: int) -> int:
+def bounded_count(interval: float, block: int) -> int:
     """Probes for a run stopped by `interrupt` after one witness block: enough for the
     wait for the runs plus the block, and bounded, should the bench itself die."""
     return int((90 + block * interval) / interval)
@@ -602,13 +621,13 @@ def _mace_block(lab: Lab, n: int, block: int, interval: float,
     """The witness while `n` mace-ping runs (one shared program set) probe at `interval`;
     then, if cost_window_s, their programs' cost over that window (stats on only then:
     bpf_stats' own clock reads would slow the witness)."""
-    count = _bounded_count(interval, block)
+    count = bounded_count(interval, block)
     runs = [mace_ping(lab, (0, *EXTRA_MACE)[i], os.urandom(8), count, interval, "-q",
                       "-w", str(int(count * interval) + 5)) for i in range(n)]
     cost = None
     try:
         wait_for_runs([r.proc for r in runs])
-        rtts = _witness_ping(lab, block, interval)
+        rtts = witness_ping(lab, block, interval)
         if cost_window_s:
             with bpf_stats():
                 before = mace_program_stats()
@@ -620,14 +639,15 @@ def _mace_block(lab: Lab, n: int, block: int, interval: float,
     return rtts, results, cost
 
 
-def _control_block(lab: Lab, n: int, block: int, interval: float) -> list[float]:
-    """The witness while `n` iputils pings probe at the same rate from the same containers:
-    the instances' own probe traffic, without mace."""
-    runs = [iputils(lab, lab.container_ns((0, *EXTRA_MACE)[i]), 5000 + i,
-                    _bounded_count(interval, block), interval) for i in range(n)]
+def control_block(lab: Lab, containers: tuple[int, ...], block: int, interval: float,
+                  witness_interval: float | None = None) -> list[float]:
+    """The witness while iputils pings probe at `interval` from these containers (one
+    each): the instances' own probe traffic, without mace."""
+    runs = [iputils(lab, lab.container_ns(c), 5000 + i, bounded_count(interval, block),
+                    interval) for i, c in enumerate(containers)]
     try:
         time.sleep(0.5)  # iputils is up in a few ms; all of them sending
-        return _witness_ping(lab, block, interval)
+        return witness_ping(lab, block, witness_interval or interval)
     finally:
         for run in runs:
             interrupt(run)
@@ -656,16 +676,16 @@ def scaling(lab: Lab, instances: list[int], count: int, interval: float, neighbo
                 for _ in range(rounds):
                     for cond in order.sample(list(samples), k=len(samples)):
                         if cond == "base":
-                            rtts = _witness_ping(lab, block, interval)
+                            rtts = witness_ping(lab, block, interval)
                         elif cond == "control":
-                            rtts = _control_block(lab, n, block, interval)
+                            rtts = control_block(lab, (0, *EXTRA_MACE)[:n], block, interval)
                         else:
                             rtts, got, window = _mace_block(lab, n, block, interval,
                                                             0.0 if cost else 1.0)
                             results += got
                             cost = cost or window
                         samples[cond].append(rtts)
-                rows.append(_scaling_row(n, rounds, block, samples, results, cost))
+                rows.append(scaling_row(n, rounds, block, samples, results, cost))
             except NotMeasured as exc:  # this N is reported as such, the others stand
                 rows.append({"instances": n, "error": str(exc)})
                 print(f"  scaling {n}: not measured: {exc}", flush=True)
@@ -679,7 +699,7 @@ def scaling(lab: Lab, instances: list[int], count: int, interval: float, neighbo
     return rows
 
 
-def _scaling_row(n: int, rounds: int, block: int, samples: dict[str, list[list[float]]],
+def scaling_row(n: int, rounds: int, block: int, samples: dict[str, list[list[float]]],
                  results: list[ToolResult], cost: dict | None) -> dict:
     base, mace, control = (_merge(samples[k]) for k in ("base", "mace", "control"))
     if not (base["n"] and mace["n"] and control["n"]):

@@ -142,25 +142,31 @@ def _accuracy_targets(res: dict) -> list[tuple[str, str, bool | str | None]]:
 
 
 def _scaling_targets(res: dict) -> list[tuple[str, str, bool | str | None]]:
+    return _flat_targets(_measured(res, "scaling"), _why(res, "scaling"),
+                         "1..8 concurrent runs", "concurrent run(s)", "runs")
+
+
+def _flat_targets(measured: list[dict] | None, why: str, span: str, unit: str, plural: str
+                  ) -> list[tuple[str, str, bool | str | None]]:
     """mace minus control <= 0.5 µs at every N, and flat: the value at the most runs minus
     the value at 1 run <= 0.5 µs, both at ~95% confidence (± 2 standard errors)."""
-    rows = [r for r in _measured(res, "scaling") or [] if "error" not in r]
-    errors = [r for r in _measured(res, "scaling") or [] if "error" in r]
+    rows = [r for r in measured or [] if "error" not in r]
+    errors = [r for r in measured or [] if "error" in r]
     if not rows:
-        return [("neighbour perturbation, 1..8 concurrent runs: mace minus control <= 0.5 µs, "
-                 "flat in N", _why(res, "scaling"), NOT_MEASURED)]
+        return [(f"neighbour perturbation, {span}: mace minus control <= 0.5 µs, "
+                 "flat in N", why, NOT_MEASURED)]
     out: list[tuple[str, str, bool | str | None]] = []
     for r in rows:
-        out.append((f"neighbour perturbation, {r['instances']} concurrent run(s): mace minus "
+        out.append((f"neighbour perturbation, {r['instances']} {unit}: mace minus "
                     "control <= 0.5 µs",
                     f"{r['bpf_share_mean_us']:+.2f}{_pm(r['bpf_share_se_us'])} µs",
                     _within(r["bpf_share_mean_us"], r["bpf_share_se_us"], 0.5)))
     for r in errors:
-        out.append((f"neighbour perturbation, {r['instances']} concurrent runs", r["error"],
+        out.append((f"neighbour perturbation, {r['instances']} {plural}", r["error"],
                     NOT_MEASURED))
     first, last = rows[0], rows[-1]
     target = (f"neighbour perturbation flat in N: (mace minus control at {last['instances']} "
-              f"runs) - (at {first['instances']}) <= 0.5 µs")
+              f"{plural}) - (at {first['instances']}) <= 0.5 µs")
     if first is last:
         return [*out, (target, "-", NOT_MEASURED)]
     growth = last["bpf_share_mean_us"] - first["bpf_share_mean_us"]
@@ -197,11 +203,97 @@ def targets_v2(res: dict) -> list[tuple[str, str, bool | str | None]]:
             _records_target(res)]
 
 
+def _agent_startup_target(res: dict) -> tuple[str, str, bool | str | None]:
+    target = "`mace-ping -c 1` wall through the agent, client with no capability: <= 80 ms median"
+    s = _measured(res, "agent_startup")
+    if not s:
+        return target, _why(res, "agent_startup"), NOT_MEASURED
+    t = s["tools"]
+    a = t["agent"]
+    measured = (f"{a['wall_ms_median']:.1f} ms median, p90 {a['wall_ms_p90']:.1f} (standalone "
+                f"loading the programs: {t['standalone_cold']['wall_ms_median']:.1f}; iputils: "
+                f"{t['iputils']['wall_ms_median']:.1f}; {a['runs']} runs each, interleaved; "
+                f"client capabilities: {s['client_capabilities']}; {a['corrected']} of "
+                f"{a['runs']} corrected)")
+    return target, measured, (a["wall_ms_median"] <= 80 and a["failed"] == 0
+                              and a["corrected"] == a["runs"])
+
+
+def _agent_accuracy_targets(res: dict) -> list[tuple[str, str, bool | str | None]]:
+    limits = "\\|mean\\| <= 1 µs, p99 \\|err\\| <= 5 µs, coverage 100%"
+    a = _measured(res, "agent_accuracy")
+    if not a:
+        return [(f"client with no capability, corrected - truth v2: {limits}",
+                 _why(res, "agent_accuracy"), NOT_MEASURED)]
+    rows: list[tuple[str, str, bool | str | None]] = []
+    for r in a["rows"]:
+        target = f"client through the agent, corrected - truth v2, {r['setting']}: {limits}"
+        d = r.get("corrected", {})
+        if "error" in r or not d.get("n"):
+            rows.append((target, r.get("error", "no reply with its truth"), NOT_MEASURED))
+            continue
+        coverage = r["coverage"] or 0.0
+        rows.append((target, f"mean {d['mean']:+.2f} µs, p99 \\|err\\| {d['abs_p99']:.2f} µs, "
+                     f"coverage {coverage * 100:.1f}% (n {d['n']}; raw - truth: mean "
+                     f"{r['raw']['mean']:+.2f} µs; client capabilities: "
+                     f"{a['client_capabilities']})",
+                     abs(d["mean"]) <= 1 and d["abs_p99"] <= 5 and coverage == 1.0
+                     and r["source"] == "agent"))
+    return rows
+
+
+def _agent_resource_targets(res: dict) -> list[tuple[str, str, bool | str | None]]:
+    rss, cpu = "agent RSS <= 60 MB (peak, idle and 16 clients)", "agent CPU idle <= 2% of a core"
+    r = _measured(res, "agent_resources")
+    if not r:
+        why = _why(res, "agent_resources")
+        return [(rss, why, NOT_MEASURED), (cpu, why, NOT_MEASURED)]
+    idle, busy = r["idle"], r["busy"]
+    peak = max(idle["VmHWM"], busy["VmHWM"])
+    return [
+        (rss, f"{peak:.1f} MB peak (VmHWM); VmRSS {idle['VmRSS']:.1f} MB idle, "
+              f"{busy['VmRSS']:.1f} MB with {busy['clients']} clients", peak <= 60),
+        (cpu, f"{idle['cpu_percent']:.2f}% over {idle['seconds']:.0f} s idle; "
+              f"{busy['cpu_percent']:.2f}% with {busy['clients']} clients at -i "
+              f"{r['interval_s']} (no target; the clients themselves: "
+              f"{busy['clients_cpu_percent']:.0f}%)", idle["cpu_percent"] <= 2)]
+
+
+def targets_agent(res: dict) -> list[tuple[str, str, bool | str | None]]:
+    """mace-agent's targets (issue 11), every row measured in this one run."""
+    pert = _measured(res, "agent_perturbation")
+    return [_agent_startup_target(res), *_agent_accuracy_targets(res),
+            *_flat_targets(pert["rows"] if pert else None, _why(res, "agent_perturbation"),
+                           "1..16 clients through the agent", "client(s) through the agent",
+                           "clients"),
+            *_agent_resource_targets(res)]
+
+
 def _runs(values: list[float]) -> str:
     return ", ".join(f"{v:.0f}" for v in values)
 
 
+AGENT_KEYS = ("agent_startup", "agent_accuracy", "agent_perturbation", "agent_resources")
+V2_KEYS = ("flood", "flood_loaded", "accuracy", "scaling", "foreign_cost", "records")
+EARLIER_KEYS = ("accuracy", "flood", "perturbation", "cost", "startup")
+
+
+def _table(rows: list[tuple[str, str, bool | str | None]], partial: bool) -> list[str]:
+    """A targets table; a partial run leaves out the rows of sections it did not run
+    (not measured, with no reason: "-")."""
+    if partial:
+        rows = [r for r in rows if not (r[2] == NOT_MEASURED and r[1] == "-")]
+    return ["| target | measured | met |", "|---|---|---|",
+            *(f"| {t} | {v} | {VERDICT[ok]} |" for t, v, ok in rows)]
+
+
 def markdown(res: dict) -> str:
+    """The report; a partial run (--only) shows only the targets and sections it ran."""
+    def ran(keys: tuple[str, ...]) -> bool:
+        return any(k in res for k in keys)
+
+    partial = bool(res.get("only"))
+
     m = res["machine"]
     out = ["# mace-ping bench results\n",
            f"{m['date']} · commit `{m['commit']}` · kernel {m['kernel']} · {m['cpus']} CPUs "
@@ -216,27 +308,40 @@ def markdown(res: dict) -> str:
            "Errors are tool RTT minus truth RTT, in µs. The truth is shorter than `out0`'s "
            "departure-to-arrival time by the request's transit of the link (its residual, "
            "measured below), so a correct corrected RTT sits that much above it.\n",
-           "## Targets: kernel side v2 (issue 10)\n",
-           f"Every row measured side by side in this run, made by `{res['command']}`. "
-           "\"flat in N\" is judged as the growth of mace minus control from the fewest to "
-           "the most concurrent runs; a ± figure is a standard error and a verdict needs "
-           "2 of them on its side of the limit.\n",
-           "| target | measured | met |", "|---|---|---|"]
-    out += [f"| {t} | {v} | {VERDICT[ok]} |" for t, v, ok in targets_v2(res)]
-    out += ["", "## Targets of the earlier issues\n", "| target | measured | met |",
-            "|---|---|---|"]
-    out += [f"| {t} | {v} | {VERDICT[ok]} |" for t, v, ok in targets(res)]
+           ]
+    if res.get("only"):
+        out.append(f"**Partial run**: only {', '.join(res['only'])}.\n")
+    if ran(AGENT_KEYS):
+        out += ["## Targets: mace-agent (issue 11)\n",
+                f"Every row measured side by side in this run, made by `{res['command']}`. "
+                "Clients run inside lab containers with the capabilities each row names "
+                "(none: an ICMP ping socket, net.ipv4.ping_group_range opened in that lab "
+                "container) and reach the agent, in the lab's host netns, through its "
+                "socket. A ± figure is a standard error and a verdict needs 2 of them on "
+                "its side of the limit; \"flat in N\" is the growth of mace minus control "
+                "from 1 to 16 clients.\n", *_table(targets_agent(res), partial), ""]
+    if ran(V2_KEYS):
+        out += ["## Targets: kernel side v2 (issue 10)\n",
+                f"Every row measured side by side in this run, made by `{res['command']}`. "
+                "\"flat in N\" is judged as the growth of mace minus control from the fewest "
+                "to the most concurrent runs; a ± figure is a standard error and a verdict "
+                "needs 2 of them on its side of the limit.\n",
+                *_table(targets_v2(res), partial), ""]
+    if ran(EARLIER_KEYS):
+        out += ["## Targets of the earlier issues\n", *_table(targets(res), partial)]
     for key, render in SECTIONS:
         value = res.get(key)
         if key == "flood":  # two runs in one table, each may have failed on its own
-            out += ["", *_flood(res)]
+            if ran(("flood", "flood_loaded")):
+                out += ["", *_flood(res)]
         elif isinstance(value, dict) and "error" in value:
             out += ["", f"## {TITLES[key]}\n", f"**Not measured**: {value['error']}"]
         elif value is not None:
             out += ["", *render(value)]
-    out += ["", "Plots: `fig_accuracy_cdf.png`, `fig_accuracy_load.png`, "
-            "`fig_perturbation.png`.", ""]
-    return "\n".join(out)
+    if _measured(res, "accuracy"):
+        out += ["", "Plots: `fig_accuracy_cdf.png`, `fig_accuracy_load.png`, "
+                "`fig_perturbation.png`."]
+    return "\n".join([*out, ""])
 
 
 def _accuracy(acc: list[dict]) -> list[str]:
@@ -379,9 +484,13 @@ def _records(r: dict) -> list[str]:
 
 
 def _startup(s: dict) -> list[str]:
-    out = [f"## {TITLES['startup']}\n",
-           "| tool | to first probe (median / p95 ms) | to exit (median / p95 ms) | peak RSS |",
-           "|---|---|---|---|"]
+    out = [f"## {TITLES['startup']}\n"]
+    if s.get("bytecode"):
+        out.append("Byte code as installed: `python -m compileall mace_tools` first, "
+                   "PYTHONDONTWRITEBYTECODE unset in the children, one untimed run of each "
+                   "tool (runs before this note lacked it: ~30 ms pessimistic).\n")
+    out += ["| tool | to first probe (median / p95 ms) | to exit (median / p95 ms) | peak RSS |",
+            "|---|---|---|---|"]
     for name in ("mace-ping -c 1", "iputils ping -c 1"):
         v = s[name]
         out.append(f"| {name} | {_f(v['first_probe_ms_median'], 1)} / "
@@ -441,6 +550,102 @@ def _traceroute(rows: list[dict]) -> list[str]:
     return out
 
 
+def _agent_startup(s: dict) -> list[str]:
+    out = [f"## {TITLES['agent_startup']}\n",
+           f"{s['runs']} rounds; each runs the cold standalone row with no agent up (it loads "
+           "the program set), then starts an agent and runs the other three in a shuffled "
+           "order. Wall: spawn to exit of `ip netns exec c0 ...` (and, for the client, "
+           "`setpriv`: no capability left). First probe: spawn to the echo request on c0's "
+           "eth0. Byte code as installed: `python -m compileall mace_tools` first, "
+           "PYTHONDONTWRITEBYTECODE unset in the children, one untimed run of each tool "
+           "(this bench's shell sets PYTHONDONTWRITEBYTECODE=1, which made start-up figures "
+           "before this section ~30 ms pessimistic). Client capabilities: "
+           f"{s['client_capabilities']}.\n"]
+    if s.get("foreign_sets"):
+        out.append(f"**{s['foreign_sets']} mace program set(s) of someone else's were loaded "
+                   "when this section began**: a cold standalone run joins one of its own "
+                   "build instead of loading, and every packet paid for them.\n")
+    if s.get("cold_rounds_not_cold"):
+        out.append(f"**In {s['cold_rounds_not_cold']} round(s) the stopped agent's set was "
+                   "still loaded 3 s later**: those cold runs may have joined it.\n")
+    out += ["| tool | wall median / p90 ms | to first probe median / p90 ms | peak RSS MB | "
+            "corrected | failed |", "|---|---|---|---|---|---|"]
+    for key, t in s["tools"].items():
+        corrected = f"{t['corrected']}/{t['runs']}" if key != "iputils" else "-"
+        out.append(f"| {t['label']} | **{t['wall_ms_median']:.1f}** / {t['wall_ms_p90']:.1f} | "
+                   f"{_f(t['first_probe_ms_median'], 1)} / {_f(t['first_probe_ms_p90'], 1)} | "
+                   f"{t['peak_rss_mb']:.1f} | {corrected} | {t['failed']} |")
+    return out
+
+
+def _agent_accuracy(a: dict) -> list[str]:
+    out = [f"## {TITLES['agent_accuracy']}\n",
+           "One client in c0 (capabilities: "
+           f"{a['client_capabilities']}), `mace-ping --agent SOCK --ndjson -c N -i I -s 64`; "
+           "the agent chose its nonce. Truth v2 kept packets of the probes' size (the "
+           "floods carry 56 payload bytes, these 64) and is paired by the nonce of the "
+           "run's summary. Raw - truth is what the container had without the agent. "
+           "Residual: the truth's (the link transit, from mace's own events).\n",
+           "| setting | probes x interval | truth found | coverage | lost | corrected mean | "
+           "p50 | p99 | p99 of abs | raw mean | raw p99 of abs | residual mean | error - "
+           "residual mean |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in a["rows"]:
+        d, raw = r.get("corrected", {}), r.get("raw", {})
+        if "error" in r or not d.get("n"):
+            out.append(f"| {r['setting']} | not measured: {r.get('error', 'no data')} "
+                       "||||||||||||")
+            continue
+        out.append(f"| {r['setting']} | {r['probes']} x {r['interval_s']} s | "
+                   f"{r['truth_matched']} | {(r['coverage'] or 0) * 100:.1f}% | "
+                   f"{r['kernel_events_lost']} | **{d['mean']:+.2f}** | {d['p50']:+.2f} | "
+                   f"{d['p99']:+.2f} | **{d['abs_p99']:.2f}** | {raw['mean']:+.2f} | "
+                   f"{raw['abs_p99']:.2f} | {_f(r['truth_residual_us'].get('mean'))} | "
+                   f"{_f(r['error_minus_residual_us'].get('mean'))} |")
+    return out
+
+
+def _agent_perturbation(p: dict) -> list[str]:
+    out = [f"## {TITLES['agent_perturbation']}\n",
+           f"N clients (capabilities: {p['client_capabilities']}), one per lab container, "
+           f"each `mace-ping --agent SOCK --ndjson -q -i {p['client_interval_s']}` (as the "
+           "scaling section's runs, at half their rate), under "
+           f"{p['neighbours']} flood neighbours; the witness (c11) pings every "
+           f"{p['witness_interval_s']} s. Control: N iputils pings at the clients' rate "
+           "from the same containers. Rounds and Δ figures as in the scaling section.\n",
+           "| clients | rounds x block | witness Δmean µs | control Δmean µs | mace minus "
+           "control µs | noise µs | witness Δp99 µs | coverage (lowest) | events lost |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in p["rows"]:
+        if "error" in r:
+            out.append(f"| {r['instances']} | not measured: {r['error']} ||||||||")
+            continue
+        out.append(f"| {r['instances']} | {r['rounds']} x {r['block']} | "
+                   f"{r['witness_delta_mean_us']:+.2f}{_pm(r['witness_delta_se_us'])} | "
+                   f"{r['control_delta_mean_us']:+.2f}{_pm(r['control_delta_se_us'])} | "
+                   f"**{r['bpf_share_mean_us']:+.2f}**{_pm(r['bpf_share_se_us'])} | "
+                   f"{_f(r['noise_mean_us'])} | {r['witness_delta_p99_us']:+.2f} | "
+                   f"{r['coverage_min'] * 100:.1f}% of {r['runs']} runs | "
+                   f"{r['kernel_events_lost']} |")
+    return out
+
+
+def _agent_resources(r: dict) -> list[str]:
+    busy = r["busy"]
+    out = [f"## {TITLES['agent_resources']}\n",
+           "The agent's own process: CPU from /proc/PID/stat (utime + stime, every thread) "
+           "over the window, % of one core; VmRSS at the window's end, VmHWM its peak since "
+           f"it started. Idle: up, no client. Busy: {busy['clients']} clients (capabilities: "
+           f"{r['client_capabilities']}) at -i {r['interval_s']}, one per lab container, "
+           "from once every one is a run (their connections are before the window); "
+           f"{r['replies']} replies, coverage {r['coverage_min'] * 100:.1f}% (lowest).\n",
+           "| window | seconds | agent CPU % of a core | VmRSS MB | VmHWM MB | clients' CPU % "
+           "(all) |", "|---|---|---|---|---|---|"]
+    for name, w in (("idle", r["idle"]), (f"{busy['clients']} clients", busy)):
+        out.append(f"| {name} | {w['seconds']:.0f} | {w['cpu_percent']:.2f} | "
+                   f"{w['VmRSS']:.1f} | {w['VmHWM']:.1f} | {_f(w['clients_cpu_percent'], 0)} |")
+    return out
+
+
 TITLES = {
     "accuracy": "Accuracy (signed error vs truth v2, µs)",
     "truth_v1": "Truth v1 (the one-sided capture) beside truth v2",
@@ -453,12 +658,19 @@ TITLES = {
     "scaling": "Scaling (1..8 concurrent mace-ping runs at 200 probes/s each, 4 flood "
                "neighbours)",
     "traceroute": "mace-traceroute per hop (routed lab: host -> r1 -> r2 -> target)",
+    "agent_startup": "mace-agent: start-up (`-c 1` from a lab container)",
+    "agent_accuracy": "mace-agent: accuracy of a client with no capability (vs truth v2, µs)",
+    "agent_perturbation": "mace-agent: neighbour perturbation, 1..16 clients through the "
+                          "agent (µs)",
+    "agent_resources": "mace-agent: the agent's memory and CPU",
 }
 SECTIONS: list[tuple[str, Callable[[Any], list[str]]]] = [
     ("accuracy", _accuracy), ("truth_v1", _truth_v1), ("flood", _flood),
     ("perturbation", _perturbation), ("cost", _cost), ("foreign_cost", _foreign_cost),
     ("records", _records), ("startup", _startup),
-    ("scaling", _scaling), ("traceroute", _traceroute)]
+    ("scaling", _scaling), ("agent_startup", _agent_startup),
+    ("agent_accuracy", _agent_accuracy), ("agent_perturbation", _agent_perturbation),
+    ("agent_resources", _agent_resources), ("traceroute", _traceroute)]
 
 
 def plots(res: dict, outdir: Path) -> list[Path]:
