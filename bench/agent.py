@@ -14,29 +14,25 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import IO
 
 from bench import experiments as ex
 from bench.tools import ToolResult, ToolRun, parse_mace
 from mace_tools.agent.protocol import DEFAULT_SOCKET
+from mace_tools.lab.agent import AgentProcess, with_capabilities
+from mace_tools.lab.agent import ping_sockets_open as lab_ping_sockets_open
 from mace_tools.lab.capture import Capture, TruthCapture
 from mace_tools.lab.demo import parse_ndjson
-from mace_tools.lab.topology import Lab, ns_exec
+from mace_tools.lab.topology import Lab, LabError
 from mace_tools.stats import percentile
 
 # The 16 containers of concurrent clients: all but the floods (c1..c4) and the witness.
 AGENT_CLIENTS = (0, 5, 6, 7, 8, 9, 10, 12, 13, 14, 15, 16, 17, 18, 19, 20)
-PING_GROUP_RANGE = "net.ipv4.ping_group_range"
-ALL_GROUPS = "0 2147483647"
 # Payload bytes of the accuracy section's probes: the floods' iputils pings carry 56, so
 # truth v2 can keep only the client's packets (IP length 92) in the kernel, without
 # knowing the nonce the agent will choose.
@@ -45,33 +41,19 @@ AGENT_START_S = 20.0
 SETTLE_S = 0.3  # after the agent listens: its reservations made ahead are ready
 
 
-class Agent:
-    """mace-agent in the lab's host netns, on a socket of its own. Stopped by SIGTERM (as
-    systemd stops it; killed if it does not go) and its directory removed when the block
-    ends, also on failure."""
+class Agent(AgentProcess):
+    """mace-agent in the lab's host netns (mace_tools.lab.agent.AgentProcess); a start
+    that fails is a figure not measured."""
 
     def __init__(self, lab: Lab, env: dict[str, str] | None = None) -> None:
-        self.lab, self.env = lab, env
-        self.dir = Path(tempfile.mkdtemp(prefix="mace-bench-agent-"))
-        self.dir.chmod(0o755)  # clients with no capability must reach the socket
-        self.socket = self.dir / "agent.sock"
-        self._log: IO[bytes] = open(self.dir / "agent.log", "w+b")  # noqa: SIM115
-        self.proc: subprocess.Popen[bytes] | None = None
+        super().__init__(prefix=lab.on_host(), env=env, start_s=AGENT_START_S)
 
-    def __enter__(self) -> Agent:
+    def start(self) -> Agent:
         try:
-            self.proc = subprocess.Popen(
-                self.lab.on_host(sys.executable, "-m", "mace_tools.cli.agent", "--socket",
-                                 str(self.socket)),
-                stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
-            self._await_listening()
-        except BaseException:
-            self.stop()
-            raise
+            super().start()
+        except LabError as exc:
+            raise ex.NotMeasured(str(exc)) from None
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     @property
     def pid(self) -> int:
@@ -83,59 +65,16 @@ class Agent:
             raise ex.NotMeasured(f"pid {self.proc.pid} is not the agent: {cmdline[:80]!r}")
         return self.proc.pid
 
-    def _log_text(self) -> str:
-        self._log.flush()
-        return (self.dir / "agent.log").read_text(errors="replace")
 
-    def _await_listening(self) -> None:
-        """Until it says it serves: the socket file exists from bind(), before listen()."""
-        assert self.proc is not None
-        deadline = time.monotonic() + AGENT_START_S
-        while "serving on" not in self._log_text():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise ex.NotMeasured(f"mace-agent did not start: "
-                                     f"{ex.last_line(self._log_text())}")
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-@contextmanager
-def ping_sockets_open(lab: Lab, containers: tuple[int, ...]) -> Iterator[None]:
-    """net.ipv4.ping_group_range opened to every group in these lab containers (a
-    per-netns sysctl: the lab's own netns only); each put back as it was."""
-    before: dict[str, str] = {}
-    try:
-        for i in containers:
-            ns = lab.container_ns(i)
-            before[ns] = " ".join(ns_exec(ns, "sysctl", "-n", PING_GROUP_RANGE).stdout.split())
-            ns_exec(ns, "sysctl", "-q", "-w", f"{PING_GROUP_RANGE}={ALL_GROUPS}")
-        yield
-    finally:
-        for ns, value in before.items():
-            ns_exec(ns, "sysctl", "-q", "-w", f"{PING_GROUP_RANGE}={value}", check=False)
-
-
-def privilege(caps: tuple[str, ...]) -> list[str]:
-    """Run as uid 0 with only these capabilities (none: nothing at all); the bounding set
-    decides what execve grants, and uid 0 keeps the checkout readable."""
-    bounding = ",".join(["-all", *(f"+{cap}" for cap in caps)])
-    return ["setpriv", f"--bounding-set={bounding}", "--inh-caps=-all", "--"]
+def ping_sockets_open(lab: Lab, containers: tuple[int, ...]) -> AbstractContextManager[None]:
+    """net.ipv4.ping_group_range opened to every group in these lab containers."""
+    return lab_ping_sockets_open(lab.container_ns(i) for i in containers)
 
 
 def client_command(lab: Lab, container: int, agent: Agent, caps: tuple[str, ...],
                    *args: str) -> list[str]:
     """mace-ping inside a lab container, through the agent, with only `caps`."""
-    return ["ip", "netns", "exec", lab.container_ns(container), *privilege(caps),
+    return ["ip", "netns", "exec", lab.container_ns(container), *with_capabilities(*caps),
             sys.executable, "-m", "mace_tools.cli.ping", "--agent", str(agent.socket), *args,
             lab.target_addr]
 

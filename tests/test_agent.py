@@ -12,11 +12,9 @@ import array
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,12 +23,12 @@ import pytest
 from accuracy import PROBES, assert_accurate_errors
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from unprivileged import with_capabilities
 
 from mace_tools.agent import client, protocol, server
 from mace_tools.agent.protocol import ProtocolError
 from mace_tools.errors import MaceError
 from mace_tools.kernel import programs
+from mace_tools.lab.agent import AgentProcess, ping_sockets_open, with_capabilities
 from mace_tools.lab.capture import TruthCapture
 from mace_tools.lab.demo import PingRun, compare, parse_ndjson
 from mace_tools.lab.topology import Lab
@@ -86,82 +84,34 @@ def test_an_unreachable_agent_is_one_clear_error(tmp_path: Path) -> None:
 
 # --- the agent in the lab -----------------------------------------------------------------
 
-class RunningAgent:
-    """A mace-agent process in the lab's host netns, on a socket of its own."""
-
-    def __init__(self, lab: Lab, *args: str) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="mt-agent-"))
-        self.dir.chmod(0o755)
-        self.socket = self.dir / "agent.sock"
-        self.log = self.dir / "agent.log"
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(
-                lab.on_host(sys.executable, "-m", "mace_tools.cli.agent", "--socket",
-                            str(self.socket), "-v", *args),
-                stdout=log, stderr=subprocess.STDOUT, env=_env())
-        deadline = time.monotonic() + 20
-        while not self.socket.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                pytest.fail(f"mace-agent did not start: {self.log.read_text()}")
-            time.sleep(0.05)
-
-    def stop(self) -> int | None:
-        """SIGTERM, as systemd stops it; its exit status (None if it had to be killed)."""
-        status: int | None = None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                status = self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        else:
-            status = self.proc.returncode
-        for path in (self.socket, self.log):
-            path.unlink(missing_ok=True)
-        self.dir.rmdir()
-        return status
-
-
 def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.getcwd()}
 
 
-PING_GROUP_RANGE = "net.ipv4.ping_group_range"
+def running_agent(lab: Lab, *args: str) -> AgentProcess:
+    """A mace-agent process in the lab's host netns, on a socket of its own, started."""
+    return AgentProcess("-v", *args, prefix=lab.on_host(), env=_env()).start()
 
 
 @pytest.fixture(scope="module")
 def ping_sockets(lab: Lab) -> Iterator[None]:
-    """Containers 0 and 1 let every group open ICMP ping sockets, as Docker's do (each netns
-    has its own range; the lab's are restored afterwards)."""
-    old = {}
-    for i in (0, 1):
-        ns = lab.container_ns(i)
-        old[ns] = subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-n", PING_GROUP_RANGE],
-                                 capture_output=True, text=True, check=True).stdout.split()
-        subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-q", "-w",
-                        f"{PING_GROUP_RANGE}=0 2147483647"], check=True)
-    try:
+    """Containers 0 and 1 let every group open ICMP ping sockets, as Docker's do."""
+    with ping_sockets_open(lab.container_ns(i) for i in (0, 1)):
         yield
-    finally:
-        for ns, (lo, hi) in old.items():
-            subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-q", "-w",
-                            f"{PING_GROUP_RANGE}={lo} {hi}"], check=True)
 
 
 @pytest.fixture(scope="module")
-def agent(lab: Lab, ping_sockets: None) -> Iterator[RunningAgent]:
-    running = RunningAgent(lab)
+def agent(lab: Lab, ping_sockets: None) -> Iterator[AgentProcess]:
+    running = running_agent(lab)
     try:
         yield running
     finally:
-        log = running.log.read_text() if running.log.exists() else ""
+        log = running.log_text()
         status = running.stop()
         assert status == 0, log
 
 
-def client_command(lab: Lab, container: int, agent: RunningAgent, *args: str,
+def client_command(lab: Lab, container: int, agent: AgentProcess, *args: str,
                    capabilities: tuple[str, ...] = ()) -> list[str]:
     """mace-ping inside a lab container, through the agent, with no capability at all (it
     probes through a ping socket: fixture ping_sockets)."""
@@ -170,7 +120,7 @@ def client_command(lab: Lab, container: int, agent: RunningAgent, *args: str,
             "--agent", str(agent.socket), *args, lab.target_addr]
 
 
-def client_ping(lab: Lab, container: int, agent: RunningAgent, *args: str) -> PingRun:
+def client_ping(lab: Lab, container: int, agent: AgentProcess, *args: str) -> PingRun:
     proc = subprocess.run(client_command(lab, container, agent, "--ndjson", *args),
                           capture_output=True, text=True, timeout=120, env=_env())
     assert proc.returncode != 2, proc.stderr
@@ -183,7 +133,7 @@ def host_ino(lab: Lab) -> int:
 
 
 @pytest.mark.lab
-def test_unprivileged_client_is_corrected_against_truth(lab: Lab, agent: RunningAgent) -> None:
+def test_unprivileged_client_is_corrected_against_truth(lab: Lab, agent: AgentProcess) -> None:
     with TruthCapture(lab.outer_link, "icmp", expect_requests=PROBES) as cap:
         run = client_ping(lab, 0, agent, "-c", str(PROBES), "-i", "0.005")
     assert run.returncode == 0 and run.stderr == "", run.stderr
@@ -201,7 +151,7 @@ def test_unprivileged_client_is_corrected_against_truth(lab: Lab, agent: Running
 
 
 @pytest.mark.lab
-def test_host_details_are_withheld_from_the_path(lab: Lab, agent: RunningAgent) -> None:
+def test_host_details_are_withheld_from_the_path(lab: Lab, agent: AgentProcess) -> None:
     run = client_ping(lab, 0, agent, "-c", "2", "-i", "0.01")
     container_ino = os.stat(lab.netns_path(lab.container_ns(0))).st_ino
     stages = [s for r in run.records for s in r["path"]]
@@ -213,7 +163,7 @@ def test_host_details_are_withheld_from_the_path(lab: Lab, agent: RunningAgent) 
 
 
 @pytest.mark.lab
-def test_two_clients_at_once_get_their_own_runs(lab: Lab, agent: RunningAgent) -> None:
+def test_two_clients_at_once_get_their_own_runs(lab: Lab, agent: AgentProcess) -> None:
     procs = [subprocess.Popen(client_command(lab, i, agent, "--ndjson", "-c", "40", "-i",
                                              "0.01"),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -255,7 +205,7 @@ for line in sys.stdin:
 
 @pytest.mark.lab
 @pytest.mark.parametrize("what", ["records", "path"])
-def test_probes_from_another_netns_get_nothing(lab: Lab, agent: RunningAgent,
+def test_probes_from_another_netns_get_nothing(lab: Lab, agent: AgentProcess,
                                                what: str) -> None:
     """A run is for the netns its client is in: probes carrying its nonce sent from any
     other netns produce no record and no path event for it; its own do."""
@@ -307,7 +257,7 @@ def _wait_for(condition: object, timeout_s: float = 10.0) -> bool:
 
 
 @pytest.mark.lab
-def test_a_killed_client_has_its_runs_freed(lab: Lab, agent: RunningAgent) -> None:
+def test_a_killed_client_has_its_runs_freed(lab: Lab, agent: AgentProcess) -> None:
     proc = subprocess.Popen(client_command(lab, 0, agent, "-c", "1000", "-i", "0.05"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env())
     try:
@@ -324,7 +274,7 @@ def test_a_killed_client_has_its_runs_freed(lab: Lab, agent: RunningAgent) -> No
 @pytest.mark.lab
 def test_a_killed_agent_leaves_its_clients_raw_with_one_line(lab: Lab,
                                                               ping_sockets: None) -> None:
-    doomed = RunningAgent(lab)
+    doomed = running_agent(lab)
     try:
         proc = subprocess.Popen(client_command(lab, 0, doomed, "--ndjson", "-c", "12", "-i",
                                                "0.1"),
@@ -374,7 +324,7 @@ def _raw_exchange(path: Path, data: bytes, fds: list[int] | None = None,
 
 @pytest.mark.lab
 def test_malformed_clients_are_answered_once_and_the_agent_serves_on(
-        lab: Lab, agent: RunningAgent) -> None:
+        lab: Lab, agent: AgentProcess) -> None:
     for data in (b"not json", b"[1]", b'{"v":2,"op":"run"}', b'{"v":1,"op":"nope"}',
                  b'{"v":1,"op":"run","records":"yes"}', b'{"v":1,"op":"run","x":NaN}',
                  b"x" * (protocol.MAX_MESSAGE + 10), b"[" * 4000, os.urandom(300)):
@@ -427,7 +377,7 @@ def test_malformed_clients_are_answered_once_and_the_agent_serves_on(
 @pytest.mark.lab
 def test_a_hundred_concurrent_clients(lab: Lab) -> None:
     """(From this one process and netns: the per-netns and per-user limits raised.)"""
-    busy = RunningAgent(lab, "--runs-per-netns", "128", "--runs-per-user", "128")
+    busy = running_agent(lab, "--runs-per-netns", "128", "--runs-per-user", "128")
     runs = []
     try:
         for _ in range(100):
@@ -442,7 +392,7 @@ def test_a_hundred_concurrent_clients(lab: Lab) -> None:
 
 
 @pytest.mark.lab
-def test_a_netns_cannot_take_more_than_its_share(agent: RunningAgent) -> None:
+def test_a_netns_cannot_take_more_than_its_share(agent: AgentProcess) -> None:
     """16 runs per netns (default), ended ones counted while their rings are still open:
     a client that keeps its ring fds after its runs ended cannot pile up kernel memory."""
     runs = []
@@ -490,7 +440,7 @@ def test_the_systemd_unit_is_valid(tmp_path: Path) -> None:
 @pytest.mark.lab
 @pytest.mark.parametrize(("flags", "capabilities"), [(["-I"], ()), (["-U"], ()),
                                                      (["-T"], ("net_raw",))])
-def test_traceroute_through_the_agent(lab: Lab, agent: RunningAgent, flags: list[str],
+def test_traceroute_through_the_agent(lab: Lab, agent: AgentProcess, flags: list[str],
                                       capabilities: tuple[str, ...]) -> None:
     """No capability for -I and -U (a ping socket, a UDP socket); TCP SYN needs NET_RAW."""
     proc = subprocess.run(
@@ -524,7 +474,7 @@ _MESSAGES = st.one_of(
 @settings(max_examples=150, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=_MESSAGES)
-def test_fuzzed_messages_never_stop_the_agent(agent: RunningAgent, data: bytes) -> None:
+def test_fuzzed_messages_never_stop_the_agent(agent: AgentProcess, data: bytes) -> None:
     """Whatever a client sends, it gets answers (ok or one error) and the agent lives on."""
     answers = _raw_exchange(agent.socket, data, keep_open=False)
     assert all(isinstance(a, dict) and isinstance(a.get("ok"), bool) for a in answers)

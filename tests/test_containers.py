@@ -12,8 +12,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -22,6 +20,7 @@ import pytest
 from accuracy import PROBES, assert_accurate_errors
 from fake_dns import FakeDns
 
+from mace_tools.lab.agent import AgentProcess
 from mace_tools.lab.capture import Capture, TruthCapture
 from mace_tools.lab.demo import PingRun, compare, parse_ndjson
 from mace_tools.lab.engines import IN_CONTAINER_CAPS, Engine, started, uplinked_target
@@ -174,24 +173,13 @@ def test_mace_ping_inside_a_container_corrects(engine: Engine, mace_image: str,
 def host_agent() -> Iterator[Path]:
     """mace-agent on the container host (its root netns, as the systemd unit runs it), on
     a socket in a directory of its own: the directory containers mount at /run/mace."""
-    directory = Path(tempfile.mkdtemp(prefix=f"mt{RUN}-agent-"))
-    directory.chmod(0o755)  # containers' users must reach the socket (mode 0666)
-    sock = directory / "agent.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "mace_tools.cli.agent", "--socket",
-                             str(sock)], stderr=subprocess.PIPE, text=True)
+    running = AgentProcess().start()
     try:
-        deadline = time.monotonic() + 20
-        while not sock.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, \
-                "mace-agent did not start"
-            time.sleep(0.05)
-        yield directory
+        yield running.dir
     finally:
-        proc.terminate()
-        _, err = proc.communicate(timeout=30)
-        sock.unlink(missing_ok=True)
-        directory.rmdir()
-    assert proc.returncode == 0, err
+        log = running.log_text()
+        status = running.stop()
+    assert status == 0, log
 
 
 def test_unprivileged_container_is_corrected_through_the_agent(
