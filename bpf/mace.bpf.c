@@ -11,8 +11,10 @@
  * One program set serves every run on the host (mace.h): a probe's payload starts with
  * its run's nonce, the key of the `runs` map. Foreign packets must cost as little as
  * possible: no run at all is one load; then skb->protocol; then a single read of IPv4 +
- * ICMP headers + nonce (a second only with IP options); a foreign echo costs one hash
- * lookup more. Nothing is written to any map for foreign traffic.
+ * ICMP headers + nonce (a second only with IP options), or of IPv6 + 16 bytes (more only
+ * behind extension headers); a foreign echo costs a nonce-bit test, rarely a hash lookup
+ * more. Nothing is written to any map for foreign traffic. IPv6 carries ping runs
+ * (ICMPv6 echo); UDP, TCP and ICMP errors are matched over IPv4 only.
  *
  * For a ping run (MACE_RUN_RECORDS) the kernel keeps each probe's state, keyed by
  * (run, probe number): the request's last departure from the host netns, the reply's
@@ -34,6 +36,7 @@
 #include "mace.h"
 
 #define ETH_P_IP 0x0800
+#define ETH_P_IPV6 0x86DD
 #define IPPROTO_ICMP 1
 #define IPPROTO_TCP 6
 #define IPPROTO_UDP 17
@@ -42,6 +45,16 @@
 #define ICMP_ECHO 8
 #define ICMP_TIME_EXCEEDED 11
 #define IP_OFFSET_MASK 0x1fff
+#define IPPROTO_ICMPV6 58
+#define ICMPV6_ECHO_REQUEST 128
+#define ICMPV6_ECHO_REPLY 129
+/* IPv6 extension headers a probe's ICMPv6 header may sit behind (RFC 8200 order) */
+#define NEXTHDR_HOP 0
+#define NEXTHDR_ROUTING 43
+#define NEXTHDR_FRAGMENT 44
+#define NEXTHDR_DEST 60
+#define IPV6_EXT_MAX 4		/* extension headers skipped at most; more: not ours */
+#define IPV6_FRAG_OFFSET 0xfff8	/* fragment header: the offset bits (network order) */
 #define BPF_RB_NO_WAKEUP 1 /* uapi linux/bpf.h: bpf_ringbuf_submit flags */
 #define BPF_F_MMAPABLE (1U << 10) /* uapi linux/bpf.h */
 
@@ -457,10 +470,19 @@ struct seen_packet {
 	__u8 packet;
 	__u8 proto;
 	__u8 icmp_type;
+	__u8 family;	/* 4 or 6 */
+	__u8 saddr[16];	/* as seen here; IPv4: the first 4 bytes, the rest 0 */
+	__u8 daddr[16];
 };
 
+/* An ICMP or ICMPv6 packet (an echo, or an error quoting a probe). */
+static __always_inline bool is_icmp(const struct seen_packet *s)
+{
+	return s->proto == IPPROTO_ICMP || s->proto == IPPROTO_ICMPV6;
+}
+
 /* The ping probe number after an echo's nonce (MACE_RUN_RECORDS runs), else the seq. */
-static __always_inline bool probe_number(const struct pkt *p, __u8 ihl, struct seen_packet *s)
+static __always_inline bool probe_number(const struct pkt *p, __u32 l4_at, struct seen_packet *s)
 {
 	__be32 number;
 
@@ -468,7 +490,7 @@ static __always_inline bool probe_number(const struct pkt *p, __u8 ihl, struct s
 		s->id.number = s->seq;
 		return true;
 	}
-	if (pkt_read(p, ihl + 8 + MACE_NONCE_LEN, &number, sizeof(number)))
+	if (pkt_read(p, l4_at + 8 + MACE_NONCE_LEN, &number, sizeof(number)))
 		return false;
 	s->id.number = bpf_ntohl(number);
 	return true;
@@ -616,9 +638,9 @@ static __always_inline __u64 follow_request(const struct seen_packet *s,
  * records run also has its state followed here (follow_request), between filling the
  * event and stamping it: a departure's one stamp is then taken as late as can be, after
  * this program's other work, and the record and the event carry the same time. */
-static __always_inline void ship_event(const struct seen_packet *s, const struct probe_hdrs *h,
-				       const struct net_device *dev, __u32 netns, __u32 ifindex,
-				       __u8 hook, __u64 ts, bool follow)
+static __always_inline void ship_event(const struct seen_packet *s, const struct net_device *dev,
+				       __u32 netns, __u32 ifindex, __u8 hook, __u64 ts,
+				       bool follow)
 {
 	void *ring = bpf_map_lookup_elem(&mace_rings, &s->id.nonce);
 	struct mace_event *e = NULL;
@@ -633,19 +655,21 @@ static __always_inline void ship_event(const struct seen_packet *s, const struct
 		e->packet = s->packet;
 		e->hook = hook;
 		e->proto = s->proto;
-		e->icmp_type = s->proto == IPPROTO_ICMP ? s->icmp_type : 0;
-		e->pad0 = 0;
+		e->icmp_type = is_icmp(s) ? s->icmp_type : 0;
+		e->family = s->family;
 		e->seq = s->seq;
 		e->number = s->id.number;
 		e->netns = netns;
 		e->ifindex = ifindex;
 		e->pad1 = 0;
 		if (s->run->flags & MACE_RUN_HIDE_HOST && netns != s->run->prober_netns) {
-			e->saddr = e->daddr = 0;	/* NAT'd addresses and host devices */
+			/* NAT'd addresses and host devices */
+			__builtin_memset(e->saddr, 0, sizeof(e->saddr));
+			__builtin_memset(e->daddr, 0, sizeof(e->daddr));
 			__builtin_memset(e->dev, 0, sizeof(e->dev));
 		} else {
-			e->saddr = h->ip.saddr;
-			e->daddr = h->ip.daddr;
+			__builtin_memcpy(e->saddr, s->saddr, sizeof(e->saddr));
+			__builtin_memcpy(e->daddr, s->daddr, sizeof(e->daddr));
 			/* The whole array, not a _str read: ring-buffer records are not
 			 * zeroed, so bytes after a _str copy's NUL would differ per event (and
 			 * defeat userspace's name cache). */
@@ -724,7 +748,7 @@ static __always_inline bool admitted(const struct seen_packet *s, __u32 netns, _
 {
 	if (s->packet == MACE_PKT_REQUEST && hook == MACE_HOOK_XMIT &&
 	    netns == s->run->prober_netns) {
-		if (!(s->run->flags & MACE_RUN_RECORDS && s->proto == IPPROTO_ICMP)) {
+		if (!(s->run->flags & MACE_RUN_RECORDS && is_icmp(s))) {
 			struct probe_state fresh = {.host_netns = s->run->host_netns};
 
 			bpf_map_update_elem(&mace_probes, &s->id, &fresh, BPF_NOEXIST);
@@ -734,15 +758,49 @@ static __always_inline bool admitted(const struct seen_packet *s, __u32 netns, _
 	return bpf_map_lookup_elem(&mace_probes, &s->id) != NULL;
 }
 
+/* What every probe or answer of a run gets, once found (record4, record6): its arrival
+ * stamped, its state followed, its event shipped. ts: an arrival stamp taken already, or
+ * 0. */
+static __always_inline int act(const struct sk_buff *skb, const struct net_device *dev,
+			       __u8 hook, struct seen_packet *s, __u64 ts)
+{
+	__u32 ifindex, netns;
+	bool follow;
+
+	/* An arrival is stamped as soon as the packet is known to be ours (or before a slow
+	 * read of its fragments); a departure as late as can be (ship_event,
+	 * follow_request): the packet leaves only after this program returns, so the
+	 * program's own work must fall before the one stamp and after the other, never
+	 * inside the corrected RTT. */
+	if (!ts && hook != MACE_HOOK_XMIT)
+		ts = bpf_ktime_get_ns();
+	if (hook == MACE_HOOK_RECEIVE && seen_at_rx(skb, dev))
+		return 0;
+	if (hook == MACE_HOOK_RX)
+		remember_rx(skb, dev);
+	ifindex = BPF_CORE_READ(dev, ifindex);
+	netns = BPF_CORE_READ(dev, nd_net.net, ns.inum);
+	if (s->run->flags & MACE_RUN_HIDE_HOST && !admitted(s, netns, hook))
+		return 0;
+
+	follow = s->run->flags & MACE_RUN_RECORDS && is_icmp(s);
+	if (follow && s->packet == MACE_PKT_REPLY && hook != MACE_HOOK_XMIT)
+		follow_reply(s, dev, netns, ts);
+	follow = follow && s->packet == MACE_PKT_REQUEST;
+	if (s->run->flags & MACE_RUN_PATH)
+		ship_event(s, dev, netns, ifindex, hook, ts, follow);
+	else if (follow)
+		follow_request(s, dev, netns, ifindex, hook);
+	return 0;
+}
+
 /* A packet whose IPv4 header is at l3: act on it if it is one of our probes or an answer
  * to one. Returns early, and writes nothing, for everything else. */
-static __always_inline int record(const struct sk_buff *skb, unsigned char *l3,
-				  const struct net_device *dev, __u8 hook)
+static __always_inline int record4(const struct sk_buff *skb, unsigned char *l3,
+				   const struct net_device *dev, __u8 hook)
 {
 	struct seen_packet s = {};
 	struct probe_hdrs h;
-	__u32 ifindex, netns;
-	bool follow;
 	__u8 ihl;
 	__u64 ts = 0;
 	struct pkt p;
@@ -770,47 +828,151 @@ static __always_inline int record(const struct sk_buff *skb, unsigned char *l3,
 	ihl = (h.ip.ver_ihl & 0x0f) * 4;
 	if (ihl < sizeof(h.ip) || !classify(&p, &h, &s))
 		return 0;
+	s.family = 4;
+	__builtin_memcpy(s.saddr, &h.ip.saddr, 4);
+	__builtin_memcpy(s.daddr, &h.ip.daddr, 4);
+	return act(skb, dev, hook, &s, ts);
+}
 
-	/* An arrival is stamped as soon as the packet is known to be ours (or before a slow
-	 * read of its fragments, above); a departure as late as can be (ship_event,
-	 * follow_request): the packet leaves only after this program returns, so the
-	 * program's own work must fall before the one stamp and after the other, never
-	 * inside the corrected RTT. */
-	if (!ts && hook != MACE_HOOK_XMIT)
-		ts = bpf_ktime_get_ns();
-	if (hook == MACE_HOOK_RECEIVE && seen_at_rx(skb, dev))
-		return 0;
-	if (hook == MACE_HOOK_RX)
-		remember_rx(skb, dev);
-	ifindex = BPF_CORE_READ(dev, ifindex);
-	netns = BPF_CORE_READ(dev, nd_net.net, ns.inum);
-	if (s.run->flags & MACE_RUN_HIDE_HOST && !admitted(&s, netns, hook))
-		return 0;
+/*
+ * IPv6: ICMPv6 echo requests and replies of ping runs (records and path). The probe's
+ * ICMPv6 header follows the fixed header, or up to IPV6_EXT_MAX extension headers
+ * (hop-by-hop, routing, destination options, a fragment header with offset 0), which are
+ * skipped; anything else is not ours. Foreign traffic costs one read of the fixed header
+ * and 16 bytes after it, as IPv4's does, and a foreign echo one nonce-bit test.
+ */
+struct ipv6hdr_min {
+	__u8 ver_tc;
+	__u8 tc_flow;
+	__be16 flow;
+	__be16 payload_len;
+	__u8 nexthdr;
+	__u8 hop_limit;
+	__u8 saddr[16];
+	__u8 daddr[16];
+};
 
-	follow = s.run->flags & MACE_RUN_RECORDS && s.proto == IPPROTO_ICMP;
-	if (follow && s.packet == MACE_PKT_REPLY && hook != MACE_HOOK_XMIT)
-		follow_reply(&s, dev, netns, ts);
-	follow = follow && s.packet == MACE_PKT_REQUEST;
-	if (s.run->flags & MACE_RUN_PATH)
-		ship_event(&s, &h, dev, netns, ifindex, hook, ts, follow);
-	else if (follow)
-		follow_request(&s, dev, netns, ifindex, hook);
+struct probe_hdrs6 { /* 56 bytes: the fixed IPv6 header then 16 bytes of what follows */
+	struct ipv6hdr_min ip;
+	__u8 l4[16];
+};
+_Static_assert(sizeof(struct probe_hdrs6) == 56, "probe_hdrs6 must match the wire layout");
+
+static __always_inline bool ipv6_ext(__u8 nexthdr)
+{
+	return nexthdr == NEXTHDR_HOP || nexthdr == NEXTHDR_ROUTING ||
+	       nexthdr == NEXTHDR_FRAGMENT || nexthdr == NEXTHDR_DEST;
+}
+
+/* Could an ICMPv6 message starting with these 16 bytes be wanted by a run? An echo whose
+ * nonce has no bit in switches.nonce_bits is foreign; nothing else is wanted yet. */
+static __always_inline bool may_be_wanted6(const __u8 *l4)
+{
+	__u32 lo;
+
+	if (l4[0] != ICMPV6_ECHO_REQUEST && l4[0] != ICMPV6_ECHO_REPLY)
+		return false;
+	lo = *(__u32 *)&l4[8];
+	return switches.nonce_bits[(lo / 64) % (MACE_NONCE_BITS / 64)] & (1ULL << (lo % 64));
+}
+
+/* Where the ICMPv6 header is, past the extension headers; 0 if there is none (another
+ * protocol, a later fragment, a chain too long or cut short). */
+static __always_inline __u32 icmpv6_at(const struct pkt *p, __u8 nexthdr)
+{
+	__u32 at = sizeof(struct ipv6hdr_min);
+
+	for (int i = 0; i < IPV6_EXT_MAX; i++) {
+		__u8 ext[4];
+
+		if (nexthdr == IPPROTO_ICMPV6)
+			return at;
+		if (!ipv6_ext(nexthdr) || pkt_read(p, at, ext, sizeof(ext)))
+			return 0;
+		if (nexthdr == NEXTHDR_FRAGMENT) {
+			if (*(__be16 *)&ext[2] & bpf_htons(IPV6_FRAG_OFFSET))
+				return 0; /* a later fragment: no ICMPv6 header */
+			at += 8;
+		} else {
+			at += (ext[1] + 1) * 8;
+		}
+		nexthdr = ext[0];
+	}
+	return nexthdr == IPPROTO_ICMPV6 ? at : 0;
+}
+
+/* A packet whose IPv6 header is at l3: act on it if it is an ICMPv6 echo of a run. */
+static __always_inline int record6(const struct sk_buff *skb, unsigned char *l3,
+				   const struct net_device *dev, __u8 hook)
+{
+	struct seen_packet s = {};
+	struct probe_hdrs6 h;
+	__u64 ts = 0;
+	struct pkt p;
+	__u32 at;
+
+	if (bpf_probe_read_kernel(&h, sizeof(h), l3) || (h.ip.ver_tc >> 4) != 6)
+		return 0;
+	if (h.ip.nexthdr != IPPROTO_ICMPV6 && !ipv6_ext(h.ip.nexthdr))
+		return 0;
+	p = pkt_at(skb, l3);
+	if (p.len < sizeof(h))
+		return 0;
+	if (h.ip.nexthdr == IPPROTO_ICMPV6 && p.linear >= sizeof(h) && !may_be_wanted6(h.l4))
+		return 0; /* a foreign echo, or ICMPv6 that no run wants (NDP, MLD, errors) */
+	if (hook != MACE_HOOK_XMIT && (p.linear < sizeof(h) || h.ip.nexthdr != IPPROTO_ICMPV6))
+		ts = bpf_ktime_get_ns(); /* before reads that may be slow (see record4) */
+	if (p.linear < sizeof(h) && pkt_read(&p, 0, &h, sizeof(h)))
+		return 0;
+	at = icmpv6_at(&p, h.ip.nexthdr);
+	if (!at)
+		return 0;
+	if (at != sizeof(h.ip) && pkt_read(&p, at, h.l4, sizeof(h.l4)))
+		return 0;
+	s.icmp_type = h.l4[0];
+	if (s.icmp_type != ICMPV6_ECHO_REQUEST && s.icmp_type != ICMPV6_ECHO_REPLY)
+		return 0;
+	s.run = run_of((struct probe_tag *)&h.l4[8]);
+	if (!s.run)
+		return 0;
+	s.id.nonce = *(__u64 *)&h.l4[8];
+	s.seq = bpf_ntohs(*(__be16 *)&h.l4[6]);
+	if (!probe_number(&p, at, &s))
+		return 0;
+	s.packet = s.icmp_type == ICMPV6_ECHO_REQUEST ? MACE_PKT_REQUEST : MACE_PKT_REPLY;
+	s.proto = IPPROTO_ICMPV6;
+	s.family = 6;
+	__builtin_memcpy(s.saddr, h.ip.saddr, 16);
+	__builtin_memcpy(s.daddr, h.ip.daddr, 16);
+	return act(skb, dev, hook, &s, ts);
+}
+
+/* A packet whose network header is at l3, by its protocol. */
+static __always_inline int record(const struct sk_buff *skb, unsigned char *l3,
+				  const struct net_device *dev, __u8 hook)
+{
+	__be16 protocol = skb->protocol;
+
+	if (protocol == bpf_htons(ETH_P_IP))
+		return record4(skb, l3, dev, hook);
+	if (protocol == bpf_htons(ETH_P_IPV6))
+		return record6(skb, l3, dev, hook);
 	return 0;
 }
 
 SEC("tp_btf/net_dev_start_xmit")
 int BPF_PROG(mace_xmit, const struct sk_buff *skb, const struct net_device *dev)
 {
-	if (!switches.runs || skb->protocol != bpf_htons(ETH_P_IP))
+	if (!switches.runs)
 		return 0;
-	/* Leaving a device, skb->data is at L2; the IPv4 header is at network_header. */
+	/* Leaving a device, skb->data is at L2; the IP header is at network_header. */
 	return record(skb, skb->head + skb->network_header, dev, MACE_HOOK_XMIT);
 }
 
 SEC("tp_btf/netif_rx")
 int BPF_PROG(mace_rx, struct sk_buff *skb)
 {
-	if (!switches.runs || skb->protocol != bpf_htons(ETH_P_IP))
+	if (!switches.runs)
 		return 0;
 	/* After eth_type_trans, skb->data is at L3 (network_header is not reset yet). */
 	return record(skb, skb->data, skb->dev, MACE_HOOK_RX);
@@ -819,7 +981,7 @@ int BPF_PROG(mace_rx, struct sk_buff *skb)
 SEC("tp_btf/netif_receive_skb")
 int BPF_PROG(mace_receive, struct sk_buff *skb)
 {
-	if (!switches.runs || skb->protocol != bpf_htons(ETH_P_IP))
+	if (!switches.runs)
 		return 0;
 	return record(skb, skb->data, skb->dev, MACE_HOOK_RECEIVE);
 }

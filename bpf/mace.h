@@ -15,7 +15,7 @@
 
 #define MACE_NONCE_LEN 8
 #define MACE_MAX_RUNS 128		/* concurrent runs one program set serves */
-#define MACE_RING_BYTES (1 << 20)	/* each run's ring buffer: ~18k records */
+#define MACE_RING_BYTES (1 << 20)	/* each run's ring buffer: ~11k events or ~16k records */
 
 enum mace_hook {
 	MACE_HOOK_XMIT = 0,	/* net:net_dev_start_xmit: leaving a device, before the driver */
@@ -75,22 +75,22 @@ enum mace_record_kind {
 	MACE_REC_PROBE = 2,	/* struct mace_probe_record */
 };
 
-/* One probe packet at one device (MACE_RUN_PATH runs). 56 bytes. */
+/* One probe packet at one device (MACE_RUN_PATH runs). 80 bytes. */
 struct mace_event {
 	__u8 kind;		/* MACE_REC_EVENT */
 	__u8 packet;		/* enum mace_packet */
 	__u8 hook;		/* enum mace_hook */
-	__u8 proto;		/* IP protocol of the packet seen (1 ICMP, 6 TCP, 17 UDP) */
-	__u8 icmp_type;		/* for ICMP: its type (11 time exceeded, 3 unreachable, ...) */
-	__u8 pad0;
+	__u8 proto;		/* IP protocol of the packet seen (1 ICMP, 6 TCP, 17 UDP, 58 ICMPv6) */
+	__u8 icmp_type;		/* for ICMP/ICMPv6: its type (11/3 time exceeded, 3/1 unreachable) */
+	__u8 family;		/* 4 or 6: how many bytes of saddr/daddr are the address */
 	__u16 seq;		/* ICMP seq, or the u16 after a UDP/TCP nonce */
 	__u32 number;		/* probe number: the payload's u32 (records runs), else seq */
 	__u32 netns;		/* inode of the device's network namespace */
 	__u32 ifindex;
-	__u32 saddr;		/* IPv4 addresses as seen at this device (network order) */
-	__u32 daddr;
 	__u32 pad1;
 	__u64 ts_ns;		/* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
+	__u8 saddr[16];		/* addresses as seen at this device (network order; IPv4: the */
+	__u8 daddr[16];		/* first 4 bytes, the rest 0) */
 	char dev[16];
 };
 

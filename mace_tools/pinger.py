@@ -43,7 +43,7 @@ from mace_tools.probe.icmp import (
 )
 from mace_tools.probe.icmp_errors import error_text, quoted_probe_seq
 from mace_tools.probe.sockets import IcmpSocket, open_icmp_socket
-from mace_tools.session import EventSourceFactory, Session, new_nonce
+from mace_tools.session import EventSourceFactory, Session, family_of, new_nonce
 from mace_tools.stats import Tally
 
 NS_PER_S = 1_000_000_000
@@ -186,7 +186,8 @@ class Pinger:
         self._nonce_asked = nonce  # None: the event source's choice (an agent's), or new
         self.nonce = nonce or new_nonce()  # the run's, once it runs
         self.ident = os.getpid() & 0xFFFF
-        self._template = EchoTemplate(self.ident, self.nonce, opts.size)
+        self.family = family_of(opts.dst_addr)
+        self._template = EchoTemplate(self.ident, self.nonce, opts.size, self.family)
         self._backend_factory = backend_factory
         self._probes = _Probes(numbered=opts.size >= TAG_LEN)
         self._session: Session | None = None  # set while a run is on
@@ -208,7 +209,7 @@ class Pinger:
             else:
                 self.nonce = session.open_events(None)
             self._filter_replies(sock)
-            self._template = EchoTemplate(self.ident, self.nonce, opts.size)
+            self._template = EchoTemplate(self.ident, self.nonce, opts.size, self.family)
             result = RunResult(nonce=self.nonce, source_addr=source,
                                kernel=self._probes.numbered, source=session.source)
             session.ready()
@@ -228,7 +229,8 @@ class Pinger:
         replies and quoted errors of probes too short for the nonce match on the id: so
         the run's ident is set here, once the socket is open (the template is built
         after this, and the kernel writes the id of a ping socket's requests anyway)."""
-        sock = open_icmp_socket(self.opts.ttl, self.opts.device, self.opts.source)
+        sock = open_icmp_socket(self.opts.ttl, self.opts.device, self.opts.source,
+                                self.family)
         if sock.ident is not None:
             self.ident = sock.ident
         return [sock]
@@ -363,7 +365,7 @@ class Pinger:
             parsed = parse_ip_icmp(data)
             if parsed is None:
                 continue  # malformed or truncated: not ours, never fatal
-            if parsed.icmp_type != 0:
+            if parsed.icmp_type != parsed.ECHO_REPLY:
                 self._maybe_error(parsed, result)
                 continue
             if not is_our_reply(parsed, self.nonce, self.ident, self.opts.size):
@@ -449,4 +451,5 @@ class Pinger:
         if seq is None or seq not in self._probes.by_seq or not parsed.checksum_ok:
             return
         result.errors += 1
-        self.sink.icmp_error(seq, parsed.src, error_text(parsed.icmp_type, parsed.code))
+        self.sink.icmp_error(seq, parsed.src, error_text(parsed.icmp_type, parsed.code,
+                                                         parsed.family, parsed.info))

@@ -68,12 +68,18 @@ def new_nonce() -> bytes:
             return nonce
 
 
+def family_of(address: str) -> int:
+    """4 or 6: the IP version of an address in text (an IPv6 one may carry a %scope)."""
+    return 6 if ":" in address else 4
+
+
 def source_address(dst: str, device: str | None, source: str | None) -> str:
     """Source address the kernel picks for dst in the current netns; fails as ping does
     when there is no route."""
     if source is not None:
         return source
-    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    family = socket.AF_INET6 if family_of(dst) == 6 else socket.AF_INET
+    udp = socket.socket(family, socket.SOCK_DGRAM)
     try:
         if device is not None:
             udp.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device.encode())

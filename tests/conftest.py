@@ -97,6 +97,15 @@ def lab() -> Iterator[Lab]:
 
 
 @pytest.fixture(scope="session")
+def lab6() -> Iterator[Lab]:
+    """A dual-stack lab (NAT66 out of the host, as Docker does it): c0 the prober, c1..c4
+    flood neighbours. Apart from the IPv4 lab, whose tests and figures stay IPv4 only."""
+    with Lab(prefix=f"m6{os.getpid() % 100000}", containers=5, ipv6=True) as built:
+        built.warm_up()
+        yield built
+
+
+@pytest.fixture(scope="session")
 def lab_dns(lab: Lab) -> Iterator[tuple[str, FakeDns]]:
     """Lab container c0 gets its own resolver, as `ip netns exec` sees it: an
     /etc/netns/NAME/resolv.conf naming 127.0.0.11, answered inside that netns, so no test

@@ -40,7 +40,7 @@ def array_length(expr: str, header: str) -> int:
 
 
 def test_layouts_match_header() -> None:
-    assert c_struct_size("mace_event") == EVENT.size == 56
+    assert c_struct_size("mace_event") == EVENT.size == 80
     assert c_struct_size("mace_probe_record") == RECORD.size == 56
     assert c_struct_size("mace_run") == programs.RUN.size
     assert c_struct_size("mace_switches") == programs.SWITCHES.size
@@ -65,18 +65,17 @@ def test_constants_match_header() -> None:
     assert re.search(rf"MACE_REC_PROBE = {REC_PROBE},", header)
 
 
-def event(ts: int, netns: int, ifindex: int, saddr: int, daddr: int, number: int, packet: int,
-          hook: int, dev: bytes, proto: int = 1, icmp_type: int = 0) -> bytes:
-    return EVENT.pack(REC_EVENT, packet, hook, proto, icmp_type, number & 0xFFFF, number,
-                      netns, ifindex, saddr, daddr, ts, dev)
+def event(ts: int, netns: int, ifindex: int, saddr: bytes, daddr: bytes, number: int,
+          packet: int, hook: int, dev: bytes, proto: int = 1, icmp_type: int = 0,
+          family: int = 4) -> bytes:
+    return EVENT.pack(REC_EVENT, packet, hook, proto, icmp_type, family, number & 0xFFFF,
+                      number, netns, ifindex, ts, saddr, daddr, dev)
 
 
 def test_decode_fields() -> None:
     raw = event(
-        123456789, 4026531840, 7,
-        int.from_bytes(socket.inet_aton("198.18.1.10"), "little"),
-        int.from_bytes(socket.inet_aton("198.18.0.2"), "little"),
-        70_513, 1, 1, b"veth0\0garbage\0\0\0", 1, 11,
+        123456789, 4026531840, 7, socket.inet_aton("198.18.1.10"),
+        socket.inet_aton("198.18.0.2"), 70_513, 1, 1, b"veth0\0garbage\0\0\0", 1, 11,
     )
     e = decode(raw)
     assert (e.ts_mono_ns, e.netns, e.ifindex, e.seq) == (123456789, 4026531840, 7, 70_513)
@@ -86,8 +85,20 @@ def test_decode_fields() -> None:
 
 
 def test_decode_at_offset() -> None:
-    raw = bytes(8) + event(1, 2, 3, 0, 0, 4, 0, 0, b"lo")
+    raw = bytes(8) + event(1, 2, 3, b"", b"", 4, 0, 0, b"lo")
     assert decode(memoryview(raw), 8).dev == "lo"
+
+
+def test_decode_ipv6_addresses() -> None:
+    """An IPv6 event's 16-byte addresses; an IPv4 address with the same first bytes stays
+    IPv4 (the family decides, and each family has its own cache)."""
+    six = event(1, 2, 3, socket.inet_pton(socket.AF_INET6, "2001:2:0:1::10"),
+                socket.inet_pton(socket.AF_INET6, "2001:2::2"), 5, 0, 0, b"eth0", 58, 128, 6)
+    four = event(1, 2, 3, socket.inet_pton(socket.AF_INET6, "2001:2::")[:4], b"", 5, 0, 0,
+                 b"eth0")
+    e6, e4 = decode(six), decode(four)
+    assert (e6.src, e6.dst, e6.proto, e6.icmp_type) == ("2001:2:0:1::10", "2001:2::2", 58, 128)
+    assert (e4.src, e4.dst) == ("32.1.0.2", "0.0.0.0")
 
 
 def test_decode_probe_record() -> None:
@@ -96,15 +107,17 @@ def test_decode_probe_record() -> None:
 
 
 def test_unknown_kinds_are_dropped() -> None:
-    assert decode(bytes([0]) + bytes(55)) is None
-    assert decode(bytes([9]) + bytes(55)) is None
+    assert decode(bytes([0]) + bytes(EVENT.size - 1)) is None
+    assert decode(bytes([9]) + bytes(EVENT.size - 1)) is None
     assert struct.calcsize("<B3xIQQQII16s") == 56
 
 
 def test_name_caches_stay_bounded() -> None:
     # Even if the kernel side sent different bytes after the NUL for every event.
     for i in range(10_000):
-        raw = event(1, 2, 3, i, i, 4, 0, 0, b"eth0\0" + i.to_bytes(4, "little"))
+        addr = i.to_bytes(4, "little")
+        raw = event(1, 2, 3, addr, addr, 4, 0, 0, b"eth0\0" + addr)
         assert decode(raw).dev == "eth0"
+        decode(event(1, 2, 3, addr * 4, addr * 4, 4, 0, 0, b"eth0", family=6))
     assert len(events._dev_cache) <= events._CACHE_LIMIT
-    assert len(events._addr_cache) <= events._CACHE_LIMIT
+    assert all(len(cache) <= events._CACHE_LIMIT for cache in events._addr_caches.values())

@@ -8,12 +8,13 @@ import socket
 import pytest
 
 from mace_tools.kernel.backend import Backend
+from mace_tools.kernel.events import EVENT
 from mace_tools.kernel.programs import RING_BYTES
 from mace_tools.probe.icmp import build_echo_request
 
 pytestmark = pytest.mark.lab
 
-RING_EVENTS = RING_BYTES // (56 + 8)  # a run's ring: 56-byte events + 8-byte headers
+RING_EVENTS = RING_BYTES // (EVENT.size + 8)  # a run's ring: events + 8-byte headers
 
 
 def test_a_full_ring_is_counted_without_a_syscall() -> None:

@@ -44,11 +44,14 @@ def test_resolv_conf_follows_glibc_rules() -> None:
 
 
 def test_hosts_file_names_and_aliases() -> None:
-    text = "127.0.0.1 localhost\n::1 ip6-only\n198.18.0.9 Target.test tgt # lab\n#198.18.0.8 x\n"
-    assert lookup_hosts(text, "target.TEST") == "198.18.0.9"
-    assert lookup_hosts(text, "tgt.") == "198.18.0.9"
-    assert lookup_hosts(text, "ip6-only") is None
-    assert lookup_hosts(text, "x") is None
+    text = ("127.0.0.1 localhost\n::1 ip6-only\n198.18.0.9 Target.test tgt # lab\n"
+            "#198.18.0.8 x\n2001:2::9 tgt\n")
+    assert lookup_hosts(text, "target.TEST") == ["198.18.0.9"]
+    assert lookup_hosts(text, "tgt.") == ["198.18.0.9"]
+    assert lookup_hosts(text, "ip6-only") == []
+    assert lookup_hosts(text, "x") == []
+    assert lookup_hosts(text, "ip6-only", 6) == ["::1"]
+    assert lookup_hosts(text, "tgt", None) == ["198.18.0.9", "2001:2::9"]
 
 
 def test_search_order_depends_on_ndots() -> None:

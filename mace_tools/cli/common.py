@@ -145,21 +145,46 @@ def host_name_bytes(host: str) -> bytes:
 
 
 def resolve_ipv4(host: str, site: ProbeSite) -> str:
-    """IPv4 address of host (IPv6 comes later) as the probing netns would resolve it,
-    failing as ping and traceroute do."""
+    """IPv4 address of host as the probing netns would resolve it, failing as ping and
+    traceroute do."""
+    return resolve_address(host, site, 4)
+
+
+def resolve_address(host: str, site: ProbeSite, family: int | None) -> str:
+    """The address of host that ping takes (the first getaddrinfo gives, of family 4 or 6
+    when -4 or -6 force one) as the probing netns would resolve it, failing as ping
+    does. An IPv6 address of a scope keeps its %interface."""
     name = host_name_bytes(host)
     if site.vantage is not None:
-        from mace_tools.probe.resolver import resolve_ipv4 as resolve_from
+        from mace_tools.probe.resolver import resolve
 
         try:
-            return resolve_from(host, site.vantage)
+            return resolve(host, site.vantage, family)
         except (ValueError, UnicodeError):  # a name no resolver could carry
             raise MaceError(f"{host}: Name or service not known") from None
+    hints = {4: socket.AF_INET, 6: socket.AF_INET6, None: socket.AF_UNSPEC}[family]
     try:
-        infos = socket.getaddrinfo(name, None, socket.AF_INET, socket.SOCK_RAW)
+        infos = socket.getaddrinfo(name, None, hints, socket.SOCK_RAW)
     except socket.gaierror as exc:
         raise MaceError(f"{host}: {exc.strerror}") from exc
-    return infos[0][4][0]
+    address, *scope = infos[0][4]
+    if scope and scope[-1]:  # a link-local address: its interface, as ping keeps it
+        return f"{address}%{_interface_name(scope[-1])}"
+    return address
+
+
+def _interface_name(index: int) -> str:
+    try:
+        return socket.if_indextoname(index)
+    except OSError:
+        return str(index)
+
+
+def ip_family(ipv4: bool, ipv6: bool) -> int | None:
+    """-4 / -6 (one at most, as iputils): the family to resolve and probe, None: any."""
+    if ipv4 and ipv6:
+        raise MaceError("only one -4 or -6 option may be specified")
+    return 4 if ipv4 else 6 if ipv6 else None
 
 
 def parse_nonce(value: str | None) -> bytes | None:

@@ -23,12 +23,13 @@ from mace_tools.cli.common import (
     ListContainersOption,
     RuntimeOption,
     drop_privileges,
+    ip_family,
     output_mode,
     parse_nonce,
     ping_strtod,
     probe_site,
     required_host,
-    resolve_ipv4,
+    resolve_address,
     run_app,
     seconds_or_err,
     strtol_or_err,
@@ -73,7 +74,8 @@ def ping(
     interface: Annotated[str | None, typer.Option("-I", help="interface name or source "
                                                   "address")] = None,
     flood: Annotated[bool, typer.Option("-f", help="flood ping")] = False,
-    ipv4: Annotated[bool, typer.Option("-4", help="IPv4 only (the default)")] = False,
+    ipv4: Annotated[bool, typer.Option("-4", help="IPv4 only")] = False,
+    ipv6: Annotated[bool, typer.Option("-6", help="IPv6 only")] = False,
     netns: Annotated[str | None, typer.Option(
         "--netns", help="probe from this network namespace: `ip netns` name or path")] = None,
     pid: Annotated[int | None, typer.Option("--pid", help="probe from PID's network namespace",
@@ -100,7 +102,7 @@ def ping(
     numbers = _numbers(count, interval, size, ttl, linger, deadline)
     mode = output_mode(json_out, ndjson)
     site = probe_site(netns, pid, container, runtime)
-    addr = resolve_ipv4(host, site)
+    addr = resolve_address(host, site, ip_family(ipv4, ipv6))
     device, source = _split_interface(interface)
     opts = PingOptions(
         dst_addr=addr,
@@ -162,11 +164,13 @@ def _split_interface(value: str | None) -> tuple[str | None, str | None]:
     """-I takes an interface name or a source address, as iputils."""
     if value is None:
         return None, None
-    try:
-        socket.inet_aton(value)
-    except OSError:
-        return value, None
-    return None, value
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, value)
+        except OSError:
+            continue
+        return None, value
+    return value, None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,9 +9,9 @@ from collections.abc import Callable
 
 from mace_tools.model import Hook, KernelEvent, Packet, ProbeRecord
 
-# struct mace_event: kind, packet, hook, proto, icmp_type, pad, seq, number, netns, ifindex,
-# saddr, daddr, pad, ts_ns, dev[16]
-EVENT = struct.Struct("<BBBBBxHIIIIIxxxxQ16s")
+# struct mace_event: kind, packet, hook, proto, icmp_type, family, seq, number, netns,
+# ifindex, pad, ts_ns, saddr[16], daddr[16], dev[16]
+EVENT = struct.Struct("<BBBBBBHIIIxxxxQ16s16s16s")
 # struct mace_probe_record: kind, pad[3], number, departed, returned, delivered, outer
 # netns, outer ifindex, outer dev[16]
 RECORD = struct.Struct("<B3xIQQQII16s")
@@ -23,17 +23,19 @@ REC_EVENT, REC_PROBE = 1, 2  # enum mace_record_kind
 _HOOKS = tuple(Hook)
 _PACKETS = tuple(Packet)
 _CACHE_LIMIT = 4096  # distinct device names / addresses worth remembering
-_addr_cache: dict[int, str] = {}
+_addr_caches: dict[int, dict[bytes, str]] = {4: {}, 6: {}}  # by family
 _dev_cache: dict[bytes, str] = {}
 
 
-def _addr(raw: int) -> str:
-    # saddr/daddr were copied in network order and unpacked little-endian: repack the same way.
-    text = _addr_cache.get(raw)
+def _addr(raw: bytes, family: int) -> str:
+    """An event's address field as text: IPv4 (its first 4 bytes) unless family is 6."""
+    cache = _addr_caches[6 if family == 6 else 4]
+    text = cache.get(raw)
     if text is None:
-        text = socket.inet_ntoa(raw.to_bytes(4, "little"))
-        if len(_addr_cache) < _CACHE_LIMIT:
-            _addr_cache[raw] = text
+        text = socket.inet_ntop(socket.AF_INET6, raw) if family == 6 \
+            else socket.inet_ntoa(raw[:4])
+        if len(cache) < _CACHE_LIMIT:
+            cache[raw] = text
     return text
 
 
@@ -54,7 +56,7 @@ def dispatcher(on_event: Callable[[KernelEvent], None],
     record of a kind this build does not know (another build's mace.h) is dropped."""
     unpack_event, unpack_record = EVENT.unpack_from, RECORD.unpack_from
     packets, hooks, event, probe_record = _PACKETS, _HOOKS, KernelEvent, ProbeRecord
-    devs, addrs = _dev_cache, _addr_cache
+    devs, addrs4, addrs6 = _dev_cache, _addr_caches[4], _addr_caches[6]
     n_packets, n_hooks = len(_PACKETS), len(_HOOKS)
 
     def handle(buf: memoryview, offset: int) -> None:
@@ -68,13 +70,14 @@ def dispatcher(on_event: Callable[[KernelEvent], None],
             return
         if kind != REC_EVENT:
             return
-        _, packet, hook, proto, icmp_type, _seq, number, netns, ifindex, saddr, daddr, ts, \
-            dev = unpack_event(buf, offset)
+        _, packet, hook, proto, icmp_type, family, _seq, number, netns, ifindex, ts, saddr, \
+            daddr, dev = unpack_event(buf, offset)
         if packet >= n_packets or hook >= n_hooks:
             return
+        addrs = addrs6 if family == 6 else addrs4
         on_event(event(ts, number, packets[packet], hooks[hook], ifindex, netns,
-                       devs.get(dev) or _dev(dev), addrs.get(saddr) or _addr(saddr),
-                       addrs.get(daddr) or _addr(daddr), proto, icmp_type))
+                       devs.get(dev) or _dev(dev), addrs.get(saddr) or _addr(saddr, family),
+                       addrs.get(daddr) or _addr(daddr, family), proto, icmp_type))
 
     return handle
 

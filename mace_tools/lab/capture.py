@@ -20,7 +20,8 @@ Captures are filtered in the kernel to one run's probes where possible (by nonce
 TPACKET_V3 blocks without immediate mode, and after the run wait until the kernel has retired
 the last block (libpcap's 1 s timeout) so tcpdump has written every packet. Timestamps are
 CLOCK_REALTIME: only differences within one machine are compared with mace's CLOCK_MONOTONIC
-ones.
+ones. IPv6 frames are read too: ICMPv6 echoes (types 128/129) right after the fixed header,
+as every probe of ours is sent.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ PCAP_NANO_MAGIC = 0xA1B23C4D
 QUIET_S = 2.0  # a capture file that stopped growing this long has been written out
 LINKTYPE_ETHERNET = 1
 _ETH_P_IP = b"\x08\x00"
+_ETH_P_IPV6 = b"\x86\xdd"
+ECHO_REQUESTS = (8, 128)  # ICMP and ICMPv6 echo request types
+ECHO_REPLIES = (0, 129)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +70,7 @@ class IcmpPacket:
 
 
 def read_ip_packets(path: Path) -> list[tuple[int, bytes]]:
-    """(CLOCK_REALTIME ns, IPv4 datagram) of every IPv4 frame of a nanosecond pcap."""
+    """(CLOCK_REALTIME ns, IP packet) of every IPv4 and IPv6 frame of a nanosecond pcap."""
     data = path.read_bytes()
     if len(data) < 24:
         return []
@@ -81,13 +85,19 @@ def read_ip_packets(path: Path) -> list[tuple[int, bytes]]:
         sec, nsec, caplen, _ = struct.unpack_from("<IIII", data, off)
         frame = data[off + 16: off + 16 + caplen]
         off += 16 + caplen
-        if len(frame) >= 14 + 20 and frame[12:14] == _ETH_P_IP:
+        if len(frame) >= 14 + 20 and frame[12:14] in (_ETH_P_IP, _ETH_P_IPV6):
             packets.append((sec * 1_000_000_000 + nsec, frame[14:]))
     return packets
 
 
 def icmp_packet(ts_real_ns: int, ip: bytes) -> IcmpPacket | None:
-    """The ICMP message of an IPv4 datagram stamped ts_real_ns; None if it holds none."""
+    """The ICMP message of an IPv4 datagram (or the ICMPv6 message right after an IPv6
+    header) stamped ts_real_ns; None if it holds none."""
+    if ip[0] >> 4 == 6:
+        if len(ip) < 48 or ip[6] != 58:
+            return None
+        ident, seq = struct.unpack_from("!HH", ip, 44)
+        return IcmpPacket(ts_real_ns, ip[8:24], ip[24:40], ip[40], ident, seq, ip[48:])
     if len(ip) < 20 or ip[9] != 1:
         return None
     ihl = (ip[0] & 0x0F) * 4
@@ -111,9 +121,9 @@ def match_echoes(packets: list[IcmpPacket],
     for p in packets:
         if not key(p):
             continue
-        if p.icmp_type == 8:
+        if p.icmp_type in ECHO_REQUESTS:
             requests.setdefault(p.seq, p.ts_real_ns)
-        elif p.icmp_type == 0 and p.seq in requests:
+        elif p.icmp_type in ECHO_REPLIES and p.seq in requests:
             replies.setdefault(p.seq, p.ts_real_ns)
     return {seq: CapturedEcho(seq, t, replies.get(seq)) for seq, t in requests.items()}
 
@@ -122,8 +132,8 @@ def pair_echoes(far: list[IcmpPacket], near: list[IcmpPacket],
                 key: Callable[[IcmpPacket], bool]) -> dict[int, CapturedEcho]:
     """Truth v2's pairing by seq: each request (key(packet) truthy) as it arrived at the far
     end of the outer link, with its first reply as it arrived on the outer device."""
-    requests = [p for p in far if p.icmp_type == 8 and key(p)]
-    replies = [p for p in near if p.icmp_type == 0 and key(p)]
+    requests = [p for p in far if p.icmp_type in ECHO_REQUESTS and key(p)]
+    replies = [p for p in near if p.icmp_type in ECHO_REPLIES and key(p)]
     return match_echoes(requests + replies, lambda p: True)
 
 
@@ -208,9 +218,10 @@ class Capture:
 
     @staticmethod
     def nonce_filter(nonce: bytes) -> str:
-        """tcpdump filter for one run's probes: payload bytes 0..7 are its nonce."""
-        return (f"icmp and icmp[8:4] = 0x{nonce[:4].hex()} "
-                f"and icmp[12:4] = 0x{nonce[4:8].hex()}")
+        """tcpdump filter for one run's probes, either family: payload bytes 0..7 are its
+        nonce."""
+        words = f"[8:4] = 0x{nonce[:4].hex()} and {{0}}[12:4] = 0x{nonce[4:8].hex()}"
+        return f"(icmp and icmp{words.format('icmp')}) or (icmp6 and icmp6{words.format('icmp6')})"
 
     def echoes(self, nonce: bytes) -> dict[int, CapturedEcho]:
         """mace probes of one run: payload starts with its nonce (NAT may change the id)."""

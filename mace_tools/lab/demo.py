@@ -63,15 +63,19 @@ def parse_ndjson(text: str) -> tuple[list[dict], dict]:
     return records, summary
 
 
-def mace_ping_command(lab: Lab, container: int, *args: str) -> list[str]:
+def mace_ping_command(lab: Lab, container: int, *args: str,
+                      target: str | None = None) -> list[str]:
+    """mace-ping from the lab's host netns into a container's, to target (default: the
+    lab's IPv4 target)."""
     return lab.on_host(sys.executable, "-m", "mace_tools.cli.ping", "--netns",
                        lab.netns_path(lab.container_ns(container)), "--ndjson", *args,
-                       lab.target_addr)
+                       target or lab.target_addr)
 
 
-def run_mace_ping(lab: Lab, container: int, *args: str, timeout_s: float = 300) -> PingRun:
-    proc = subprocess.run(mace_ping_command(lab, container, *args), capture_output=True,
-                          text=True, timeout=timeout_s)
+def run_mace_ping(lab: Lab, container: int, *args: str, timeout_s: float = 300,
+                  target: str | None = None) -> PingRun:
+    proc = subprocess.run(mace_ping_command(lab, container, *args, target=target),
+                          capture_output=True, text=True, timeout=timeout_s)
     if proc.returncode == 2:
         raise LabError(f"mace-ping failed: {proc.stderr.strip()}")
     records, summary = parse_ndjson(proc.stdout)
@@ -114,12 +118,14 @@ def compare(run: PingRun, capture: TruthCapture) -> list[ProbeRow]:
     return probe_rows(run, capture.echoes(run.nonce))
 
 
-def measure(lab: Lab, container: int, count: int, *args: str,
-            nonce: bytes | None = None) -> tuple[PingRun, list[ProbeRow]]:
-    """mace-ping -c count from a container against truth v2 on the lab's outer link
-    (captures filtered in the kernel by the run's nonce)."""
+def measure(lab: Lab, container: int, count: int, *args: str, nonce: bytes | None = None,
+            target: str | None = None) -> tuple[PingRun, list[ProbeRow]]:
+    """mace-ping -c count from a container to target (default: the lab's IPv4 target)
+    against truth v2 on the lab's outer link (captures filtered in the kernel by the
+    run's nonce)."""
     nonce = nonce or os.urandom(8)
     with TruthCapture(lab.outer_link, Capture.nonce_filter(nonce),
                       expect_requests=count) as cap:
-        run = run_mace_ping(lab, container, "-c", str(count), "--nonce", nonce.hex(), *args)
+        run = run_mace_ping(lab, container, "-c", str(count), "--nonce", nonce.hex(), *args,
+                            target=target)
     return run, compare(run, cap)

@@ -11,6 +11,12 @@ With routers=R > 0 the outer link leads through a routed path instead:
 each link a /30 (link k: 198.18.0.4k+1 <-> 198.18.0.4k+2), each router forwarding with
 icmp_ratelimit 0 so that every hop answers every probe; the target is 198.18.0.(4R+2).
 
+With ipv6=True the same lab is dual-stack, from 2001:2::/48 (RFC 5180, benchmarking):
+containers 2001:2:0:1::(10+i)/64 behind br0 2001:2:0:1::1, NAT66 as Docker does it
+(ip6tables MASQUERADE out of out0), the outer link 2001:2::1/126 <-> 2001:2::2/126 and
+routed link k 2001:2::(4k+1) <-> 2001:2::(4k+2), /126 each. Without it IPv6 is off in
+every lab namespace (no neighbour discovery or MLD traffic beside the probes).
+
 Nothing in the root namespace is touched: every link is created inside (or moved into)
 the lab's namespaces, and the names carry the prefix so parallel or leftover runs never
 clash. Used by `mace-lab`, the tests and the bench.
@@ -28,6 +34,9 @@ TARGET_ADDR = "198.18.0.2"  # with no routers
 HOST_OUTER_ADDR = "198.18.0.1"
 BRIDGE_ADDR = "198.18.1.1"
 CONTAINER_NET = "198.18.1.0/24"
+BRIDGE_ADDR6 = "2001:2:0:1::1"
+CONTAINER_NET6 = "2001:2:0:1::/64"
+HOST_OUTER_ADDR6 = "2001:2::1"
 OUTER_DEV = "out0"
 MAX_CONTAINERS = 200
 
@@ -78,11 +87,17 @@ def cleanup_prefix(prefix: str) -> list[str]:
     return removed
 
 
-def add_namespace(ns: str) -> None:
-    """A new netns with lo up and IPv6 off (the labs are IPv4 only)."""
+def add_namespace(ns: str, ipv6: bool = False) -> None:
+    """A new netns with lo up; IPv6 off unless asked for, and then without duplicate
+    address detection (no address of a lab waits ~1 s as tentative: DAD is for shared
+    links, and every link here is ours)."""
     run("ip", "netns", "add", ns)
+    if not ipv6:
+        ns_exec(ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1")
+    else:
+        ns_exec(ns, "sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0",
+                "net.ipv6.conf.default.accept_dad=0", "net.ipv6.conf.default.accept_ra=0")
     run("ip", "-n", ns, "link", "set", "lo", "up")
-    ns_exec(ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1")
 
 
 class LabLifeCycle:
@@ -91,6 +106,7 @@ class LabLifeCycle:
     all, also when building fails. A with-block does both."""
 
     prefix: str
+    ipv6: bool = False
 
     def __enter__(self) -> Self:
         self.up()
@@ -104,7 +120,7 @@ class LabLifeCycle:
         cleanup_prefix(self.prefix)
         try:
             for ns in self.namespaces():
-                add_namespace(ns)
+                add_namespace(ns, self.ipv6)
             self._build()
         except BaseException:
             self.down()
@@ -125,11 +141,17 @@ def link_addr(link: int, side: int) -> str:
     return f"198.18.0.{4 * link + side}"
 
 
+def link_addr6(link: int, side: int) -> str:
+    """The IPv6 twin of link_addr (/126 each)."""
+    return f"2001:2::{4 * link + side:x}"
+
+
 @dataclass
 class Lab(LabLifeCycle):
     prefix: str = "mace"
     containers: int = 1
     routers: int = 0
+    ipv6: bool = False  # dual-stack (module docstring)
 
     def __post_init__(self) -> None:
         if not 0 <= self.routers <= 8:
@@ -155,6 +177,10 @@ class Lab(LabLifeCycle):
     def container_addr(i: int) -> str:
         return f"198.18.1.{10 + i}"
 
+    @staticmethod
+    def container_addr6(i: int) -> str:
+        return f"2001:2:0:1::{10 + i:x}"
+
     def router_ns(self, i: int) -> str:
         return f"{self.prefix}-r{i}"
 
@@ -165,6 +191,10 @@ class Lab(LabLifeCycle):
     @property
     def target_addr(self) -> str:
         return link_addr(self.routers, 2)
+
+    @property
+    def target_addr6(self) -> str:
+        return link_addr6(self.routers, 2)
 
     @property
     def hop_addrs(self) -> list[str]:
@@ -211,17 +241,29 @@ class Lab(LabLifeCycle):
                 f"link set vc{i} master br0",
                 f"link set vc{i} up",
             ]
+        if self.ipv6:
+            batch += [f"addr add {BRIDGE_ADDR6}/64 dev br0 nodad",
+                      f"addr add {HOST_OUTER_ADDR6}/126 dev {OUTER_DEV} nodad"]
+            if routers:
+                batch.append(f"route add default via {link_addr6(0, 2)}")
         self._batch(host, batch)
         self._build_routers(routers)
         last = self.routers
         self._batch(target, [f"addr add {link_addr(last, 2)}/30 dev tgt0", "link set tgt0 up",
                              *([f"route add default via {link_addr(last, 1)}"] if routers
                                else [])])
+        if self.ipv6:
+            self._batch(target, [f"addr add {link_addr6(last, 2)}/126 dev tgt0 nodad",
+                                 *([f"route add default via {link_addr6(last, 1)}"]
+                                   if routers else [])])
         for i in range(self.containers):
+            v6 = [f"addr add {self.container_addr6(i)}/64 dev eth0 nodad",
+                  f"route add default via {BRIDGE_ADDR6}"] if self.ipv6 else []
             self._batch(self.container_ns(i), [
                 f"addr add {self.container_addr(i)}/24 dev eth0",
                 "link set eth0 up",
                 f"route add default via {BRIDGE_ADDR}",
+                *v6,
             ])
         ns_exec(host, "sysctl", "-qw", "net.ipv4.ip_forward=1")
         ns_exec(target, "sysctl", "-qw", "net.ipv4.icmp_ratelimit=0")
@@ -229,6 +271,13 @@ class Lab(LabLifeCycle):
         ns_exec(host, "sysctl", "-qw", "net.ipv4.icmp_ratelimit=0")
         ns_exec(host, "iptables", "-t", "nat", "-A", "POSTROUTING", "-s", CONTAINER_NET,
                 "-o", OUTER_DEV, "-j", "MASQUERADE")
+        if self.ipv6:
+            for ns in (host, *routers):
+                ns_exec(ns, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+            for ns in (host, target, *routers):
+                ns_exec(ns, "sysctl", "-qw", "net.ipv6.icmp.ratelimit=0")
+            ns_exec(host, "ip6tables", "-t", "nat", "-A", "POSTROUTING", "-s", CONTAINER_NET6,
+                    "-o", OUTER_DEV, "-j", "MASQUERADE")
 
     def _build_routers(self, routers: list[str]) -> None:
         """Router i (1-based) joins link i-1 (in0, towards the host) and link i (out0)."""
@@ -241,6 +290,12 @@ class Lab(LabLifeCycle):
                     f"route add default via {link_addr(i - 1, 1)}"]
             cmds += [f"route add 198.18.0.{4 * j}/30 via {link_addr(i, 2)}"
                      for j in range(i + 1, self.routers + 1)]
+            if self.ipv6:
+                cmds += [f"addr add {link_addr6(i - 1, 2)}/126 dev in0 nodad",
+                         f"addr add {link_addr6(i, 1)}/126 dev out0 nodad",
+                         f"route add default via {link_addr6(i - 1, 1)}"]
+                cmds += [f"route add {link_addr6(j, 0)}/126 via {link_addr6(i, 2)}"
+                         for j in range(i + 1, self.routers + 1)]
             self._batch(ns, cmds)
             ns_exec(ns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
             ns_exec(ns, "sysctl", "-qw", "net.ipv4.icmp_ratelimit=0")
@@ -256,13 +311,17 @@ class Lab(LabLifeCycle):
     def warm_up(self) -> None:
         """One ping from each container, so ARP and NAT state exist before measuring."""
         for i in range(self.containers):
-            ns_exec(self.container_ns(i), "ping", "-c", "1", "-W", "1", "-q", TARGET_ADDR)
+            ns_exec(self.container_ns(i), "ping", "-c", "1", "-W", "1", "-q", self.target_addr)
+            if self.ipv6:
+                ns_exec(self.container_ns(i), "ping", "-c", "1", "-W", "1", "-q",
+                        self.target_addr6)
 
     def status(self) -> dict[str, list[str]]:
-        """Each lab namespace with its IPv4 addresses (empty when the lab is down)."""
+        """Each lab namespace with its addresses (empty when the lab is down)."""
         out: dict[str, list[str]] = {}
         for ns in lab_namespaces(self.prefix):
-            lines = run("ip", "-n", ns, "-o", "-4", "addr", "show", check=False).stdout
+            lines = run("ip", "-n", ns, "-o", "addr", "show", "scope", "global",
+                        check=False).stdout
             out[ns] = [f"{f[1]} {f[3]}" for f in (ln.split() for ln in lines.splitlines())
                        if len(f) > 3 and f[1] != "lo"]
         return out

@@ -89,7 +89,7 @@ def document(*, dst_name: str, dst_addr: str, src_addr: str, size: int, start_re
              first_ttl: int | None, source: str = "local") -> dict[str, Any]:
     raw = summary.rtt_raw
     return {
-        "fw": FW, "af": 4, "type": "ping", "proto": "ICMP",
+        "fw": FW, "af": 6 if ":" in dst_addr else 4, "type": "ping", "proto": "ICMP",
         "dst_addr": dst_addr, "dst_name": dst_name, "src_addr": src_addr, "from": src_addr,
         "size": size, "ttl": first_ttl if first_ttl is not None else -1,
         "sent": summary.transmitted, "rcvd": summary.received, "dup": summary.duplicates,

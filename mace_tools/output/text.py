@@ -40,6 +40,8 @@ def format_ms(ns: int) -> str:
 def header(dst_name: str, dst_addr: str, size: int, source: str | None = None,
            interface: str | None = None) -> str:
     via = f" from {source} {interface}:" if interface else ""
+    if ":" in dst_addr:  # IPv6: iputils counts only the payload
+        return f"PING {dst_name} ({dst_addr}){via} {size} data bytes"
     return f"PING {dst_name} ({dst_addr}){via} {size}({size + 28}) bytes of data."
 
 

@@ -17,6 +17,12 @@ packet work.
 Parsing never raises: malformed, truncated or foreign packets give None or False. What a
 foreign packet does not need (addresses, checksum, payload copies) is computed only when
 asked for, so rejecting one costs a header unpack and a nonce compare.
+
+IPv6 (ICMPv6 echo, types 128/129) uses the same payload and the same parsing path: a
+socket hands every message on behind a fixed IPv6 header (probe/sockets.py builds it, as
+an ICMPv6 socket reads no IP header), and parse_ip_icmp reads either version. The kernel
+computes and checks ICMPv6 checksums itself on both kinds of socket (the pseudo-header
+needs addresses only it knows for sure), so a v6 message that reaches us has a good one.
 """
 
 from __future__ import annotations
@@ -33,6 +39,17 @@ ICMP_TIME_EXCEEDED = 11
 ICMP_PARAMETERPROB = 12
 ERRORS_WITH_QUOTE = (ICMP_DEST_UNREACH, 4, 5, ICMP_TIME_EXCEEDED, ICMP_PARAMETERPROB)
 _ERRORS_WITH_QUOTE = frozenset(ERRORS_WITH_QUOTE)
+# ICMPv6 (RFC 4443): errors are types 1..4, each quoting as much of the packet as fits
+ICMP6_DST_UNREACH = 1
+ICMP6_PACKET_TOO_BIG = 2
+ICMP6_TIME_EXCEEDED = 3
+ICMP6_PARAM_PROB = 4
+ICMP6_ECHO_REQUEST = 128
+ICMP6_ECHO_REPLY = 129
+ERRORS6_WITH_QUOTE = (ICMP6_DST_UNREACH, ICMP6_PACKET_TOO_BIG, ICMP6_TIME_EXCEEDED,
+                      ICMP6_PARAM_PROB)
+_ERRORS6_WITH_QUOTE = frozenset(ERRORS6_WITH_QUOTE)
+IPV6_HEADER = 40
 _HDR = struct.Struct("!BBHHH")
 _NUMBER = struct.Struct("!I")
 _FILL = bytes(range(256)) * 256  # byte i = i & 0xff (a generator took 2 ms of start-up)
@@ -59,13 +76,15 @@ def echo_payload(nonce: bytes, size: int, number: int = 0) -> bytes:
     return nonce + _NUMBER.pack(number & 0xFFFFFFFF) + _FILL[TAG_LEN:size]
 
 
-def build_echo_request(ident: int, number: int, nonce: bytes, size: int) -> bytes:
+def build_echo_request(ident: int, number: int, nonce: bytes, size: int,
+                       echo_type: int = ICMP_ECHO) -> bytes:
     """ICMP echo request for probe `number` (seq number & 0xffff; a seq < 65536 is its own
-    number), header + size payload bytes, with a valid checksum."""
+    number), header + size payload bytes, with a valid checksum (for ICMPv6, echo_type
+    128, the kernel writes the real one over it)."""
     seq = number & 0xFFFF
     payload = echo_payload(nonce, size, number)
-    csum = checksum(_HDR.pack(ICMP_ECHO, 0, 0, ident, seq) + payload)
-    return _HDR.pack(ICMP_ECHO, 0, csum, ident, seq) + payload
+    csum = checksum(_HDR.pack(echo_type, 0, 0, ident, seq) + payload)
+    return _HDR.pack(echo_type, 0, csum, ident, seq) + payload
 
 
 class EchoTemplate:
@@ -74,8 +93,9 @@ class EchoTemplate:
     complement (RFC 1624), which keeps the per-probe work between the clock reading and
     sendto() to a few hundred ns (one struct pack)."""
 
-    def __init__(self, ident: int, nonce: bytes, size: int) -> None:
-        base = build_echo_request(ident, 0, nonce, size)
+    def __init__(self, ident: int, nonce: bytes, size: int, family: int = 4) -> None:
+        self._type = type_ = ICMP6_ECHO_REQUEST if family == 6 else ICMP_ECHO
+        base = build_echo_request(ident, 0, nonce, size, type_)
         self._sum = ~int.from_bytes(base[2:4], "big") & 0xFFFF  # ones' complement sum
         self._ident = ident
         self._nonce = nonce
@@ -91,12 +111,12 @@ class EchoTemplate:
         if not self._numbered:
             total = self._sum + seq
             total = (total & 0xFFFF) + (total >> 16)
-            return self._pack(ICMP_ECHO, 0, ~total & 0xFFFF, self._ident, seq, self._tail)
+            return self._pack(self._type, 0, ~total & 0xFFFF, self._ident, seq, self._tail)
         number &= 0xFFFFFFFF
         total = self._sum + seq + (number >> 16) + (number & 0xFFFF)
         total = (total & 0xFFFF) + (total >> 16)  # at most 0xFFFF + 3: folds twice
         total = (total & 0xFFFF) + (total >> 16)
-        return self._pack(ICMP_ECHO, 0, ~total & 0xFFFF, self._ident, seq, self._nonce,
+        return self._pack(self._type, 0, ~total & 0xFFFF, self._ident, seq, self._nonce,
                           number, self._tail)
 
 
@@ -116,6 +136,9 @@ class ParsedIcmp:
 
     __slots__ = ("_data", "_end", "_icmp", "code", "icmp_len", "icmp_type", "ident", "seq",
                  "ttl")
+    family = 4
+    ECHO_REPLY = ICMP_ECHOREPLY  # this family's echo reply type
+    _QUOTING = _ERRORS_WITH_QUOTE
     ttl: int
     icmp_type: int
     code: int
@@ -147,7 +170,12 @@ class ParsedIcmp:
     @property
     def quoted(self) -> bytes:
         """An ICMP error's quoted datagram (IP header + >= 8 bytes); b"" for other types."""
-        return self.payload if self.icmp_type in _ERRORS_WITH_QUOTE else b""
+        return self.payload if self.icmp_type in self._QUOTING else b""
+
+    @property
+    def info(self) -> int:
+        """The second word of the ICMP header: an error's MTU or pointer (RFC 1191, 4443)."""
+        return _NUMBER.unpack_from(self._data, self._icmp + 4)[0]
 
     @property
     def checksum_ok(self) -> bool:
@@ -167,9 +195,38 @@ class ParsedIcmp:
                 f"seq={self.seq}, icmp_len={self.icmp_len}, payload={self.payload!r})")
 
 
+class ParsedIcmp6(ParsedIcmp):
+    """An ICMPv6 message behind a fixed IPv6 header (no extension headers: the socket
+    built it, module docstring)."""
+
+    __slots__ = ()
+    family = 6
+    ECHO_REPLY = ICMP6_ECHO_REPLY
+    _QUOTING = _ERRORS6_WITH_QUOTE
+
+    def __init__(self, data: bytes, icmp_at: int, end: int) -> None:
+        super().__init__(data, icmp_at, end)
+        self.ttl = data[7]  # the hop limit
+
+    @property
+    def src(self) -> str:
+        return socket.inet_ntop(socket.AF_INET6, self._data[8:24])
+
+    @property
+    def dst(self) -> str:
+        return socket.inet_ntop(socket.AF_INET6, self._data[24:40])
+
+    @property
+    def checksum_ok(self) -> bool:
+        return True  # checked by the kernel before any socket got it (module docstring)
+
+
 def parse_ip_icmp(datagram: bytes) -> ParsedIcmp | None:
-    """An IPv4 datagram carrying ICMP, as a raw socket returns it; None if malformed."""
+    """An IPv4 datagram carrying ICMP, as a raw socket returns it, or an IPv6 one carrying
+    ICMPv6 as our sockets hand it on; None if malformed."""
     size = len(datagram)
+    if size and datagram[0] >> 4 == 6:
+        return _parse_ip6_icmp(datagram)
     if size < 20 or datagram[0] >> 4 != 4:
         return None
     ihl = (datagram[0] & 0x0F) * 4
@@ -180,6 +237,16 @@ def parse_ip_icmp(datagram: bytes) -> ParsedIcmp | None:
     return ParsedIcmp(bytes(datagram), ihl, end)
 
 
+def _parse_ip6_icmp(datagram: bytes) -> ParsedIcmp | None:
+    size = len(datagram)
+    if size < IPV6_HEADER + 8 or datagram[6] != socket.IPPROTO_ICMPV6:
+        return None
+    end = min(size, IPV6_HEADER + int.from_bytes(datagram[4:6], "big"))
+    if end < IPV6_HEADER + 8:
+        return None
+    return ParsedIcmp6(bytes(datagram), IPV6_HEADER, end)
+
+
 def is_our_reply(p: ParsedIcmp, nonce: bytes, ident: int, size: int = NONCE_LEN) -> bool:
     """An echo reply to one of this run's probes (of `size` payload bytes): keyed on the
     nonce, not the ICMP id, which NAT may rewrite. Only a run whose probes are too short for
@@ -187,7 +254,7 @@ def is_our_reply(p: ParsedIcmp, nonce: bytes, ident: int, size: int = NONCE_LEN)
     cut short is never taken for one of a full-size run (a forger can guess the id).
     The nonce is compared first and the checksum verified only for a match: a foreign
     reply costs a compare, not a checksum."""
-    if p.icmp_type != ICMP_ECHOREPLY:
+    if p.icmp_type != p.ECHO_REPLY:
         return False
     if size >= NONCE_LEN:
         if not p._data.startswith(nonce, p._icmp + 8, p._end):  # in place: no copy

@@ -12,7 +12,16 @@ from __future__ import annotations
 
 import socket
 
-from mace_tools.probe.icmp import ICMP_ECHO, NONCE_LEN
+from mace_tools.probe.icmp import (
+    ICMP6_DST_UNREACH,
+    ICMP6_ECHO_REQUEST,
+    ICMP6_PACKET_TOO_BIG,
+    ICMP6_PARAM_PROB,
+    ICMP6_TIME_EXCEEDED,
+    ICMP_ECHO,
+    IPV6_HEADER,
+    NONCE_LEN,
+)
 
 # iputils' wording of the errors ping reports (ping4_print_icmp), by type then code
 _UNREACH = {
@@ -28,18 +37,50 @@ _UNREACH = {
 }
 _TIME_EXCEEDED = {0: "Time to live exceeded", 1: "Frag reassembly time exceeded"}
 _TEXTS = {3: _UNREACH, 11: _TIME_EXCEEDED}
+# ... and ICMPv6 errors (iputils' print_icmp in ping6_common.c)
+_UNREACH6 = {
+    0: "No route",
+    1: "Administratively prohibited",
+    2: "Beyond scope of source address",
+    3: "Address unreachable",
+    4: "Port unreachable",
+    5: "Source address failed ingress/egress policy",
+    6: "Reject route to destination",
+}
+_TIME_EXCEEDED6 = {0: "Hop limit", 1: "Defragmentation failure"}
+_PARAM_PROB6 = {0: "Wrong header field ", 1: "Unknown header ", 2: "Unknown option "}
+_NEXTHDR_FRAGMENT = 44
 
 
-def error_text(icmp_type: int, code: int) -> str:
-    """How ping words an ICMP error (as iputils, for the ones it names)."""
+def error_text(icmp_type: int, code: int, family: int = 4, info: int = 0) -> str:
+    """How ping words an ICMP error (as iputils, for the ones it names); info: the
+    error's MTU or pointer (the second word of its header), which ICMPv6 texts show."""
+    if family == 6:
+        return _error_text6(icmp_type, code, info)
     return _TEXTS.get(icmp_type, {}).get(code, f"ICMP type {icmp_type} code {code}")
+
+
+def _error_text6(icmp_type: int, code: int, info: int) -> str:
+    if icmp_type == ICMP6_DST_UNREACH:
+        return "Destination unreachable: " + _UNREACH6.get(code, f"Unknown code {code}")
+    if icmp_type == ICMP6_PACKET_TOO_BIG:
+        return f"Packet too big: mtu={info}" + (f", code={code}" if code else "")
+    if icmp_type == ICMP6_TIME_EXCEEDED:
+        return "Time exceeded: " + _TIME_EXCEEDED6.get(code, f"code {code}")
+    if icmp_type == ICMP6_PARAM_PROB:
+        return "Parameter problem: " + _PARAM_PROB6.get(code, f"code {code} ") + f"at {info}"
+    return f"unknown icmp type: {icmp_type}"
 
 
 def quoted_l4(quoted: bytes, proto: int, dst: str) -> bytes | None:
     """What follows the quoted IPv4 header (at least 8 bytes), if the quote is the first
     fragment of a datagram to dst with this IP protocol; else None. The destination is
     checked as iputils checks it: with only 8 bytes quoted, an id alone would take another
-    program's probe to another host for ours."""
+    program's probe to another host for ours. An IPv6 quote is read the same way (proto:
+    its next header; a fragment header is looked through, no other extension header:
+    our probes carry none)."""
+    if quoted[:1] and quoted[0] >> 4 == 6:
+        return _quoted_l4_v6(quoted, proto, dst)
     if len(quoted) < 20 or quoted[0] >> 4 != 4 or quoted[9] != proto:
         return None
     ihl = (quoted[0] & 0x0F) * 4
@@ -50,12 +91,31 @@ def quoted_l4(quoted: bytes, proto: int, dst: str) -> bytes | None:
     return l4 if len(l4) >= 8 else None
 
 
+def _quoted_l4_v6(quoted: bytes, proto: int, dst: str) -> bytes | None:
+    if len(quoted) < IPV6_HEADER:
+        return None
+    try:
+        if quoted[24:40] != socket.inet_pton(socket.AF_INET6, dst.partition("%")[0]):
+            return None
+    except OSError:  # dst is no IPv6 address: the quote cannot be of our probe
+        return None
+    nexthdr, at = quoted[6], IPV6_HEADER
+    if nexthdr == _NEXTHDR_FRAGMENT:
+        fragment = quoted[at:at + 8]
+        if len(fragment) < 8 or int.from_bytes(fragment[2:4], "big") & 0xFFF8:
+            return None  # cut short, or a later fragment: no L4 header
+        nexthdr, at = fragment[0], at + 8
+    l4 = quoted[at:]
+    return l4 if nexthdr == proto and len(l4) >= 8 else None
+
+
 def quoted_probe_seq(quoted: bytes, ident: int, nonce: bytes, dst: str) -> int | None:
     """Seq of our echo request quoted in an ICMP error, or None if it is not ours: an echo
     request to our target carrying the run's nonce (when only 8 bytes are quoted, the
     run's ICMP id)."""
-    icmp = quoted_l4(quoted, socket.IPPROTO_ICMP, dst)
-    if icmp is None or icmp[0] != ICMP_ECHO:
+    six = quoted[:1] and quoted[0] >> 4 == 6
+    icmp = quoted_l4(quoted, socket.IPPROTO_ICMPV6 if six else socket.IPPROTO_ICMP, dst)
+    if icmp is None or icmp[0] != (ICMP6_ECHO_REQUEST if six else ICMP_ECHO):
         return None
     seq = int.from_bytes(icmp[6:8], "big")
     payload = icmp[8:8 + NONCE_LEN]

@@ -4,7 +4,11 @@
 The caller's getaddrinfo would read the host's files and ask the host's servers, which can
 differ from the container's (Docker's user-defined networks answer DNS on 127.0.0.11, an
 address that exists only inside the container's netns). This is a small stub resolver for
-IPv4 A records, following glibc's rules for search lists, ndots, timeout and attempts.
+A and AAAA records, following glibc's rules for search lists, ndots, timeout and attempts.
+Without -4 or -6 both are asked for, and the address ping would take is the first of
+glibc's RFC 6724 order, of which the rules that decide between one host's addresses are
+kept: an address the netns has no route to comes last (rule 1), then IPv6 before IPv4
+(rule 6, the default precedence table), else the order the answer gave.
 Replies are parsed defensively: a malformed or foreign answer is ignored, never trusted.
 
 The measured party's files are hostile input too (we run as root, they are theirs): they
@@ -36,7 +40,9 @@ from mace_tools.kernel import native
 from mace_tools.probe import netns as netns_mod
 
 DNS_PORT = 53
-TYPE_A, CLASS_IN = 1, 1
+TYPE_A, TYPE_AAAA, CLASS_IN = 1, 28, 1
+_QTYPES = {4: (TYPE_A,), 6: (TYPE_AAAA,), None: (TYPE_A, TYPE_AAAA)}  # by -4 / -6 / neither
+_RDATA = {TYPE_A: (socket.AF_INET, 4), TYPE_AAAA: (socket.AF_INET6, 16)}
 RCODE_NXDOMAIN = 3
 MAX_UDP_ANSWER = 4096
 # glibc's defaults (resolv.conf(5))
@@ -101,14 +107,17 @@ def parse_resolv_conf(text: str) -> ResolvConf:
     return ResolvConf(tuple(servers) or ("127.0.0.1",), search, ndots, timeout_s, attempts)
 
 
-def lookup_hosts(text: str, name: str) -> str | None:
-    """The first IPv4 address that /etc/hosts gives for name (canonical name or alias)."""
+def lookup_hosts(text: str, name: str, family: int | None = 4) -> list[str]:
+    """The addresses /etc/hosts gives for name (canonical name or alias), in file order:
+    IPv4 (family 4), IPv6 (6) or both (None)."""
     wanted = name.rstrip(".").lower()
+    found = []
     for line in text.splitlines():
         words = line.split("#", 1)[0].split()
-        if len(words) >= 2 and wanted in (w.lower() for w in words[1:]) and _is_ipv4(words[0]):
-            return words[0]
-    return None
+        if len(words) >= 2 and wanted in (w.lower() for w in words[1:]) \
+                and _family(words[0]) in ((4, 6) if family is None else (family,)):
+            found.append(words[0])
+    return found
 
 
 def candidates(name: str, conf: ResolvConf) -> list[str]:
@@ -121,14 +130,14 @@ def candidates(name: str, conf: ResolvConf) -> list[str]:
     return [*searched, name]
 
 
-def build_query(query_id: int, name: str) -> bytes:
+def build_query(query_id: int, name: str, qtype: int = TYPE_A) -> bytes:
     labels = name.rstrip(".").split(".")
     if any(not label or len(label) > 63 for label in labels) or len(name) > 253:
         raise ValueError(f"invalid DNS name {name!r}")
     qname = b"".join(bytes([len(lb)]) + lb.encode("idna") for lb in labels) + b"\0"
     # flags 0x0100: a standard query asking for recursion
     return struct.pack("!HHHHHH", query_id, 0x0100, 1, 0, 0, 0) + qname + \
-        struct.pack("!HH", TYPE_A, CLASS_IN)
+        struct.pack("!HH", qtype, CLASS_IN)
 
 
 def _skip_name(msg: bytes, pos: int) -> int:
@@ -149,12 +158,13 @@ def _skip_name(msg: bytes, pos: int) -> int:
     raise ValueError("too many labels")
 
 
-def parse_answer(msg: bytes, query_id: int) -> tuple[int, list[str]] | None:
-    """(rcode, IPv4 addresses) of a reply to query_id; None if it is not one, or malformed.
+def parse_answer(msg: bytes, query_id: int, qtype: int = TYPE_A) -> tuple[int, list[str]] | None:
+    """(rcode, addresses) of a reply to query_id; None if it is not one, or malformed.
 
-    Every A record of the answer section is taken: a recursive server's answer holds the
-    whole CNAME chain, and the question was for A records only.
+    Every record of the type asked for (A or AAAA) in the answer section is taken: a
+    recursive server's answer holds the whole CNAME chain.
     """
+    family, rdata_len = _RDATA[qtype]
     if len(msg) < 12:
         return None
     rid, flags, qdcount, ancount = struct.unpack_from("!HHHH", msg)
@@ -173,12 +183,17 @@ def parse_answer(msg: bytes, query_id: int) -> tuple[int, list[str]] | None:
             pos += 10
             if pos + rdlength > len(msg):
                 raise ValueError("truncated rdata")
-            if rtype == TYPE_A and rclass == CLASS_IN and rdlength == 4:
-                addrs.append(socket.inet_ntoa(msg[pos:pos + 4]))
+            if rtype == qtype and rclass == CLASS_IN and rdlength == rdata_len:
+                addrs.append(socket.inet_ntop(family, msg[pos:pos + rdata_len]))
             pos += rdlength
     except ValueError:
         return None
     return flags & 0x000F, addrs
+
+
+def _family(text: str) -> int | None:
+    """4 or 6 for an address in text (IPv6 without a %scope), else None."""
+    return 4 if _is_ipv4(text) else 6 if _is_ip(text) else None
 
 
 def _is_ipv4(text: str) -> bool:
@@ -279,13 +294,14 @@ def _open_sockets(vantage: Vantage, servers: tuple[str, ...]) -> list[socket.soc
     return socks
 
 
-def _ask(socks: list[socket.socket], name: str, conf: ResolvConf) -> tuple[int, list[str]] | None:
+def _ask(socks: list[socket.socket], name: str, conf: ResolvConf,
+         qtype: int = TYPE_A) -> tuple[int, list[str]] | None:
     """Ask each server in turn, `attempts` rounds; the first usable answer, or None."""
     for _ in range(conf.attempts):
         for sock in socks:
             query_id = random.getrandbits(16)
             try:
-                sock.send(build_query(query_id, name))
+                sock.send(build_query(query_id, name, qtype))
             except OSError:
                 continue
             deadline = time.monotonic() + conf.timeout_s
@@ -293,7 +309,7 @@ def _ask(socks: list[socket.socket], name: str, conf: ResolvConf) -> tuple[int, 
                 if not select.select([sock], [], [], left)[0]:
                     break
                 try:
-                    answer = parse_answer(sock.recv(MAX_UDP_ANSWER), query_id)
+                    answer = parse_answer(sock.recv(MAX_UDP_ANSWER), query_id, qtype)
                 except OSError:  # ICMP port unreachable: nobody listens there
                     break
                 if answer is not None:
@@ -303,15 +319,16 @@ def _ask(socks: list[socket.socket], name: str, conf: ResolvConf) -> tuple[int, 
 
 def resolve_ipv4(host: str, vantage: Vantage) -> str:
     """IPv4 address of host as seen from vantage; MaceError worded as ping's resolver errors."""
-    if _is_ipv4(host):
-        return host
-    try:
-        socket.inet_aton(host)  # ping also takes the short forms (127.1)
-        return socket.gethostbyname(host)
-    except OSError:
-        pass
-    if (addr := lookup_hosts(_read(vantage, "hosts"), host)) is not None:
-        return addr
+    return resolve(host, vantage, 4)
+
+
+def resolve(host: str, vantage: Vantage, family: int | None = None) -> str:
+    """The address of host that ping would take (-4: family 4, -6: 6, neither: None) as
+    seen from vantage; MaceError worded as ping's resolver errors."""
+    if (literal := numeric_address(host, family)) is not None:
+        return literal
+    if found := lookup_hosts(_read(vantage, "hosts"), host, family):
+        return preferred(found, vantage)
     conf = parse_resolv_conf(_read(vantage, "resolv.conf"))
     try:
         names = candidates(host, conf)
@@ -321,20 +338,71 @@ def resolve_ipv4(host: str, vantage: Vantage) -> str:
         raise MaceError(f"{host}: Name or service not known") from None
     socks = _open_sockets(vantage, conf.nameservers)
     try:
-        definite = True  # every name got "no such name" (or no A record), not silence
+        definite = True  # every name got "no such name" (or no record), not silence
         for name in names:
-            answer = _ask(socks, name, conf)
-            if answer is None or answer[0] not in (0, RCODE_NXDOMAIN):
-                definite = False  # timeout or server failure: as glibc, EAI_AGAIN
-                continue
-            if answer[1]:
-                return answer[1][0]
+            addresses = []
+            for qtype in _QTYPES[family]:  # as glibc: a name is found if either type is
+                answer = _ask(socks, name, conf, qtype)
+                if answer is None or answer[0] not in (0, RCODE_NXDOMAIN):
+                    definite = False  # timeout or server failure: as glibc, EAI_AGAIN
+                    continue
+                addresses += answer[1]
+            if addresses:
+                return preferred(addresses, vantage)
     finally:
         for sock in socks:
             sock.close()
     if definite:
         raise MaceError(f"{host}: Name or service not known")
     raise MaceError(f"{host}: Temporary failure in name resolution")
+
+
+def numeric_address(host: str, family: int | None) -> str | None:
+    """host if it is an address literal (IPv4 in any form inet_aton takes, as ping does;
+    IPv6 with an optional %scope), as the address ping would use; None if it is a name.
+    A literal of the other family than -4/-6 ask for fails as glibc words it."""
+    hints = {4: socket.AF_INET, 6: socket.AF_INET6, None: socket.AF_UNSPEC}[family]
+    try:
+        infos = socket.getaddrinfo(host, None, hints, socket.SOCK_RAW, 0, socket.AI_NUMERICHOST)
+    except (socket.gaierror, UnicodeError, ValueError) as exc:
+        if isinstance(exc, socket.gaierror) and exc.errno == socket.EAI_ADDRFAMILY:
+            raise MaceError(f"{host}: {exc.strerror}") from None
+        return None
+    return address_text(infos[0][4])
+
+
+def address_text(sockaddr: tuple) -> str:
+    """A getaddrinfo address as ping prints and sendto() takes it: an IPv6 address of a
+    scope (link-local) keeps its %interface, else only the address."""
+    if len(sockaddr) == 4 and sockaddr[3]:
+        try:
+            return f"{sockaddr[0]}%{socket.if_indextoname(sockaddr[3])}"
+        except OSError:
+            return f"{sockaddr[0]}%{sockaddr[3]}"
+    return sockaddr[0]
+
+
+def preferred(addresses: list[str], vantage: Vantage) -> str:
+    """The address getaddrinfo would list first (module docstring: RFC 6724 rules 1 and 6):
+    the first IPv6 address the vantage's netns has a route to, else the first IPv4 one,
+    else the first of all."""
+    if len({_family(a) for a in addresses}) == 1:
+        return addresses[0]  # one family: the order is the answer's (no route check)
+    with netns_mod.entered(vantage.netns_path):
+        usable = [a for a in addresses if _routable(a)]
+    usable.sort(key=lambda a: _family(a) != 6)  # stable: IPv6 first, else as answered
+    return (usable or addresses)[0]
+
+
+def _routable(address: str) -> bool:
+    """Whether the current netns has a route (and a source address) to address."""
+    family = socket.AF_INET6 if _family(address) == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as probe:
+        try:
+            probe.connect((address, 9))  # no packet leaves: a UDP connect picks a route
+        except OSError:
+            return False
+    return True
 
 
 def vantage_of(netns: str | None, pid: int | None, netns_path: Path | None) -> Vantage | None:

@@ -18,6 +18,10 @@ queue (IP_RECVERR): our own request as quoted, with a sock_extended_err beside i
 hands both on as the IPv4 datagram a raw socket would have read (reply_datagram,
 error_datagram), so a run has one parsing path for both sockets.
 
+IPv6: Icmp6Socket and Ping6Socket are the same two sockets for ICMPv6. Neither reads an IP
+header, so recv() hands each message on behind a fixed IPv6 header built from what the
+kernel says (sender, hop limit): again one parsing path (probe/icmp.py) for all four.
+
 open_icmp_socket() picks: raw where permitted, else a ping socket, else one clear line.
 """
 
@@ -31,7 +35,15 @@ from typing import NamedTuple
 
 from mace_tools.errors import MaceError
 from mace_tools.probe import sockfilter
-from mace_tools.probe.icmp import ICMP_DEST_UNREACH, ICMP_PARAMETERPROB, checksum
+from mace_tools.probe.icmp import (
+    ERRORS6_WITH_QUOTE,
+    ICMP6_ECHO_REPLY,
+    ICMP6_PACKET_TOO_BIG,
+    ICMP6_PARAM_PROB,
+    ICMP_DEST_UNREACH,
+    ICMP_PARAMETERPROB,
+    checksum,
+)
 
 SOL_RAW = 255
 ICMP_FILTER = 1
@@ -55,6 +67,22 @@ _TTL = struct.Struct("=i")
 _EXTENDED_ERR = struct.Struct("=IBBBBII2x2x4s8x")
 _PING_ANCILLARY = (_ANCILLARY + socket.CMSG_SPACE(_TTL.size)
                    + socket.CMSG_SPACE(_EXTENDED_ERR.size))
+# ... and for IPv6 (linux/in6.h, linux/icmpv6.h)
+IPPROTO_IPV6 = socket.IPPROTO_IPV6
+IPV6_RECVERR = 25
+IPV6_RECVHOPLIMIT = 51
+IPV6_HOPLIMIT = 52  # the reply's hop limit, as a control message (an int)
+ICMP6_FILTER = 1  # at level IPPROTO_ICMPV6: 256 bits, a set bit blocks its type
+SO_EE_ORIGIN_ICMP6 = 3
+_FILTER6 = struct.pack("=8I", *(
+    0xFFFFFFFF & ~sum(1 << (t & 31) for t in (ICMP6_ECHO_REPLY, *ERRORS6_WITH_QUOTE)
+                      if t >> 5 == word) for word in range(8)))
+# struct sock_extended_err, then the offender (struct sockaddr_in6: family, port,
+# flowinfo, address, scope id)
+_EXTENDED_ERR6 = struct.Struct("=IBBBBII2x2x4x16s4x")
+_PING6_ANCILLARY = (_ANCILLARY + socket.CMSG_SPACE(_TTL.size)
+                    + socket.CMSG_SPACE(_EXTENDED_ERR6.size))
+_IPV6 = struct.Struct("!IHBB16s16s")
 _NO_ROOM = (errno.EAGAIN, errno.ENOBUFS, errno.ENOMEM)  # the run retries these itself
 _IPV4 = struct.Struct("!BBHHHBBH4s4s")
 _ICMP_ERROR_HEAD = struct.Struct("!BBHI")
@@ -89,9 +117,9 @@ def _receive_time(ancdata: list[tuple[int, int, bytes]]) -> int:
     return time.clock_gettime_ns(time.CLOCK_REALTIME)
 
 
-def _open(kind: int, refused: str) -> socket.socket:
+def _open(family: int, kind: int, proto: int, refused: str) -> socket.socket:
     try:
-        return socket.socket(socket.AF_INET, kind, socket.IPPROTO_ICMP)
+        return socket.socket(family, kind, proto)
     except PermissionError as exc:  # raw: EPERM; ping: EACCES (ping_group_range)
         raise NotPermitted(refused) from exc
     except OSError as exc:
@@ -102,18 +130,21 @@ class IcmpSocket:
     """Raw ICMP socket, created in the current thread's network namespace. PingSocket
     below is one too for the run (same methods), opened differently."""
 
+    FAMILY = socket.AF_INET
+    PROTO = socket.IPPROTO_ICMP
     KIND = socket.SOCK_RAW
     REFUSED = "raw ICMP socket not permitted: run as root (or with CAP_NET_RAW)"
+    MAX_MESSAGE = MAX_DATAGRAM  # what one recvmsg() takes: never truncated
 
     def __init__(self, ttl: int | None = None, device: str | None = None,
                  source: str | None = None) -> None:
-        self.sock = sock = _open(self.KIND, self.REFUSED)
+        self.sock = sock = _open(self.FAMILY, self.KIND, self.PROTO, self.REFUSED)
         try:
             self._set_options()
             sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECV_BUFFER)
             if ttl is not None:
-                sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
+                self._set_ttl(ttl)
             if device is not None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device.encode())
             self._bind(source)
@@ -126,6 +157,9 @@ class IcmpSocket:
     def _set_options(self) -> None:
         """Only echo replies and the errors worth reporting are queued (as iputils)."""
         self.sock.setsockopt(SOL_RAW, ICMP_FILTER, struct.pack("=I", _FILTER_MASK))
+
+    def _set_ttl(self, ttl: int) -> None:
+        self.sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
 
     def _bind(self, source: str | None) -> None:
         if source is not None:
@@ -180,9 +214,9 @@ class PingSocket(IcmpSocket):
     def _bind(self, source: str | None) -> None:
         # Bound now (port 0: the kernel picks a free id, as on the first sendto()), the
         # ident is known before any reply or error has to be matched on it.
-        self.sock.bind((source or "0.0.0.0", 0))
-        address, self._ident = self.sock.getsockname()
-        self._local = socket.inet_aton(address)  # 0.0.0.0 unless -I gave one
+        self.sock.bind((source or _ANY[self.FAMILY], 0))
+        address, self._ident, *_ = self.sock.getsockname()
+        self._local = _packed(address)  # the wildcard unless -I gave one
 
     @property
     def ident(self) -> int:
@@ -213,12 +247,12 @@ class PingSocket(IcmpSocket):
         socket reads, with the kernel's receive time; None when neither waits. The error
         queue is read when no reply waits: a batch of replies costs no extra call each."""
         try:
-            icmp, ancdata, _flags, addr = self.sock.recvmsg(MAX_DATAGRAM, _PING_ANCILLARY)
+            icmp, ancdata, _flags, addr = self.sock.recvmsg(MAX_DATAGRAM, _PING6_ANCILLARY)
         except OSError:
             # none waits (EAGAIN), or the pending error of an ICMP error (see send)
             return self._recv_error()
         at, ttl, _ = _controls(ancdata)
-        sender = socket.inet_aton(addr[0]) if addr else bytes(4)  # (the kernel names it)
+        sender = _packed(addr[0]) if addr else bytes(len(self._local))  # (kernel names it)
         return reply_datagram(icmp, sender, self._local, ttl), at
 
     def _recv_error(self) -> tuple[bytes, int] | None:
@@ -226,7 +260,77 @@ class PingSocket(IcmpSocket):
         reads it."""
         if (got := read_error(self.sock)) is None:
             return None
-        return error_datagram(got.error, self._local, got.target, got.quoted), got.at
+        make = error_datagram6 if self.FAMILY == socket.AF_INET6 else error_datagram
+        return make(got.error, self._local, got.target, got.quoted), got.at
+
+
+class Icmp6Socket(IcmpSocket):
+    """Raw ICMPv6 socket: as IcmpSocket, but the kernel writes the checksum (RFC 3542:
+    always, for ICMPv6) and hands each message on without its IP header, the sender as
+    the message's address and the hop limit as a control message (IPV6_RECVHOPLIMIT)."""
+
+    FAMILY = socket.AF_INET6
+    PROTO = socket.IPPROTO_ICMPV6
+    REFUSED = "raw ICMPv6 socket not permitted: run as root (or with CAP_NET_RAW)"
+
+    def _set_options(self) -> None:
+        """Only echo replies and the errors that quote a probe are queued (as iputils)."""
+        self.sock.setsockopt(socket.IPPROTO_ICMPV6, ICMP6_FILTER, _FILTER6)
+        self.sock.setsockopt(IPPROTO_IPV6, IPV6_RECVHOPLIMIT, 1)
+
+    def _set_ttl(self, ttl: int) -> None:
+        set_hop_limit(self.sock, ttl)
+
+    def _bind(self, source: str | None) -> None:
+        super()._bind(source)
+        self._local = _packed(self.sock.getsockname()[0])  # :: unless -I gave one
+
+    def filter_replies(self, nonce: bytes | None) -> None:
+        """As IcmpSocket's, for ICMPv6: the filter sees the message from its ICMPv6
+        header on (module sockfilter)."""
+        try:
+            sockfilter.attach(self.sock, sockfilter.reply_filter(nonce, family=6))
+        except OSError as exc:
+            raise MaceError(f"cannot attach the reply filter: {exc.strerror}") from exc
+
+    def recv(self) -> tuple[bytes, int] | None:
+        try:
+            icmp, ancdata, _flags, addr = self.sock.recvmsg(MAX_DATAGRAM, _PING6_ANCILLARY)
+        except BlockingIOError:
+            return None
+        at, hops, _ = _controls(ancdata)
+        return ipv6_header(len(icmp), hops, _packed(addr[0]), self._local) + icmp, at
+
+
+class Ping6Socket(PingSocket):
+    """ICMPv6 datagram socket, as iputils sets one up: IPV6_RECVERR, IPV6_RECVHOPLIMIT."""
+
+    FAMILY = socket.AF_INET6
+    PROTO = socket.IPPROTO_ICMPV6
+    REFUSED = "ping socket not permitted: none of our groups is in net.ipv4.ping_group_range"
+
+    def _set_options(self) -> None:
+        self.sock.setsockopt(IPPROTO_IPV6, IPV6_RECVERR, 1)
+        self.sock.setsockopt(IPPROTO_IPV6, IPV6_RECVHOPLIMIT, 1)
+
+    def _set_ttl(self, ttl: int) -> None:
+        set_hop_limit(self.sock, ttl)
+
+
+def set_hop_limit(sock: socket.socket, hops: int) -> None:
+    """-t for IPv6: the hop limit of unicast and multicast packets (as iputils)."""
+    sock.setsockopt(IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, hops)
+    sock.setsockopt(IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, hops)
+
+
+_ANY = {socket.AF_INET: "0.0.0.0", socket.AF_INET6: "::"}
+
+
+def _packed(address: str) -> bytes:
+    """An address as the kernel gave it (IPv4, or IPv6 with a %scope), packed."""
+    if ":" in address:
+        return socket.inet_pton(socket.AF_INET6, address.partition("%")[0])
+    return socket.inet_aton(address)
 
 
 class QueuedError(NamedTuple):
@@ -256,15 +360,15 @@ def read_error(sock: socket.socket) -> ErrorMessage | None:
     while True:
         try:
             quoted, ancdata, _flags, addr = sock.recvmsg(
-                MAX_DATAGRAM, _PING_ANCILLARY, socket.MSG_ERRQUEUE)
+                MAX_DATAGRAM, _PING6_ANCILLARY, socket.MSG_ERRQUEUE)
         except OSError:  # EAGAIN: the queue is empty
             return None
         at, ttl, extended = _controls(ancdata)
-        if extended is None or extended[1] != SO_EE_ORIGIN_ICMP:
+        if extended is None or extended[1] not in (SO_EE_ORIGIN_ICMP, SO_EE_ORIGIN_ICMP6):
             continue
         _errno, _origin, icmp_type, code, _pad, info, _data, offender = extended
         # the error queue names the datagram's destination as the message's address
-        target, port = (socket.inet_aton(addr[0]), addr[1]) if addr else (bytes(4), 0)
+        target, port = (_packed(addr[0]), addr[1]) if addr else (bytes(4), 0)
         return ErrorMessage(QueuedError(icmp_type, code, info, offender, ttl), quoted,
                             target, port, at)
 
@@ -280,6 +384,11 @@ def _controls(ancdata: list[tuple[int, int, bytes]]) -> tuple[int, int, tuple | 
                 ttl = _TTL.unpack_from(value)[0]
             elif kind == IP_RECVERR and len(value) >= _EXTENDED_ERR.size:
                 extended = _EXTENDED_ERR.unpack_from(value)
+        elif level == IPPROTO_IPV6:
+            if kind == IPV6_HOPLIMIT and len(value) >= _TTL.size:
+                ttl = _TTL.unpack_from(value)[0]
+            elif kind == IPV6_RECVERR and len(value) >= _EXTENDED_ERR6.size:
+                extended = _EXTENDED_ERR6.unpack_from(value)
         elif kind == SO_TIMESTAMPNS and level == socket.SOL_SOCKET \
                 and len(value) >= _TIMESTAMPNS.size:
             sec, nsec = _TIMESTAMPNS.unpack_from(value)
@@ -297,9 +406,19 @@ def ipv4_header(length: int, ttl: int, src: bytes, dst: bytes,
     return _IPV4.pack(0x45, 0, length, 0, 0, ttl, proto, checksum(unsummed), src, dst)
 
 
+def ipv6_header(payload_len: int, hop_limit: int, src: bytes, dst: bytes,
+                nexthdr: int = socket.IPPROTO_ICMPV6) -> bytes:
+    """The fixed 40-byte header of an IPv6 packet with payload_len bytes after it."""
+    return _IPV6.pack(0x60000000, min(payload_len, 0xFFFF), nexthdr, hop_limit & 0xFF, src,
+                      dst)
+
+
 def reply_datagram(icmp: bytes, src: bytes, dst: bytes, ttl: int) -> bytes:
     """An ICMP message read from a ping socket (src: its sender, packed), as a raw socket
-    would read it: behind an IPv4 header with the sender, the TTL and the total length."""
+    would read it: behind an IPv4 header with the sender, the TTL and the total length
+    (an IPv6 header for an ICMPv6 message, src and dst 16 bytes)."""
+    if len(src) == 16:
+        return ipv6_header(len(icmp), ttl, src, dst) + icmp
     return ipv4_header(20 + len(icmp), ttl, src, dst) + icmp
 
 
@@ -317,6 +436,24 @@ def error_datagram(error: QueuedError, local: bytes, target: bytes, request: byt
     return ipv4_header(20 + len(body), error.ttl, error.offender, local) + body
 
 
+def error_datagram6(error: QueuedError, local: bytes, target: bytes, request: bytes,
+                    nexthdr: int = socket.IPPROTO_ICMPV6) -> bytes:
+    """As error_datagram, for an ICMPv6 error about an IPv6 request: behind an IPv6 header
+    from the offender, quoting an IPv6 header from `local` to `target` (hop limit 0), and
+    the request. Its checksum is left 0: the kernel checked the real one (probe/icmp.py)."""
+    quote = ipv6_header(len(request), 0, local, target, nexthdr) + request
+    body = _ICMP_ERROR_HEAD.pack(error.icmp_type, error.code, 0, _rest_of_header6(error)) \
+        + quote
+    return ipv6_header(len(body), error.ttl, error.offender, local) + body
+
+
+def _rest_of_header6(error: QueuedError) -> int:
+    """An ICMPv6 error's second header word, from ee_info: the MTU or the pointer."""
+    if error.icmp_type in (ICMP6_PACKET_TOO_BIG, ICMP6_PARAM_PROB):
+        return error.info & 0xFFFFFFFF
+    return 0
+
+
 def _rest_of_header(error: QueuedError) -> int:
     """The ICMP header's second word as the error carried it, where ee_info keeps it."""
     if error.icmp_type == ICMP_DEST_UNREACH and error.code == ICMP_FRAG_NEEDED:
@@ -327,15 +464,17 @@ def _rest_of_header(error: QueuedError) -> int:
 
 
 def open_icmp_socket(ttl: int | None = None, device: str | None = None,
-                     source: str | None = None) -> IcmpSocket | PingSocket:
-    """The run's ICMP socket in the current netns: raw where CAP_NET_RAW allows (it
-    sends exactly our bytes), else a ping socket where net.ipv4.ping_group_range holds
-    one of our groups (as iputils), else a one-line MaceError saying what would do."""
+                     source: str | None = None, family: int = 4) -> IcmpSocket:
+    """The run's ICMP (family 6: ICMPv6) socket in the current netns: raw where
+    CAP_NET_RAW allows (it sends exactly our bytes), else a ping socket where
+    net.ipv4.ping_group_range holds one of our groups (as iputils, for both families),
+    else a one-line MaceError saying what would do."""
+    raw, ping = (Icmp6Socket, Ping6Socket) if family == 6 else (IcmpSocket, PingSocket)
     try:
-        return IcmpSocket(ttl, device, source)
+        return raw(ttl, device, source)
     except NotPermitted:
         pass
     try:
-        return PingSocket(ttl, device, source)
+        return ping(ttl, device, source)
     except NotPermitted:
         raise MaceError(NOT_PERMITTED) from None

@@ -12,7 +12,10 @@ before it is queued, so the ones that do not carry this run's nonce never reach 
 A raw socket's filter sees the packet from its IP header (raw_rcv pushes back to it), so
 the ICMP header is found with the MSH load X = 4 * (IHL), which copes with IP options; a
 packet too short for a load is dropped by the kernel (an echo reply too short for the nonce
-is not ours). The program is a handful of instructions, assembled here by hand: no compiler
+is not ours). A raw ICMPv6 socket's filter sees the message from its ICMPv6 header (the
+IPv6 layer pulled its headers before raw delivery; iputils' ping6 filter reads it so), so
+X is 0 there, and the types are ICMPv6's (echo reply 129, errors 1 to 4).
+The program is a handful of instructions, assembled here by hand: no compiler
 or ctypes needed (struct sock_fprog points at the array through array's buffer_info()).
 The filter only saves work: the receiver still matches every datagram itself, so datagrams
 queued before it was attached, or a kernel refusing it, change nothing but the cost.
@@ -25,13 +28,19 @@ import socket
 import struct
 from typing import NamedTuple
 
-from mace_tools.probe.icmp import ERRORS_WITH_QUOTE, ICMP_ECHOREPLY, NONCE_LEN
+from mace_tools.probe.icmp import (
+    ERRORS6_WITH_QUOTE,
+    ERRORS_WITH_QUOTE,
+    ICMP6_ECHO_REPLY,
+    ICMP_ECHOREPLY,
+    NONCE_LEN,
+)
 
 SO_ATTACH_FILTER = 26  # asm-generic/socket.h
 # linux/bpf_common.h
 BPF_LD, BPF_LDX, BPF_JMP, BPF_RET = 0x00, 0x01, 0x05, 0x06
 BPF_W, BPF_B = 0x00, 0x10
-BPF_IND, BPF_MSH = 0x40, 0xA0
+BPF_IMM, BPF_IND, BPF_MSH = 0x00, 0x40, 0xA0
 BPF_JEQ, BPF_K = 0x10, 0x00
 ACCEPT_ALL = 0xFFFFFFFF  # a return value: keep this many bytes of the packet (all of it)
 ICMP_HEADER = 8
@@ -50,18 +59,22 @@ class Insn(NamedTuple):
 Target = int | str  # a jump target: an offset, or a label resolved by assemble()
 
 
-def reply_filter(nonce: bytes | None) -> list[Insn]:
-    """The program described above, for a run with this nonce (None: no nonce)."""
+def reply_filter(nonce: bytes | None, family: int = 4) -> list[Insn]:
+    """The program described above, for a run with this nonce (None: no nonce), on a raw
+    ICMP (family 4) or ICMPv6 (family 6) socket."""
     if nonce is not None and len(nonce) != NONCE_LEN:
         raise ValueError(f"a nonce is {NONCE_LEN} bytes, not {len(nonce)}")
     echo: Target = "echo" if nonce is not None else "accept"
+    six = family == 6
+    errors = ERRORS6_WITH_QUOTE if six else ERRORS_WITH_QUOTE
     code: list[tuple[int, Target, Target, int] | str] = [
-        (BPF_LDX | BPF_B | BPF_MSH, 0, 0, 0),  # X = 4 * (IP[0] & 0xf): the ICMP header
+        # X: where the ICMP header is (after an IPv4 header: 4 * (IP[0] & 0xf))
+        (BPF_LDX | BPF_IMM, 0, 0, 0) if six else (BPF_LDX | BPF_B | BPF_MSH, 0, 0, 0),
         (BPF_LD | BPF_B | BPF_IND, 0, 0, 0),  # A = ICMP type
-        (BPF_JMP | BPF_JEQ | BPF_K, echo, 0, ICMP_ECHOREPLY),
+        (BPF_JMP | BPF_JEQ | BPF_K, echo, 0, ICMP6_ECHO_REPLY if six else ICMP_ECHOREPLY),
     ]
-    for i, icmp_type in enumerate(ERRORS_WITH_QUOTE):
-        last = i == len(ERRORS_WITH_QUOTE) - 1
+    for i, icmp_type in enumerate(errors):
+        last = i == len(errors) - 1
         code.append((BPF_JMP | BPF_JEQ | BPF_K, "accept", "drop" if last else 0, icmp_type))
     if nonce is not None:
         code.append("echo")

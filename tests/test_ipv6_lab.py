@@ -1,0 +1,145 @@
+"""mace-ping over IPv6 end to end: ICMPv6 echo probes from a container's netns through a
+bridge and NAT66 (ip6tables MASQUERADE, as Docker does it), corrected from the kernel's
+per-device timestamps and compared with truth v2 on the host's outer link, idle and under
+load; plus what a user of `ping -6` sees (header, errors, -4/-6, names)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from accuracy import PROBES, assert_accurate_errors
+
+from mace_tools.lab.demo import PingRun, ProbeRow, measure
+from mace_tools.lab.load import Load
+from mace_tools.lab.topology import BRIDGE_ADDR6, HOST_OUTER_ADDR6, Lab
+
+pytestmark = pytest.mark.lab
+
+
+def mace_ping(lab: Lab, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """mace-ping from the lab's host netns into container c0's."""
+    return subprocess.run(lab.on_host(sys.executable, "-m", "mace_tools.cli.ping", "--netns",
+                                      lab.container_ns(0), *args),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_accurate(lab: Lab, run: PingRun, rows: list[ProbeRow]) -> None:
+    assert run.returncode == 0, run.stderr
+    assert run.summary["af"] == 6 and run.summary["rcvd"] == PROBES
+    assert run.summary["mace"]["coverage"] == 1.0
+    assert run.summary["mace"]["kernel_events_lost"] == 0
+    host_ino = os.stat(lab.netns_path(lab.host_ns)).st_ino
+    assert {r.outer_dev for r in rows} == {f"{lab.outer_dev}@{host_ino}"}
+    errors = [r.error_us for r in rows]
+    assert None not in errors, "capture missed probes"
+    assert_accurate_errors(errors)
+    assert all(r.corrected_ms < r.raw_ms for r in rows)
+
+
+def test_idle_corrected_matches_capture_over_nat66(lab6: Lab) -> None:
+    run, rows = measure(lab6, 0, PROBES, "-i", "0.005", target=lab6.target_addr6)
+    assert_accurate(lab6, run, rows)
+
+
+def test_loaded_corrected_matches_capture_over_nat66(lab6: Lab) -> None:
+    with Load(lab6, neighbours=4, duration_s=30, target=lab6.target_addr6):
+        run, rows = measure(lab6, 0, PROBES, "-i", "0.005", target=lab6.target_addr6)
+    assert_accurate(lab6, run, rows)
+
+
+def test_path_shows_nat66_at_the_outer_device(lab6: Lab) -> None:
+    run, _ = measure(lab6, 0, 3, "-i", "0.01", target=lab6.target_addr6)
+    rec = run.records[0]
+    stages = [(s["pkt"], s["dev"], s["dir"]) for s in rec["path"]]
+    for expected in [("request", "eth0", "tx"), ("request", "br0", "rx"),
+                     ("request", "out0", "tx"), ("reply", "out0", "rx"),
+                     ("reply", "eth0", "rx")]:
+        assert expected in stages
+    first = rec["path"][0]
+    assert (first["src"], first["dst"]) == (lab6.container_addr6(0), lab6.target_addr6)
+    out0 = next(s for s in rec["path"] if s["dev"] == "out0" and s["dir"] == "tx")
+    assert out0["src"] == HOST_OUTER_ADDR6  # masqueraded before the outer device
+
+
+def test_text_output_as_ping_dash_6(lab6: Lab) -> None:
+    proc = mace_ping(lab6, "-c", "2", "-i", "0.01", lab6.target_addr6)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    target = lab6.target_addr6
+    assert lines[0] == f"PING {target} ({target}) 56 data bytes"
+    reply = re.compile(rf"^64 bytes from {re.escape(target)}: icmp_seq=(\d) ttl=63 "
+                       r"time=\d+\.\d+ ms corrected=\d+\.\d{3} ms egress=\d+\.\d{3} ms "
+                       r"ingress=\d+\.\d{3} ms$")
+    assert [reply.match(ln).group(1) for ln in lines[1:3]] == ["1", "2"]
+    assert f"--- {target} ping statistics ---" in lines
+    assert "kernel data 2/2 replies (100%)" in proc.stdout
+
+
+def test_hop_limit_exceeded_is_reported_as_iputils_does(lab6: Lab) -> None:
+    """-t 1: the container host (its bridge address) answers ICMPv6 time exceeded, which
+    quotes the probe; iputils words it "Time exceeded: Hop limit"."""
+    proc = mace_ping(lab6, "-c", "2", "-i", "0.2", "-W", "1", "-t", "1", lab6.target_addr6)
+    assert proc.returncode == 1
+    errors = [ln for ln in proc.stdout.splitlines() if ln.startswith("From ")]
+    assert errors == [f"From {BRIDGE_ADDR6} icmp_seq={n} Time exceeded: Hop limit"
+                      for n in (1, 2)], proc.stdout
+    assert re.search(r"2 packets transmitted, 0 received, \+2 errors", proc.stdout)
+
+
+def test_family_options_and_literals(lab6: Lab) -> None:
+    both = mace_ping(lab6, "-4", "-6", "-c", "1", lab6.target_addr6)
+    assert (both.returncode, both.stderr) == \
+        (2, "mace-ping: only one -4 or -6 option may be specified\n")
+    wrong = mace_ping(lab6, "-4", "-c", "1", lab6.target_addr6)
+    assert (wrong.returncode, wrong.stderr) == \
+        (2, f"mace-ping: {lab6.target_addr6}: Address family for hostname not supported\n")
+    wrong = mace_ping(lab6, "-6", "-c", "1", lab6.target_addr)
+    assert (wrong.returncode, wrong.stderr) == \
+        (2, f"mace-ping: {lab6.target_addr}: Address family for hostname not supported\n")
+
+
+@pytest.fixture
+def dual_name(lab6: Lab) -> str:
+    """A name with an A and an AAAA entry in c0's hosts file (/etc/netns, as ip netns
+    exec reads it), IPv4 listed first."""
+    ns = lab6.container_ns(0)
+    etc = Path("/etc/netns") / ns
+    created_parent = not etc.parent.exists()
+    etc.mkdir(parents=True, exist_ok=True)
+    (etc / "hosts").write_text(f"{lab6.target_addr} dual.lab.test\n"
+                               f"{lab6.target_addr6} dual.lab.test\n")
+    yield "dual.lab.test"
+    shutil.rmtree(etc.parent if created_parent else etc, ignore_errors=True)
+
+
+def test_name_with_both_families_resolves_as_getaddrinfo(lab6: Lab, dual_name: str) -> None:
+    """IPv6 first when the container has a route for it (RFC 6724), -4 forces IPv4; the
+    header names the target as given, with the address taken."""
+    for flags, addr in (((), lab6.target_addr6), (("-4",), lab6.target_addr),
+                        (("-6",), lab6.target_addr6)):
+        proc = mace_ping(lab6, *flags, "-c", "1", "--json", dual_name)
+        assert proc.returncode == 0, proc.stderr
+        doc = json.loads(proc.stdout)
+        assert (doc["dst_name"], doc["dst_addr"]) == (dual_name, addr)
+        assert doc["af"] == (6 if ":" in addr else 4)
+        assert doc["mace"]["coverage"] == 1.0
+
+
+def test_name_without_an_ipv6_route_takes_ipv4(lab6: Lab, dual_name: str) -> None:
+    """RFC 6724 rule 1: a destination the container has no route to comes last."""
+    ns = lab6.container_ns(0)
+    subprocess.run(["ip", "-n", ns, "-6", "route", "del", "default"], check=True)
+    try:
+        proc = mace_ping(lab6, "-c", "1", "--json", dual_name)
+    finally:
+        subprocess.run(["ip", "-n", ns, "-6", "route", "add", "default", "via", BRIDGE_ADDR6],
+                       check=True)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["dst_addr"] == lab6.target_addr
