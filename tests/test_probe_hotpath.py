@@ -233,7 +233,9 @@ def run_cbpf(program: bytes, packet: bytes) -> int:
     while True:
         code, jt, jf, k = insns[pc]
         pc += 1
-        if code == 0xB1:  # ldxb 4*([k]&0xf)
+        if code == 0x01:  # ldx #k
+            x = k
+        elif code == 0xB1:  # ldxb 4*([k]&0xf)
             if k >= len(packet):
                 return 0
             x = 4 * (packet[k] & 0x0F)
