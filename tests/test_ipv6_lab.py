@@ -11,12 +11,15 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from accuracy import PROBES, assert_accurate_errors
 
-from mace_tools.lab.demo import PingRun, ProbeRow, measure
+from mace_tools.lab.agent import AgentProcess, ping_sockets_open, with_capabilities
+from mace_tools.lab.capture import TruthCapture
+from mace_tools.lab.demo import PingRun, ProbeRow, compare, measure, parse_ndjson
 from mace_tools.lab.load import Load
 from mace_tools.lab.topology import BRIDGE_ADDR6, HOST_OUTER_ADDR6, Lab
 
@@ -143,3 +146,75 @@ def test_name_without_an_ipv6_route_takes_ipv4(lab6: Lab, dual_name: str) -> Non
                        check=True)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["dst_addr"] == lab6.target_addr
+
+
+# --- without privilege: ping sockets, through mace-agent ----------------------------------
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.getcwd()}
+
+
+@pytest.fixture(scope="module")
+def ping_sockets6(lab6: Lab) -> Iterator[None]:
+    """c0 lets every group open ping sockets (ICMPv6 ones too), as Docker's containers do."""
+    with ping_sockets_open([lab6.container_ns(0)]):
+        yield
+
+
+def inside_ping(lab: Lab, *args: str, capabilities: tuple[str, ...]) \
+        -> subprocess.CompletedProcess[str]:
+    """mace-ping inside c0 with only these capabilities (none: no raw socket, no BPF)."""
+    return subprocess.run(["ip", "netns", "exec", lab.container_ns(0),
+                           *with_capabilities(*capabilities), sys.executable, "-m",
+                           "mace_tools.cli.ping", *args],
+                          capture_output=True, text=True, timeout=120, env=_env())
+
+
+def test_a_ping_socket_with_bpf_is_corrected(lab6: Lab, ping_sockets6: None) -> None:
+    """No CAP_NET_RAW: ICMPv6 probes from a ping socket keep their nonce and number."""
+    proc = inside_ping(lab6, "-c", "3", "-i", "0.01", "-q", lab6.target_addr6,
+                       capabilities=("bpf", "perfmon"))
+    assert proc.returncode == 0, proc.stderr
+    assert "3 packets transmitted, 3 received" in proc.stdout
+    assert "kernel data 3/3 replies (100%)" in proc.stdout
+
+
+def test_no_capability_and_no_agent_is_raw_with_one_line(lab6: Lab,
+                                                         ping_sockets6: None) -> None:
+    proc = inside_ping(lab6, "-c", "2", "-i", "0.01", "--agent", "/nonexistent/agent.sock",
+                       lab6.target_addr6, capabilities=())
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    proc = inside_ping(lab6, "-c", "2", "-i", "0.01", lab6.target_addr6, capabilities=())
+    assert proc.returncode == 0 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "no BPF privilege" in proc.stderr
+    assert re.findall(r"icmp_seq=\d ttl=63 time=[\d.]+ ms corrected=none", proc.stdout) \
+        and len(re.findall("corrected=none", proc.stdout)) == 2
+
+
+@pytest.fixture(scope="module")
+def agent6(lab6: Lab, ping_sockets6: None) -> Iterator[AgentProcess]:
+    running = AgentProcess("-v", prefix=lab6.on_host(), env=_env()).start()
+    try:
+        yield running
+    finally:
+        log = running.log_text()
+        assert running.stop() == 0, log
+
+
+def test_no_capability_through_the_agent_is_corrected(lab6: Lab, agent6: AgentProcess) -> None:
+    """A client with no capability at all, through mace-agent: corrected against truth v2
+    over NAT66; the path hides the host's devices and addresses (IPv6: ::)."""
+    with TruthCapture(lab6.outer_link, "icmp6", expect_requests=PROBES) as cap:
+        proc = inside_ping(lab6, "--agent", str(agent6.socket), "--ndjson", "-c", str(PROBES),
+                           "-i", "0.005", lab6.target_addr6, capabilities=())
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    records, summary = parse_ndjson(proc.stdout)
+    run = PingRun(records, summary, proc.returncode, proc.stderr)
+    assert summary["mace"]["source"] == "agent" and summary["mace"]["coverage"] == 1.0
+    rows = compare(run, cap)
+    errors = [r.error_us for r in rows]
+    assert len(rows) == PROBES and None not in errors
+    assert_accurate_errors(errors)
+    container_ino = os.stat(lab6.netns_path(lab6.container_ns(0))).st_ino
+    outside = [s for r in records for s in r["path"] if s["netns"] != container_ino]
+    assert outside and all(s["dev"] == "" and s["src"] == "::" for s in outside), outside[:2]
