@@ -16,6 +16,7 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
                   no_args_is_help=True, help="Docker-like namespace lab for mace-tools.")
 
 Prefix = Annotated[str, typer.Option("--prefix", help="namespace name prefix")]
+Ipv6 = Annotated[bool, typer.Option("--ipv6", help="dual-stack, from 2001:2::/48, with NAT66")]
 
 
 def _need_root() -> None:
@@ -28,14 +29,17 @@ def up(prefix: Prefix = "mace",
        containers: Annotated[int, typer.Option("--containers", min=1, max=200)] = 1,
        routers: Annotated[int, typer.Option("--routers", min=0, max=8,
                                             help="routers between host and target")] = 0,
-       ) -> None:
+       ipv6: Ipv6 = False) -> None:
     """Build the lab and leave it up."""
     _need_root()
-    lab = Lab(prefix, containers, routers)
+    lab = Lab(prefix, containers, routers, ipv6)
     lab.up()
-    print(f"lab up: {lab.host_ns}, {lab.target_ns} ({lab.target_addr}), "
+    print(f"lab up: {lab.host_ns}, {lab.target_ns} ({lab.target_addr}"
+          f"{', ' + lab.target_addr6 if ipv6 else ''}), "
           f"{containers} container(s) {lab.container_ns(0)}..")
     print(f"try: mace-ping --netns {lab.container_ns(0)} -c 5 {lab.target_addr}")
+    if ipv6:
+        print(f"     mace-ping --netns {lab.container_ns(0)} -c 5 {lab.target_addr6}")
     if routers:
         print(f"     mace-traceroute --netns {lab.container_ns(0)} {lab.target_addr}")
 
@@ -63,7 +67,9 @@ def demo(prefix: Prefix = "mace",
          count: Annotated[int, typer.Option("--count", "-c", min=1, max=100000)] = 20,
          interval: Annotated[float, typer.Option("--interval", "-i", min=0.0)] = 0.01,
          load: Annotated[int, typer.Option("--load", min=0, max=16,
-                                           help="flood-ping neighbours")] = 0) -> None:
+                                           help="flood-ping neighbours")] = 0,
+         ipv6: Annotated[bool, typer.Option("--ipv6", help="measure over IPv6 through "
+                                            "NAT66")] = False) -> None:
     """Lab up, mace-ping from a container vs truth v2 on the host's outer link, lab down."""
     _need_root()
     from rich.console import Console
@@ -74,12 +80,16 @@ def demo(prefix: Prefix = "mace",
     from mace_tools.stats import rtt_stats
 
     console = Console()
-    with Lab(prefix, containers=load + 1) as lab:
-        console.print(f"[bold]lab[/]: {lab.container_ns(0)} ({lab.container_addr(0)}) -> "
-                      f"veth -> br0 + NAT in {lab.host_ns} -> {lab.outer_dev} -> "
-                      f"{lab.target_ns} ({lab.target_addr}); {load} flood neighbour(s)")
-        with Load(lab, load, duration_s=count * interval + 30) if load else _nothing():
-            run, rows = measure(lab, 0, count, "-i", str(interval))
+    with Lab(prefix, containers=load + 1, ipv6=ipv6) as lab:
+        source = lab.container_addr6(0) if ipv6 else lab.container_addr(0)
+        target = lab.target_addr6 if ipv6 else lab.target_addr
+        console.print(f"[bold]lab[/]: {lab.container_ns(0)} ({source}) -> "
+                      f"veth -> br0 + NAT{'66' if ipv6 else ''} in {lab.host_ns} -> "
+                      f"{lab.outer_dev} -> {lab.target_ns} ({target}); "
+                      f"{load} flood neighbour(s)")
+        with Load(lab, load, duration_s=count * interval + 30, target=target) if load \
+                else _nothing():
+            run, rows = measure(lab, 0, count, "-i", str(interval), target=target)
     link = lab.outer_link
     table = Table(title=f"mace-ping -c {count} from a lab container (truth: reply in on "
                         f"{link.near_dev} minus request in on {link.far_dev})")
