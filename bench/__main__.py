@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import agent, report
+from bench import agent, ipv6, report
 from bench import experiments as ex
 from mace_tools.lab.topology import Lab
 
@@ -75,7 +75,8 @@ class Step:
         return self.group or self.key
 
 
-STAR, ROUTED = "star", "routed"  # the lab of 21 containers; the routed lab (2 routers)
+# the lab of 21 containers; the routed lab (2 routers); a dual-stack lab of 5 containers
+STAR, ROUTED, DUAL = "star", "routed", "dual"
 AGENT_SECTIONS = ("agent_startup", "agent_accuracy", "agent_perturbation", "agent_resources")
 
 
@@ -142,6 +143,8 @@ def steps(args: argparse.Namespace) -> list[Step]:
         Step("agent_resources", STAR, "mace-agent: RSS and CPU, idle and 16 clients",
              lambda lab: agent.agent_resources(lab, seconds=10 if quick else 30,
                                                clients=16, interval=0.01)),
+        Step("ipv6", DUAL, "IPv6 beside IPv4 (dual-stack lab, NAT66, truth v2)",
+             lambda lab: ipv6.ipv6_accuracy(lab, 200 if quick else 1000, 0.005)),
         Step("traceroute", ROUTED, "traceroute accuracy (routed lab, truth v2)",
              lambda lab: ex.traceroute_accuracy(lab, traces=2 if quick else 10,
                                                 queries=5 if quick else 10)),
@@ -169,7 +172,8 @@ def run_steps(res: dict, todo: list[Step]) -> None:
     """Each lab is built only if one of its sections is to run, and removed after."""
     labs = {STAR: lambda: Lab(prefix=f"mb{os.getpid() % 100000}", containers=ex.CONTAINERS),
             ROUTED: lambda: Lab(prefix=f"mbr{os.getpid() % 100000}", containers=1,
-                                routers=2)}
+                                routers=2),
+            DUAL: lambda: Lab(prefix=f"mbd{os.getpid() % 100000}", containers=5, ipv6=True)}
     for kind, make in labs.items():
         mine = [s for s in todo if s.lab == kind]
         if not mine:

@@ -74,6 +74,13 @@ def load_setting(lab: Lab, neighbours: int, kind: str, seconds: float) -> Iterat
         yield
 
 
+@contextmanager
+def load_setting_to(lab: Lab, neighbours: int, target: str, seconds: float) -> Iterator[None]:
+    """Flood neighbours pinging target (an address of either family)."""
+    with Load(lab, neighbours, seconds, target=target) if neighbours else nullcontext():
+        yield
+
+
 def accuracy(lab: Lab, settings: list[tuple[str, int, str]], probes: int, interval: float,
              scamper_probes: int) -> list[dict]:
     """Every tool at once per load setting, each against the capture on the outer device."""

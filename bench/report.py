@@ -604,6 +604,32 @@ def _agent_accuracy(a: dict) -> list[str]:
     return out
 
 
+def _ipv6(v: dict) -> list[str]:
+    out = [f"## {TITLES['ipv6']}\n",
+           "A dual-stack lab (`Lab(ipv6=True)`: NAT66 by ip6tables MASQUERADE out of the host, "
+           "as Docker does it with IPv6 on). `mace-ping -c N -i I` from c0 to the target's "
+           "IPv4 and IPv6 addresses in turn, under the same load (4 neighbours flooding "
+           "the same family). Truth v2 on the outer link for both. Residual: the truth's "
+           "(the link transit, from mace's own events).\n",
+           "| setting | family | probes x interval | truth found | coverage | lost | "
+           "corrected mean | p50 | p99 of abs | raw mean | residual mean | error - residual "
+           "mean | same targets as IPv4 (\\|mean\\| <= 0.5, p99 \\|err\\| <= 2 µs) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in v["rows"]:
+        d, raw = r.get("corrected", {}), r.get("raw", {})
+        if not d.get("n"):
+            out.append(f"| {r['setting']} | IPv{r['family']} | no data ||||||||||||")
+            continue
+        met = abs(d["mean"]) <= 0.5 and d["abs_p99"] <= 2
+        out.append(f"| {r['setting']} | IPv{r['family']} | {r['probes']} x "
+                   f"{r['interval_s']} s | {r['truth_matched']} | "
+                   f"{(r['coverage'] or 0) * 100:.1f}% | {r['kernel_events_lost']} | "
+                   f"**{d['mean']:+.2f}** | {d['p50']:+.2f} | **{d['abs_p99']:.2f}** | "
+                   f"{_f(raw.get('mean'))} | {_f(r['truth_residual_us'].get('mean'))} | "
+                   f"{_f(r['error_minus_residual_us'].get('mean'))} | {VERDICT[met]} |")
+    return out
+
+
 def _agent_perturbation(p: dict) -> list[str]:
     out = [f"## {TITLES['agent_perturbation']}\n",
            f"N clients (capabilities: {p['client_capabilities']}), one per lab container, "
@@ -663,6 +689,7 @@ TITLES = {
     "agent_perturbation": "mace-agent: neighbour perturbation, 1..16 clients through the "
                           "agent (µs)",
     "agent_resources": "mace-agent: the agent's memory and CPU",
+    "ipv6": "IPv6 beside IPv4: corrected - truth v2 over NAT66 (µs)",
 }
 SECTIONS: list[tuple[str, Callable[[Any], list[str]]]] = [
     ("accuracy", _accuracy), ("truth_v1", _truth_v1), ("flood", _flood),
@@ -670,7 +697,7 @@ SECTIONS: list[tuple[str, Callable[[Any], list[str]]]] = [
     ("records", _records), ("startup", _startup),
     ("scaling", _scaling), ("agent_startup", _agent_startup),
     ("agent_accuracy", _agent_accuracy), ("agent_perturbation", _agent_perturbation),
-    ("agent_resources", _agent_resources), ("traceroute", _traceroute)]
+    ("agent_resources", _agent_resources), ("ipv6", _ipv6), ("traceroute", _traceroute)]
 
 
 def plots(res: dict, outdir: Path) -> list[Path]:
