@@ -13,8 +13,9 @@
  * possible: no run at all is one load; then skb->protocol; then a single read of IPv4 +
  * ICMP headers + nonce (a second only with IP options), or of IPv6 + 16 bytes (more only
  * behind extension headers); a foreign echo costs a nonce-bit test, rarely a hash lookup
- * more. Nothing is written to any map for foreign traffic. IPv6 carries ping runs
- * (ICMPv6 echo); UDP, TCP and ICMP errors are matched over IPv4 only.
+ * more. Nothing is written to any map for foreign traffic. IPv4 and IPv6 alike: echo,
+ * UDP and TCP probes, ICMP/ICMPv6 errors quoting them, SYN-ACK and RST answers (VXLAN
+ * is read over an IPv4 underlay only).
  *
  * For a ping run (MACE_RUN_RECORDS) the kernel keeps each probe's state, keyed by
  * (run, probe number): the request's last departure from the host netns, the reply's
@@ -48,6 +49,8 @@
 #define IPPROTO_ICMPV6 58
 #define ICMPV6_ECHO_REQUEST 128
 #define ICMPV6_ECHO_REPLY 129
+#define ICMPV6_DEST_UNREACH 1
+#define ICMPV6_TIME_EXCEEDED 3
 /* IPv6 extension headers a probe's ICMPv6 header may sit behind (RFC 8200 order) */
 #define NEXTHDR_HOP 0
 #define NEXTHDR_ROUTING 43
@@ -210,6 +213,23 @@ struct probe_hdrs { /* 36 bytes, no padding: IPv4 header then 16 bytes of L4 */
 };
 _Static_assert(sizeof(struct probe_hdrs) == 36, "probe_hdrs must match the wire layout");
 
+struct ipv6hdr_min {
+	__u8 ver_tc;
+	__u8 tc_flow;
+	__be16 flow;
+	__be16 payload_len;
+	__u8 nexthdr;
+	__u8 hop_limit;
+	__u8 saddr[16];
+	__u8 daddr[16];
+};
+
+struct probe_hdrs6 { /* 56 bytes: the fixed IPv6 header then 16 bytes of what follows */
+	struct ipv6hdr_min ip;
+	__u8 l4[16];
+};
+_Static_assert(sizeof(struct probe_hdrs6) == 56, "probe_hdrs6 must match the wire layout");
+
 /* The payload every probe starts with (ICMP echo: after the 8-byte header; UDP: after
  * the 8-byte header; TCP: after the header). */
 struct probe_tag {
@@ -226,11 +246,12 @@ struct probe_tag {
  * matches a key is an answer to that probe of that run, at that device. TCP answers are
  * keyed on the reversed ports and their ack: seq + 1 for a SYN-ACK (proto | 0x80),
  * seq + 1 + payload length for a RST from a closed port (proto | 0x40).
- * Written for our own probes only; an LRU map, so it never fills up.
+ * Written for our own probes only; an LRU map, so it never fills up. Addresses are 16
+ * bytes: IPv6, or IPv4 in the first 4 (the rest 0); proto is IPv6's next header there.
  */
 struct flow_key {
-	__be32 saddr;
-	__be32 daddr;
+	__u8 saddr[16];
+	__u8 daddr[16];
 	__u8 proto;
 	__u8 pad[3];
 	__u8 l4[8];
@@ -273,22 +294,27 @@ static __always_inline struct mace_run *run_of(const struct probe_tag *tag)
 	return bpf_map_lookup_elem(&mace_runs, &nonce);
 }
 
-static __always_inline void learn(__be32 saddr, __be32 daddr, __u8 proto, const __u8 *l4,
-				  const struct probe_id *id)
+/* saddr, daddr: 16-byte addresses (flow_key). */
+static __always_inline void learn(const __u8 *saddr, const __u8 *daddr, __u8 proto,
+				  const __u8 *l4, const struct probe_id *id)
 {
-	struct flow_key key = {.saddr = saddr, .daddr = daddr, .proto = proto};
+	struct flow_key key = {.proto = proto};
 
+	__builtin_memcpy(key.saddr, saddr, 16);
+	__builtin_memcpy(key.daddr, daddr, 16);
 	__builtin_memcpy(key.l4, l4, 8);
 	bpf_map_update_elem(&mace_flows, &key, id, BPF_ANY);
 }
 
 /* The probe an answer keyed so belongs to, copied into id; false if none. */
-static __always_inline bool lookup(__be32 saddr, __be32 daddr, __u8 proto, const __u8 *l4,
-				   struct probe_id *id)
+static __always_inline bool lookup(const __u8 *saddr, const __u8 *daddr, __u8 proto,
+				   const __u8 *l4, struct probe_id *id)
 {
-	struct flow_key key = {.saddr = saddr, .daddr = daddr, .proto = proto};
+	struct flow_key key = {.proto = proto};
 	struct probe_id *found;
 
+	__builtin_memcpy(key.saddr, saddr, 16);
+	__builtin_memcpy(key.daddr, daddr, 16);
 	__builtin_memcpy(key.l4, l4, 8);
 	found = bpf_map_lookup_elem(&mace_flows, &key);
 	if (!found)
@@ -366,12 +392,13 @@ static __always_inline void pkt_skip(struct pkt *p, __u32 n)
 
 /* An ICMP error: is the datagram it quotes (at `at`) a probe of a run (as seen here)?
  * Only the quoted IP header and 8 bytes of L4 are read: RFC 792 quotes no more. */
-static __always_inline bool quoted_probe(const struct pkt *p, __u32 at, struct probe_id *id)
+static __always_inline bool quoted_probe4(const struct pkt *p, __u32 at, struct probe_id *id)
 {
 	struct {
 		struct iphdr_min ip;
 		__u8 l4[8];
 	} q;
+	__u8 saddr[16] = {}, daddr[16] = {};
 	__u8 ihl;
 
 	if (pkt_read(p, at, &q, sizeof(q)))
@@ -381,7 +408,66 @@ static __always_inline bool quoted_probe(const struct pkt *p, __u32 at, struct p
 		return false;
 	if (ihl > sizeof(q.ip) && pkt_read(p, at + ihl, q.l4, sizeof(q.l4)))
 		return false;
-	return lookup(q.ip.saddr, q.ip.daddr, q.ip.protocol, q.l4, id);
+	__builtin_memcpy(saddr, &q.ip.saddr, 4);
+	__builtin_memcpy(daddr, &q.ip.daddr, 4);
+	return lookup(saddr, daddr, q.ip.protocol, q.l4, id);
+}
+
+/* The same for an ICMPv6 error, whose quote starts with an IPv6 header: our probes carry
+ * no extension header, but a fragmented one is quoted behind its fragment header. */
+static __always_inline bool quoted_probe6(const struct pkt *p, __u32 at, struct probe_id *id)
+{
+	struct {
+		struct ipv6hdr_min ip;
+		__u8 l4[8];
+	} q;
+	__u8 nexthdr;
+
+	if (pkt_read(p, at, &q, sizeof(q)) || (q.ip.ver_tc >> 4) != 6)
+		return false;
+	nexthdr = q.ip.nexthdr;
+	if (nexthdr == NEXTHDR_FRAGMENT) { /* q.l4 holds the fragment header */
+		if (*(__be16 *)&q.l4[2] & bpf_htons(IPV6_FRAG_OFFSET))
+			return false; /* a later fragment: no L4 header */
+		nexthdr = q.l4[0];
+		if (pkt_read(p, at + sizeof(q.ip) + 8, q.l4, sizeof(q.l4)))
+			return false;
+	}
+	return lookup(q.ip.saddr, q.ip.daddr, nexthdr, q.l4, id);
+}
+
+static __always_inline bool ipv6_ext(__u8 nexthdr)
+{
+	return nexthdr == NEXTHDR_HOP || nexthdr == NEXTHDR_ROUTING ||
+	       nexthdr == NEXTHDR_FRAGMENT || nexthdr == NEXTHDR_DEST;
+}
+
+/* Where an IPv6 packet's L4 header (ICMPv6, UDP or TCP, written to *proto) is, past its
+ * extension headers; 0 if there is none (another protocol, a later fragment, a chain too
+ * long or cut short). */
+static __always_inline __u32 ipv6_l4_at(const struct pkt *p, __u8 nexthdr, __u8 *proto)
+{
+	__u32 at = sizeof(struct ipv6hdr_min);
+
+	for (int i = 0; i <= IPV6_EXT_MAX; i++) {
+		__u8 ext[4];
+
+		if (nexthdr == IPPROTO_ICMPV6 || nexthdr == IPPROTO_UDP || nexthdr == IPPROTO_TCP) {
+			*proto = nexthdr;
+			return at;
+		}
+		if (i == IPV6_EXT_MAX || !ipv6_ext(nexthdr) || pkt_read(p, at, ext, sizeof(ext)))
+			return 0;
+		if (nexthdr == NEXTHDR_FRAGMENT) {
+			if (*(__be16 *)&ext[2] & bpf_htons(IPV6_FRAG_OFFSET))
+				return 0; /* a later fragment: no L4 header */
+			at += 8;
+		} else {
+			at += (ext[1] + 1) * 8;
+		}
+		nexthdr = ext[0];
+	}
+	return 0;
 }
 
 /*
@@ -496,34 +582,41 @@ static __always_inline bool probe_number(const struct pkt *p, __u32 l4_at, struc
 	return true;
 }
 
-/* Classify a packet read into p/h: fills s and returns true if it is a probe of an
- * active run or an answer to one. */
-static __always_inline bool classify(struct pkt *p, struct probe_hdrs *h, struct seen_packet *s)
+/* Classify a packet whose L4 header is at `at` (its first 16 bytes read into l4; l4_len:
+ * bytes from there to the end of the IP payload), of either family (s->family, with its
+ * addresses in s): fills s and returns true if it is a probe of an active run or an
+ * answer to one. */
+static __always_inline bool classify(struct pkt *p, const __u8 *l4, __u8 proto, __u32 at,
+				     __u32 l4_len, struct seen_packet *s)
 {
+	bool six = s->family == 6;
 	struct probe_tag tag;
-	__u8 ihl = (h->ip.ver_ihl & 0x0f) * 4;
 
-	s->proto = h->ip.protocol;
-	if (h->ip.protocol == IPPROTO_ICMP) {
-		if (ihl > sizeof(h->ip) && pkt_read(p, ihl, h->l4, sizeof(h->l4)))
-			return false; /* IP options: read L4 where it really is */
-		s->icmp_type = h->l4[0];
-		if (s->icmp_type == ICMP_ECHO || s->icmp_type == ICMP_ECHOREPLY) {
-			s->run = run_of((struct probe_tag *)&h->l4[8]);
+	s->proto = proto;
+	if (proto == (six ? IPPROTO_ICMPV6 : IPPROTO_ICMP)) {
+		__u8 request = six ? ICMPV6_ECHO_REQUEST : ICMP_ECHO;
+
+		s->icmp_type = l4[0];
+		if (s->icmp_type == request ||
+		    s->icmp_type == (six ? ICMPV6_ECHO_REPLY : ICMP_ECHOREPLY)) {
+			s->run = run_of((struct probe_tag *)&l4[8]);
 			if (!s->run)
 				return false;
-			s->id.nonce = *(__u64 *)&h->l4[8];
-			s->seq = bpf_ntohs(*(__be16 *)&h->l4[6]);
-			if (!probe_number(p, ihl, s))
+			__builtin_memcpy(&s->id.nonce, &l4[8], sizeof(s->id.nonce)); /* unaligned */
+			s->seq = bpf_ntohs(*(__be16 *)&l4[6]);
+			if (!probe_number(p, at, s))
 				return false;
-			s->packet = s->icmp_type == ICMP_ECHO ? MACE_PKT_REQUEST : MACE_PKT_REPLY;
+			s->packet = s->icmp_type == request ? MACE_PKT_REQUEST : MACE_PKT_REPLY;
 			if (s->run->flags & MACE_RUN_ERRORS && s->packet == MACE_PKT_REQUEST)
-				learn(h->ip.saddr, h->ip.daddr, IPPROTO_ICMP, h->l4, &s->id);
+				learn(s->saddr, s->daddr, proto, l4, &s->id);
 			return true;
 		}
-		if (switches.errors && (s->icmp_type == ICMP_TIME_EXCEEDED ||
-					s->icmp_type == ICMP_DEST_UNREACH)) {
-			if (!quoted_probe(p, ihl + 8, &s->id))
+		if (switches.errors && (six ? s->icmp_type == ICMPV6_TIME_EXCEEDED ||
+					      s->icmp_type == ICMPV6_DEST_UNREACH
+					    : s->icmp_type == ICMP_TIME_EXCEEDED ||
+					      s->icmp_type == ICMP_DEST_UNREACH)) {
+			if (!(six ? quoted_probe6(p, at + 8, &s->id) :
+				    quoted_probe4(p, at + 8, &s->id)))
 				return false;
 			s->run = bpf_map_lookup_elem(&mace_runs, &s->id.nonce);
 			s->seq = s->id.number;
@@ -533,31 +626,27 @@ static __always_inline bool classify(struct pkt *p, struct probe_hdrs *h, struct
 		return false;
 	}
 	s->icmp_type = 0;
-	if (switches.udp && h->ip.protocol == IPPROTO_UDP) {
-		if (ihl > sizeof(h->ip) && pkt_read(p, ihl, h->l4, sizeof(h->l4)))
-			return false;
-		s->run = run_of((struct probe_tag *)&h->l4[8]);
+	if (switches.udp && proto == IPPROTO_UDP) {
+		s->run = run_of((struct probe_tag *)&l4[8]);
 		if (!s->run || !(s->run->flags & MACE_RUN_UDP))
 			return false;
-		if (pkt_read(p, ihl + 8, &tag, sizeof(tag)))
+		if (pkt_read(p, at + 8, &tag, sizeof(tag)))
 			return false;
 		s->id.nonce = (__u64)tag.nonce_hi << 32 | tag.nonce_lo;
 		s->seq = s->id.number = bpf_ntohs(tag.probe);
 		s->packet = MACE_PKT_REQUEST;
-		learn(h->ip.saddr, h->ip.daddr, IPPROTO_UDP, h->l4, &s->id);
+		learn(s->saddr, s->daddr, IPPROTO_UDP, l4, &s->id);
 		return true;
 	}
-	if (switches.tcp && h->ip.protocol == IPPROTO_TCP) {
-		__u8 flags = h->l4[13];
+	if (switches.tcp && proto == IPPROTO_TCP) {
+		__u8 flags = l4[13];
+		__u32 doff = (l4[12] >> 4) * 4;
+		__u8 key[8];
 
-		if (ihl > sizeof(h->ip))
-			return false; /* our SYNs carry no IP options; answers are keyed below */
 		if ((flags & (TCP_SYN | TCP_ACK)) == TCP_SYN) {
-			struct flow_key reply = {.saddr = h->ip.daddr, .daddr = h->ip.saddr,
-						 .proto = IPPROTO_TCP | TCP_SYNACK_KEY};
-			__u32 ack, datalen;
+			__u32 ack;
 
-			if (pkt_read(p, ihl + (h->l4[12] >> 4) * 4, &tag, sizeof(tag)))
+			if (pkt_read(p, at + doff, &tag, sizeof(tag)))
 				return false;
 			s->run = run_of(&tag);
 			if (!s->run || !(s->run->flags & MACE_RUN_TCP))
@@ -565,27 +654,24 @@ static __always_inline bool classify(struct pkt *p, struct probe_hdrs *h, struct
 			s->id.nonce = (__u64)tag.nonce_hi << 32 | tag.nonce_lo;
 			s->seq = s->id.number = bpf_ntohs(tag.probe);
 			s->packet = MACE_PKT_REQUEST;
-			learn(h->ip.saddr, h->ip.daddr, IPPROTO_TCP, h->l4, &s->id);
-			/* The answer: ports swapped; a SYN-ACK acks seq + 1 (the SYN counts
-			 * one), a RST from a closed port acks seq + 1 + our payload length. */
-			__builtin_memcpy(&reply.l4[0], &h->l4[2], 2);
-			__builtin_memcpy(&reply.l4[2], &h->l4[0], 2);
-			ack = bpf_ntohl(*(__be32 *)&h->l4[4]) + 1;
-			datalen = bpf_ntohs(h->ip.tot_len) - ihl - (h->l4[12] >> 4) * 4;
-			*(__be32 *)&reply.l4[4] = bpf_htonl(ack);
-			bpf_map_update_elem(&mace_flows, &reply, &s->id, BPF_ANY);
-			reply.proto = IPPROTO_TCP | TCP_RST_KEY;
-			*(__be32 *)&reply.l4[4] = bpf_htonl(ack + datalen);
-			bpf_map_update_elem(&mace_flows, &reply, &s->id, BPF_ANY);
+			learn(s->saddr, s->daddr, IPPROTO_TCP, l4, &s->id);
+			/* The answer: addresses and ports swapped; a SYN-ACK acks seq + 1 (the
+			 * SYN counts one), a RST from a closed port acks seq + 1 + our payload
+			 * length. */
+			__builtin_memcpy(&key[0], &l4[2], 2);
+			__builtin_memcpy(&key[2], &l4[0], 2);
+			ack = bpf_ntohl(*(__be32 *)&l4[4]) + 1;
+			*(__be32 *)&key[4] = bpf_htonl(ack);
+			learn(s->daddr, s->saddr, IPPROTO_TCP | TCP_SYNACK_KEY, key, &s->id);
+			*(__be32 *)&key[4] = bpf_htonl(ack + l4_len - doff);
+			learn(s->daddr, s->saddr, IPPROTO_TCP | TCP_RST_KEY, key, &s->id);
 			return true;
 		}
 		if ((flags & (TCP_SYN | TCP_ACK)) == (TCP_SYN | TCP_ACK) || (flags & TCP_RST)) {
-			__u8 key[8];
-
 			/* ports as they are, then the ack number */
-			__builtin_memcpy(&key[0], &h->l4[0], 4);
-			__builtin_memcpy(&key[4], &h->l4[8], 4);
-			if (!lookup(h->ip.saddr, h->ip.daddr, IPPROTO_TCP |
+			__builtin_memcpy(&key[0], &l4[0], 4);
+			__builtin_memcpy(&key[4], &l4[8], 4);
+			if (!lookup(s->saddr, s->daddr, IPPROTO_TCP |
 				    (flags & TCP_RST ? TCP_RST_KEY : TCP_SYNACK_KEY), key, &s->id))
 				return false;
 			s->run = bpf_map_lookup_elem(&mace_runs, &s->id.nonce);
@@ -826,124 +912,89 @@ static __always_inline int record4(const struct sk_buff *skb, unsigned char *l3,
 	if (h.ip.frag_off & bpf_htons(IP_OFFSET_MASK))
 		return 0; /* a later fragment: no L4 header */
 	ihl = (h.ip.ver_ihl & 0x0f) * 4;
-	if (ihl < sizeof(h.ip) || !classify(&p, &h, &s))
+	if (ihl < sizeof(h.ip))
 		return 0;
+	if (ihl > sizeof(h.ip)) { /* IP options: read L4 where it really is */
+		if (h.ip.protocol == IPPROTO_TCP)
+			return 0; /* our SYNs carry no IP options, nor do their answers */
+		if (pkt_read(&p, ihl, h.l4, sizeof(h.l4)))
+			return 0;
+	}
 	s.family = 4;
 	__builtin_memcpy(s.saddr, &h.ip.saddr, 4);
 	__builtin_memcpy(s.daddr, &h.ip.daddr, 4);
+	if (!classify(&p, h.l4, h.ip.protocol, ihl, bpf_ntohs(h.ip.tot_len) - ihl, &s))
+		return 0;
 	return act(skb, dev, hook, &s, ts);
 }
 
 /*
- * IPv6: ICMPv6 echo requests and replies of ping runs (records and path). The probe's
- * ICMPv6 header follows the fixed header, or up to IPV6_EXT_MAX extension headers
- * (hop-by-hop, routing, destination options, a fragment header with offset 0), which are
- * skipped; anything else is not ours. Foreign traffic costs one read of the fixed header
- * and 16 bytes after it, as IPv4's does, and a foreign echo one nonce-bit test.
+ * IPv6: a probe's L4 header (ICMPv6, UDP or TCP) follows the fixed header, or up to
+ * IPV6_EXT_MAX extension headers (hop-by-hop, routing, destination options, a fragment
+ * header with offset 0), which are skipped; anything else is not ours. Foreign traffic
+ * costs one read of the fixed header and 16 bytes after it, as IPv4's does, and a foreign
+ * echo one nonce-bit test. (No VXLAN over an IPv6 underlay.)
  */
-struct ipv6hdr_min {
-	__u8 ver_tc;
-	__u8 tc_flow;
-	__be16 flow;
-	__be16 payload_len;
-	__u8 nexthdr;
-	__u8 hop_limit;
-	__u8 saddr[16];
-	__u8 daddr[16];
-};
-
-struct probe_hdrs6 { /* 56 bytes: the fixed IPv6 header then 16 bytes of what follows */
-	struct ipv6hdr_min ip;
-	__u8 l4[16];
-};
-_Static_assert(sizeof(struct probe_hdrs6) == 56, "probe_hdrs6 must match the wire layout");
-
-static __always_inline bool ipv6_ext(__u8 nexthdr)
+static __always_inline bool maybe_ours6(const struct probe_hdrs6 *h)
 {
-	return nexthdr == NEXTHDR_HOP || nexthdr == NEXTHDR_ROUTING ||
-	       nexthdr == NEXTHDR_FRAGMENT || nexthdr == NEXTHDR_DEST;
+	__u8 next = h->ip.nexthdr;
+
+	if ((h->ip.ver_tc >> 4) != 6)
+		return false;
+	return next == IPPROTO_ICMPV6 || ipv6_ext(next) || (next == IPPROTO_UDP && switches.udp) ||
+	       (next == IPPROTO_TCP && switches.tcp);
 }
 
-/* Could an ICMPv6 message starting with these 16 bytes be wanted by a run? An echo whose
- * nonce has no bit in switches.nonce_bits is foreign; nothing else is wanted yet. */
-static __always_inline bool may_be_wanted6(const __u8 *l4)
+/* False for ICMPv6 right after the fixed header that no run can want: an echo whose nonce
+ * has no bit in switches.nonce_bits, an error while no run matches errors, the rest (NDP,
+ * MLD, ...) always. */
+static __always_inline bool may_be_wanted6(const struct probe_hdrs6 *h)
 {
+	__u8 type = h->l4[0];
 	__u32 lo;
 
-	if (l4[0] != ICMPV6_ECHO_REQUEST && l4[0] != ICMPV6_ECHO_REPLY)
-		return false;
-	lo = *(__u32 *)&l4[8];
+	if (h->ip.nexthdr != IPPROTO_ICMPV6)
+		return true;
+	if (type != ICMPV6_ECHO_REQUEST && type != ICMPV6_ECHO_REPLY)
+		return switches.errors && (type == ICMPV6_DEST_UNREACH || type == ICMPV6_TIME_EXCEEDED);
+	lo = *(__u32 *)&h->l4[8];
 	return switches.nonce_bits[(lo / 64) % (MACE_NONCE_BITS / 64)] & (1ULL << (lo % 64));
 }
 
-/* Where the ICMPv6 header is, past the extension headers; 0 if there is none (another
- * protocol, a later fragment, a chain too long or cut short). */
-static __always_inline __u32 icmpv6_at(const struct pkt *p, __u8 nexthdr)
-{
-	__u32 at = sizeof(struct ipv6hdr_min);
-
-	for (int i = 0; i < IPV6_EXT_MAX; i++) {
-		__u8 ext[4];
-
-		if (nexthdr == IPPROTO_ICMPV6)
-			return at;
-		if (!ipv6_ext(nexthdr) || pkt_read(p, at, ext, sizeof(ext)))
-			return 0;
-		if (nexthdr == NEXTHDR_FRAGMENT) {
-			if (*(__be16 *)&ext[2] & bpf_htons(IPV6_FRAG_OFFSET))
-				return 0; /* a later fragment: no ICMPv6 header */
-			at += 8;
-		} else {
-			at += (ext[1] + 1) * 8;
-		}
-		nexthdr = ext[0];
-	}
-	return nexthdr == IPPROTO_ICMPV6 ? at : 0;
-}
-
-/* A packet whose IPv6 header is at l3: act on it if it is an ICMPv6 echo of a run. */
+/* A packet whose IPv6 header is at l3: act on it if it is a probe of a run or an answer. */
 static __always_inline int record6(const struct sk_buff *skb, unsigned char *l3,
 				   const struct net_device *dev, __u8 hook)
 {
 	struct seen_packet s = {};
 	struct probe_hdrs6 h;
+	__u8 proto = 0;
 	__u64 ts = 0;
 	struct pkt p;
 	__u32 at;
 
-	if (bpf_probe_read_kernel(&h, sizeof(h), l3) || (h.ip.ver_tc >> 4) != 6)
-		return 0;
-	if (h.ip.nexthdr != IPPROTO_ICMPV6 && !ipv6_ext(h.ip.nexthdr))
+	if (bpf_probe_read_kernel(&h, sizeof(h), l3) || !maybe_ours6(&h))
 		return 0;
 	p = pkt_at(skb, l3);
-	if (p.len < sizeof(h))
-		return 0;
-	if (h.ip.nexthdr == IPPROTO_ICMPV6 && p.linear >= sizeof(h) && !may_be_wanted6(h.l4))
+	if (p.len < sizeof(h) || (p.linear >= sizeof(h) && !may_be_wanted6(&h)))
 		return 0; /* a foreign echo, or ICMPv6 that no run wants (NDP, MLD, errors) */
-	if (hook != MACE_HOOK_XMIT && (p.linear < sizeof(h) || h.ip.nexthdr != IPPROTO_ICMPV6))
-		ts = bpf_ktime_get_ns(); /* before reads that may be slow (see record4) */
-	if (p.linear < sizeof(h) && pkt_read(&p, 0, &h, sizeof(h)))
+	/* Anything but an echo decided in that first read reads more: stamp it before, as
+	 * record4 does (those reads may go through a dynptr). */
+	if (hook != MACE_HOOK_XMIT && (p.linear < sizeof(h) || h.ip.nexthdr != IPPROTO_ICMPV6 ||
+				       (h.l4[0] != ICMPV6_ECHO_REQUEST &&
+					h.l4[0] != ICMPV6_ECHO_REPLY)))
+		ts = bpf_ktime_get_ns();
+	if (p.linear < sizeof(h) && (pkt_read(&p, 0, &h, sizeof(h)) || !maybe_ours6(&h)))
 		return 0;
-	at = icmpv6_at(&p, h.ip.nexthdr);
+	at = ipv6_l4_at(&p, h.ip.nexthdr, &proto);
 	if (!at)
 		return 0;
 	if (at != sizeof(h.ip) && pkt_read(&p, at, h.l4, sizeof(h.l4)))
 		return 0;
-	s.icmp_type = h.l4[0];
-	if (s.icmp_type != ICMPV6_ECHO_REQUEST && s.icmp_type != ICMPV6_ECHO_REPLY)
-		return 0;
-	s.run = run_of((struct probe_tag *)&h.l4[8]);
-	if (!s.run)
-		return 0;
-	s.id.nonce = *(__u64 *)&h.l4[8];
-	s.seq = bpf_ntohs(*(__be16 *)&h.l4[6]);
-	if (!probe_number(&p, at, &s))
-		return 0;
-	s.packet = s.icmp_type == ICMPV6_ECHO_REQUEST ? MACE_PKT_REQUEST : MACE_PKT_REPLY;
-	s.proto = IPPROTO_ICMPV6;
 	s.family = 6;
 	__builtin_memcpy(s.saddr, h.ip.saddr, 16);
 	__builtin_memcpy(s.daddr, h.ip.daddr, 16);
+	if (!classify(&p, h.l4, proto, at, sizeof(h.ip) + bpf_ntohs(h.ip.payload_len) - at, &s))
+		return 0;
 	return act(skb, dev, hook, &s, ts);
 }
 

@@ -8,9 +8,10 @@ import os
 import select
 import shutil
 import socket
+import struct
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -260,3 +261,69 @@ def test_kernel_reads_probes_behind_extension_headers(scratch_netns6: Path,
     assert {(e.src, e.dst, e.proto, e.icmp_type) for e in requests} == {("::1", "::1", 58, 128)}
     assert sorted(r.number for r in records) == [1, 2, 3]
     assert all(r.departed_ns and r.returned_ns >= r.departed_ns for r in records)
+
+
+def _events(scratch: Path, send: Callable[[bytes], None], **switches: bool) -> list[KernelEvent]:
+    """The path events of a traceroute-style run (path, plus the given matches) while
+    send(nonce) puts probes on lo of the scratch netns."""
+    nonce = os.urandom(8)
+    events: list[KernelEvent] = []
+    with netns.entered(scratch):
+        backend = Backend(nonce, path=True, errors=True, **switches)
+        backend.open()
+    try:
+        with netns.entered(scratch):
+            send(nonce)
+        time.sleep(0.3)  # the answers come back through lo at once; leave them time
+        backend.drain(events.append)
+    finally:
+        backend.close()
+    return events
+
+
+def _answered(events: list[KernelEvent]) -> dict[int, set[tuple[int, int]]]:
+    """probe number -> {(proto, icmp_type)} of the answers the kernel matched to it."""
+    out: dict[int, set[tuple[int, int]]] = {}
+    for e in events:
+        if e.packet is Packet.REPLY:
+            out.setdefault(e.seq, set()).add((e.proto, e.icmp_type))
+    return out
+
+
+@pytest.mark.lab
+def test_kernel_matches_udp_probes_to_the_icmpv6_errors_quoting_them(
+        scratch_netns6: Path) -> None:
+    """UDP probes (payload: nonce, then the probe number) to a closed port: each port
+    unreachable quotes its probe, and the kernel keys it back to that probe."""
+    def send(nonce: bytes) -> None:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as udp:
+            for number in (7, 8, 9):
+                udp.sendto(nonce + struct.pack("!H", number) + bytes(6), ("::1", 33434))
+
+    events = _events(scratch_netns6, send, udp=True)
+    requests = {e.seq for e in events if e.packet is Packet.REQUEST and e.proto == 17}
+    assert requests == {7, 8, 9}
+    assert _answered(events) == {n: {(58, 1)} for n in (7, 8, 9)}  # ICMPv6 unreachable
+
+
+@pytest.mark.lab
+def test_kernel_matches_tcp_syns_to_their_resets_over_ipv6(scratch_netns6: Path) -> None:
+    """TCP SYNs carrying the nonce to a closed port: the RST acks seq + 1 + payload length,
+    which the kernel learned from the SYN (addresses and ports swapped)."""
+    def send(nonce: bytes) -> None:
+        raw = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_TCP)
+        with raw:
+            raw.setsockopt(socket.IPPROTO_IPV6, IPV6_CHECKSUM, 16)  # the kernel sums it
+            for number in (3, 4):
+                payload = nonce + struct.pack("!H", number)
+                header = struct.pack("!HHIIBBHHH", 40000 + number, 80, 1000 * number, 0,
+                                     5 << 4, 0x02, 65535, 0, 0)
+                raw.sendto(header + payload, ("::1", 0))
+
+    events = _events(scratch_netns6, send, tcp=True)
+    requests = {e.seq for e in events if e.packet is Packet.REQUEST and e.proto == 6}
+    assert requests == {3, 4}
+    assert _answered(events) == {3: {(6, 0)}, 4: {(6, 0)}}
+
+
+IPV6_CHECKSUM = 7  # linux/in6.h: the offset of the checksum the kernel computes
