@@ -479,15 +479,19 @@ def interrupt(run: ToolRun, timeout_s: float = 30) -> ToolResult:
         return run.collect(timeout_s)
 
 
-def foreign_cost(lab: Lab, seconds: float, neighbours: int) -> dict:
+def foreign_cost(lab: Lab, seconds: float, neighbours: int, flood_target: str | None = None
+                 ) -> dict:
     """ns per program run on foreign traffic: one mace-ping run probing once a second, so
     the programs are active (a run in the map: switches.runs > 0), while `neighbours`
-    iputils floods (echoes without mace's nonce) cross every hook; stats over that window."""
+    iputils floods (echoes without mace's nonce) to flood_target (default: the lab's IPv4
+    target) cross every hook; stats over that window."""
     deadline = int(seconds) + 90
     run = mace_ping(lab, 0, os.urandom(8), deadline, 1.0, "-q", "-w", str(deadline))
     try:
         wait_for_runs([run.proc])
-        with load_setting(lab, neighbours, "flood", seconds + 30), bpf_stats():
+        flood = load_setting_to(lab, neighbours, flood_target, seconds + 30) if flood_target \
+            else load_setting(lab, neighbours, "flood", seconds + 30)
+        with flood, bpf_stats():
             time.sleep(0.5)  # every flood at full rate
             before = mace_program_stats()
             time.sleep(seconds)

@@ -11,8 +11,9 @@ from mace_tools.lab.topology import Lab
 SETTINGS = (("idle", 0), ("4 floods", 4))
 
 
-def ipv6_accuracy(lab: Lab, probes: int, interval: float) -> dict:
-    """One row per (setting, family): mace-ping -c probes -i interval from c0."""
+def ipv6_accuracy(lab: Lab, probes: int, interval: float, cost_seconds: float) -> dict:
+    """One row per (setting, family): mace-ping -c probes -i interval from c0; and the
+    programs' cost per run on foreign traffic of each family (4 iputils floods)."""
     rows = []
     for name, neighbours in SETTINGS:
         for family in (4, 6):
@@ -23,7 +24,12 @@ def ipv6_accuracy(lab: Lab, probes: int, interval: float) -> dict:
                              probe_rows))
             d = rows[-1]["corrected"]
             print(f"  IPv{family} {name}: corrected - truth {ex._fmt(d)}", flush=True)
-    return {"rows": rows}
+    cost = {}
+    for family, target in ((4, lab.target_addr), (6, lab.target_addr6)):
+        cost[family] = ex.foreign_cost(lab, cost_seconds, 4, flood_target=target)
+        print(f"  foreign IPv{family} floods: {cost[family]['programs']['all']['ns_per_run']:.1f}"
+              " ns per program run", flush=True)
+    return {"rows": rows, "foreign_cost": cost}
 
 
 def _row(name: str, neighbours: int, family: int, probes: int, interval: float,

@@ -627,6 +627,17 @@ def _ipv6(v: dict) -> list[str]:
                    f"**{d['mean']:+.2f}** | {d['p50']:+.2f} | **{d['abs_p99']:.2f}** | "
                    f"{_f(raw.get('mean'))} | {_f(r['truth_residual_us'].get('mean'))} | "
                    f"{_f(r['error_minus_residual_us'].get('mean'))} | {VERDICT[met]} |")
+    cost = v.get("foreign_cost") or {}
+    if cost:
+        out += ["", "Cost of the programs on foreign traffic of each family: 4 iputils floods "
+                "(`ping -f`, no mace nonce) to the target's IPv4 or IPv6 address while one "
+                "mace-ping run probes once a second (bpf_stats: ns per program run).\n",
+                "| floods | mace_xmit | mace_rx | mace_receive | all |", "|---|---|---|---|---|"]
+        for family in sorted(cost, key=str):
+            progs = cost[family]["programs"]
+            out.append(f"| IPv{family} | " + " | ".join(
+                f"{progs[name]['ns_per_run']:.1f}" for name in
+                ("mace_xmit", "mace_rx", "mace_receive", "all")) + " |")
     return out
 
 
