@@ -33,6 +33,7 @@ from typing import NamedTuple, Protocol
 from mace_tools.correlate import measured, stages
 from mace_tools.errors import MaceError
 from mace_tools.model import KernelEvent, Measurement, Probe, ProbeRecord, Reply, RunResult
+from mace_tools.probe.addresses import SockAddr, sockaddr
 from mace_tools.probe.icmp import (
     NONCE_LEN,
     TAG_LEN,
@@ -187,6 +188,7 @@ class Pinger:
         self.nonce = nonce or new_nonce()  # the run's, once it runs
         self.ident = os.getpid() & 0xFFFF
         self.family = family_of(opts.dst_addr)
+        self._dst: SockAddr = (opts.dst_addr, 0)  # its sockaddr, once made in the netns
         self._template = EchoTemplate(self.ident, self.nonce, opts.size, self.family)
         self._backend_factory = backend_factory
         self._probes = _Probes(numbered=opts.size >= TAG_LEN)
@@ -231,6 +233,7 @@ class Pinger:
         after this, and the kernel writes the id of a ping socket's requests anyway)."""
         sock = open_icmp_socket(self.opts.ttl, self.opts.device, self.opts.source,
                                 self.family)
+        self._dst = sockaddr(self.opts.dst_addr)  # here: a %scope names this netns' devices
         if sock.ident is not None:
             self.ident = sock.ident
         return [sock]
@@ -319,7 +322,7 @@ class Pinger:
         probe.sent_real_ns = time.clock_gettime_ns(time.CLOCK_REALTIME)
         probe.sent_mono_ns = time.monotonic_ns()
         try:
-            sock.send(message, self.opts.dst_addr)
+            sock.send(message, self._dst)
         except OSError as exc:
             self._probes.forget(self._probes.key(n))
             return _Sent(seq, self._probes.key(n), probe.sent_mono_ns, lapped, exc)

@@ -24,6 +24,7 @@ from typing import Protocol, TypeVar
 from mace_tools.errors import MaceError
 from mace_tools.model import KernelEvent, Namespaces, ProbeRecord
 from mace_tools.probe import netns
+from mace_tools.probe.addresses import sockaddr
 from mace_tools.probe.icmp import NONCE_LEN
 from mace_tools.status import StatusSignal
 
@@ -83,7 +84,7 @@ def source_address(dst: str, device: str | None, source: str | None) -> str:
     try:
         if device is not None:
             udp.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device.encode())
-        udp.connect((dst, 1025))
+        udp.connect(sockaddr(dst, 1025))
         return udp.getsockname()[0]
     except OSError as exc:
         raise MaceError(f"connect: {exc.strerror}") from exc

@@ -10,12 +10,12 @@ engines) fails if the root network namespace is not as it found it at the end.
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
 from fake_dns import FakeDns
+from netns_etc import remove_netns_etc
 
 from mace_tools.errors import MaceError
 from mace_tools.kernel.backend import object_path
@@ -120,4 +120,4 @@ def lab_dns(lab: Lab) -> Iterator[tuple[str, FakeDns]]:
                      {"target.lab.test": lab.target_addr}) as dns:
             yield ns, dns
     finally:
-        shutil.rmtree(etc.parent if created_parent else etc, ignore_errors=True)
+        remove_netns_etc(etc, created_parent)

@@ -13,11 +13,17 @@ from pathlib import Path
 
 from mace_tools.probe.netns import entered
 
+TYPE_A, TYPE_AAAA = 1, 28
+
 
 class FakeDns:
-    def __init__(self, netns_path: Path | str, address: str, records: dict[str, str],
-                 forge_first: bool = False) -> None:
-        self.records = {k.lower(): v for k, v in records.items()}
+    """records: name -> its addresses (one, or a list), IPv4 ones answered to A queries and
+    IPv6 ones to AAAA queries; a known name with none of the type asked: an empty answer."""
+
+    def __init__(self, netns_path: Path | str, address: str,
+                 records: dict[str, str | list[str]], forge_first: bool = False) -> None:
+        self.records = {k.lower(): [v] if isinstance(v, str) else list(v)
+                        for k, v in records.items()}
         self.forge_first = forge_first  # send one reply with a wrong id before the real one
         self.queries: list[str] = []
         with entered(Path(netns_path)):
@@ -46,14 +52,17 @@ class FakeDns:
                 labels.append(query[pos + 1:pos + 1 + query[pos]].decode())
                 pos += 1 + query[pos]
             question = query[12:pos + 5]
+            qtype = struct.unpack_from("!H", query, pos + 1)[0]
             name = ".".join(labels).lower()
             self.queries.append(name)
-            addr = self.records.get(name)
-            flags = 0x8180 if addr else 0x8183  # response, RD+RA; rcode 0 or NXDOMAIN
-            answer = b""
-            if addr:
-                answer = struct.pack("!HHHIH", 0xC00C, 1, 1, 60, 4) + socket.inet_aton(addr)
-            header = struct.pack("!HHHHHH", qid, flags, 1, 1 if addr else 0, 0, 0)
+            known = self.records.get(name)
+            family = socket.AF_INET6 if qtype == TYPE_AAAA else socket.AF_INET
+            addrs = [a for a in known or [] if (":" in a) == (family == socket.AF_INET6)]
+            flags = 0x8180 if known else 0x8183  # response, RD+RA; rcode 0 or NXDOMAIN
+            answer = b"".join(
+                struct.pack("!HHHIH", 0xC00C, qtype, 1, 60, 16 if ":" in a else 4)
+                + socket.inet_pton(family, a) for a in addrs)
+            header = struct.pack("!HHHHHH", qid, flags, 1, len(addrs), 0, 0)
             if self.forge_first:
                 self.forge_first = False
                 forged = struct.pack("!HHHHHH", qid ^ 1, 0x8180, 1, 1, 0, 0) + question + \

@@ -37,8 +37,8 @@ from mace_tools.lab.topology import Lab
 
 
 @pytest.mark.parametrize("data", [
-    b"", b"not json", b"[1]", b"1", b'"run"', b'{"op":"run"}', b'{"v":2,"op":"run"}',
-    b'{"v":1,"op":"run","records":NaN}', b'{"v":1, "x": Infinity}', b"\xff\xfe",
+    b"", b"not json", b"[1]", b"1", b'"run"', b'{"op":"run"}', b'{"v":1,"op":"run"}',
+    b'{"v":2,"op":"run","records":NaN}', b'{"v":2, "x": Infinity}', b"\xff\xfe",
     b"[" * 3000 + b"]" * 3000,
 ])
 def test_malformed_messages_are_refused(data: bytes) -> None:
@@ -47,7 +47,7 @@ def test_malformed_messages_are_refused(data: bytes) -> None:
 
 
 def test_fields_are_checked_strictly() -> None:
-    message = protocol.decode(b'{"v":1,"op":"run","records":true,"run":3,"n":1.0,"b":true}')
+    message = protocol.decode(b'{"v":2,"op":"run","records":true,"run":3,"n":1.0,"b":true}')
     assert protocol.boolean(message, "records") is True
     assert protocol.boolean(message, "path") is False  # absent: off
     assert protocol.integer(message, "run", 1, 10) == 3
@@ -64,7 +64,7 @@ def test_messages_round_trip_with_their_fds() -> None:
     try:
         protocol.send(a, {"ok": True, "run": 1}, (r, w))
         message, fds = protocol.receive(b)
-        assert message == {"v": 1, "ok": True, "run": 1} and len(fds) == 2
+        assert message == {"v": 2, "ok": True, "run": 1} and len(fds) == 2
         protocol.close_all(fds)
         a.sendmsg([b"x" * (protocol.MAX_MESSAGE + 1)])
         with pytest.raises(ProtocolError, match="longer than"):
@@ -325,8 +325,8 @@ def _raw_exchange(path: Path, data: bytes, fds: list[int] | None = None,
 @pytest.mark.lab
 def test_malformed_clients_are_answered_once_and_the_agent_serves_on(
         lab: Lab, agent: AgentProcess) -> None:
-    for data in (b"not json", b"[1]", b'{"v":2,"op":"run"}', b'{"v":1,"op":"nope"}',
-                 b'{"v":1,"op":"run","records":"yes"}', b'{"v":1,"op":"run","x":NaN}',
+    for data in (b"not json", b"[1]", b'{"v":1,"op":"run"}', b'{"v":2,"op":"nope"}',
+                 b'{"v":2,"op":"run","records":"yes"}', b'{"v":2,"op":"run","x":NaN}',
                  b"x" * (protocol.MAX_MESSAGE + 10), b"[" * 4000, os.urandom(300)):
         answers = _raw_exchange(agent.socket, data)
         assert len(answers) == 1 and answers[0] is not None, data[:40]
@@ -336,7 +336,7 @@ def test_malformed_clients_are_answered_once_and_the_agent_serves_on(
     r, w = os.pipe()
     try:
         try:
-            answers = _raw_exchange(agent.socket, b'{"v":1,"op":"end","run":1}', [r, w])
+            answers = _raw_exchange(agent.socket, b'{"v":2,"op":"end","run":1}', [r, w])
         except PermissionError:
             release = tuple(int(x) for x in os.uname().release.split(".")[:2])
             assert release >= (6, 16)
@@ -363,7 +363,7 @@ def test_malformed_clients_are_answered_once_and_the_agent_serves_on(
     try:
         for _ in range(2000):
             try:
-                deaf.send(b'{"v":1,"op":"state","run":7,"number":1}')
+                deaf.send(b'{"v":2,"op":"state","run":7,"number":1}')
             except (BlockingIOError, BrokenPipeError, ConnectionResetError):
                 break
         run = client_ping(lab, 0, agent, "-c", "3", "-i", "0.01")
@@ -462,7 +462,7 @@ _JSON_VALUES = st.recursive(
     max_leaves=12)
 _MESSAGES = st.one_of(
     st.binary(max_size=protocol.MAX_MESSAGE + 64),
-    st.fixed_dictionaries({"v": st.sampled_from([1, 1, 2, "1", None]),
+    st.fixed_dictionaries({"v": st.sampled_from([2, 2, 1, "2", None]),
                            "op": st.sampled_from(["run", "state", "end", "x", 1])},
                           optional={"run": _JSON_VALUES, "number": _JSON_VALUES,
                                     "records": _JSON_VALUES, "path": _JSON_VALUES,

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from accuracy import PROBES, assert_accurate_errors
+from netns_etc import remove_netns_etc
 
 from mace_tools.lab.agent import AgentProcess, ping_sockets_open, with_capabilities
 from mace_tools.lab.capture import TruthCapture
@@ -119,7 +119,7 @@ def dual_name(lab6: Lab) -> str:
     (etc / "hosts").write_text(f"{lab6.target_addr} dual.lab.test\n"
                                f"{lab6.target_addr6} dual.lab.test\n")
     yield "dual.lab.test"
-    shutil.rmtree(etc.parent if created_parent else etc, ignore_errors=True)
+    remove_netns_etc(etc, created_parent)
 
 
 def test_name_with_both_families_resolves_as_getaddrinfo(lab6: Lab, dual_name: str) -> None:
@@ -218,3 +218,25 @@ def test_no_capability_through_the_agent_is_corrected(lab6: Lab, agent6: AgentPr
     container_ino = os.stat(lab6.netns_path(lab6.container_ns(0))).st_ino
     outside = [s for r in records for s in r["path"] if s["netns"] != container_ino]
     assert outside and all(s["dev"] == "" and s["src"] == "::" for s in outside), outside[:2]
+
+
+def _link_local(ns: str, dev: str) -> str:
+    out = subprocess.run(["ip", "-n", ns, "-6", "-o", "addr", "show", "dev", dev, "scope",
+                          "link"], capture_output=True, text=True, check=True).stdout
+    return out.split()[3].split("/")[0]
+
+
+def test_link_local_targets_take_their_scope_in_the_container(lab6: Lab) -> None:
+    """fe80::...%eth0 names c0's eth0 (by name or index), which the netns mace starts in
+    does not have: the scope is looked up where the socket is made, and never sent to DNS."""
+    bridge = _link_local(lab6.host_ns, "br0")
+    index = subprocess.run(["ip", "-n", lab6.container_ns(0), "-o", "link", "show", "eth0"],
+                           capture_output=True, text=True, check=True).stdout.split(":")[0]
+    for scope in ("eth0", index):
+        proc = mace_ping(lab6, "-c", "2", "-i", "0.01", f"{bridge}%{scope}")
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.splitlines()[0].startswith(f"PING {bridge}%{scope} ")
+        assert "2 packets transmitted, 2 received" in proc.stdout
+    proc = mace_ping(lab6, "-c", "1", f"{bridge}%nosuch0")
+    assert (proc.returncode, proc.stderr) == \
+        (2, f"mace-ping: {bridge}%nosuch0: Name or service not known\n")

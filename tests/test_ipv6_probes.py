@@ -205,7 +205,7 @@ def test_raw_icmpv6_socket_filters_and_reads_replies(scratch_netns6: Path) -> No
         for nonce in (OTHER, NONCE):
             for number in (1, 2, 3):
                 (ours if nonce == NONCE else sender).send(
-                    EchoTemplate(IDENT, nonce, 56, 6).message(number), "::1")
+                    EchoTemplate(IDENT, nonce, 56, 6).message(number), ("::1", 0, 0, 0))
         udp.sendto(b"x", ("::1", 9))  # nobody listens: port unreachable comes back
         got = [parse_ip_icmp(d) for d in read_all(ours, 4)]
         time.sleep(0.2)
@@ -247,7 +247,7 @@ def test_kernel_reads_probes_behind_extension_headers(scratch_netns6: Path,
         if extension:
             sock.sock.setsockopt(socket.IPPROTO_IPV6, DSTOPTS, _PADN_HEADER)
         for number in (1, 2, 3):
-            sock.send(EchoTemplate(IDENT, nonce, 56, 6).message(number), "::1")
+            sock.send(EchoTemplate(IDENT, nonce, 56, 6).message(number), ("::1", 0, 0, 0))
         assert len(read_all(sock, 3)) == 3
         backend.drain(events.append, records.append)
         first = wire.recv(2048)  # the first request as it crossed lo

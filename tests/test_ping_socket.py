@@ -260,7 +260,7 @@ def test_a_ping_socket_reports_errors_and_sends_on_after_one(
     before = time.clock_gettime_ns(time.CLOCK_REALTIME)
     sock.sock.sendto(first, (target, 0))
     wait_for(sock, select.POLLERR)  # the error is queued: the socket's error is pending
-    sock.send(build_echo_request(sock.ident, 2, NONCE, 56), target)
+    sock.send(build_echo_request(sock.ident, 2, NONCE, 56), (target, 0))
     errors = [(parse_ip_icmp(data), at) for data, at in read_all(sock, 2)]
     assert len(errors) == 2
     seqs = []

@@ -28,6 +28,7 @@ from mace_tools.probe.resolver import (
     parse_answer,
     parse_resolv_conf,
     read_confined,
+    resolve,
     resolve_ipv4,
     vantage_of,
 )
@@ -216,7 +217,7 @@ def test_resolves_from_inside_the_netns(lab: Lab, tmp_path: Path) -> None:
     with FakeDns(ns, "127.0.0.11", records, forge_first=True) as dns:
         assert resolve_ipv4("from-hosts.test", vantage) == "198.18.0.77"
         assert resolve_ipv4("web", vantage) == "198.18.0.66"  # via the search list
-        assert dns.queries == ["web.lab.test"]
+        assert dns.queries == ["web.lab.test"] * 2  # A and AAAA, at once
         with pytest.raises(MaceError, match=r"^nope\.invalid: Name or service not known$"):
             resolve_ipv4("nope.invalid", vantage)
         assert resolve_ipv4("198.18.0.5", vantage) == "198.18.0.5"
@@ -227,3 +228,43 @@ def test_resolves_from_inside_the_netns(lab: Lab, tmp_path: Path) -> None:
         resolve_ipv4("web.lab.test", vantage)
     assert time.monotonic() - start < 3
     assert os.stat("/proc/self/ns/net").st_ino != os.stat(ns).st_ino  # we came back
+
+
+@pytest.mark.lab
+def test_a_and_aaaa_answers_are_ordered_as_getaddrinfo(lab: Lab, tmp_path: Path) -> None:
+    """Both types are asked for; an address the netns has no route to comes last (this
+    lab is IPv4 only: its IPv6 answer is unroutable there), -4/-6 take the first of their
+    family, and a name with none of the family asked is iputils' EAI_ADDRFAMILY."""
+    ns = Path(lab.netns_path(lab.container_ns(5)))
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "resolv.conf").write_text("nameserver 127.0.0.11\noptions timeout:1 attempts:1\n")
+    vantage = Vantage(tmp_path, ns)
+    records: dict[str, str | list[str]] = {"dual.test": ["2001:2::66", "198.18.0.66"],
+                                           "six.test": "2001:2::77"}
+    with FakeDns(ns, "127.0.0.11", records) as dns:
+        assert resolve("dual.test", vantage) == "198.18.0.66"
+        assert resolve("dual.test", vantage, 6) == "2001:2::66"
+        assert resolve("dual.test", vantage, 4) == "198.18.0.66"
+        assert resolve("six.test", vantage) == "2001:2::77"
+        with pytest.raises(MaceError, match=r"^six\.test: Address family for hostname not "
+                                            r"supported$"):
+            resolve("six.test", vantage, 4)
+    assert sorted(set(dns.queries)) == ["dual.test", "six.test"]
+
+
+def test_literals_never_reach_dns() -> None:
+    """IPv6 literals keep their %scope as given (looked up in the probing netns later);
+    what looks like one and is not fails at once, with no query; a literal of the other
+    family than -4/-6 ask is EAI_ADDRFAMILY."""
+    nowhere = Vantage(Path("/nonexistent"))
+    assert resolve("fe80::1%eth9", nowhere) == "fe80::1%eth9"
+    assert resolve("FE80:0::1%3", nowhere, 6) == "fe80::1%3"
+    assert resolve("127.1", nowhere) == "127.0.0.1"
+    for bad in ("fe80::zz", "fe80::1%", "1.2.3.4%eth0"):
+        with pytest.raises(MaceError, match="Name or service not known"):
+            resolve(bad, nowhere)
+    with pytest.raises(MaceError, match="Address family for hostname not supported"):
+        resolve("2001:2::1", nowhere, 4)
+    with pytest.raises(MaceError, match="Address family for hostname not supported"):
+        resolve("198.18.0.1", nowhere, 6)

@@ -1,21 +1,24 @@
-"""The mace-agent protocol, version 1: JSON messages over a unix SOCK_SEQPACKET socket.
+"""The mace-agent protocol, version 2: JSON messages over a unix SOCK_SEQPACKET socket.
+
+Version 2: the ring's events carry 16-byte addresses (bpf/mace.h, IPv6); a version 1
+client would misread them, so the versions do not talk (the client says so in one line).
 
 One message per datagram (SEQPACKET keeps the boundaries, so a message is never cut or
 glued to the next), UTF-8 JSON, one object, at most MAX_MESSAGE bytes. Every request
-carries "v": 1 and "op"; every answer carries "v", "ok" and, when not ok, "error" (one
+carries "v": 2 and "op"; every answer carries "v", "ok" and, when not ok, "error" (one
 line for people). A connection is a client: its runs end when it closes.
 
-  {"v":1, "op":"run", "records":B, "path":B, "udp":B, "tcp":B, "errors":B}
-      -> {"v":1, "ok":true, "run":ID, "nonce":"16 hex digits", "ring_bytes":N,
+  {"v":2, "op":"run", "records":B, "path":B, "udp":B, "tcp":B, "errors":B}
+      -> {"v":2, "ok":true, "run":ID, "nonce":"16 hex digits", "ring_bytes":N,
           "host_details":B}  with two fds (SCM_RIGHTS): the run's ring buffer (mmap it
           as libbpf's ring_buffer does) and its lost-records counter (one u64, mmap it
           read-only). The run probes from the client's own netns; host_details: false
           when host-side device names and addresses are withheld (agent --reveal-path).
-  {"v":1, "op":"state", "run":ID, "number":N}
-      -> {"v":1, "ok":true, "state": null | {"departed":NS, "returned":NS,
+  {"v":2, "op":"state", "run":ID, "number":N}
+      -> {"v":2, "ok":true, "state": null | {"departed":NS, "returned":NS,
           "delivered":NS, "outer_netns":INO, "outer_ifindex":I, "outer_dev":"NAME"}}
           (a probe's kernel state, for a reply that came with no record: macvlan)
-  {"v":1, "op":"end", "run":ID}  ->  {"v":1, "ok":true}
+  {"v":2, "op":"end", "run":ID}  ->  {"v":2, "ok":true}
 
 B: true or false; the switches are kernel/backend.py's. Anything else (not JSON, not an
 object, unknown op, a wrong type, a message too long, fds sent to the agent) is answered
@@ -34,7 +37,7 @@ from typing import Any
 
 from mace_tools.errors import MaceError
 
-VERSION = 1
+VERSION = 2
 MAX_MESSAGE = 4096
 MAX_FDS = 2  # what an answer carries at most
 DEFAULT_SOCKET = Path("/run/mace/agent.sock")

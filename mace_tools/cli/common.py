@@ -151,9 +151,10 @@ def resolve_ipv4(host: str, site: ProbeSite) -> str:
 
 
 def resolve_address(host: str, site: ProbeSite, family: int | None) -> str:
-    """The address of host that ping takes (the first getaddrinfo gives, of family 4 or 6
-    when -4 or -6 force one) as the probing netns would resolve it, failing as ping
-    does. An IPv6 address of a scope keeps its %interface."""
+    """The address of host that ping takes, as the probing netns would resolve it: as
+    iputils, getaddrinfo for any family, then the first address of the family -4 or -6
+    want (none: "Address family for hostname not supported"), failing as ping does. An
+    IPv6 address of a scope keeps its %interface."""
     name = host_name_bytes(host)
     if site.vantage is not None:
         from mace_tools.probe.resolver import resolve
@@ -162,15 +163,18 @@ def resolve_address(host: str, site: ProbeSite, family: int | None) -> str:
             return resolve(host, site.vantage, family)
         except (ValueError, UnicodeError):  # a name no resolver could carry
             raise MaceError(f"{host}: Name or service not known") from None
-    hints = {4: socket.AF_INET, 6: socket.AF_INET6, None: socket.AF_UNSPEC}[family]
     try:
-        infos = socket.getaddrinfo(name, None, hints, socket.SOCK_RAW)
+        infos = socket.getaddrinfo(name, None, socket.AF_UNSPEC, socket.SOCK_RAW)
     except socket.gaierror as exc:
         raise MaceError(f"{host}: {exc.strerror}") from exc
-    address, *scope = infos[0][4]
-    if scope and scope[-1]:  # a link-local address: its interface, as ping keeps it
-        return f"{address}%{_interface_name(scope[-1])}"
-    return address
+    wanted = None if family is None else {4: socket.AF_INET, 6: socket.AF_INET6}[family]
+    for info_family, *_, sockaddr in infos:
+        if wanted is None or info_family == wanted:
+            address, *scope = sockaddr
+            if scope and scope[-1]:  # a link-local address: its interface, as ping keeps it
+                return f"{address}%{_interface_name(scope[-1])}"
+            return address
+    raise MaceError(f"{host}: Address family for hostname not supported")
 
 
 def _interface_name(index: int) -> str:

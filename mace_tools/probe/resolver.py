@@ -4,11 +4,12 @@
 The caller's getaddrinfo would read the host's files and ask the host's servers, which can
 differ from the container's (Docker's user-defined networks answer DNS on 127.0.0.11, an
 address that exists only inside the container's netns). This is a small stub resolver for
-A and AAAA records, following glibc's rules for search lists, ndots, timeout and attempts.
-Without -4 or -6 both are asked for, and the address ping would take is the first of
-glibc's RFC 6724 order, of which the rules that decide between one host's addresses are
-kept: an address the netns has no route to comes last (rule 1), then IPv6 before IPv4
-(rule 6, the default precedence table), else the order the answer gave.
+A and AAAA records (both asked for at once, as glibc does for iputils, which always
+resolves for any family and then takes the first address of the one -4/-6 want),
+following glibc's rules for search lists, ndots, timeout and attempts. The addresses are
+put in glibc's RFC 6724 order, of which the rules that decide between one host's
+addresses are kept: an address the netns has no route to comes last (rule 1), then IPv6
+before IPv4 (rule 6, the default precedence table), else the order the answer gave.
 Replies are parsed defensively: a malformed or foreign answer is ignored, never trusted.
 
 The measured party's files are hostile input too (we run as root, they are theirs): they
@@ -41,7 +42,6 @@ from mace_tools.probe import netns as netns_mod
 
 DNS_PORT = 53
 TYPE_A, TYPE_AAAA, CLASS_IN = 1, 28, 1
-_QTYPES = {4: (TYPE_A,), 6: (TYPE_AAAA,), None: (TYPE_A, TYPE_AAAA)}  # by -4 / -6 / neither
 _RDATA = {TYPE_A: (socket.AF_INET, 4), TYPE_AAAA: (socket.AF_INET6, 16)}
 RCODE_NXDOMAIN = 3
 MAX_UDP_ANSWER = 4096
@@ -295,26 +295,42 @@ def _open_sockets(vantage: Vantage, servers: tuple[str, ...]) -> list[socket.soc
 
 
 def _ask(socks: list[socket.socket], name: str, conf: ResolvConf,
-         qtype: int = TYPE_A) -> tuple[int, list[str]] | None:
-    """Ask each server in turn, `attempts` rounds; the first usable answer, or None."""
+         qtypes: tuple[int, ...]) -> dict[int, tuple[int, list[str]]]:
+    """Ask each server in turn, `attempts` rounds, for every type at once (as glibc asks
+    for A and AAAA together, one timeout for both); the usable answers, by type."""
+    answers: dict[int, tuple[int, list[str]]] = {}
     for _ in range(conf.attempts):
         for sock in socks:
-            query_id = random.getrandbits(16)
-            try:
-                sock.send(build_query(query_id, name, qtype))
-            except OSError:
-                continue
+            pending = _send_queries(sock, name, [q for q in qtypes if q not in answers])
             deadline = time.monotonic() + conf.timeout_s
-            while (left := deadline - time.monotonic()) > 0:
+            while pending and (left := deadline - time.monotonic()) > 0:
                 if not select.select([sock], [], [], left)[0]:
                     break
                 try:
-                    answer = parse_answer(sock.recv(MAX_UDP_ANSWER), query_id, qtype)
+                    message = sock.recv(MAX_UDP_ANSWER)
                 except OSError:  # ICMP port unreachable: nobody listens there
                     break
-                if answer is not None:
-                    return answer
-    return None
+                for query_id, qtype in list(pending.items()):
+                    if (answer := parse_answer(message, query_id, qtype)) is not None:
+                        answers[qtype] = answer
+                        del pending[query_id]
+            if len(answers) == len(qtypes):
+                return answers
+    return answers
+
+
+def _send_queries(sock: socket.socket, name: str, qtypes: list[int]) -> dict[int, int]:
+    """One query per type, each with an id of its own; id -> type of those sent."""
+    sent: dict[int, int] = {}
+    for qtype in qtypes:
+        while (query_id := random.getrandbits(16)) in sent:
+            pass
+        try:
+            sock.send(build_query(query_id, name, qtype))
+        except OSError:
+            continue
+        sent[query_id] = qtype
+    return sent
 
 
 def resolve_ipv4(host: str, vantage: Vantage) -> str:
@@ -323,12 +339,22 @@ def resolve_ipv4(host: str, vantage: Vantage) -> str:
 
 
 def resolve(host: str, vantage: Vantage, family: int | None = None) -> str:
-    """The address of host that ping would take (-4: family 4, -6: 6, neither: None) as
-    seen from vantage; MaceError worded as ping's resolver errors."""
-    if (literal := numeric_address(host, family)) is not None:
-        return literal
-    if found := lookup_hosts(_read(vantage, "hosts"), host, family):
-        return preferred(found, vantage)
+    """The address of host that ping takes (-4: family 4, -6: 6, neither: None) as seen
+    from vantage: as iputils, the first of the wanted family among all host's addresses in
+    getaddrinfo's order; MaceError worded as ping's resolver errors."""
+    for address in resolve_all(host, vantage):
+        if family is None or _family(address.partition("%")[0]) == family:
+            return address
+    raise MaceError(f"{host}: Address family for hostname not supported")
+
+
+def resolve_all(host: str, vantage: Vantage) -> list[str]:
+    """Every address of host as seen from vantage, in getaddrinfo's order (an address
+    literal: itself): hosts file, then DNS asked for A and AAAA at once."""
+    if (literal := numeric_address(host)) is not None:
+        return [literal]
+    if found := lookup_hosts(_read(vantage, "hosts"), host, None):
+        return ordered(found, vantage)
     conf = parse_resolv_conf(_read(vantage, "resolv.conf"))
     try:
         names = candidates(host, conf)
@@ -340,15 +366,16 @@ def resolve(host: str, vantage: Vantage, family: int | None = None) -> str:
     try:
         definite = True  # every name got "no such name" (or no record), not silence
         for name in names:
+            answers = _ask(socks, name, conf, (TYPE_A, TYPE_AAAA))
             addresses = []
-            for qtype in _QTYPES[family]:  # as glibc: a name is found if either type is
-                answer = _ask(socks, name, conf, qtype)
+            for qtype in (TYPE_A, TYPE_AAAA):  # as glibc: found if either type is
+                answer = answers.get(qtype)
                 if answer is None or answer[0] not in (0, RCODE_NXDOMAIN):
                     definite = False  # timeout or server failure: as glibc, EAI_AGAIN
                     continue
                 addresses += answer[1]
             if addresses:
-                return preferred(addresses, vantage)
+                return ordered(addresses, vantage)
     finally:
         for sock in socks:
             sock.close()
@@ -357,41 +384,38 @@ def resolve(host: str, vantage: Vantage, family: int | None = None) -> str:
     raise MaceError(f"{host}: Temporary failure in name resolution")
 
 
-def numeric_address(host: str, family: int | None) -> str | None:
-    """host if it is an address literal (IPv4 in any form inet_aton takes, as ping does;
-    IPv6 with an optional %scope), as the address ping would use; None if it is a name.
-    A literal of the other family than -4/-6 ask for fails as glibc words it."""
-    hints = {4: socket.AF_INET, 6: socket.AF_INET6, None: socket.AF_UNSPEC}[family]
-    try:
-        infos = socket.getaddrinfo(host, None, hints, socket.SOCK_RAW, 0, socket.AI_NUMERICHOST)
-    except (socket.gaierror, UnicodeError, ValueError) as exc:
-        if isinstance(exc, socket.gaierror) and exc.errno == socket.EAI_ADDRFAMILY:
-            raise MaceError(f"{host}: {exc.strerror}") from None
-        return None
-    return address_text(infos[0][4])
-
-
-def address_text(sockaddr: tuple) -> str:
-    """A getaddrinfo address as ping prints and sendto() takes it: an IPv6 address of a
-    scope (link-local) keeps its %interface, else only the address."""
-    if len(sockaddr) == 4 and sockaddr[3]:
+def numeric_address(host: str) -> str | None:
+    """host if it is an address literal, as ping would use it (IPv4 in any form inet_aton
+    takes; IPv6, with its %scope kept as given: an interface name or index of the probing
+    netns, looked up there when the socket is made); None if it is a name. Something that
+    looks like an IPv6 literal and is not one fails here: it is never asked of DNS."""
+    address, percent, scope = host.partition("%")
+    if ":" in address or percent:
         try:
-            return f"{sockaddr[0]}%{socket.if_indextoname(sockaddr[3])}"
-        except OSError:
-            return f"{sockaddr[0]}%{sockaddr[3]}"
-    return sockaddr[0]
+            packed = socket.inet_pton(socket.AF_INET6, address)
+        except (OSError, ValueError):
+            raise MaceError(f"{host}: Name or service not known") from None
+        if percent and not scope:
+            raise MaceError(f"{host}: Name or service not known")
+        text = socket.inet_ntop(socket.AF_INET6, packed)
+        return f"{text}%{scope}" if percent else text
+    try:  # IPv4: no scope, so the caller's netns reads it as any other would
+        infos = socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_RAW, 0,
+                                   socket.AI_NUMERICHOST)
+    except (socket.gaierror, UnicodeError, ValueError):
+        return None
+    return infos[0][4][0]
 
 
-def preferred(addresses: list[str], vantage: Vantage) -> str:
-    """The address getaddrinfo would list first (module docstring: RFC 6724 rules 1 and 6):
-    the first IPv6 address the vantage's netns has a route to, else the first IPv4 one,
-    else the first of all."""
+def ordered(addresses: list[str], vantage: Vantage) -> list[str]:
+    """addresses in the order getaddrinfo would list them (module docstring: RFC 6724
+    rules 1 and 6): those the vantage's netns has a route to first, then IPv6 before IPv4,
+    else as answered. One family only: as answered (no route check)."""
     if len({_family(a) for a in addresses}) == 1:
-        return addresses[0]  # one family: the order is the answer's (no route check)
+        return addresses
     with netns_mod.entered(vantage.netns_path):
-        usable = [a for a in addresses if _routable(a)]
-    usable.sort(key=lambda a: _family(a) != 6)  # stable: IPv6 first, else as answered
-    return (usable or addresses)[0]
+        usable = {a for a in addresses if _routable(a)}
+    return sorted(addresses, key=lambda a: (a not in usable, _family(a) != 6))
 
 
 def _routable(address: str) -> bool:

@@ -35,6 +35,7 @@ from typing import NamedTuple
 
 from mace_tools.errors import MaceError
 from mace_tools.probe import sockfilter
+from mace_tools.probe.addresses import SockAddr, sockaddr
 from mace_tools.probe.icmp import (
     ERRORS6_WITH_QUOTE,
     ICMP6_ECHO_REPLY,
@@ -163,7 +164,7 @@ class IcmpSocket:
 
     def _bind(self, source: str | None) -> None:
         if source is not None:
-            self.sock.bind((source, 0))
+            self.sock.bind(sockaddr(source))
 
     @property
     def ident(self) -> int | None:
@@ -186,8 +187,9 @@ class IcmpSocket:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def send(self, message: bytes, dst: str) -> None:
-        self.sock.sendto(message, (dst, 0))
+    def send(self, message: bytes, dst: SockAddr) -> None:
+        """dst: the target's sockaddr (addresses.sockaddr)."""
+        self.sock.sendto(message, dst)
 
     def recv(self) -> tuple[bytes, int] | None:
         return read_datagram(self.sock)
@@ -214,7 +216,7 @@ class PingSocket(IcmpSocket):
     def _bind(self, source: str | None) -> None:
         # Bound now (port 0: the kernel picks a free id, as on the first sendto()), the
         # ident is known before any reply or error has to be matched on it.
-        self.sock.bind((source or _ANY[self.FAMILY], 0))
+        self.sock.bind(sockaddr(source or _ANY[self.FAMILY]))
         address, self._ident, *_ = self.sock.getsockname()
         self._local = _packed(address)  # the wildcard unless -I gave one
 
@@ -229,10 +231,10 @@ class PingSocket(IcmpSocket):
         header at offset 0, not the raw socket's IP header: sockfilter's program would
         drop every reply here.)"""
 
-    def send(self, message: bytes, dst: str) -> None:
+    def send(self, message: bytes, dst: SockAddr) -> None:
         """The kernel sets the id and checksum; the payload leaves as given."""
         try:
-            self.sock.sendto(message, (dst, 0))
+            self.sock.sendto(message, dst)
         except OSError as exc:
             if exc.errno in _NO_ROOM:
                 raise
@@ -240,7 +242,7 @@ class PingSocket(IcmpSocket):
             # next call reports once: a sendto() then fails, sending nothing, while the
             # error waits in the error queue for recv(). Sent again, it goes; a real
             # failure (no route) fails again, and is raised.
-            self.sock.sendto(message, (dst, 0))
+            self.sock.sendto(message, dst)
 
     def recv(self) -> tuple[bytes, int] | None:
         """The next echo reply, else the next ICMP error, as the IPv4 datagram a raw

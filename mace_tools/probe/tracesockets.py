@@ -200,7 +200,7 @@ class PingTraceSocket:
 
     def send(self, message: bytes, dst: str, ttl: int) -> None:
         self.ping.sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
-        self.ping.send(message, dst)
+        self.ping.send(message, (dst, 0))
 
     def recv(self) -> tuple[bytes, int] | None:
         return self.ping.recv()

@@ -1,0 +1,32 @@
+"""Socket addresses of the targets and sources a run is given as text.
+
+Python takes an IPv6 address of a scope (a link-local one: fe80::1%eth0) as text but drops
+its %scope when it builds the sockaddr: sin6_scope_id comes from the tuple's 4th item, 0
+unless given. So a scope (an interface name, or an index) is looked up here, in the netns
+the caller is in when it makes the run's sockets: the probing one, whose interfaces the
+scope names, not the one mace started in.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from mace_tools.errors import MaceError
+
+SockAddr = tuple[str, int] | tuple[str, int, int, int]
+
+
+def sockaddr(address: str, port: int = 0) -> SockAddr:
+    """(address, port) for IPv4; (address, port, 0, scope id) for IPv6, the %scope of the
+    text looked up in the current netns (MaceError, in ping's words, if it names none)."""
+    host, percent, scope = address.partition("%")
+    if ":" not in host:
+        return host, port
+    if not percent:
+        return host, port, 0, 0
+    if scope.isdigit():
+        return host, port, 0, int(scope)
+    try:
+        return host, port, 0, socket.if_nametoindex(scope)
+    except OSError:
+        raise MaceError(f"{address}: Name or service not known") from None
