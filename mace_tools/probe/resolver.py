@@ -4,8 +4,11 @@
 The caller's getaddrinfo would read the host's files and ask the host's servers, which can
 differ from the container's (Docker's user-defined networks answer DNS on 127.0.0.11, an
 address that exists only inside the container's netns). This is a small stub resolver for
-IPv4 A records, following glibc's rules for search lists, ndots, timeout and attempts.
-Replies are parsed defensively: a malformed or foreign answer is ignored, never trusted.
+IPv4 A records, following glibc's rules for search lists, ndots, timeout and attempts,
+and for the reverse (traceroute's hop names): /etc/hosts, then PTR records of
+in-addr.arpa, asked the same way (ReverseResolver). Replies are parsed defensively: a
+malformed or foreign answer is ignored, never trusted, and a name with characters no
+host name has (a hostile server's terminal escapes) is not shown.
 
 The measured party's files are hostile input too (we run as root, they are theirs): they
 are opened with openat2(RESOLVE_IN_ROOT) below its root, so an absolute or `..` symlink
@@ -28,15 +31,17 @@ import socket
 import stat
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mace_tools.errors import MaceError
 from mace_tools.kernel import native
 from mace_tools.probe import netns as netns_mod
+from mace_tools.probe.hopnames import shown_name
 
 DNS_PORT = 53
-TYPE_A, CLASS_IN = 1, 1
+TYPE_A, TYPE_PTR, CLASS_IN = 1, 12, 1
 RCODE_NXDOMAIN = 3
 MAX_UDP_ANSWER = 4096
 # glibc's defaults (resolv.conf(5))
@@ -48,6 +53,7 @@ MAX_NAMESERVERS = 3
 MAX_FILE_BYTES = 1 << 20
 _CONFINED = native.RESOLVE_IN_ROOT | native.RESOLVE_NO_MAGICLINKS
 _RESOLVE_RETRIES = 3  # RESOLVE_IN_ROOT answers EAGAIN when a rename races a ".." walk
+_MAX_POINTERS = 128  # compression pointers followed in one name: a loop ends there
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +117,22 @@ def lookup_hosts(text: str, name: str) -> str | None:
     return None
 
 
+def lookup_hosts_name(text: str, addr: str) -> str | None:
+    """The name /etc/hosts gives addr (the first line's canonical name), as glibc's
+    gethostbyaddr finds it."""
+    wanted = socket.inet_aton(addr)
+    for line in text.splitlines():
+        words = line.split("#", 1)[0].split()
+        if len(words) >= 2 and _is_ipv4(words[0]) and socket.inet_aton(words[0]) == wanted:
+            return words[1]
+    return None
+
+
+def ptr_name(addr: str) -> str:
+    """The in-addr.arpa name whose PTR record names addr."""
+    return ".".join(reversed(addr.split("."))) + ".in-addr.arpa"
+
+
 def candidates(name: str, conf: ResolvConf) -> list[str]:
     """Fully qualified names to ask for, in glibc's order (search list and ndots)."""
     if name.endswith("."):
@@ -121,14 +143,14 @@ def candidates(name: str, conf: ResolvConf) -> list[str]:
     return [*searched, name]
 
 
-def build_query(query_id: int, name: str) -> bytes:
+def build_query(query_id: int, name: str, qtype: int = TYPE_A) -> bytes:
     labels = name.rstrip(".").split(".")
     if any(not label or len(label) > 63 for label in labels) or len(name) > 253:
         raise ValueError(f"invalid DNS name {name!r}")
     qname = b"".join(bytes([len(lb)]) + lb.encode("idna") for lb in labels) + b"\0"
     # flags 0x0100: a standard query asking for recursion
     return struct.pack("!HHHHHH", query_id, 0x0100, 1, 0, 0, 0) + qname + \
-        struct.pack("!HH", TYPE_A, CLASS_IN)
+        struct.pack("!HH", qtype, CLASS_IN)
 
 
 def _skip_name(msg: bytes, pos: int) -> int:
@@ -149,12 +171,10 @@ def _skip_name(msg: bytes, pos: int) -> int:
     raise ValueError("too many labels")
 
 
-def parse_answer(msg: bytes, query_id: int) -> tuple[int, list[str]] | None:
-    """(rcode, IPv4 addresses) of a reply to query_id; None if it is not one, or malformed.
-
-    Every A record of the answer section is taken: a recursive server's answer holds the
-    whole CNAME chain, and the question was for A records only.
-    """
+def _records(msg: bytes, query_id: int, wanted: int) -> tuple[int, list[int]] | None:
+    """(rcode, offsets of the rdata of every IN record of type `wanted` in the answer
+    section) of a reply to query_id; None if it is not one, or malformed. rdata runs to
+    the record's end, which the caller's decoding must not pass."""
     if len(msg) < 12:
         return None
     rid, flags, qdcount, ancount = struct.unpack_from("!HHHH", msg)
@@ -164,7 +184,7 @@ def parse_answer(msg: bytes, query_id: int) -> tuple[int, list[str]] | None:
         pos = 12
         for _ in range(qdcount):
             pos = _skip_name(msg, pos) + 4
-        addrs = []
+        found = []
         for _ in range(ancount):
             pos = _skip_name(msg, pos)
             if pos + 10 > len(msg):
@@ -173,12 +193,64 @@ def parse_answer(msg: bytes, query_id: int) -> tuple[int, list[str]] | None:
             pos += 10
             if pos + rdlength > len(msg):
                 raise ValueError("truncated rdata")
-            if rtype == TYPE_A and rclass == CLASS_IN and rdlength == 4:
-                addrs.append(socket.inet_ntoa(msg[pos:pos + 4]))
+            if rtype == wanted and rclass == CLASS_IN and (rtype != TYPE_A or rdlength == 4):
+                found.append(pos)
             pos += rdlength
     except ValueError:
         return None
-    return flags & 0x000F, addrs
+    return flags & 0x000F, found
+
+
+def parse_answer(msg: bytes, query_id: int) -> tuple[int, list[str]] | None:
+    """(rcode, IPv4 addresses) of a reply to query_id; None if it is not one, or malformed.
+
+    Every A record of the answer section is taken: a recursive server's answer holds the
+    whole CNAME chain, and the question was for A records only.
+    """
+    got = _records(msg, query_id, TYPE_A)
+    if got is None:
+        return None
+    return got[0], [socket.inet_ntoa(msg[pos:pos + 4]) for pos in got[1]]
+
+
+def parse_ptr_answer(msg: bytes, query_id: int) -> tuple[int, list[str]] | None:
+    """(rcode, names) of the PTR records of a reply to query_id; None if it is not one,
+    or malformed. A name that cannot be read is left out."""
+    got = _records(msg, query_id, TYPE_PTR)
+    if got is None:
+        return None
+    names = []
+    for pos in got[1]:
+        try:
+            names.append(read_name(msg, pos))
+        except ValueError:
+            continue
+    return got[0], names
+
+
+def read_name(msg: bytes, pos: int) -> str:
+    """The (possibly compressed) name at pos, dotted, without the root's dot; ValueError
+    if malformed (a pointer loop, a label past the message, a bad label type)."""
+    labels: list[str] = []
+    for _ in range(_MAX_POINTERS):
+        while True:
+            if pos >= len(msg):
+                raise ValueError("name runs past the message")
+            length = msg[pos]
+            if length & 0xC0 == 0xC0:
+                if pos + 2 > len(msg):
+                    raise ValueError("truncated name pointer")
+                pos = int.from_bytes(msg[pos:pos + 2], "big") & 0x3FFF
+                break
+            if length & 0xC0:
+                raise ValueError("bad label type")
+            if length == 0:
+                return ".".join(labels)
+            if pos + 1 + length > len(msg):
+                raise ValueError("label runs past the message")
+            labels.append(msg[pos + 1:pos + 1 + length].decode("latin-1"))
+            pos += 1 + length
+    raise ValueError("too many pointers")
 
 
 def _is_ipv4(text: str) -> bool:
@@ -279,13 +351,17 @@ def _open_sockets(vantage: Vantage, servers: tuple[str, ...]) -> list[socket.soc
     return socks
 
 
-def _ask(socks: list[socket.socket], name: str, conf: ResolvConf) -> tuple[int, list[str]] | None:
+Parse = Callable[[bytes, int], "tuple[int, list[str]] | None"]
+
+
+def _ask(socks: list[socket.socket], name: str, conf: ResolvConf, qtype: int = TYPE_A,
+         parse: Parse = parse_answer) -> tuple[int, list[str]] | None:
     """Ask each server in turn, `attempts` rounds; the first usable answer, or None."""
     for _ in range(conf.attempts):
         for sock in socks:
             query_id = random.getrandbits(16)
             try:
-                sock.send(build_query(query_id, name))
+                sock.send(build_query(query_id, name, qtype))
             except OSError:
                 continue
             deadline = time.monotonic() + conf.timeout_s
@@ -293,7 +369,7 @@ def _ask(socks: list[socket.socket], name: str, conf: ResolvConf) -> tuple[int, 
                 if not select.select([sock], [], [], left)[0]:
                     break
                 try:
-                    answer = parse_answer(sock.recv(MAX_UDP_ANSWER), query_id)
+                    answer = parse(sock.recv(MAX_UDP_ANSWER), query_id)
                 except OSError:  # ICMP port unreachable: nobody listens there
                     break
                 if answer is not None:
@@ -335,6 +411,37 @@ def resolve_ipv4(host: str, vantage: Vantage) -> str:
     if definite:
         raise MaceError(f"{host}: Name or service not known")
     raise MaceError(f"{host}: Temporary failure in name resolution")
+
+
+class ReverseResolver:
+    """Hop names as the vantage would find them (traceroute's getnameinfo): its hosts
+    file, then a PTR query to the servers of its resolv.conf, asked from inside its netns
+    (the sockets are opened here, while the run may still enter it). A name is looked
+    up once per run; none found, or one no host name could be, gives None (traceroute
+    prints the address then). Close it when done."""
+
+    def __init__(self, vantage: Vantage) -> None:
+        self._hosts = _read(vantage, "hosts")
+        self._conf = parse_resolv_conf(_read(vantage, "resolv.conf"))
+        self._socks = _open_sockets(vantage, self._conf.nameservers)
+        self._names: dict[str, str | None] = {}
+
+    def __call__(self, addr: str) -> str | None:
+        if addr not in self._names:
+            self._names[addr] = self._lookup(addr)
+        return self._names[addr]
+
+    def _lookup(self, addr: str) -> str | None:
+        name = lookup_hosts_name(self._hosts, addr)
+        if name is None and _is_ipv4(addr):
+            answer = _ask(self._socks, ptr_name(addr), self._conf, TYPE_PTR, parse_ptr_answer)
+            name = answer[1][0] if answer is not None and answer[1] else None
+        return shown_name(name)
+
+    def close(self) -> None:
+        for sock in self._socks:
+            sock.close()
+        self._socks = []
 
 
 def vantage_of(netns: str | None, pid: int | None, netns_path: Path | None) -> Vantage | None:
