@@ -14,10 +14,19 @@ from pathlib import Path
 from mace_tools.probe.netns import entered
 
 
+def _encoded(name: str) -> bytes:
+    return b"".join(bytes([len(label)]) + label.encode("latin-1")
+                    for label in name.split(".")) + b"\0"
+
+
 class FakeDns:
     def __init__(self, netns_path: Path | str, address: str, records: dict[str, str],
-                 forge_first: bool = False) -> None:
+                 forge_first: bool = False, ptr: dict[str, str] | None = None) -> None:
+        """records: name -> IPv4 (A); ptr: IPv4 -> the name its PTR record gives (the
+        in-addr.arpa question is answered; anything else is NXDOMAIN)."""
         self.records = {k.lower(): v for k, v in records.items()}
+        self.ptr = {".".join(reversed(a.split("."))) + ".in-addr.arpa": n
+                    for a, n in (ptr or {}).items()}
         self.forge_first = forge_first  # send one reply with a wrong id before the real one
         self.queries: list[str] = []
         with entered(Path(netns_path)):
@@ -46,17 +55,25 @@ class FakeDns:
                 labels.append(query[pos + 1:pos + 1 + query[pos]].decode())
                 pos += 1 + query[pos]
             question = query[12:pos + 5]
+            qtype = struct.unpack_from("!H", query, pos + 1)[0]
             name = ".".join(labels).lower()
             self.queries.append(name)
-            addr = self.records.get(name)
-            flags = 0x8180 if addr else 0x8183  # response, RD+RA; rcode 0 or NXDOMAIN
-            answer = b""
-            if addr:
-                answer = struct.pack("!HHHIH", 0xC00C, 1, 1, 60, 4) + socket.inet_aton(addr)
-            header = struct.pack("!HHHHHH", qid, flags, 1, 1 if addr else 0, 0, 0)
+            answer = self._answer(name, qtype)
+            flags = 0x8180 if answer else 0x8183  # response, RD+RA; rcode 0 or NXDOMAIN
+            header = struct.pack("!HHHHHH", qid, flags, 1, 1 if answer else 0, 0, 0)
             if self.forge_first:
                 self.forge_first = False
                 forged = struct.pack("!HHHHHH", qid ^ 1, 0x8180, 1, 1, 0, 0) + question + \
                     struct.pack("!HHHIH", 0xC00C, 1, 1, 60, 4) + socket.inet_aton("198.18.9.9")
                 self.sock.sendto(forged, peer)
             self.sock.sendto(header + question + answer, peer)
+
+    def _answer(self, name: str, qtype: int) -> bytes:
+        """The answer record (its name a pointer to the question's), or b"" for none."""
+        if qtype == 12 and name in self.ptr:
+            rdata = _encoded(self.ptr[name])
+            return struct.pack("!HHHIH", 0xC00C, 12, 1, 60, len(rdata)) + rdata
+        addr = self.records.get(name) if qtype == 1 else None
+        if addr:
+            return struct.pack("!HHHIH", 0xC00C, 1, 1, 60, 4) + socket.inet_aton(addr)
+        return b""
