@@ -215,16 +215,18 @@ def parse_answer(msg: bytes, query_id: int) -> tuple[int, list[str]] | None:
 
 def parse_ptr_answer(msg: bytes, query_id: int) -> tuple[int, list[str]] | None:
     """(rcode, names) of the PTR records of a reply to query_id; None if it is not one,
-    or malformed. A name that cannot be read is left out."""
+    or malformed. A name that cannot be read, or the root, is left out."""
     got = _records(msg, query_id, TYPE_PTR)
     if got is None:
         return None
     names = []
     for pos in got[1]:
         try:
-            names.append(read_name(msg, pos))
+            name = read_name(msg, pos)
         except ValueError:
             continue
+        if name:  # the root names no host
+            names.append(name)
     return got[0], names
 
 
