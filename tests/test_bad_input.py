@@ -152,6 +152,9 @@ TRACEROUTE_NUMBERS = [
     (["--bogus=1"], "Bad option `--bogus=1' (with arg `1') (argc 7)"),
     (["-q"], "Option `-q' (argc 7) requires an argument: `-q nqueries'"),
     (["-I", "-O", "foo"], "`foo' (argc 9): arguments are not allowed"),
+    (["-T", "-O", "ecn"], "-O ecn: not supported: mace's TCP probes are plain SYNs, with the "
+                          "mace tag as payload and no TCP options, matched by their SYN-ACK "
+                          "or RST"),
     (["-M", "dccp"], "method `dccp' not supported: DCCP probes: the kernel programs match "
                      "only ICMP, UDP and TCP probes"),
     (["-A"], "-A: not supported: AS path lookups ask a routing registry's whois server on "

@@ -264,10 +264,14 @@ def method_of(name: str) -> str:
 def method_options(method: str, module: str, words: Sequence[str]) -> dict[str, str]:
     """-O words (comma-separated, several -O allowed) for the method: keyword -> value
     ("" for a flag). "help" lists them and exits (MethodHelp). As traceroute, a method
-    without options ignores them all."""
+    without options (default, udp) ignores them all; tcp's are not supported."""
     keywords = [w for word in words for w in word.split(",") if w]
     if "help" in keywords:
         raise MethodHelp(method, module)
+    if method == TCP and keywords:
+        raise not_supported(f"-O {keywords[0]}", "mace's TCP probes are plain SYNs, with the "
+                            "mace tag as payload and no TCP options, matched by their SYN-ACK "
+                            "or RST")
     known = METHOD_OPTIONS.get(method)
     if known is None:
         return {}
