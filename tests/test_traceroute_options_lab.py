@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 from fake_dns import FakeDns
+from unprivileged import with_capabilities
 
 from mace_tools.lab.topology import Lab, add_namespace, cleanup_prefix, ns_exec, run
 from mace_tools.probe import netns
@@ -32,6 +33,7 @@ from mace_tools.probe.sockets import NOT_PERMITTED
 pytestmark = pytest.mark.lab
 
 PREFIX = f"mo{os.getpid() % 100000}"
+REPO = str(Path(__file__).resolve().parents[1])
 R1, R2 = "198.18.0.2", "198.18.0.6"
 
 
@@ -212,6 +214,22 @@ def test_dont_fragment_stops_at_a_link_too_narrow(lab: Lab, narrow_link: None) -
     assert hop_lines(too_big) == [" 1  * !F-1500 * !F-1500 * !F-1500"]
 
 
+@pytest.mark.parametrize("method", ["-U", "-I"])
+def test_mtu_discovery_without_net_raw(lab: Lab, narrow_link: None, method: str) -> None:
+    """A UDP or ping socket: the local MTU from its error queue's local error, the path's
+    from the frag-needed the error queue holds."""
+    ns = lab.container_ns(0)
+    ns_exec(ns, "sysctl", "-qw", "net.ipv4.ping_group_range=0 2147483647")
+    proc = subprocess.run(
+        ["ip", "netns", "exec", ns, *with_capabilities("bpf", "perfmon"), sys.executable,
+         "-m", "mace_tools.cli.traceroute", "--mtu", "-n", "-w", "1", method, lab.target_addr],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": REPO})
+    assert proc.returncode == 0, proc.stderr
+    lines = hop_lines(proc)
+    assert [line.split()[1] for line in lines] == lab.hop_addrs
+    assert " ms F=1500 " in lines[0] and " ms F=1400 " in lines[2]
+
+
 # --- interface and source ---------------------------------------------------------------------
 
 def test_interface_and_source(lab: Lab) -> None:
@@ -324,16 +342,27 @@ def fake_router() -> Iterator[str]:
 
 @pytest.mark.parametrize("method", ["-U", "-I", "-T"])
 def test_extensions_shown_as_traceroute_does(fake_router: str, method: str) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "mace_tools.cli.traceroute", "--netns", fake_router, method,
-         "-e", "-n", "-m", "1", "-q", "2", "-w", "1", "198.18.4.1"],
-        capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    line = proc.stdout.splitlines()[1]
+    line = run_in(fake_router, method, "-e", "-n", "-m", "1", "-q", "2").splitlines()[1]
     assert line.startswith(" 1  198.18.3.2 <MPLS:L=16001,E=5,S=1,T=1>  "), line
     assert line.count("198.18.3.2") == 1  # same address and extensions: printed once
-    plain = subprocess.run(
-        [sys.executable, "-m", "mace_tools.cli.traceroute", "--netns", fake_router, method,
-         "-n", "-m", "1", "-q", "1", "-w", "1", "198.18.4.1"],
-        capture_output=True, text=True, timeout=60)
-    assert "<" not in plain.stdout  # without -e: none shown
+    assert "<" not in run_in(fake_router, method, "-n", "-m", "1", "-q", "1")
+
+
+def run_in(ns: str, *args: str) -> str:
+    proc = subprocess.run([sys.executable, "-m", "mace_tools.cli.traceroute", "--netns", ns,
+                           "-w", "1", *args, "198.18.4.1"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_extensions_read_from_a_udp_sockets_error_queue(fake_router: str) -> None:
+    """No capability at all: the extensions come from the UDP socket's error queue."""
+    proc = subprocess.run(
+        ["ip", "netns", "exec", fake_router, *with_capabilities(), sys.executable, "-m",
+         "mace_tools.cli.traceroute", "-U", "-e", "-n", "-m", "1", "-q", "1", "-w", "1",
+         "198.18.4.1"], capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": REPO})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[1].startswith(
+        " 1  198.18.3.2 <MPLS:L=16001,E=5,S=1,T=1>  ")
