@@ -222,12 +222,8 @@ class Tracer:
         i = p.start
         while i < self._end():
             place = p.places[i]
-            if i == p.start and place.outcome is None and place.flight is not None:
-                expires = place.flight.probe.sent_mono_ns + self._wait_ns(i)
-                if expires > now:
-                    due = expires
-                else:
-                    place.outcome = HopReply(place.ttl, annotation=place.note, mtu=place.mtu)
+            if i == p.start:
+                due = self._expire(i, now)
             if place.outcome is not None:
                 if i == p.start:
                     p.start += 1
@@ -256,6 +252,18 @@ class Tracer:
         if due is None:
             return POLL_S
         return max(0.0, min(POLL_S, (due - time.monotonic_ns()) / NS_PER_S))
+
+    def _expire(self, index: int, now: int) -> int | None:
+        """Time out place index (the one printed next) if its wait is over; else when it
+        will be (None: it is done, or not sent)."""
+        place = self._progress.places[index]
+        if place.outcome is not None or place.flight is None:
+            return None
+        expires = place.flight.probe.sent_mono_ns + self._wait_ns(index)
+        if expires > now:
+            return expires
+        place.outcome = HopReply(place.ttl, annotation=place.note, mtu=place.mtu)
+        return None
 
     def _wait_ns(self, index: int) -> int:
         places = self._progress.places

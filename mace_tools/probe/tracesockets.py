@@ -87,6 +87,14 @@ def tune(sock: socket.socket, opts: SocketOptions, port: int = 0, *,
     """Set sock up as traceroute's tune_socket() does, in its order and its words; bound
     to opts.source (or any address) and port (any_port: or, where it is taken, to one
     the kernel picks)."""
+    tune_socket_level(sock, opts)
+    _bind(sock, opts.source or "0.0.0.0", port, any_port)
+    tune_ip(sock, opts)
+
+
+def tune_socket_level(sock: socket.socket, opts: SocketOptions) -> None:
+    """The part of tune() before bind(): SO_DEBUG (-d), SO_MARK (--fwmark), the device
+    (-i)."""
     if opts.debug:
         _setsockopt(sock, socket.SOL_SOCKET, socket.SO_DEBUG, 1, "SO_DEBUG")
     if opts.fwmark:
@@ -94,8 +102,6 @@ def tune(sock: socket.socket, opts: SocketOptions, port: int = 0, *,
     if opts.device is not None:
         _setsockopt(sock, socket.SOL_SOCKET, socket.SO_BINDTODEVICE,
                     opts.device.encode() + b"\0", "SO_BINDTODEVICE")
-    _bind(sock, opts.source or "0.0.0.0", port, any_port)
-    tune_ip(sock, opts)
 
 
 def tune_ip(sock: socket.socket, opts: SocketOptions) -> None:
@@ -335,15 +341,8 @@ class PingTraceSocket:
         self.ident = self.ping.ident
         self._pending: deque[ErrorMessage] = deque()  # read while looking for an MTU
         try:
-            if opts.debug:
-                _setsockopt(self.ping.sock, socket.SOL_SOCKET, socket.SO_DEBUG, 1,
-                            "SO_DEBUG")
-            if opts.fwmark:
-                _setsockopt(self.ping.sock, socket.SOL_SOCKET, SO_MARK, opts.fwmark,
-                            "SO_MARK")
-            if opts.device is not None:
-                _setsockopt(self.ping.sock, socket.SOL_SOCKET, socket.SO_BINDTODEVICE,
-                            opts.device.encode() + b"\0", "SO_BINDTODEVICE")
+            # bound already (to -s): the device is set after, which a datagram socket takes
+            tune_socket_level(self.ping.sock, opts)
             tune_ip(self.ping.sock, opts)
         except BaseException:
             self.ping.close()
