@@ -234,6 +234,8 @@ class HopReply:
     annotation: str = ""
     host_internal: bool = False  # answered from inside the container host (README)
     reached: bool = False
+    ext: str = ""  # the answer's ICMP extensions as traceroute -e prints them (RFC 4884)
+    mtu: int = 0  # --mtu: the MTU this probe was sent again for (traceroute's F=MTU)
 
 
 @dataclass(slots=True)

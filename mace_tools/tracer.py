@@ -6,10 +6,18 @@ before each answer is correlated (correlate.py), and on every turn. A hop whose 
 came from inside the container host (the request never left the host's netns, e.g. hop 1,
 the bridge) is marked host-internal: its correction is taken at the prober's own device,
 as the outer device never saw it.
+
+The plan is traceroute's: one place per probe (nqueries per hop, hop by hop); up to -N
+probes not done at once, -z apart; only the first place not done can time out, after
+the wait tracewait.py computes (-w MAX,HERE,NEAR); a probe that timed out stays a `*`,
+whatever comes later; a hop is handed to the sink once all its places are done, in
+order, and never again. --mtu sends a place again, smaller, when the probe was too big
+for the path ("F=MTU" on it, as traceroute prints).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import time
@@ -30,28 +38,39 @@ from mace_tools.model import (
     Reply,
     TraceResult,
 )
+from mace_tools.probe.icmpext import describe_extensions
 from mace_tools.probe.sockets import NOT_PERMITTED, NotPermitted
 from mace_tools.probe.trace import (
+    DEFAULT_RAW_PROTOCOL,
+    HEADER_LEN,
     ICMP,
+    IP_HEADER_LEN,
+    MIN_PAYLOAD,
     PROTO_NUMBERS,
+    RAW,
     TCP,
     UDP,
     Answer,
     ProbeFactory,
     annotation,
+    final,
     parse_answer,
 )
 from mace_tools.probe.tracesockets import (
+    MessageTooBig,
     PingTraceSocket,
     RawSocket,
+    SocketOptions,
     TraceSocket,
     UdpSocket,
 )
 from mace_tools.session import EventSourceFactory, Session, new_nonce
+from mace_tools.tracewait import WaitSpec, probe_wait_s
 
 NS_PER_S = 1_000_000_000
-DEFAULT_PORTS = {UDP: 33434, TCP: 80, ICMP: 0}
-POLL_S = 0.02  # the longest wait for an answer: also the granularity of -w and -z
+DEFAULT_PORTS = {UDP: 33434, TCP: 80, ICMP: 0, RAW: 0}
+UDP_FIXED_PORT = 53  # -U: traceroute's "udp" method probes the DNS port
+POLL_S = 0.02  # the longest wait between turns (kernel events are drained every turn)
 
 
 @dataclass(slots=True)
@@ -61,13 +80,27 @@ class TraceOptions:
     first_ttl: int = 1
     max_ttl: int = 30
     nqueries: int = 3
-    wait_s: float = 5.0
+    wait_s: float = 5.0  # -w MAX
     simultaneous: int = 16
     port: int | None = None
     sendwait_s: float = 0.0
     size: int = 60
     paris: bool = False
     netns_path: Path | None = None
+    here: float = 0.0  # -w HERE and NEAR (tracewait.py; 0: not used)
+    near: float = 0.0
+    fixed_port: bool = False  # -U: every UDP probe to one port (53 unless -p)
+    protocol: int = DEFAULT_RAW_PROTOCOL  # the RAW method's (-P)
+    first_seq: int = 1  # -I: the first probe's ICMP seq (-p)
+    sport: int | None = None  # --sport (UDP and TCP)
+    sockets: SocketOptions = field(default_factory=SocketOptions)
+    mtu: bool = False  # --mtu: shrink the probes to the path's MTU, say where (F=MTU)
+    extensions: bool = False  # -e: ICMP extensions of the answers (RFC 4884)
+    icmp_socket: str = ""  # -I: "raw" or "dgram" only (-O), "" raw else dgram
+
+    @property
+    def wait(self) -> WaitSpec:
+        return WaitSpec(self.wait_s, self.here, self.near)
 
 
 class TraceSink(Protocol):
@@ -80,18 +113,32 @@ class _InFlight:
     probe: Probe
     ttl: int
     quote_key: bytes
+    index: int = -1  # its place in the plan (-1: none)
     events: list[KernelEvent] = field(default_factory=list)
     outcome: HopReply | None = None
 
 
 @dataclass(slots=True)
-class _Progress:
-    """Where a trace stands: its plan of probes, how far sending and printing got."""
+class _Place:
+    """One probe's place in the plan: the probe sent for it (the last one: --mtu sends
+    again), and its outcome once done."""
 
-    plan: list[int]  # the TTL of each probe, in sending order (probe n is plan[n - 1])
-    last_ttl: int  # -m, lowered when the destination answers
+    ttl: int
+    flight: _InFlight | None = None
+    outcome: HopReply | None = None
+    note: str = ""  # " F=MTU": --mtu found this probe too big, and sent it again smaller
+    mtu: int = 0
+
+
+@dataclass(slots=True)
+class _Progress:
+    """Where a trace stands: its places, how far printing got, what may be sent."""
+
+    places: list[_Place]  # nqueries per hop, from -f to -m
+    last_ttl: int  # -m, lowered when an answer ends the trace
     printed: int  # the last hop handed to the sink
-    sent: int = 0  # probes sent so far
+    start: int = 0  # the first place not done: the only one that can time out
+    next_number: int = 1  # the next probe's number (-I: its ICMP seq)
     last_send: int = 0  # CLOCK_MONOTONIC ns
 
 
@@ -118,16 +165,19 @@ class Tracer:
         self.ident = os.getpid() & 0xFFFF
         self._flight: dict[int, _InFlight] = {}  # probe number -> probe
         self._by_quote: dict[bytes, int] = {}
-        self._progress = _Progress(
-            [ttl for ttl in range(opts.first_ttl, opts.max_ttl + 1)
-             for _ in range(opts.nqueries)], opts.max_ttl, opts.first_ttl - 1)
+        places = [_Place(ttl) for ttl in range(opts.first_ttl, opts.max_ttl + 1)
+                  for _ in range(opts.nqueries)]
+        first_number = opts.first_seq if opts.method == ICMP else 1
+        self._progress = _Progress(places, opts.max_ttl, opts.first_ttl - 1,
+                                   next_number=first_number & 0xFFFF)
 
     def run(self) -> TraceResult:
         opts = self.opts
         with Session(opts.netns_path, self._nonce_asked, after_setup=self._after_setup,
                      events_factory=self._backend_factory) as session:
-            socks, src = session.open_sockets(lambda: _open_sockets(opts.method, self.ident),
-                                              opts.dst_addr)
+            socks, src = session.open_sockets(lambda: _open_sockets(opts, self.ident),
+                                              opts.dst_addr, opts.sockets.device,
+                                              opts.sockets.source)
             # a ping socket's requests carry the kernel's id; a UDP socket's port may be
             # another where the run's was taken
             self.ident, sport = socks[0].ident, socks[0].sport
@@ -135,9 +185,10 @@ class Tracer:
             self.nonce = session.open_events(self._add_event, path=True,
                                              udp=opts.method == UDP, tcp=opts.method == TCP,
                                              errors=True)
-            port = opts.port if opts.port is not None else DEFAULT_PORTS[opts.method]
             self.factory = ProbeFactory(opts.method, self.nonce, src, opts.dst_addr,
-                                        opts.size, port, sport, self.ident, opts.paris)
+                                        opts.size, _port(opts), sport, self.ident,
+                                        opts.paris, fixed_port=opts.fixed_port,
+                                        protocol=opts.protocol)
             result = TraceResult(self.nonce, src, source=session.source)
             session.ready()
             self.sink.start(src)
@@ -153,55 +204,141 @@ class Tracer:
                      lambda fd: self._receive(by_fd[fd], session, session.ns))
         result.end_real_ns = time.clock_gettime_ns(time.CLOCK_REALTIME)
 
+    def _end(self) -> int:
+        """The places to go through: up to the last hop (lowered by a final answer)."""
+        p = self._progress
+        return (p.last_ttl - self.opts.first_ttl + 1) * self.opts.nqueries
+
     def _turn(self, session: Session, send_sock: TraceSocket,
               result: TraceResult) -> float | None:
-        """Send what the plan allows, time out what waited too long, hand every finished
-        hop to the sink; None once the last hop is printed, else how long to wait."""
-        p = self._progress
+        """traceroute's do_it() loop: from the first place not done, time it out if its
+        wait is over, send what is not sent (up to -N not done, -z apart), hand every
+        finished hop to the sink; None once the last hop is printed, else how long to
+        wait for what is due next."""
+        p, opts = self._progress, self.opts
+        now = time.monotonic_ns()
+        due: int | None = None  # when the next thing is due (CLOCK_MONOTONIC ns)
+        waiting = 0
+        i = p.start
+        while i < self._end():
+            place = p.places[i]
+            if i == p.start:
+                due = self._expire(i, now)
+            if place.outcome is not None:
+                if i == p.start:
+                    p.start += 1
+                i += 1
+                continue
+            if place.flight is None:
+                next_send = p.last_send + int(opts.sendwait_s * NS_PER_S)
+                if p.last_send and opts.sendwait_s and next_send > now:
+                    due = next_send if due is None else min(due, next_send)
+                    break
+                self._send_place(send_sock, i, session.lost())
+                p.last_send = now = time.monotonic_ns()
+                if place.flight is None:
+                    continue  # --mtu made it smaller: send it again now
+                if place.outcome is not None:
+                    continue  # refused as too big (-F): done, as traceroute's "!F-MTU"
+            if due is None:
+                due = place.flight.probe.sent_mono_ns + self._wait_ns(i)
+            waiting += 1
+            if waiting >= opts.simultaneous:
+                break
+            i += 1
+        self._emit_hops(result)
         if p.printed >= p.last_ttl:
             return None
-        now = time.monotonic_ns()
-        while self._can_send(now):
-            p.sent += 1
-            self._send(send_sock, p.sent, p.plan[p.sent - 1], session.lost())
-            p.last_send = now = time.monotonic_ns()
-        wait_ns = int(self.opts.wait_s * NS_PER_S)
-        for f in self._flight.values():
-            if f.outcome is None and now - f.probe.sent_mono_ns >= wait_ns:
-                f.outcome = HopReply(f.ttl)
-        self._emit_hops(result)
-        return None if p.printed >= p.last_ttl else POLL_S
+        if due is None:
+            return POLL_S
+        return max(0.0, min(POLL_S, (due - time.monotonic_ns()) / NS_PER_S))
 
-    def _can_send(self, now: int) -> bool:
-        """The next probe of the plan may go: its hop is not past the destination, fewer
-        than -N are waiting, and -z has passed since the last."""
+    def _expire(self, index: int, now: int) -> int | None:
+        """Time out place index (the one printed next) if its wait is over; else when it
+        will be (None: it is done, or not sent)."""
+        place = self._progress.places[index]
+        if place.outcome is not None or place.flight is None:
+            return None
+        expires = place.flight.probe.sent_mono_ns + self._wait_ns(index)
+        if expires > now:
+            return expires
+        place.outcome = HopReply(place.ttl, annotation=place.note, mtu=place.mtu)
+        return None
+
+    def _wait_ns(self, index: int) -> int:
+        places = self._progress.places
+        return int(probe_wait_s(self.opts.wait, self._rtt_s, index, len(places),
+                                self.opts.nqueries) * NS_PER_S)
+
+    def _rtt_s(self, index: int) -> float | None:
+        """ProbeRtt (tracewait.py) of place index."""
+        place = self._progress.places[index]
+        if place.flight is None:
+            return None
+        m = place.outcome.measurement if place.outcome is not None else None
+        return m.rtt_raw_ns / NS_PER_S if m is not None else 0.0
+
+    def _send_place(self, sock: TraceSocket, index: int, lost: int) -> None:
+        """Send a probe for place index (a new number each time: --mtu sends again)."""
         p = self._progress
-        outstanding = sum(1 for f in self._flight.values() if f.outcome is None)
-        return (p.sent < len(p.plan) and p.plan[p.sent] <= p.last_ttl
-                and outstanding < self.opts.simultaneous
-                and now - p.last_send >= self.opts.sendwait_s * NS_PER_S)
+        place = p.places[index]
+        number = p.next_number
+        p.next_number = (number + 1) & 0xFFFF
+        try:
+            place.flight = self._send(sock, number, place.ttl, lost)
+        except MessageTooBig as exc:
+            self._too_big(index, exc.mtu)
+            return
+        place.flight.index = index
+
+    def _too_big(self, index: int, mtu: int) -> None:
+        """The kernel refused the probe as longer than the device's MTU (DF: -F, --mtu):
+        --mtu shrinks the probes and sends this one again (F=MTU); -F ends the trace here,
+        as traceroute's "!F-MTU"."""
+        place = self._progress.places[index]
+        place.flight = None
+        if self.opts.mtu and self._shrink(mtu):
+            place.note, place.mtu = f" F={mtu}", mtu
+            return
+        place.outcome = HopReply(place.ttl, annotation=f" !F-{mtu}")
+        self._progress.last_ttl = min(self._progress.last_ttl, place.ttl)
+
+    def _shrink(self, mtu: int) -> bool:
+        """--mtu: probes from now on fit mtu, if that is smaller and can hold a probe (as
+        traceroute: header_len <= mtu < packet length)."""
+        header = IP_HEADER_LEN + HEADER_LEN[self.opts.method]
+        if not header + MIN_PAYLOAD <= mtu < self.factory.packet_len:
+            return False
+        self.factory.resize(mtu)
+        return True
 
     def _add_event(self, ev: KernelEvent) -> None:
         f = self._flight.get(ev.seq)
         if f is not None:
             f.events.append(ev)
 
-    def _send(self, sock: TraceSocket, number: int, ttl: int, lost: int = 0) -> None:
-        """lost: the backend's lost-events count now (a change by the answer: incomplete)."""
+    def _send(self, sock: TraceSocket, number: int, ttl: int, lost: int = 0) -> _InFlight:
+        """lost: the backend's lost-events count now (a change by the answer: incomplete).
+        MessageTooBig if the kernel refused it (-F); a send that fails otherwise ends the
+        run, except where traceroute goes on: EHOSTUNREACH (the answer, if any, says
+        more)."""
         tp = self.factory.build(number)
         probe = Probe(number, 0, 0, lost)
-        self._flight[number] = _InFlight(probe, ttl, tp.quote_key)
+        flight = self._flight[number] = _InFlight(probe, ttl, tp.quote_key)
         self._by_quote[tp.quote_key] = number
         probe.sent_real_ns = time.clock_gettime_ns(time.CLOCK_REALTIME)
         probe.sent_mono_ns = time.monotonic_ns()
         try:
             sock.send(tp.message, self.opts.dst_addr, ttl)
         except OSError as exc:
-            raise MaceError(f"sendto: {exc.strerror}", exit_code=1) from exc
+            if exc.errno != errno.EHOSTUNREACH:
+                raise MaceError(f"sendto: {exc.strerror}", exit_code=1) from exc
+        return flight
 
     def _receive(self, sock: TraceSocket, session: Session, ns: Namespaces) -> None:
-        """Read every waiting datagram; an answer to a probe becomes its outcome (the
-        first answer: traceroute keeps that one)."""
+        """Read every waiting datagram; an answer to a probe still waiting becomes its
+        outcome (the first answer: traceroute keeps that one; a probe that timed out, or
+        was sent again smaller, takes none)."""
         while (got := sock.recv()) is not None:
             data, recv_real = got
             answer = parse_answer(data, self.factory)
@@ -209,22 +346,54 @@ class Tracer:
             if answer is None or number is None:
                 continue
             f = self._flight[number]
-            if f.outcome is not None and f.outcome.measurement is not None:
-                continue  # a second answer to the same probe: traceroute keeps the first
+            place = self._place(f)
+            if f.outcome is not None or (place is not None and place.outcome is not None):
+                continue  # late: traceroute printed it as it stood, and so do we
+            if place is not None and self._path_mtu(answer, place):
+                continue
             session.drain()
-            complete = session.lost() == f.probe.lost_at_send
-            reply = Reply(number, answer.src, answer.ttl, answer.size, recv_real,
-                          time.monotonic_ns())
-            m = correlate(f.probe, reply, f.events, ns, complete)
-            internal = host_internal(m, ns)
-            if internal:
-                # The outer device never saw this probe: its correction is taken at the
-                # prober's own device, and the hop is labelled so (README).
-                m = correlate(f.probe, reply, f.events, Namespaces(ns.prober, ns.prober),
-                              complete)
-            f.outcome = HopReply(f.ttl, m, annotation(answer), internal, answer.reached)
-            if answer.reached or answer.icmp_type == 3:
+            f.outcome = self._outcome(f, answer, data, recv_real, session, ns)
+            if place is not None:
+                place.outcome = f.outcome
+            if final(answer):
                 self._progress.last_ttl = min(self._progress.last_ttl, f.ttl)
+
+    def _place(self, f: _InFlight) -> _Place | None:
+        """The place f was sent for, if it still stands for it (--mtu may have sent
+        another)."""
+        if f.index < 0:
+            return None
+        place = self._progress.places[f.index]
+        return place if place.flight is f else None
+
+    def _path_mtu(self, answer: Answer, place: _Place) -> bool:
+        """--mtu: a router said "fragmentation needed" for a probe that can shrink to the
+        MTU it gave: the place is sent again, smaller, with F=MTU on it."""
+        if not self.opts.mtu or (answer.icmp_type, answer.icmp_code) != (3, 4):
+            return False
+        if not self._shrink(answer.mtu):
+            return False
+        place.flight = None
+        place.note, place.mtu = f" F={answer.mtu}", answer.mtu
+        return True
+
+    def _outcome(self, f: _InFlight, answer: Answer, data: bytes, recv_real: int,
+                 session: Session, ns: Namespaces) -> HopReply:
+        complete = session.lost() == f.probe.lost_at_send
+        reply = Reply(f.probe.seq, answer.src, answer.ttl, answer.size,
+                      recv_real, time.monotonic_ns())
+        m = correlate(f.probe, reply, f.events, ns, complete)
+        internal = host_internal(m, ns)
+        if internal:
+            # The outer device never saw this probe: its correction is taken at the
+            # prober's own device, and the hop is labelled so (README).
+            m = correlate(f.probe, reply, f.events, Namespaces(ns.prober, ns.prober),
+                          complete)
+        place = self._place(f)
+        note, mtu = (place.note, place.mtu) if place is not None else ("", 0)
+        mark = annotation(answer) or note
+        ext = describe_extensions(data) if self.opts.extensions else ""
+        return HopReply(f.ttl, m, mark, internal, answer.reached, ext=ext, mtu=mtu)
 
     def _number(self, answer: Answer) -> int | None:
         if answer.probe_number is not None:
@@ -233,32 +402,49 @@ class Tracer:
 
     def _emit_hops(self, result: TraceResult) -> None:
         """Hand every hop whose probes are all done to the sink, in order."""
-        p = self._progress
+        p, nq = self._progress, self.opts.nqueries
         while p.printed < p.last_ttl:
             ttl = p.printed + 1
-            probes = [f for f in self._flight.values() if f.ttl == ttl]
-            if len(probes) < self.opts.nqueries or any(f.outcome is None for f in probes):
+            first = (ttl - self.opts.first_ttl) * nq
+            places = p.places[first:first + nq]
+            if any(place.outcome is None for place in places):
                 break
-            replies = [f.outcome for f in sorted(probes, key=lambda f: f.probe.seq)]
+            replies = [place.outcome for place in places]
             result.hops[ttl] = replies  # type: ignore[assignment]
             self.sink.hop(ttl, replies)  # type: ignore[arg-type]
             p.printed = ttl
 
 
-def _open_sockets(method: str, ident: int) -> list[TraceSocket]:
+def _port(opts: TraceOptions) -> int:
+    """The destination port (-p), or the method's default: 33434 and up (default
+    method), 53 (-U), 80 (-T); unused by ICMP and RAW."""
+    if opts.port is not None:
+        return opts.port
+    return UDP_FIXED_PORT if opts.fixed_port else DEFAULT_PORTS[opts.method]
+
+
+def _open_sockets(opts: TraceOptions, ident: int) -> list[TraceSocket]:
     """[send socket, ICMP receive socket if another], created in the current netns: raw
-    where CAP_NET_RAW allows; else, as Linux traceroute unprivileged, a UDP socket (-U)
-    or a ping socket (-I) that reads the ICMP errors from its error queue. TCP SYN
-    probes need a raw socket."""
-    sport = 33000 + (ident % 20000) if method != ICMP else 0
+    where CAP_NET_RAW allows; else, as Linux traceroute unprivileged, a UDP socket (UDP)
+    or a ping socket (-I) that reads the ICMP errors from its error queue. TCP SYN and
+    RAW probes need a raw socket. -I -O raw / -O dgram: that kind only."""
+    method, tune = opts.method, opts.sockets
+    sport = opts.sport if opts.sport is not None else 33000 + (ident % 20000)
+    if method in (ICMP, RAW):
+        sport = 0
+    if method == ICMP and opts.icmp_socket == "dgram":
+        return [_ping_socket(tune)]
     try:
-        send = RawSocket(PROTO_NUMBERS[method], ident, sport)
+        send = RawSocket(PROTO_NUMBERS.get(method, opts.protocol), ident, sport, tune)
     except NotPermitted as exc:
-        if method == TCP:
-            raise MaceError("raw sockets not permitted (TCP SYN probes need one): run as "
-                            "root (or with CAP_NET_RAW), or probe with -U or -I",
-                            exit_code=1) from exc
-        return [UdpSocket(sport, ident)] if method == UDP else [_ping_socket()]
+        if method in (TCP, RAW) or opts.icmp_socket == "raw":
+            what = {TCP: "TCP SYN probes need one", RAW: "-P probes need one"}.get(
+                method, "-O raw asks for one")
+            raise MaceError(f"raw sockets not permitted ({what}): run as root (or with "
+                            "CAP_NET_RAW), or probe with -U or -I", exit_code=1) from exc
+        if method == UDP:
+            return [UdpSocket(sport, ident, tune, fixed=opts.sport is not None)]
+        return [_ping_socket(tune)]
     if method == ICMP:
         return [send]
     try:
@@ -268,8 +454,8 @@ def _open_sockets(method: str, ident: int) -> list[TraceSocket]:
         raise
 
 
-def _ping_socket() -> PingTraceSocket:
+def _ping_socket(tune: SocketOptions) -> PingTraceSocket:
     try:
-        return PingTraceSocket()
+        return PingTraceSocket(tune)
     except NotPermitted as exc:
         raise MaceError(NOT_PERMITTED, exit_code=1) from exc

@@ -13,17 +13,26 @@ from pathlib import Path
 
 from mace_tools.probe.netns import entered
 
-TYPE_A, TYPE_AAAA = 1, 28
+TYPE_A, TYPE_PTR, TYPE_AAAA = 1, 12, 28
+
+
+def _encoded(name: str) -> bytes:
+    return b"".join(bytes([len(label)]) + label.encode("latin-1")
+                    for label in name.split(".")) + b"\0"
 
 
 class FakeDns:
-    """records: name -> its addresses (one, or a list), IPv4 ones answered to A queries and
-    IPv6 ones to AAAA queries; a known name with none of the type asked: an empty answer."""
-
     def __init__(self, netns_path: Path | str, address: str,
-                 records: dict[str, str | list[str]], forge_first: bool = False) -> None:
+                 records: dict[str, str | list[str]], forge_first: bool = False,
+                 ptr: dict[str, str] | None = None) -> None:
+        """records: name -> its addresses (one, or a list), IPv4 ones answered to A
+        queries and IPv6 ones to AAAA queries (a known name with none of the type asked:
+        an empty answer); ptr: IPv4 -> the name its PTR record gives (the in-addr.arpa
+        question is answered; anything else is NXDOMAIN)."""
         self.records = {k.lower(): [v] if isinstance(v, str) else list(v)
                         for k, v in records.items()}
+        self.ptr = {".".join(reversed(a.split("."))) + ".in-addr.arpa": n
+                    for a, n in (ptr or {}).items()}
         self.forge_first = forge_first  # send one reply with a wrong id before the real one
         self.queries: list[str] = []
         with entered(Path(netns_path)):
@@ -55,17 +64,25 @@ class FakeDns:
             qtype = struct.unpack_from("!H", query, pos + 1)[0]
             name = ".".join(labels).lower()
             self.queries.append(name)
-            known = self.records.get(name)
-            family = socket.AF_INET6 if qtype == TYPE_AAAA else socket.AF_INET
-            addrs = [a for a in known or [] if (":" in a) == (family == socket.AF_INET6)]
+            known = name in self.records or (qtype == TYPE_PTR and name in self.ptr)
+            answers = self._answers(name, qtype)
             flags = 0x8180 if known else 0x8183  # response, RD+RA; rcode 0 or NXDOMAIN
-            answer = b"".join(
-                struct.pack("!HHHIH", 0xC00C, qtype, 1, 60, 16 if ":" in a else 4)
-                + socket.inet_pton(family, a) for a in addrs)
-            header = struct.pack("!HHHHHH", qid, flags, 1, len(addrs), 0, 0)
+            header = struct.pack("!HHHHHH", qid, flags, 1, len(answers), 0, 0)
             if self.forge_first:
                 self.forge_first = False
                 forged = struct.pack("!HHHHHH", qid ^ 1, 0x8180, 1, 1, 0, 0) + question + \
                     struct.pack("!HHHIH", 0xC00C, 1, 1, 60, 4) + socket.inet_aton("198.18.9.9")
                 self.sock.sendto(forged, peer)
-            self.sock.sendto(header + question + answer, peer)
+            self.sock.sendto(header + question + b"".join(answers), peer)
+
+    def _answers(self, name: str, qtype: int) -> list[bytes]:
+        """The answer records (each one's name a pointer to the question's)."""
+        if qtype == TYPE_PTR and name in self.ptr:
+            rdata = _encoded(self.ptr[name])
+            return [struct.pack("!HHHIH", 0xC00C, TYPE_PTR, 1, 60, len(rdata)) + rdata]
+        if qtype not in (TYPE_A, TYPE_AAAA):
+            return []
+        family = socket.AF_INET6 if qtype == TYPE_AAAA else socket.AF_INET
+        return [struct.pack("!HHHIH", 0xC00C, qtype, 1, 60, 16 if ":" in a else 4)
+                + socket.inet_pton(family, a)
+                for a in self.records.get(name, []) if (":" in a) == (qtype == TYPE_AAAA)]

@@ -110,27 +110,55 @@ def test_ping_numbers_as_iputils(bad: list[str], message: str,
                        f"mace-ping: {message}", capsys)
 
 
-# As Linux traceroute words them (traceroute.c, its option parser); exit 2.
+# As Linux traceroute 2.1 words them (traceroute.c, its option parser clif.c: the position
+# of the word at fault as `(argc N)`); exit 2. The command line below puts *bad at 7.
 TRACEROUTE_NUMBERS = [
-    (["-w", "nan"], "bad wait specifications `nan' used"),
-    (["-w", "inf"], "bad wait specifications `inf' used"),
-    (["-w", "1e999"], "bad wait specifications `1e999' used"),
-    (["-w", "1e308"], "bad wait specifications `1e308' used"),
-    (["-w", "-1"], "bad wait specifications `-1' used"),
+    (["-w", "-1"], "bad wait specifications `-1,0,0' used"),
+    (["-w", "1,-2"], "bad wait specifications `1,-2,0' used"),
+    (["-w", "5,3,-0.5"], "bad wait specifications `5,3,-0.5' used"),
+    (["-w", "x"], "Cannot handle `-w' option with arg `x' (argc 8)"),
+    (["-w", "1,2,3,4"], "Cannot handle `-w' option with arg `1,2,3,4' (argc 8)"),
+    (["--wait=1,x"], "Cannot handle `--wait' option with arg `1,x' (argc 7)"),
+    # traceroute takes these, then waits forever (or never); refused in its words here
+    (["-w", "nan"], "bad wait specifications `nan,0,0' used"),
+    (["-w", "inf"], "bad wait specifications `inf,0,0' used"),
+    (["-w", "1e999"], "bad wait specifications `inf,0,0' used"),
+    (["-w", "1e308"], "bad wait specifications `1e+308,0,0' used"),
     (["-w", "1,nan,2"], "bad wait specifications `1,nan,2' used"),
     (["-z", "nan"], "bad sendtime `nan' specified"),
     (["-z", "inf"], "bad sendtime `inf' specified"),
     (["-z", "-1"], "bad sendtime `-1' specified"),
+    (["-z", "x"], "Cannot handle `-z' option with arg `x' (argc 8)"),
     (["-m", "256"], "max hops cannot be more than 255"),
     (["-m", "0"], "first hop out of range"),
     (["-f", "0"], "first hop out of range"),
-    (["-f", "2", "-m", "1"], "first hop out of range (-f 2 > -m 1)"),
+    (["-f", "2", "-m", "1"], "first hop out of range"),
+    (["-f", "-1"], "first hop out of range"),  # strtoul: 4294967295
     (["-q", "11"], "no more than 10 probes per hop"),
     (["-q", "0"], "no more than 10 probes per hop"),
-    (["-q", "nan"], "Cannot handle `-q' option with arg `nan'"),
-    (["-f", "99999999999999999999"], "first hop out of range (-f 99999999999999999999 > -m 1)"),
-    (["-N", "0"], "Cannot handle `-N' option with arg `0'"),
-    (["-p", "65536"], "Cannot handle `-p' option with arg `65536'"),
+    (["-q", "0xb"], "no more than 10 probes per hop"),  # base 0: hex
+    (["-q", "013"], "no more than 10 probes per hop"),  # base 0: octal (11)
+    (["-q", "nan"], "Cannot handle `-q' option with arg `nan' (argc 8)"),
+    (["-qnan"], "Cannot handle `-q' option with arg `nan' (argc 7)"),
+    (["--queries=3x"], "Cannot handle `--queries' option with arg `3x' (argc 7)"),
+    (["-f", "99999999999999999999"], "first hop out of range"),
+    (["-N", "x"], "Cannot handle `-N' option with arg `x' (argc 8)"),
+    (["-p", "no-such-service"], "Cannot handle `-p' option with arg `no-such-service' (argc 8)"),
+    (["-t", "x"], "Cannot handle `-t' option with arg `x' (argc 8)"),
+    (["-P", "no-such-protocol"],
+     "Cannot handle `protocol' keyword with arg `no-such-protocol' (argc 8)"),
+    (["-M", "nosuch"], "Unknown traceroute module nosuch"),
+    (["-X"], "Bad option `-X' (argc 7)"),
+    (["--bogus=1"], "Bad option `--bogus=1' (with arg `1') (argc 7)"),
+    (["-q"], "Option `-q' (argc 7) requires an argument: `-q nqueries'"),
+    (["-I", "-O", "foo"], "`foo' (argc 9): arguments are not allowed"),
+    (["-T", "-O", "ecn"], "-O ecn: not supported: mace's TCP probes are plain SYNs, with the "
+                          "mace tag as payload and no TCP options, matched by their SYN-ACK "
+                          "or RST"),
+    (["-M", "dccp"], "method `dccp' not supported: DCCP probes: the kernel programs match "
+                     "only ICMP, UDP and TCP probes"),
+    (["-A"], "-A: not supported: AS path lookups ask a routing registry's whois server on "
+             "the Internet (whois.radb.net), outside the path measured"),
     (["--pid", "99999999999999999999"],
      "Invalid value for '--pid': 99999999999999999999 is not in the range 1<=x<=2147483647."),
 ]
@@ -139,20 +167,31 @@ TRACEROUTE_NUMBERS = [
 @pytest.mark.parametrize(("bad", "message"), TRACEROUTE_NUMBERS)
 def test_traceroute_numbers_as_linux_traceroute(bad: list[str], message: str,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
-    assert_usage_error(traceroute_cli.main, ["-m", "1", "-q", "1", "-w", "0.2", *bad,
-                                             "127.0.0.1"],
-                       f"mace-traceroute: {message}", capsys)
+    argv = ["-m", "1", "-q", "1", "-w", "0.2", *bad, "127.0.0.1"]
+    if bad == ["-q"]:
+        argv = argv[:-1]  # -q last: nothing left for it
+    assert_usage_error(traceroute_cli.main, argv, f"mace-traceroute: {message}", capsys)
 
 
 @pytest.mark.parametrize(("packetlen", "message"), [
     ("70000", "too big packetlen 70000 specified"),
-    ("nan", 'Cannot handle "packetlen" cmdline arg `nan\' on position 2'),
-    ("39", 'Cannot handle "packetlen" cmdline arg `39\' on position 2'),
+    ("0x11171", "too big packetlen 70001 specified"),  # strtol base 0
+    ("nan", 'Cannot handle "packetlen" cmdline arg `nan\' on position 2 (argc 8)'),
 ])
 def test_traceroute_packetlen(packetlen: str, message: str,
                               capsys: pytest.CaptureFixture[str]) -> None:
     assert_usage_error(traceroute_cli.main, ["-m", "1", "-q", "1", "-w", "0.2", "127.0.0.1",
                                              packetlen], f"mace-traceroute: {message}", capsys)
+
+
+def test_traceroute_extra_argument(capsys: pytest.CaptureFixture[str]) -> None:
+    assert_usage_error(traceroute_cli.main, ["127.0.0.1", "60", "70"],
+                       "mace-traceroute: Extra arg `70' (position 3, argc 3)", capsys)
+
+
+def test_traceroute_needs_a_host(capsys: pytest.CaptureFixture[str]) -> None:
+    assert_usage_error(traceroute_cli.main, ["-q", "1"],
+                       'mace-traceroute: Specify "host" missing argument.', capsys)
 
 
 @pytest.fixture(scope="module")

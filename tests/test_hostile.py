@@ -317,8 +317,8 @@ def test_running_ping_holds_no_capability(lab: Lab) -> None:
 @pytest.mark.lab
 def test_running_traceroute_holds_no_capability(lab: Lab) -> None:
     status, out, err, code = _status_after(
-        lab, ["mace_tools.cli.traceroute", "-I", "--netns", lab.container_ns(0), "-q", "1",
-         lab.target_addr], "traceroute to ")
+        lab, ["mace_tools.cli.traceroute", "-I", "-n", "--netns", lab.container_ns(0), "-q",
+              "1", lab.target_addr], "traceroute to ")
     assert (status["CapEff"], status["CapPrm"], status["NoNewPrivs"]) == ("0" * 16,) * 2 + ("1",)
     assert code == 0, err
     assert re.search(rf"^ 2  {re.escape(lab.target_addr)}  \S+ ms  corrected=[0-9.]+$", out,

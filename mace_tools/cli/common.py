@@ -7,6 +7,7 @@ import math
 import re
 import socket
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -41,8 +42,11 @@ AgentOption = Annotated[str | None, typer.Option(
 
 
 def run_app(app: typer.Typer, prog: str, argv: list[str] | None = None,
-            errors: tuple[type[Exception], ...] = ()) -> int:
-    """Run app; MaceError and `errors` print `prog: message` and exit 2 (or their code)."""
+            errors: tuple[type[Exception], ...] = (),
+            usage: Callable[[ClickException], str] | None = None) -> int:
+    """Run app; MaceError and `errors` print `prog: message` and exit 2 (or their code).
+    usage: words a refused command line as the tool being replaced does (default:
+    click's words)."""
     command = typer.main.get_command(app)
     try:
         # Without standalone mode click returns (not raises) the code of typer.Exit.
@@ -54,7 +58,7 @@ def run_app(app: typer.Typer, prog: str, argv: list[str] | None = None,
         print(f"{prog}: {exc}", file=sys.stderr)
         return getattr(exc, "exit_code", 2)
     except ClickException as exc:  # bad option or value: one line, as ping's usage errors
-        print(f"{prog}: {exc.format_message()}", file=sys.stderr)
+        print(f"{prog}: {usage(exc) if usage else exc.format_message()}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130

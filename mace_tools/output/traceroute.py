@@ -1,8 +1,9 @@
 """mace-traceroute output: traceroute text with corrected times appended, RIPE Atlas
 traceroute JSON, NDJSON per hop.
 
-Text keeps Linux traceroute's line shape (` 1  198.18.1.1  0.412 ms  0.390 ms  0.401 ms`,
-`*` for timeouts, `!H !N !P !X` marks) and appends the corrected times as one token that
+Text keeps Linux traceroute's line shape (` 1  gw.lan (198.18.1.1)  0.412 ms  0.390 ms
+0.401 ms`, with -n ` 1  198.18.1.1  ...`; `*` for timeouts, `!H !N !P !X ...` marks,
+`<MPLS:...>` for -e, `F=MTU` for --mtu) and appends the corrected times as one token that
 no traceroute parser takes for a probe time (no " ms" after each value):
 ` 1  198.18.1.1  0.412 ms  0.390 ms  0.401 ms  corrected=0.010,0.011,0.012 host-internal`
 (`-` where a reply had no kernel data, `*` for a timeout).
@@ -12,35 +13,72 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from typing import IO, Any
 
 from mace_tools import __version__
-from mace_tools.model import HopReply, TraceResult
+from mace_tools.model import HopReply, Measurement, TraceResult
 from mace_tools.output.atlas import FW, reply_record
 
-_ERR = {" !H": "H", " !N": "N", " !P": "P", " !X": "A", " !F": "F", " !S": "S"}
+_ERR = {"!X": "A"}  # RIPE Atlas' letter for "administratively prohibited"
+# An address's name (reverse DNS, hosts), None where it has none; None for -n: numeric.
+NameOf = Callable[[str], "str | None"]
 
 
 def header(dst_name: str, dst_addr: str, max_ttl: int, size: int) -> str:
     return f"traceroute to {dst_name} ({dst_addr}), {max_ttl} hops max, {size} byte packets"
 
 
-def hop_line(ttl: int, replies: list[HopReply]) -> str:
-    out, last_addr, corrected = f"{ttl:2d} ", None, []
+def ttl2hops(ttl: int) -> int:
+    """Hops back from an answer's TTL, guessing it started at 64, 128 or 255 (--back)."""
+    return (65 if ttl <= 64 else 129 if ttl <= 128 else 256) - ttl
+
+
+def _address(addr: str, name_of: NameOf | None) -> str:
+    """` ADDR` with -n, else ` NAME (ADDR)`, the address standing in for a missing name,
+    as traceroute prints it."""
+    if name_of is None:
+        return f" {addr}"
+    return f" {name_of(addr) or addr} ({addr})"
+
+
+def _same_source(a: HopReply, b: HopReply, back: bool) -> bool:
+    """traceroute prints the address again when it, the extensions or (--back) the
+    answer's TTL differ from the last answered probe's."""
+    assert a.measurement is not None and b.measurement is not None
+    return a.measurement.src == b.measurement.src and a.ext == b.ext and \
+        (not back or a.measurement.ttl == b.measurement.ttl)
+
+
+def hop_line(ttl: int, replies: list[HopReply], name_of: NameOf | None = None,
+             back: bool = False) -> str:
+    out, last, corrected = f"{ttl:2d} ", None, []
     for r in replies:
         m = r.measurement
         if m is None:
-            out += " *"
+            out += f" *{r.annotation}"
             corrected.append("*")
             continue
-        if m.src != last_addr:
-            out += f" {m.src}"
-            last_addr = m.src
+        if last is None or not _same_source(last, r, back):
+            out += _source(ttl, r, m, name_of, back)
+        last = r
         out += f"  {m.rtt_raw_ns / 1e6:.3f} ms{r.annotation}"
         corrected.append("-" if m.rtt_corrected_ns is None else f"{m.rtt_corrected_ns / 1e6:.3f}")
     out += f"  corrected={','.join(corrected)}"
     if any(r.host_internal for r in replies):
         out += " host-internal"
+    return out
+
+
+def _source(ttl: int, r: HopReply, m: Measurement, name_of: NameOf | None,
+            back: bool) -> str:
+    """Who answered, as traceroute prints it: address (and name), <extensions>, and
+    with --back '-N' where the way back seems N hops long, not ttl."""
+    out = _address(m.src, name_of)
+    if r.ext:
+        out += f" <{r.ext}>"
+    if back and m.ttl and ttl2hops(m.ttl) != ttl:
+        out += f" '-{ttl2hops(m.ttl)}'"
     return out
 
 
@@ -53,8 +91,13 @@ def hop_record(ttl: int, replies: list[HopReply]) -> dict[str, Any]:
         rec = reply_record(r.measurement)
         rec = {"from": rec.pop("srcaddr"), "rtt": rec.pop("rtt"),
                "size": r.measurement.icmp_bytes, **rec, "host_internal": r.host_internal}
-        if r.annotation.strip():
-            rec["err"] = _ERR.get(r.annotation, r.annotation.strip(" !"))
+        mark = r.annotation.strip()
+        if mark.startswith("!"):
+            rec["err"] = _ERR.get(mark, mark[1:])
+        if r.mtu:
+            rec["mtu"] = r.mtu
+        if r.ext:
+            rec["ext"] = r.ext
         results.append(rec)
     return {"hop": ttl, "result": results}
 
@@ -82,10 +125,14 @@ class TraceOutput:
     """Text, JSON or NDJSON, as the run goes."""
 
     def __init__(self, mode: str, *, dst_name: str, dst_addr: str, method: str, max_ttl: int,
-                 size: int, paris: bool, out: IO[str] | None = None) -> None:
+                 size: int, paris: bool, out: IO[str] | None = None,
+                 name_of: NameOf | None = None, back: bool = False) -> None:
+        """size: the probes' IP packet length; name_of: hop names for the text (None:
+        numeric, -n); back: --back."""
         self.mode, self.dst_name, self.dst_addr = mode, dst_name, dst_addr
         self.method, self.max_ttl, self.size, self.paris = method, max_ttl, size, paris
         self.out = out or sys.stdout
+        self.name_of, self.back = name_of, back
         self.hops: list[dict[str, Any]] = []
 
     def _write(self, line: str) -> None:
@@ -98,7 +145,7 @@ class TraceOutput:
 
     def hop(self, ttl: int, replies: list[HopReply]) -> None:
         if self.mode == "text":
-            self._write(hop_line(ttl, replies))
+            self._write(hop_line(ttl, replies, self.name_of, self.back))
         elif self.mode == "ndjson":
             self._write(json.dumps({"type": "hop", **hop_record(ttl, replies)}))
         else:

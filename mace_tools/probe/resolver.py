@@ -10,7 +10,10 @@ following glibc's rules for search lists, ndots, timeout and attempts. The addre
 put in glibc's RFC 6724 order, of which the rules that decide between one host's
 addresses are kept: an address the netns has no route to comes last (rule 1), then IPv6
 before IPv4 (rule 6, the default precedence table), else the order the answer gave.
-Replies are parsed defensively: a malformed or foreign answer is ignored, never trusted.
+The reverse (hop names): /etc/hosts, then PTR records of in-addr.arpa, asked the same way
+(ReverseResolver). Replies are parsed defensively: a malformed or foreign answer is
+ignored, never trusted, and a name with characters no host name has (a hostile server's
+terminal escapes) is not shown.
 
 The measured party's files are hostile input too (we run as root, they are theirs): they
 are opened with openat2(RESOLVE_IN_ROOT) below its root, so an absolute or `..` symlink
@@ -33,16 +36,18 @@ import socket
 import stat
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mace_tools.errors import MaceError
 from mace_tools.kernel import native
 from mace_tools.probe import netns as netns_mod
+from mace_tools.probe.hopnames import shown_name
 
 DNS_PORT = 53
-TYPE_A, TYPE_AAAA, CLASS_IN = 1, 28, 1
-_RDATA = {TYPE_A: (socket.AF_INET, 4), TYPE_AAAA: (socket.AF_INET6, 16)}
+TYPE_A, TYPE_PTR, TYPE_AAAA, CLASS_IN = 1, 12, 28, 1
+_ADDRESS_RDATA = {TYPE_A: (socket.AF_INET, 4), TYPE_AAAA: (socket.AF_INET6, 16)}
 RCODE_NXDOMAIN = 3
 MAX_UDP_ANSWER = 4096
 # glibc's defaults (resolv.conf(5))
@@ -54,6 +59,7 @@ MAX_NAMESERVERS = 3
 MAX_FILE_BYTES = 1 << 20
 _CONFINED = native.RESOLVE_IN_ROOT | native.RESOLVE_NO_MAGICLINKS
 _RESOLVE_RETRIES = 3  # RESOLVE_IN_ROOT answers EAGAIN when a rename races a ".." walk
+_MAX_POINTERS = 128  # compression pointers followed in one name: a loop ends there
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +126,22 @@ def lookup_hosts(text: str, name: str, family: int | None = 4) -> list[str]:
     return found
 
 
+def lookup_hosts_name(text: str, addr: str) -> str | None:
+    """The name /etc/hosts gives addr (the first line's canonical name), as glibc's
+    gethostbyaddr finds it."""
+    wanted = socket.inet_aton(addr)
+    for line in text.splitlines():
+        words = line.split("#", 1)[0].split()
+        if len(words) >= 2 and _is_ipv4(words[0]) and socket.inet_aton(words[0]) == wanted:
+            return words[1]
+    return None
+
+
+def ptr_name(addr: str) -> str:
+    """The in-addr.arpa name whose PTR record names addr."""
+    return ".".join(reversed(addr.split("."))) + ".in-addr.arpa"
+
+
 def candidates(name: str, conf: ResolvConf) -> list[str]:
     """Fully qualified names to ask for, in glibc's order (search list and ndots)."""
     if name.endswith("."):
@@ -158,13 +180,10 @@ def _skip_name(msg: bytes, pos: int) -> int:
     raise ValueError("too many labels")
 
 
-def parse_answer(msg: bytes, query_id: int, qtype: int = TYPE_A) -> tuple[int, list[str]] | None:
-    """(rcode, addresses) of a reply to query_id; None if it is not one, or malformed.
-
-    Every record of the type asked for (A or AAAA) in the answer section is taken: a
-    recursive server's answer holds the whole CNAME chain.
-    """
-    family, rdata_len = _RDATA[qtype]
+def _records(msg: bytes, query_id: int, wanted: int) -> tuple[int, list[int]] | None:
+    """(rcode, offsets of the rdata of every IN record of type `wanted` in the answer
+    section) of a reply to query_id; None if it is not one, or malformed. rdata runs to
+    the record's end, which the caller's decoding must not pass."""
     if len(msg) < 12:
         return None
     rid, flags, qdcount, ancount = struct.unpack_from("!HHHH", msg)
@@ -174,7 +193,7 @@ def parse_answer(msg: bytes, query_id: int, qtype: int = TYPE_A) -> tuple[int, l
         pos = 12
         for _ in range(qdcount):
             pos = _skip_name(msg, pos) + 4
-        addrs = []
+        found = []
         for _ in range(ancount):
             pos = _skip_name(msg, pos)
             if pos + 10 > len(msg):
@@ -183,12 +202,78 @@ def parse_answer(msg: bytes, query_id: int, qtype: int = TYPE_A) -> tuple[int, l
             pos += 10
             if pos + rdlength > len(msg):
                 raise ValueError("truncated rdata")
-            if rtype == qtype and rclass == CLASS_IN and rdlength == rdata_len:
-                addrs.append(socket.inet_ntop(family, msg[pos:pos + rdata_len]))
+            if rtype == wanted and rclass == CLASS_IN and \
+                    rdlength == _ADDRESS_RDATA.get(rtype, (0, rdlength))[1]:
+                found.append(pos)
             pos += rdlength
     except ValueError:
         return None
-    return flags & 0x000F, addrs
+    return flags & 0x000F, found
+
+
+def parse_answer(msg: bytes, query_id: int, qtype: int = TYPE_A) -> tuple[int, list[str]] | None:
+    """(rcode, addresses) of a reply to query_id; None if it is not one, or malformed.
+
+    Every record of the type asked for (A or AAAA) in the answer section is taken: a
+    recursive server's answer holds the whole CNAME chain.
+    """
+    got = _records(msg, query_id, qtype)
+    if got is None:
+        return None
+    family, size = _ADDRESS_RDATA[qtype]
+    return got[0], [socket.inet_ntop(family, msg[pos:pos + size]) for pos in got[1]]
+
+
+Parse = Callable[[bytes, int], "tuple[int, list[str]] | None"]  # a reply -> (rcode, found)
+
+
+def _parse_aaaa(msg: bytes, query_id: int) -> tuple[int, list[str]] | None:
+    return parse_answer(msg, query_id, TYPE_AAAA)
+
+
+ADDRESS_QUESTIONS: dict[int, Parse] = {TYPE_A: parse_answer, TYPE_AAAA: _parse_aaaa}
+
+
+def parse_ptr_answer(msg: bytes, query_id: int) -> tuple[int, list[str]] | None:
+    """(rcode, names) of the PTR records of a reply to query_id; None if it is not one,
+    or malformed. A name that cannot be read, or the root, is left out."""
+    got = _records(msg, query_id, TYPE_PTR)
+    if got is None:
+        return None
+    names = []
+    for pos in got[1]:
+        try:
+            name = read_name(msg, pos)
+        except ValueError:
+            continue
+        if name:  # the root names no host
+            names.append(name)
+    return got[0], names
+
+
+def read_name(msg: bytes, pos: int) -> str:
+    """The (possibly compressed) name at pos, dotted, without the root's dot; ValueError
+    if malformed (a pointer loop, a label past the message, a bad label type)."""
+    labels: list[str] = []
+    for _ in range(_MAX_POINTERS):
+        while True:
+            if pos >= len(msg):
+                raise ValueError("name runs past the message")
+            length = msg[pos]
+            if length & 0xC0 == 0xC0:
+                if pos + 2 > len(msg):
+                    raise ValueError("truncated name pointer")
+                pos = int.from_bytes(msg[pos:pos + 2], "big") & 0x3FFF
+                break
+            if length & 0xC0:
+                raise ValueError("bad label type")
+            if length == 0:
+                return ".".join(labels)
+            if pos + 1 + length > len(msg):
+                raise ValueError("label runs past the message")
+            labels.append(msg[pos + 1:pos + 1 + length].decode("latin-1"))
+            pos += 1 + length
+    raise ValueError("too many pointers")
 
 
 def _family(text: str) -> int | None:
@@ -295,13 +380,14 @@ def _open_sockets(vantage: Vantage, servers: tuple[str, ...]) -> list[socket.soc
 
 
 def _ask(socks: list[socket.socket], name: str, conf: ResolvConf,
-         qtypes: tuple[int, ...]) -> dict[int, tuple[int, list[str]]]:
-    """Ask each server in turn, `attempts` rounds, for every type at once (as glibc asks
-    for A and AAAA together, one timeout for both); the usable answers, by type."""
+         questions: dict[int, Parse]) -> dict[int, tuple[int, list[str]]]:
+    """Ask each server in turn, `attempts` rounds, every question (a type, and how its
+    answer is read) at once, as glibc asks for A and AAAA together, one timeout for all;
+    the usable answers, by type."""
     answers: dict[int, tuple[int, list[str]]] = {}
     for _ in range(conf.attempts):
         for sock in socks:
-            pending = _send_queries(sock, name, [q for q in qtypes if q not in answers])
+            pending = _send_queries(sock, name, [q for q in questions if q not in answers])
             deadline = time.monotonic() + conf.timeout_s
             while pending and (left := deadline - time.monotonic()) > 0:
                 if not select.select([sock], [], [], left)[0]:
@@ -311,10 +397,10 @@ def _ask(socks: list[socket.socket], name: str, conf: ResolvConf,
                 except OSError:  # ICMP port unreachable: nobody listens there
                     break
                 for query_id, qtype in list(pending.items()):
-                    if (answer := parse_answer(message, query_id, qtype)) is not None:
+                    if (answer := questions[qtype](message, query_id)) is not None:
                         answers[qtype] = answer
                         del pending[query_id]
-            if len(answers) == len(qtypes):
+            if len(answers) == len(questions):
                 return answers
     return answers
 
@@ -366,7 +452,7 @@ def resolve_all(host: str, vantage: Vantage) -> list[str]:
     try:
         definite = True  # every name got "no such name" (or no record), not silence
         for name in names:
-            answers = _ask(socks, name, conf, (TYPE_A, TYPE_AAAA))
+            answers = _ask(socks, name, conf, ADDRESS_QUESTIONS)
             addresses = []
             for qtype in (TYPE_A, TYPE_AAAA):  # as glibc: found if either type is
                 answer = answers.get(qtype)
@@ -427,6 +513,38 @@ def _routable(address: str) -> bool:
         except OSError:
             return False
     return True
+
+
+class ReverseResolver:
+    """Hop names as the vantage would find them (traceroute's getnameinfo): its hosts
+    file, then a PTR query to the servers of its resolv.conf, asked from inside its netns
+    (the sockets are opened here, while the run may still enter it). A name is looked
+    up once per run; none found, or one no host name could be, gives None (traceroute
+    prints the address then). Close it when done."""
+
+    def __init__(self, vantage: Vantage) -> None:
+        self._hosts = _read(vantage, "hosts")
+        self._conf = parse_resolv_conf(_read(vantage, "resolv.conf"))
+        self._socks = _open_sockets(vantage, self._conf.nameservers)
+        self._names: dict[str, str | None] = {}
+
+    def __call__(self, addr: str) -> str | None:
+        if addr not in self._names:
+            self._names[addr] = self._lookup(addr)
+        return self._names[addr]
+
+    def _lookup(self, addr: str) -> str | None:
+        name = lookup_hosts_name(self._hosts, addr)
+        if name is None and _is_ipv4(addr):
+            answer = _ask(self._socks, ptr_name(addr), self._conf,
+                          {TYPE_PTR: parse_ptr_answer}).get(TYPE_PTR)
+            name = answer[1][0] if answer is not None and answer[1] else None
+        return shown_name(name)
+
+    def close(self) -> None:
+        for sock in self._socks:
+            sock.close()
+        self._socks = []
 
 
 def vantage_of(netns: str | None, pid: int | None, netns_path: Path | None) -> Vantage | None:

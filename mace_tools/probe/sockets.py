@@ -31,6 +31,7 @@ import errno
 import socket
 import struct
 import time
+from collections.abc import Callable
 from typing import NamedTuple
 
 from mace_tools.errors import MaceError
@@ -62,6 +63,7 @@ RECV_BUFFER = 1 << 20  # room for a flood's replies while we drain kernel events
 SOL_IP = 0
 IP_RECVERR = 11
 IP_RECVTTL = 12  # the reply's TTL, as an IP_TTL control message (an int)
+SO_EE_ORIGIN_LOCAL = 1
 SO_EE_ORIGIN_ICMP = 2
 _TTL = struct.Struct("=i")
 # struct sock_extended_err, then the offender (struct sockaddr_in: family, port, address)
@@ -224,6 +226,11 @@ class PingSocket(IcmpSocket):
     def ident(self) -> int:
         return self._ident
 
+    @property
+    def local(self) -> bytes:
+        """The packed address it is bound to (0.0.0.0 unless a source was given)."""
+        return self._local
+
     def filter_replies(self, nonce: bytes | None) -> None:
         """Nothing to do: the kernel queues on a ping socket only echo replies whose id
         is its own (ping_rcv looks the socket up by it), and errors about its own
@@ -355,10 +362,12 @@ class ErrorMessage(NamedTuple):
     at: int  # kernel receive time of the error, CLOCK_REALTIME ns
 
 
-def read_error(sock: socket.socket) -> ErrorMessage | None:
+def read_error(sock: socket.socket,
+               on_local: Callable[[int, int], None] | None = None) -> ErrorMessage | None:
     """The next ICMP error in the error queue of a socket with IP_RECVERR (a ping or UDP
     socket), as reported by the router (or host) that sent it; None when the queue is
-    empty. Errors of local origin are skipped (sendto() raised them)."""
+    empty. Errors of local origin are skipped (sendto() raised them), after on_local
+    (errno, info) if given: a "message too long" carries the MTU that refused it."""
     while True:
         try:
             quoted, ancdata, _flags, addr = sock.recvmsg(
@@ -366,6 +375,8 @@ def read_error(sock: socket.socket) -> ErrorMessage | None:
         except OSError:  # EAGAIN: the queue is empty
             return None
         at, ttl, extended = _controls(ancdata)
+        if extended is not None and extended[1] == SO_EE_ORIGIN_LOCAL and on_local:
+            on_local(extended[0], extended[5])
         if extended is None or extended[1] not in (SO_EE_ORIGIN_ICMP, SO_EE_ORIGIN_ICMP6):
             continue
         _errno, _origin, icmp_type, code, _pad, info, _data, offender = extended

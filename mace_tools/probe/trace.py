@@ -4,12 +4,18 @@ Every probe's payload starts with the run nonce and the probe number (the eBPF s
 matches on it at every device). Answers only ever quote the IP header and the first 8
 bytes of L4 (RFC 792), so each probe is remembered by those 8 bytes, its *quote key*,
 which must differ between the probes of one run:
-- UDP: source port constant; classic mode varies the destination port (base + probe, as
-  traceroute); --paris holds both ports constant and makes the UDP checksum the probe's
+- UDP: source port constant; the default method varies the destination port (33434 for
+  the first probe sent, then one more per probe, as traceroute); -U (`udp` method) holds
+  it at one port (53) and the UDP checksum, which covers the probe number, tells the
+  probes apart; --paris holds both ports constant and makes the checksum the probe's
   identifier (2 payload bytes are chosen for it, as paris-traceroute does).
-- ICMP: id constant, seq = probe number; --paris also holds the ICMP checksum constant
-  (2 payload bytes compensate the seq), so flow hashes over type/code/checksum stay put.
+- ICMP: id constant, seq = probe number (traceroute's -p sets the first); --paris also
+  holds the ICMP checksum constant (2 payload bytes compensate the seq), so flow hashes
+  over type/code/checksum stay put.
 - TCP SYN: both ports constant (-p, default 80), seq = base + probe number: one flow.
+- RAW (-P PROTO): the IP header and our payload only, of protocol PROTO; the payload
+  starts with the probe number, so the 8 quoted bytes tell the probes apart. The kernel
+  programs match only ICMP, UDP and TCP probes: these get no corrected time.
 Parsing never raises: foreign or malformed packets give None.
 """
 
@@ -21,9 +27,13 @@ from dataclasses import dataclass
 
 from mace_tools.probe.icmp import ICMP_ECHO, NONCE_LEN, checksum
 
-UDP, TCP, ICMP = "UDP", "TCP", "ICMP"
+UDP, TCP, ICMP, RAW = "UDP", "TCP", "ICMP", "RAW"
 PROTO_NUMBERS = {ICMP: socket.IPPROTO_ICMP, TCP: socket.IPPROTO_TCP, UDP: socket.IPPROTO_UDP}
+DEFAULT_RAW_PROTOCOL = 253  # RFC 3692's, for experiments: traceroute's default for -P
+HEADER_LEN = {UDP: 8, TCP: 20, ICMP: 8, RAW: 0}  # the L4 header each probe carries
+IP_HEADER_LEN = 20
 TAG_LEN = NONCE_LEN + 2  # nonce + probe number
+MIN_PAYLOAD = TAG_LEN + 2  # the tag and the 2 bytes --paris adjusts
 _TCP_SYN = 0x02
 _TCP_RST = 0x04
 _TCP_ACK = 0x10
@@ -52,26 +62,44 @@ def _compensate(total_without: int, wanted_checksum: int) -> int:
     return (x & 0xFFFF) + (x >> 16)
 
 
+def packet_len(method: str, size: int) -> int:
+    """The IP packet a probe really is for traceroute's packet_len `size`: the IP and L4
+    headers and at least MIN_PAYLOAD bytes (what the header line says)."""
+    header = IP_HEADER_LEN + HEADER_LEN[method]
+    return header + max(MIN_PAYLOAD, size - header)
+
+
 class ProbeFactory:
-    """Builds one run's probes; payload = nonce, probe number, 2 adjustable bytes, fill."""
+    """Builds one run's probes; payload = nonce, probe number, 2 adjustable bytes, fill.
+    fixed_port: -U, every UDP probe to `port`; protocol: the RAW method's IP protocol."""
 
     def __init__(self, method: str, nonce: bytes, src: str, dst: str, size: int, port: int,
-                 sport: int, ident: int, paris: bool) -> None:
+                 sport: int, ident: int, paris: bool, *, fixed_port: bool = False,
+                 protocol: int = DEFAULT_RAW_PROTOCOL) -> None:
         self.method, self.nonce, self.src, self.dst = method, nonce, src, dst
         self.port, self.sport, self.ident, self.paris = port, sport, ident, paris
-        header = {UDP: 8, TCP: 20, ICMP: 8}[method]
-        # size is the whole IP packet, as traceroute's packetlen: at least the tag + 2
-        self.payload_len = max(TAG_LEN + 2, size - 20 - header)
+        self.fixed_port = fixed_port
+        self.protocol = PROTO_NUMBERS.get(method, protocol)
+        self.resize(size)
+
+    def resize(self, size: int) -> None:
+        """Probes from now on are `size` bytes long (IP packet), or the least they can be
+        (packet_len): --mtu shrinks them to the MTU found."""
+        self.packet_len = packet_len(self.method, size)
+        self.payload_len = self.packet_len - IP_HEADER_LEN - HEADER_LEN[self.method]
 
     def payload(self, number: int, adjust: int = 0) -> bytes:
-        fill = bytes(i & 0xFF for i in range(TAG_LEN + 2, self.payload_len))
+        fill = bytes(i & 0xFF for i in range(MIN_PAYLOAD, self.payload_len))
         return self.nonce + struct.pack("!HH", number, adjust) + fill
 
     def build(self, number: int) -> TraceProbe:
-        return {UDP: self._udp, TCP: self._tcp, ICMP: self._icmp}[self.method](number)
+        return {UDP: self._udp, TCP: self._tcp, ICMP: self._icmp,
+                RAW: self._raw}[self.method](number)
 
     def _udp(self, number: int) -> TraceProbe:
-        dport = self.port if self.paris else (self.port + number) & 0xFFFF
+        # the default method's first probe goes to the base port, as traceroute's
+        fixed = self.paris or self.fixed_port
+        dport = self.port if fixed else (self.port + number - 1) & 0xFFFF
         length = 8 + self.payload_len
         adjust = 0
         if self.paris:  # the checksum identifies the probe: choose the 2 adjustable bytes
@@ -108,6 +136,11 @@ class ProbeFactory:
         head = struct.pack("!BBHHH", ICMP_ECHO, 0, csum, self.ident, number)
         return TraceProbe(number, head + payload, head)
 
+    def _raw(self, number: int) -> TraceProbe:
+        """No L4 header: the number leads, so the 8 bytes an answer quotes differ."""
+        message = struct.pack("!H", number) + self.payload(number)[:self.payload_len - 2]
+        return TraceProbe(number, message, message[:8])
+
 
 @dataclass(frozen=True, slots=True)
 class Answer:
@@ -121,6 +154,7 @@ class Answer:
     icmp_code: int
     size: int
     reached: bool  # the destination answered: the trace ends at this hop
+    mtu: int = 0  # a "fragmentation needed" answer's next-hop MTU (RFC 1191), else 0
 
 
 def parse_answer(datagram: bytes, factory: ProbeFactory) -> Answer | None:
@@ -151,12 +185,14 @@ def parse_answer(datagram: bytes, factory: ProbeFactory) -> Answer | None:
         return None
     if int.from_bytes(quoted[6:8], "big") & 0x1FFF:
         return None  # a later fragment: what follows its header is payload, not L4
-    if quoted[9] != PROTO_NUMBERS[factory.method]:
+    if quoted[9] != factory.protocol:
         return None
     if socket.inet_ntoa(quoted[16:20]) != factory.dst:
         return None
     reached = icmp_type == 3 and src == factory.dst
-    return Answer(bytes(quoted[qihl:qihl + 8]), None, src, ttl, icmp_type, code, len(l4), reached)
+    mtu = int.from_bytes(l4[6:8], "big") if (icmp_type, code) == (3, 4) else 0
+    return Answer(bytes(quoted[qihl:qihl + 8]), None, src, ttl, icmp_type, code, len(l4),
+                  reached, mtu)
 
 
 def _tcp_answer(l4: bytes, src: str, ttl: int, factory: ProbeFactory) -> Answer | None:
@@ -177,11 +213,26 @@ def _tcp_answer(l4: bytes, src: str, ttl: int, factory: ProbeFactory) -> Answer 
     return Answer(None, seq & 0xFFFF, src, ttl, -1, 0, len(l4), True)
 
 
+_UNREACH_MARKS = {0: "!N", 6: "!N", 8: "!N", 11: "!N", 1: "!H", 7: "!H", 12: "!H",
+                  9: "!X", 10: "!X", 13: "!X", 2: "!P", 5: "!S", 14: "!V", 15: "!C"}
+
+
 def annotation(answer: Answer) -> str:
-    """traceroute's !H !N !P !X ... marks for unreachable answers (none for port
-    unreachable from the destination, which is the normal end of a UDP trace)."""
-    if answer.icmp_type != 3:
+    """traceroute's marks for an answer that ends the trace (parse_icmp_res there): !N !H
+    !X !P !S !V !C, !F-MTU, !<code> for other unreachables, !<type-code> for a time
+    exceeded that is not "TTL exceeded in transit"; none for port unreachable (the normal
+    end of a UDP trace), a time exceeded in transit, or a TCP or echo answer."""
+    if answer.icmp_type == 11:
+        return "" if answer.icmp_code == 0 else f" !<11-{answer.icmp_code}>"
+    if answer.icmp_type != 3 or answer.icmp_code == 3:
         return ""
-    return {0: " !N", 1: " !H", 2: " !P", 4: " !F", 5: " !S", 9: " !X", 10: " !X",
-            13: " !X"}.get(answer.icmp_code, "" if answer.icmp_code == 3 else
-                           f" !<{answer.icmp_code}>")
+    if answer.icmp_code == 4:
+        return f" !F-{answer.mtu}"
+    return " " + _UNREACH_MARKS.get(answer.icmp_code, f"!<{answer.icmp_code}>")
+
+
+def final(answer: Answer) -> bool:
+    """The answer ends the trace at its hop, as in traceroute: the destination answered,
+    or any error but "TTL exceeded in transit"."""
+    return answer.reached or answer.icmp_type == 3 or \
+        (answer.icmp_type == 11 and answer.icmp_code != 0)

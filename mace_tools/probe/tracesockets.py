@@ -11,12 +11,19 @@ Without it, as Linux traceroute and tracepath do unprivileged:
   net.ipv4.ping_group_range allows: echo replies as datagrams, errors from its error queue.
 Each presents what it reads as the IPv4 datagram a raw ICMP socket would have read (as
 PingSocket does for mace-ping), so a run has one parsing path (trace.parse_answer).
+
+Every socket a run sends from is set up as traceroute's tune_socket() sets its own
+(SocketOptions: -d, --fwmark, -i, -s, -F/--mtu, -t, -r), failing in its words. A probe the
+kernel refuses as too long for the MTU (-F) raises MessageTooBig with that MTU, which the
+kernel reports as a local error on the error queue (IP_RECVERR).
 """
 
 from __future__ import annotations
 
 import errno
 import socket
+from collections import deque
+from dataclasses import dataclass
 from typing import Protocol
 
 from mace_tools.errors import MaceError
@@ -25,6 +32,7 @@ from mace_tools.probe.sockets import (
     IP_RECVTTL,
     SO_TIMESTAMPNS,
     SOL_IP,
+    ErrorMessage,
     NotPermitted,
     PingSocket,
     error_datagram,
@@ -36,6 +44,104 @@ from mace_tools.probe.trace import TAG_LEN
 _UDP_HEADER = 8
 _DROP_BATCH = 64
 _NO_ROOM = (errno.EAGAIN, errno.ENOBUFS, errno.ENOMEM)  # not a pending ICMP error
+# linux/in.h and asm-generic/socket.h values Python 3.11's socket module lacks
+IP_MTU_DISCOVER = 10
+IP_PMTUDISC_DONT, IP_PMTUDISC_DO, IP_PMTUDISC_PROBE = 0, 2, 3
+SO_MARK = getattr(socket, "SO_MARK", 36)
+
+
+class MessageTooBig(Exception):
+    """sendto() refused the probe (EMSGSIZE, -F): mtu is what the kernel said fits (0:
+    it did not say)."""
+
+    def __init__(self, mtu: int) -> None:
+        super().__init__(f"message too long (mtu {mtu})")
+        self.mtu = mtu
+
+
+@dataclass(frozen=True, slots=True)
+class SocketOptions:
+    """What traceroute sets on each socket it sends from (tune_socket): SO_DEBUG (-d),
+    SO_MARK (--fwmark), SO_BINDTODEVICE (-i), the source address (-s), IP_MTU_DISCOVER
+    (probe with DF set for -F and --mtu, else never DF), IP_TOS (-t), SO_DONTROUTE (-r)."""
+
+    device: str | None = None
+    source: str | None = None
+    tos: int = 0
+    dontfrag: bool = False
+    debug: bool = False
+    dontroute: bool = False
+    fwmark: int = 0
+
+
+def _setsockopt(sock: socket.socket, level: int, name: int, value: int | bytes,
+                what: str) -> None:
+    try:
+        sock.setsockopt(level, name, value)
+    except OSError as exc:  # traceroute's error(): perror and exit 1
+        raise MaceError(f"setsockopt {what}: {exc.strerror}", exit_code=1) from exc
+
+
+def tune(sock: socket.socket, opts: SocketOptions, port: int = 0, *,
+         any_port: bool = False) -> None:
+    """Set sock up as traceroute's tune_socket() does, in its order and its words; bound
+    to opts.source (or any address) and port (any_port: or, where it is taken, to one
+    the kernel picks)."""
+    tune_socket_level(sock, opts)
+    _bind(sock, opts.source or "0.0.0.0", port, any_port)
+    tune_ip(sock, opts)
+
+
+def tune_socket_level(sock: socket.socket, opts: SocketOptions) -> None:
+    """The part of tune() before bind(): SO_DEBUG (-d), SO_MARK (--fwmark), the device
+    (-i)."""
+    if opts.debug:
+        _setsockopt(sock, socket.SOL_SOCKET, socket.SO_DEBUG, 1, "SO_DEBUG")
+    if opts.fwmark:
+        _setsockopt(sock, socket.SOL_SOCKET, SO_MARK, opts.fwmark, "SO_MARK")
+    if opts.device is not None:
+        _setsockopt(sock, socket.SOL_SOCKET, socket.SO_BINDTODEVICE,
+                    opts.device.encode() + b"\0", "SO_BINDTODEVICE")
+
+
+def tune_ip(sock: socket.socket, opts: SocketOptions) -> None:
+    """The IP-level part of tune(): DF (-F, --mtu), TOS (-t), SO_DONTROUTE (-r)."""
+    mode = IP_PMTUDISC_PROBE if opts.dontfrag else IP_PMTUDISC_DONT
+    try:
+        sock.setsockopt(SOL_IP, IP_MTU_DISCOVER, mode)
+    except OSError:  # a kernel before 2.6.22 has no PROBE: DO, as traceroute falls back
+        _setsockopt(sock, SOL_IP, IP_MTU_DISCOVER,
+                    IP_PMTUDISC_DO if opts.dontfrag else mode, "IP_MTU_DISCOVER")
+    if opts.tos:
+        _setsockopt(sock, SOL_IP, socket.IP_TOS, opts.tos, "IP_TOS")
+    if opts.dontroute:
+        _setsockopt(sock, socket.SOL_SOCKET, socket.SO_DONTROUTE, 1, "SO_DONTROUTE")
+
+
+def _bind(sock: socket.socket, address: str, port: int, any_port: bool) -> None:
+    try:
+        sock.bind((address, port))
+    except OSError as exc:
+        if any_port and port and exc.errno == errno.EADDRINUSE:
+            _bind(sock, address, 0, False)
+            return
+        raise MaceError(f"bind: {exc.strerror}", exit_code=1) from exc
+
+
+def _local_mtu(sock: socket.socket, keep: deque[ErrorMessage] | None = None) -> int:
+    """The MTU of the local "message too long" error a refused sendto() queued (0: none
+    found). ICMP errors read past on the way go to keep (a socket whose only source of
+    them is its error queue), or are dropped (a raw socket reads them as datagrams)."""
+    found: list[int] = []
+
+    def local(err: int, info: int) -> None:
+        if err == errno.EMSGSIZE:
+            found.append(info)
+
+    while (got := read_error(sock, local)) is not None:
+        if keep is not None:
+            keep.append(got)
+    return found[-1] if found else 0
 
 
 class TraceSocket(Protocol):
@@ -52,9 +158,11 @@ class TraceSocket(Protocol):
 
 
 class RawSocket:
-    """A raw socket of protocol proto; refused (NotPermitted) without CAP_NET_RAW."""
+    """A raw socket of protocol proto; refused (NotPermitted) without CAP_NET_RAW. opts:
+    as traceroute tunes its sockets (SocketOptions)."""
 
-    def __init__(self, proto: int, ident: int = 0, sport: int = 0) -> None:
+    def __init__(self, proto: int, ident: int = 0, sport: int = 0,
+                 opts: SocketOptions | None = None) -> None:
         try:
             self.sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, proto)
         except PermissionError as exc:
@@ -63,19 +171,49 @@ class RawSocket:
         except OSError as exc:
             raise MaceError(f"socket: {exc.strerror}", exit_code=1) from exc
         self.ident, self.sport = ident, sport
-        self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        self.dontfrag = opts is not None and opts.dontfrag
+        try:
+            if opts is not None:
+                tune(self.sock, opts)
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        except BaseException:
+            self.sock.close()
+            raise
         self.sock.setblocking(False)
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
     def send(self, message: bytes, dst: str, ttl: int) -> None:
-        """message: the whole L4 message (a trace.ProbeFactory probe's)."""
+        """message: the whole L4 message (a trace.ProbeFactory probe's). With DF (-F), a
+        probe longer than the device's MTU raises MessageTooBig: IP_RECVERR is on only
+        while it is sent, so that the kernel queues the local error that says the MTU (a
+        raw socket reads the ICMP errors as datagrams: its error queue is not needed)."""
         self.sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
-        self.sock.sendto(message, (dst, 0))
+        if not self.dontfrag:
+            self.sock.sendto(message, (dst, 0))
+            return
+        self.sock.setsockopt(SOL_IP, IP_RECVERR, 1)
+        try:
+            self.sock.sendto(message, (dst, 0))
+        except OSError as exc:
+            if exc.errno != errno.EMSGSIZE:
+                raise
+            raise MessageTooBig(_local_mtu(self.sock)) from exc
+        finally:
+            self.sock.setsockopt(SOL_IP, IP_RECVERR, 0)  # and the queue is purged
 
     def recv(self) -> tuple[bytes, int] | None:
-        return read_datagram(self.sock)
+        """The next datagram, None when none waits. An ICMP error about a probe that
+        left with DF (or while IP_RECVERR was on) is also the socket's pending error,
+        which one read reports instead of a datagram: that read is passed over (the
+        raw ICMP socket has the error itself)."""
+        for _ in range(2):
+            try:
+                return read_datagram(self.sock)
+            except OSError:
+                continue
+        return None
 
     def close(self) -> None:
         self.sock.close()
@@ -107,30 +245,28 @@ class SentHeaders:
 
 class UdpSocket:
     """A UDP socket for the run's probes (module docstring), bound to sport where that
-    port is free (else one the kernel picks: sport says which)."""
+    port is free (else one the kernel picks: sport says which), or failing as
+    traceroute's bind() where the port was asked for (--sport: fixed)."""
 
-    def __init__(self, sport: int, ident: int = 0) -> None:
+    def __init__(self, sport: int, ident: int = 0, opts: SocketOptions | None = None,
+                 fixed: bool = False) -> None:
         self.sock = sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.ident = ident
         self._sent = SentHeaders()
+        self._pending: deque[ErrorMessage] = deque()  # read while looking for an MTU
         try:
             sock.setsockopt(SOL_IP, IP_RECVERR, 1)
             sock.setsockopt(SOL_IP, IP_RECVTTL, 1)  # the error's TTL, as a raw socket reads
             sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
-            self._bind(sport)
+            tune(sock, opts or SocketOptions(), sport, any_port=not fixed)
         except OSError as exc:
             sock.close()
             raise MaceError(f"UDP socket: {exc.strerror}", exit_code=1) from exc
+        except BaseException:
+            sock.close()
+            raise
         self.sport = sock.getsockname()[1]
         sock.setblocking(False)
-
-    def _bind(self, sport: int) -> None:
-        try:
-            self.sock.bind(("0.0.0.0", sport))
-        except OSError as exc:
-            if exc.errno != errno.EADDRINUSE:
-                raise
-            self.sock.bind(("0.0.0.0", 0))
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -148,26 +284,34 @@ class UdpSocket:
         self.sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
         payload = message[_UDP_HEADER:]
         try:
-            self.sock.sendto(payload, socket.MSG_MORE, address)
+            try:
+                self.sock.sendto(payload, socket.MSG_MORE, address)
+            except OSError as exc:
+                if exc.errno in _NO_ROOM:
+                    raise
+                # an earlier probe's ICMP error is also the socket's pending error, reported
+                # once by this call, which sent nothing (as on a ping socket): send again
+                self.sock.sendto(payload, socket.MSG_MORE, address)
         except OSError as exc:
-            if exc.errno in _NO_ROOM:
+            if exc.errno != errno.EMSGSIZE:
                 raise
-            # an earlier probe's ICMP error is also the socket's pending error, reported
-            # once by this call, which sent nothing (as on a ping socket): send again
-            self.sock.sendto(payload, socket.MSG_MORE, address)
+            raise MessageTooBig(_local_mtu(self.sock, self._pending)) from exc
         self.sock.sendto(b"", address)
 
     def recv(self) -> tuple[bytes, int] | None:
         """The next ICMP error about a probe, as a raw ICMP socket reads it; None when none
         waits. Datagrams sent to the port are read and dropped (a raw socket never passes
         them to the run either)."""
-        while (got := read_error(self.sock)) is not None:
+        while (got := self._next_error()) is not None:
             header = self._sent.find(got.quoted, got.port)
             if header is not None:
                 return error_datagram(got.error, bytes(4), got.target, header + got.quoted,
                                       socket.IPPROTO_UDP), got.at
         self._drop_datagrams()
         return None
+
+    def _next_error(self) -> ErrorMessage | None:
+        return self._pending.popleft() if self._pending else read_error(self.sock)
 
     def _drop_datagrams(self) -> None:
         """At most a batch per call: a flood to the port cannot hold the run here (epoll
@@ -191,18 +335,35 @@ class PingTraceSocket:
 
     sport = 0
 
-    def __init__(self) -> None:
-        self.ping = PingSocket()
+    def __init__(self, opts: SocketOptions | None = None) -> None:
+        opts = opts or SocketOptions()
+        self.ping = PingSocket(source=opts.source)  # bound now: the kernel picks the id
         self.ident = self.ping.ident
+        self._pending: deque[ErrorMessage] = deque()  # read while looking for an MTU
+        try:
+            # bound already (to -s): the device is set after, which a datagram socket takes
+            tune_socket_level(self.ping.sock, opts)
+            tune_ip(self.ping.sock, opts)
+        except BaseException:
+            self.ping.close()
+            raise
 
     def fileno(self) -> int:
         return self.ping.fileno()
 
     def send(self, message: bytes, dst: str, ttl: int) -> None:
         self.ping.sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
-        self.ping.send(message, (dst, 0))
+        try:
+            self.ping.send(message, (dst, 0))
+        except OSError as exc:
+            if exc.errno != errno.EMSGSIZE:
+                raise
+            raise MessageTooBig(_local_mtu(self.ping.sock, self._pending)) from exc
 
     def recv(self) -> tuple[bytes, int] | None:
+        if self._pending:
+            got = self._pending.popleft()
+            return error_datagram(got.error, self.ping.local, got.target, got.quoted), got.at
         return self.ping.recv()
 
     def close(self) -> None:
