@@ -30,8 +30,9 @@ import time
 from typing import NamedTuple
 
 from mace_tools.errors import MaceError
-from mace_tools.probe import sockfilter
+from mace_tools.probe import sockfilter, sockopts
 from mace_tools.probe.icmp import ICMP_DEST_UNREACH, ICMP_PARAMETERPROB, checksum
+from mace_tools.probe.sockopts import SocketOptions
 
 SOL_RAW = 255
 ICMP_FILTER = 1
@@ -106,21 +107,27 @@ class IcmpSocket:
     REFUSED = "raw ICMP socket not permitted: run as root (or with CAP_NET_RAW)"
 
     def __init__(self, ttl: int | None = None, device: str | None = None,
-                 source: str | None = None) -> None:
+                 source: str | None = None, extra: SocketOptions | None = None,
+                 ident: int | None = None) -> None:
+        """extra: ping's other socket options (-Q -M -m -S -b -L -d -r); what they
+        warn about is kept in `warnings`. Failures are MaceErrors in ping's words.
+        ident (ping -e): the id a ping socket binds to (a raw socket sends the caller's)."""
+        self._wanted_ident = ident
         self.sock = sock = _open(self.KIND, self.REFUSED)
         try:
             self._set_options()
             sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECV_BUFFER)
-            if ttl is not None:
-                sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
             if device is not None:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device.encode())
+                sockopts.bind_to_device(sock, device)
+            self.warnings = sockopts.apply(sock, extra or SocketOptions(), ttl)
             self._bind(source)
-        except OSError as exc:
+        except OSError as exc:  # bind(): -I ADDR not ours, or the ping socket's id taken
             sock.close()
-            what = f"interface '{device}'" if device else f"address '{source}'" if source else ""
-            raise MaceError(f"cannot use {what or 'socket option'}: {exc.strerror}") from exc
+            raise MaceError(f"bind: {exc.strerror}") from exc
+        except MaceError:
+            sock.close()
+            raise
         sock.setblocking(False)
 
     def _set_options(self) -> None:
@@ -137,20 +144,29 @@ class IcmpSocket:
         caller's."""
         return None
 
-    def filter_replies(self, nonce: bytes | None) -> None:
+    def filter_replies(self, nonce: bytes | None, ident: int | None = None) -> None:
         """Have the kernel drop, before they are queued here, echo replies that do not
         carry this run's nonce and every ICMP type but echo reply and the quoting errors
         (module sockfilter). Pass None for a run whose probes are shorter than the nonce
         (size < 8): their replies do not carry it, so a nonce would drop them all; echo
-        replies then pass on their type. A one-line MaceError if the kernel refuses: the
-        caller may go on without it, since every datagram is still matched after recv()."""
+        replies then pass on their type. ident: echo replies with this ICMP id pass too
+        (a reply that did not echo the payload is still ping's). A one-line MaceError if
+        the kernel refuses: the caller may go on without it, since every datagram is
+        still matched after recv()."""
         try:
-            sockfilter.attach(self.sock, sockfilter.reply_filter(nonce))
+            sockfilter.attach(self.sock, sockfilter.reply_filter(nonce, ident))
         except OSError as exc:
             raise MaceError(f"cannot attach the reply filter: {exc.strerror}") from exc
 
     def fileno(self) -> int:
         return self.sock.fileno()
+
+    def connect(self, dst: str) -> None:
+        """ping -C: connect() the socket to the target, failing in ping's words."""
+        try:
+            self.sock.connect((dst, 0))
+        except OSError as exc:
+            raise MaceError(f"connect failed: {exc.strerror}") from exc
 
     def send(self, message: bytes, dst: str) -> None:
         self.sock.sendto(message, (dst, 0))
@@ -180,7 +196,7 @@ class PingSocket(IcmpSocket):
     def _bind(self, source: str | None) -> None:
         # Bound now (port 0: the kernel picks a free id, as on the first sendto()), the
         # ident is known before any reply or error has to be matched on it.
-        self.sock.bind((source or "0.0.0.0", 0))
+        self.sock.bind((source or "0.0.0.0", self._wanted_ident or 0))
         address, self._ident = self.sock.getsockname()
         self._local = socket.inet_aton(address)  # 0.0.0.0 unless -I gave one
 
@@ -188,7 +204,7 @@ class PingSocket(IcmpSocket):
     def ident(self) -> int:
         return self._ident
 
-    def filter_replies(self, nonce: bytes | None) -> None:
+    def filter_replies(self, nonce: bytes | None, ident: int | None = None) -> None:
         """Nothing to do: the kernel queues on a ping socket only echo replies whose id
         is its own (ping_rcv looks the socket up by it), and errors about its own
         requests, so no other run's replies reach it. (A filter would see the ICMP
@@ -327,15 +343,19 @@ def _rest_of_header(error: QueuedError) -> int:
 
 
 def open_icmp_socket(ttl: int | None = None, device: str | None = None,
-                     source: str | None = None) -> IcmpSocket | PingSocket:
+                     source: str | None = None, extra: SocketOptions | None = None,
+                     ident: int | None = None, raw_only: bool = False
+                     ) -> IcmpSocket | PingSocket:
     """The run's ICMP socket in the current netns: raw where CAP_NET_RAW allows (it
     sends exactly our bytes), else a ping socket where net.ipv4.ping_group_range holds
-    one of our groups (as iputils), else a one-line MaceError saying what would do."""
+    one of our groups (as iputils; not with raw_only: ping -e 0 needs a raw socket), else
+    a one-line MaceError saying what would do."""
     try:
-        return IcmpSocket(ttl, device, source)
+        return IcmpSocket(ttl, device, source, extra, ident)
     except NotPermitted:
-        pass
+        if raw_only:
+            raise MaceError(NOT_PERMITTED) from None
     try:
-        return PingSocket(ttl, device, source)
+        return PingSocket(ttl, device, source, extra, ident)
     except NotPermitted:
         raise MaceError(NOT_PERMITTED) from None
