@@ -8,14 +8,13 @@ libbpf is bound when the run starts, scapy and rich are never imported on this p
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import json
 import os
 import signal
 import socket
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Annotated, NamedTuple
+from typing import Annotated, NamedTuple
 
 import typer
 
@@ -44,9 +43,6 @@ from mace_tools.cli.common import (
 from mace_tools.cli.ping_options import strtoul_or_err
 from mace_tools.errors import MaceError
 from mace_tools.probe.sockopts import PMTUDISC, SocketOptions
-
-if TYPE_CHECKING:
-    from mace_tools.probe.names import Target
 
 PROG = "mace-ping"
 MAX_PAYLOAD = 65507  # 65535 - 20 (IPv4) - 8 (ICMP), as iputils
@@ -189,7 +185,7 @@ def ping(
     _check_user_interval(interval_s)
     site = probe_site(netns, pid, container, runtime)
     target = _target(host, site)
-    multicast = broadcast or ipaddress.IPv4Address(target.addr).is_multicast
+    multicast = broadcast or 224 <= socket.inet_aton(target.addr)[0] <= 239  # 224.0.0.0/4
     sockopts = _multicast_sockopts(extra.sockopts, multicast, interval_s)
     device, source = _split_interface(interface)
     opts = PingOptions(
@@ -263,21 +259,38 @@ def _lookups_disabled(quiet: bool) -> bool:
     return True
 
 
-def _target(host: str, site: ProbeSite) -> Target:
+class _Target(NamedTuple):
+    addr: str
+    name: str  # what ping prints for it: the canonical name, or what was typed
+    literal: bool  # an address was typed: ping shows every sender numerically
+
+
+def _is_literal(host: str) -> bool:
+    """ping's test (inet_aton: the short forms too, 127.1)."""
+    try:
+        socket.inet_aton(host)
+    except OSError:
+        return False
+    return True
+
+
+def _target(host: str, site: ProbeSite) -> _Target:
     """host's address as the probing netns resolves it, and the name ping prints for it
     (probe/names.py). From our own netns one getaddrinfo with AI_CANONNAME gives both,
     as ping's does; an address typed in needs no name."""
-    from mace_tools.probe.names import Target, canonical_name, is_literal
+    if _is_literal(host):  # (nothing more to import: the fast path)
+        return _Target(resolve_ipv4(host, site), host, True)
+    from mace_tools.probe.names import canonical_name
 
-    if is_literal(host) or site.vantage is not None:
+    if site.vantage is not None:
         addr = resolve_ipv4(host, site)
-        return Target(addr, canonical_name(host, addr, site.vantage), is_literal(host))
+        return _Target(addr, canonical_name(host, addr, site.vantage), False)
     try:
         infos = socket.getaddrinfo(host_name_bytes(host), None, socket.AF_INET,
                                    socket.SOCK_RAW, 0, socket.AI_CANONNAME)
     except socket.gaierror as exc:
         raise MaceError(f"{host}: {exc.strerror}") from exc
-    return Target(infos[0][4][0], infos[0][3] or host, False)
+    return _Target(infos[0][4][0], infos[0][3] or host, False)
 
 
 def _check_user_interval(interval_s: float) -> None:

@@ -21,7 +21,6 @@ import select
 import socket
 import struct
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # (resolver is imported only for a vantage: start-up stays light)
@@ -31,13 +30,6 @@ TYPE_PTR = 12
 CLASS_IN = 1
 MAX_UDP_ANSWER = 4096
 MAX_NAME_POINTERS = 64  # a compressed name may not loop forever
-
-
-@dataclass(frozen=True, slots=True)
-class Target:
-    addr: str
-    name: str  # what ping prints for it: the canonical name, or what was typed
-    literal: bool  # an address was typed: ping shows every sender numerically
 
 
 def is_literal(host: str) -> bool:
