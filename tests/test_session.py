@@ -62,7 +62,7 @@ class FakeNet:
     a netns lab)."""
 
     ident = None  # as a raw socket's: the run's own id goes out
-    warnings: list[str] = []  # nothing to say about socket options
+    warnings = ()  # nothing to say about socket options
 
     def __init__(self, log: list[tuple[str, int]], delayed: bool) -> None:
         self.log, self.delayed = log, delayed
