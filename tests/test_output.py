@@ -40,7 +40,7 @@ def test_reply_line() -> None:
 
 def test_reply_line_without_kernel_data_and_duplicate() -> None:
     assert text.reply_line(measurement(corrected=False, dup=True)) == (
-        "64 bytes from 198.18.0.2: icmp_seq=1 ttl=63 time=0.061 ms (DUP!) corrected=none")
+        "64 bytes from 198.18.0.2: icmp_seq=1 ttl=63 time=0.061 ms corrected=none (DUP!)")
 
 
 def test_reply_line_with_timestamp() -> None:

@@ -1,12 +1,14 @@
 """iputils-compatible text, with the mace fields appended.
 
 Parsers of ping output (jc, pingparsing, many scripts) find reply fields by token position,
-so every iputils token stays where iputils puts it and the mace fields come after
-``time=X ms`` (and after iputils' "(DUP!)"-style flags):
+so every iputils token stays where iputils puts it and the mace fields come right after
+``time=X ms``, before iputils' flags ("(DUP!)" and the like), which so end the line as in
+iputils (pingparsing only sees a duplicate whose line ends with "(DUP!)"):
 
     64 bytes from 198.18.0.2: icmp_seq=1 ttl=63 time=0.061 ms corrected=0.003 ms \
         egress=0.016 ms ingress=0.004 ms
     64 bytes from 198.18.0.2: icmp_seq=2 ttl=63 time=0.058 ms corrected=none
+    64 bytes from 198.18.0.2: icmp_seq=2 ttl=63 time=0.059 ms corrected=none (DUP!)
 (one line each; wrapped here). ``corrected=none``: the reply's kernel data was
 incomplete; the raw time stands alone.
 
@@ -85,7 +87,7 @@ def stamp(real_ns: int) -> str:
 def reply_line(m: Measurement, timestamps: bool = False, src: str | None = None,
                ident: int | None = None, precise: bool = False,
                show_dup: bool = True) -> str:
-    """iputils' reply line (gather_statistics), mace fields after its flags. src: the
+    """iputils' reply line (gather_statistics), mace fields before its flags. src: the
     sender as ping names it ("NAME (ADDR)"; default its address); ident: -v's id;
     show_dup False: a broadcast run's duplicates unmarked, as iputils without -v."""
     line = f"{stamp(m.recv_real_ns) if timestamps else ''}{m.icmp_bytes} bytes from " \
@@ -95,11 +97,10 @@ def reply_line(m: Measurement, timestamps: bool = False, src: str | None = None,
     line += f" ttl={m.ttl}"
     if m.truncated:
         return line + " (truncated)"  # iputils stops there: no time, no checks
-    line += f" time={format_ms(m.rtt_raw_ns, precise)} ms"
+    line += f" time={format_ms(m.rtt_raw_ns, precise)} ms {mace_fields(m, precise)}"
     line += " (DUP!)" if m.dup and show_dup else ""
     line += " (BAD CHECKSUM!)" if m.corrupted else ""
     line += " (DIFFERENT ADDRESS!)" if m.other_source else ""
-    line += f" {mace_fields(m, precise)}"
     return line + (wrong_data_lines(m.wrong_data) if m.wrong_data else "")
 
 
