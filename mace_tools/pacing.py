@@ -79,13 +79,15 @@ class Pace:
         self.acked = max(self.acked, number)
 
     def over(self, now: int, transmitted: int, errors: int) -> bool:
-        """iputils' exit checks: the deadline, -c answers (or errors) in, any error with
-        -w, or the last probe's wait over."""
+        """iputils' exit checks: with -w the deadline, any error, or -c answers (or
+        errors) in; else every probe answered, or the last probe's wait over."""
         count = self.plan.count
-        if self.deadline is not None and (now >= self.deadline or errors):
-            return True
-        if count is not None and self.received + errors >= count:
-            return True
+        if self.deadline is not None:
+            # (iputils checks -c answers without -w too; there it can only end the run
+            # before the last probe when a probe got both an error and a reply, which a
+            # forged error could cause: without -w the run waits for its probes instead)
+            return now >= self.deadline or bool(errors) or \
+                (count is not None and self.received + errors >= count)
         if self.more(transmitted):
             return False
         outstanding = transmitted - self.received - errors
