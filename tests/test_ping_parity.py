@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -215,3 +216,59 @@ def test_json_lines(pair: Pair) -> None:
     with pair.drop_replies():  # iputils prints no statistics object without a reply
         lost = pair.ping("-j", "-c", "1", "-W", "0.2", FAR)
     assert lost.stdout == "" and lost.returncode == 1
+
+
+class PtrResponder:
+    """A DNS responder bound to 127.0.0.1:53 inside a netns, answering PTR queries from
+    a table (NXDOMAIN otherwise): the name in its answer points back at the question."""
+
+    def __init__(self, ns: str, names: dict[str, str]) -> None:
+        self.names, self.asked = names, []
+        with netns.entered(Path(f"/run/netns/{ns}")):
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 53))
+        self.sock.settimeout(0.1)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                query, peer = self.sock.recvfrom(512)
+            except TimeoutError:
+                continue
+            labels, pos = [], 12
+            while query[pos]:
+                labels.append(query[pos + 1:pos + 1 + query[pos]].decode())
+                pos += 1 + query[pos]
+            qname = ".".join(labels)
+            self.asked.append(qname)
+            name = self.names.get(qname)
+            head = query[:2] + (b"\x81\x80" if name else b"\x81\x83") + b"\x00\x01" + \
+                (b"\x00\x01" if name else b"\x00\x00") + b"\x00\x00\x00\x00"
+            answer = b""
+            if name:
+                rdata = b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0"
+                answer = b"\xc0\x0c" + struct.pack("!HHIH", 12, 1, 60, len(rdata)) + rdata
+            self.sock.sendto(head + query[12:pos + 5] + answer, peer)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sock.close()
+
+
+def test_reverse_lookup_asks_the_probing_netns_dns(pair: Pair) -> None:
+    """A sender not in A's hosts file is named by a PTR query to A's resolv.conf server,
+    asked inside A (from our own netns, --netns A)."""
+    responder = PtrResponder(pair.a, {"1.97.18.198.in-addr.arpa": "near.ptr.test"})
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "mace_tools.cli.ping", "--netns", pair.a, "-H", "-c", "1",
+             NEAR], capture_output=True, text=True, timeout=30, env={"PYTHONPATH": str(REPO)})
+    finally:
+        responder.close()
+    assert proc.returncode == 0, proc.stderr
+    assert replies(proc.stdout)[0].startswith(f"64 bytes from near.ptr.test ({NEAR}): ")
+    assert responder.asked == ["1.97.18.198.in-addr.arpa"]  # one lookup, cached

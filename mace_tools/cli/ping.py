@@ -7,13 +7,14 @@ libbpf is bound when the run starts, scapy and rich are never imported on this p
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import signal
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Annotated, NamedTuple
 
 import typer
@@ -214,16 +215,16 @@ def ping(
     )
     lookup = (force_lookup and not numeric) or not (
         numeric or flood or target.literal or _lookups_disabled(quiet))
-    sink = make_sink(mode, dst_name=target.name, dst_addr=target.addr, size=numbers.size,
-                     quiet=quiet, timestamps=timestamps, flood=flood, device=device,
-                     bound=source is not None or strict_source,
-                     name_of=_namer(site) if lookup else _address, audible=audible,
-                     verbose=verbose, precise=precise, show_dup=not multicast,
-                     pattern=extra.pattern)
-    sources = event_sources(PROG, agent, site.netns_path, nonce is not None)
-    result = Pinger(opts, sink, nonce=parse_nonce(nonce), backend_factory=sources,
-                    after_setup=drop_privileges).run()
-    sink.finish(result)
+    with _namer(site, lookup) as name_of:
+        sink = make_sink(mode, dst_name=target.name, dst_addr=target.addr, size=numbers.size,
+                         quiet=quiet, timestamps=timestamps, flood=flood, device=device,
+                         bound=source is not None or strict_source, name_of=name_of,
+                         audible=audible, verbose=verbose, precise=precise,
+                         show_dup=not multicast, pattern=extra.pattern)
+        sources = event_sources(PROG, agent, site.netns_path, nonce is not None)
+        result = Pinger(opts, sink, nonce=parse_nonce(nonce), backend_factory=sources,
+                        after_setup=drop_privileges).run()
+        sink.finish(result)
     received = result.tally.received
     wanted = numbers.count
     if received == 0 or (wanted is not None and numbers.deadline_s and received < wanted):
@@ -243,10 +244,20 @@ def _address(addr: str) -> str:
     return addr
 
 
-def _namer(site: ProbeSite) -> Callable[[str], str]:
+@contextlib.contextmanager
+def _namer(site: ProbeSite, lookup: bool) -> Iterator[Callable[[str], str]]:
+    """How senders are shown: by address, or (lookup) as ping names them from the probing
+    netns; set up now, while the run may still enter that netns (probe/names.py)."""
+    if not lookup:
+        yield _address
+        return
     from mace_tools.probe.names import Namer
 
-    return Namer(site.vantage)
+    namer = Namer(site.vantage)
+    try:
+        yield namer
+    finally:
+        namer.close()
 
 
 def _lookups_disabled(quiet: bool) -> bool:

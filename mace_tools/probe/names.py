@@ -16,36 +16,23 @@ reads those files and opens those sockets, confined as for forward lookups).
 
 from __future__ import annotations
 
-import random
-import select
 import socket
 import struct
-import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # (resolver is imported only for a vantage: start-up stays light)
-    from mace_tools.probe.resolver import ResolvConf, Vantage
+    from mace_tools.probe.resolver import Vantage
 
 TYPE_PTR = 12
 CLASS_IN = 1
-MAX_UDP_ANSWER = 4096
 MAX_NAME_POINTERS = 64  # a compressed name may not loop forever
 
 
-def is_literal(host: str) -> bool:
-    """ping's test (inet_aton, which takes the short forms too: 127.1)."""
-    try:
-        socket.inet_aton(host)
-    except OSError:
-        return False
-    return True
-
-
 def canonical_name(host: str, addr: str, vantage: Vantage | None) -> str:
-    """The name ping prints for the target (module docstring) once resolved from a
+    """The name ping prints for a name target (module docstring) once resolved from a
     vantage: the hosts file's canonical name, else the name as typed (a DNS answer's
     CNAME chain is not followed here)."""
-    if is_literal(host) or vantage is None:
+    if vantage is None:
         return host
     from mace_tools.probe import resolver
 
@@ -130,61 +117,58 @@ def parse_ptr_answer(msg: bytes, query_id: int) -> tuple[int, str | None] | None
     return flags & 0x000F, None
 
 
-def _ask_ptr(socks: list[socket.socket], addr: str,
-             conf: ResolvConf) -> str | None:
-    """The PTR name for addr from the first server that answers; None if none does."""
-    for _ in range(conf.attempts):
-        for sock in socks:
-            query_id = random.getrandbits(16)
-            try:
-                sock.send(ptr_query(query_id, addr))
-            except OSError:
-                continue
-            deadline = time.monotonic() + conf.timeout_s
-            while (left := deadline - time.monotonic()) > 0:
-                if not select.select([sock], [], [], left)[0]:
-                    break
-                try:
-                    answer = parse_ptr_answer(sock.recv(MAX_UDP_ANSWER), query_id)
-                except OSError:
-                    break
-                if answer is not None:
-                    return answer[1]  # (no such name: an answer too)
-    return None
+class VantageLookups:
+    """Reverse lookups from a vantage, set up while the run still holds its privileges:
+    its hosts file read and its DNS servers' sockets opened inside its netns now, since
+    once the run has dropped them (after setup, as ping does) it can neither enter that
+    netns nor read a container's files."""
 
+    def __init__(self, vantage: Vantage) -> None:
+        from mace_tools.probe import resolver
 
-def reverse_name(addr: str, vantage: Vantage | None) -> str | None:
-    """The name a reverse lookup of addr gives from vantage (None: ours), or None."""
-    if vantage is None:
-        try:
-            return socket.getnameinfo((addr, 0), socket.NI_NAMEREQD)[0]
-        except OSError:
-            return None
-    from mace_tools.probe import resolver
+        self._hosts = resolver._read(vantage, "hosts")
+        self._conf = resolver.parse_resolv_conf(resolver._read(vantage, "resolv.conf"))
+        self._socks = resolver._open_sockets(vantage, self._conf.nameservers)
 
-    name = hosts_reverse(resolver._read(vantage, "hosts"), addr)
-    if name is not None:
-        return name
-    conf = resolver.parse_resolv_conf(resolver._read(vantage, "resolv.conf"))
-    socks = resolver._open_sockets(vantage, conf.nameservers)
-    try:
-        return _ask_ptr(socks, addr, conf)
-    finally:
-        for sock in socks:
+    def reverse(self, addr: str) -> str | None:
+        """The hosts file's name for addr, else a PTR answer's; None without one."""
+        from mace_tools.probe import resolver
+
+        name = hosts_reverse(self._hosts, addr)
+        if name is not None:
+            return name
+        answer = resolver._ask(self._socks, addr, self._conf, ptr_query, parse_ptr_answer)
+        return None if answer is None else answer[1]  # (no such name: an answer too)
+
+    def close(self) -> None:
+        for sock in self._socks:
             sock.close()
 
 
+def own_reverse(addr: str) -> str | None:
+    """A reverse lookup from our own netns and files: glibc's getnameinfo."""
+    try:
+        return socket.getnameinfo((addr, 0), socket.NI_NAMEREQD)[0]
+    except OSError:
+        return None
+
+
 class Namer:
-    """A sender as ping prints it, "NAME (ADDR)" or "ADDR"; one lookup per address."""
+    """A sender as ping prints it, "NAME (ADDR)" or "ADDR"; one lookup per address.
+    Made before the run (module docstring of VantageLookups); close() when it is over."""
 
     def __init__(self, vantage: Vantage | None) -> None:
-        self._vantage = vantage
+        self._lookups = None if vantage is None else VantageLookups(vantage)
         self._known: dict[str, str] = {}
 
     def __call__(self, addr: str) -> str:
         shown = self._known.get(addr)
         if shown is None:
-            name = reverse_name(addr, self._vantage)
+            name = own_reverse(addr) if self._lookups is None else self._lookups.reverse(addr)
             shown = f"{name} ({addr})" if name and name != addr else addr
             self._known[addr] = shown
         return shown
+
+    def close(self) -> None:
+        if self._lookups is not None:
+            self._lookups.close()

@@ -28,8 +28,10 @@ import socket
 import stat
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from mace_tools.errors import MaceError
 from mace_tools.kernel import native
@@ -279,13 +281,16 @@ def _open_sockets(vantage: Vantage, servers: tuple[str, ...]) -> list[socket.soc
     return socks
 
 
-def _ask(socks: list[socket.socket], name: str, conf: ResolvConf) -> tuple[int, list[str]] | None:
-    """Ask each server in turn, `attempts` rounds; the first usable answer, or None."""
+def _ask(socks: list[socket.socket], name: str, conf: ResolvConf,
+         build: Callable[[int, str], bytes] = build_query,
+         parse: Callable[[bytes, int], Any] = parse_answer) -> Any:
+    """Ask each server in turn, `attempts` rounds; the first usable answer, or None.
+    build and parse: the query and its answer (A records; probe/names.py asks PTR)."""
     for _ in range(conf.attempts):
         for sock in socks:
             query_id = random.getrandbits(16)
             try:
-                sock.send(build_query(query_id, name))
+                sock.send(build(query_id, name))
             except OSError:
                 continue
             deadline = time.monotonic() + conf.timeout_s
@@ -293,7 +298,7 @@ def _ask(socks: list[socket.socket], name: str, conf: ResolvConf) -> tuple[int, 
                 if not select.select([sock], [], [], left)[0]:
                     break
                 try:
-                    answer = parse_answer(sock.recv(MAX_UDP_ANSWER), query_id)
+                    answer = parse(sock.recv(MAX_UDP_ANSWER), query_id)
                 except OSError:  # ICMP port unreachable: nobody listens there
                     break
                 if answer is not None:
