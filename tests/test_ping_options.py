@@ -51,6 +51,7 @@ BAD_VALUES = [
     (["-F", "-1"], "flow value is greater than 20 bits: -1"),
     (["-T", "foo"], "invalid timestamp type: foo"),
     (["-R", "-T", "tsonly"], "only one of -T or -R may be used"),
+    (["-j", "--ndjson"], "-j, --json and --ndjson are mutually exclusive"),
 ]
 
 

@@ -272,3 +272,17 @@ def test_reverse_lookup_asks_the_probing_netns_dns(pair: Pair) -> None:
     assert proc.returncode == 0, proc.stderr
     assert replies(proc.stdout)[0].startswith(f"64 bytes from near.ptr.test ({NEAR}): ")
     assert responder.asked == ["1.97.18.198.in-addr.arpa"]  # one lookup, cached
+
+
+def test_outstanding_probes_with_stamps_even_when_quiet(pair: Pair) -> None:
+    """-O -D -q: iputils prints "no answer yet", stamped, whatever -q keeps back."""
+    with pair.drop_replies():
+        iputils, mace = pair.both("-O", "-D", "-q", "-c", "2", "-i", "0.1", "-W", "0.2", FAR)
+
+    def unstamped(text: str) -> list[str]:
+        return [re.sub(r"^\[\d+\.\d{6}\] ", "[T] ", ln) for ln in text.splitlines()
+                if "no answer" in ln]
+
+    assert unstamped(mace.stdout) == unstamped(iputils.stdout) == \
+        ["[T] no answer yet for icmp_seq=1"]
+    assert mace.returncode == iputils.returncode == 1

@@ -181,6 +181,8 @@ def ping(
     from mace_tools.pinger import Pinger, PingOptions
     from mace_tools.sources import event_sources
 
+    if json_lines and (json_out or ndjson):
+        raise MaceError("-j, --json and --ndjson are mutually exclusive")
     mode = "jsonlines" if json_lines else output_mode(json_out, ndjson)
     interval_s = (0.0 if flood else 1.0) if numbers.interval_s is None else numbers.interval_s
     _check_user_interval(interval_s)

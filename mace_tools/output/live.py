@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Callable
 from typing import IO, Any
 
@@ -127,19 +128,25 @@ class TextSink(_Sink):
             m, self.timestamps, self.name_of(m.src), self.ident if self.verbose else None,
             self.precise, self.show_dup or self.verbose) + bell)
 
+    def _stamp(self) -> str:
+        """-D before a line that is not a reply: iputils stamps it as it prints it."""
+        return text.stamp(time.clock_gettime_ns(time.CLOCK_REALTIME)) if self.timestamps \
+            else ""
+
     def icmp_error(self, seq: int, src: str, text_: str) -> None:
         if self.flood and not self.quiet:
             self._dots("\bE")
         elif not self.quiet:
-            self._write(text.error_line(seq, self.name_of(src), text_))
+            self._write(self._stamp() + text.error_line(seq, self.name_of(src), text_))
 
     def icmp_notice(self, seq: int, src: str, text_: str) -> None:
         if not self.quiet and not self.flood:
-            self._write(text.notice_line(seq, self.name_of(src), text_))
+            self._write(self._stamp() + text.notice_line(seq, self.name_of(src), text_))
 
     def no_answer_yet(self, seq: int) -> None:
-        if not self.quiet and not self.flood:
-            self._write(text.no_answer_line(seq))
+        """-O: as iputils, also with -q (it prints this line whatever else it keeps)."""
+        if not self.flood:
+            self._write(self._stamp() + text.no_answer_line(seq))
 
     def send_error(self, seq: int, text_: str) -> None:
         if self.flood and not self.quiet:
