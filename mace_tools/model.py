@@ -140,7 +140,6 @@ class Measurement:
     truncated: bool = False  # shorter than the probe: "(truncated)"
     wrong_data: WrongData | None = None  # payload not echoed as sent
     other_source: bool = False  # not from the target: "(DIFFERENT ADDRESS!)"
-    number: int = 0  # the probe's number (its seq for probes too short to carry one)
 
     @property
     def corrected(self) -> bool:

@@ -449,8 +449,7 @@ class Pinger:
             record = session.probe_state(key)
         path = stages(events, probe.sent_mono_ns) if events else None
         m = measured(probe, reply, record, complete, path)
-        m.dup = dup
-        m.number = key
+        m.dup = dup and not verdict.corrupted  # (iputils: a damaged reply is no DUP)
         m.corrupted, m.truncated, m.wrong_data = verdict[1:]
         m.other_source = parsed.src != self.opts.dst_addr and not self.opts.multicast
         result.tally.add(m)

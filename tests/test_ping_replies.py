@@ -99,10 +99,13 @@ def test_a_bad_checksum_is_shown_and_counted_as_corrupted() -> None:
     # the probe is still unanswered: its real reply counts
     assert "(DUP!)" not in run.feed(ip(reply_to(run.request(2))))[0]
     assert run.result.tally.received == 1
+    line, = run.feed(ip(bytes(bad)))  # damaged again, now that it is answered: no DUP
+    assert line.endswith(" ms corrected=none (BAD CHECKSUM!)")
+    assert (run.result.tally.duplicates, run.result.tally.corrupted) == (0, 2)
     # a damaged reply must carry our id as well (iputils' own test)
     other = bytearray(reply_to(run.request(3), ident=IDENT ^ 1))
     other[2] ^= 0x5A
-    assert run.feed(ip(bytes(other))) == [] and run.result.tally.corrupted == 1
+    assert run.feed(ip(bytes(other))) == [] and run.result.tally.corrupted == 2
 
 
 def test_a_reply_that_did_not_echo_the_payload_counts_as_iputils() -> None:
