@@ -1,8 +1,10 @@
 """The ping run: iputils' pacing and bookkeeping over a measuring session (session.py).
 
-Probes go out on iputils' schedule (-i, -c, -w, -W; -f and -i 0: the next probe on a
-reply, 100 per second at least). Each carries the run's nonce and its probe number (the
-run's count, not wrapped at 65536 as the ICMP seq: probe/icmp.py), so a late reply from
+Probes go out on iputils' schedule (pacing.py: -i, -c, -w, -W, -l, -A; -f and -i 0: the
+next probe on a reply, 100 per second at least), and replies are judged as iputils judges
+them (echo_check.py: DUP, corrupted, truncated, wrong data). Each carries the run's nonce
+and its probe number (the run's count, not wrapped at 65536 as the ICMP seq:
+probe/icmp.py), so a late reply from
 an earlier lap of the seq is never taken for a new probe. The kernel correlates each
 probe and sends one record per answer (bpf/mace.bpf.c), plus one event per device
 crossed when the output shows the path (--json, --ndjson); ICMP errors quoting a probe
