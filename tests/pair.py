@@ -6,6 +6,7 @@ Names carry a per-run prefix; everything is removed afterwards, also on failure.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -107,7 +108,10 @@ def make_pair(tag: str) -> Iterator[Pair]:
         (etc / "resolv.conf").write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
         yield pair
     finally:
-        shutil.rmtree(etc.parent if made_parent else etc, ignore_errors=True)
+        shutil.rmtree(etc, ignore_errors=True)
+        if made_parent:  # (only if empty: another run may have made its own there since)
+            with contextlib.suppress(OSError):
+                etc.parent.rmdir()
         for ns in (pair.a, pair.b):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
