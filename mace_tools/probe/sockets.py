@@ -353,8 +353,8 @@ def open_icmp_socket(ttl: int | None = None, device: str | None = None,
     try:
         return IcmpSocket(ttl, device, source, extra, ident)
     except NotPermitted:
-        if raw_only:
-            raise MaceError(NOT_PERMITTED) from None
+        if raw_only:  # (the raw socket's own words: a ping socket would not do)
+            raise
     try:
         return PingSocket(ttl, device, source, extra, ident)
     except NotPermitted:
