@@ -42,11 +42,13 @@ class Pair:
     a: str
     b: str
 
-    def ping(self, *args: str, tool: str = "mace", timeout: float = 30) -> Run:
+    def ping(self, *args: str, tool: str = "mace", timeout: float = 30,
+             prefix: tuple[str, ...] = ()) -> Run:
         """`ping ARGS` (iputils) or `mace-ping ARGS` run in A, as `ip netns exec` runs
-        them (so both read /etc/netns/A/hosts as /etc/hosts)."""
-        cmd = ["ping", *args] if tool == "iputils" else \
-            [sys.executable, "-m", "mace_tools.cli.ping", *args]
+        them (so both read /etc/netns/A/hosts as /etc/hosts); prefix: a command that runs
+        it (with fewer capabilities, say)."""
+        cmd = [*prefix, *(["ping"] if tool == "iputils" else
+                          [sys.executable, "-m", "mace_tools.cli.ping"]), *args]
         start = time.monotonic()
         proc = subprocess.run(["ip", "netns", "exec", self.a, *cmd], capture_output=True,
                               text=True, timeout=timeout,

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from pair import BROADCAST, FAR, NEAR, REPO, Pair, counts, make_pair, untimed
+from unprivileged import WITHOUT_CAPABILITIES
 
 from mace_tools.probe import netns
 
@@ -130,8 +131,10 @@ def test_summaries_pipe_and_ipg_ewma(pair: Pair) -> None:
             assert re.search(tail, run.stdout.splitlines()[-1]), (args, run.stdout)
 
 
-def _requests_seen_by_b(pair: Pair, args: list[str]) -> list[bytes]:
-    """The echo requests B receives while mace-ping ARGS runs in A (IP header on)."""
+def _requests_seen_by_b(pair: Pair, args: list[str],
+                        prefix: tuple[str, ...] = ()) -> tuple[list[bytes], str]:
+    """The echo requests B receives while mace-ping ARGS runs in A (IP header on), and
+    what mace-ping printed."""
     with netns.entered(Path(f"/run/netns/{pair.b}")):
         sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
     seen: list[bytes] = []
@@ -150,18 +153,18 @@ def _requests_seen_by_b(pair: Pair, args: list[str]) -> list[bytes]:
     reader = threading.Thread(target=read)
     reader.start()
     try:
-        mace = pair.ping(*args, "-c", "2", "-i", "0.05", FAR)
+        mace = pair.ping(*args, "-c", "2", "-i", "0.05", FAR, prefix=prefix)
     finally:
         done.set()
         reader.join()
         sock.close()
     assert mace.returncode == 0, mace.stderr
-    return seen
+    return seen, mace.stdout
 
 
 def test_options_on_the_wire(pair: Pair) -> None:
     """-p -Q -t -e -M do -s as B receives them."""
-    seen = _requests_seen_by_b(pair, ["-p", "abc", "-Q", "0x20", "-t", "7", "-e", "4242",
+    seen, _ = _requests_seen_by_b(pair, ["-p", "abc", "-Q", "0x20", "-t", "7", "-e", "4242",
                                       "-M", "do", "-s", "40"])
     assert len(seen) == 2
     for n, packet in enumerate(seen, start=1):
@@ -286,3 +289,14 @@ def test_outstanding_probes_with_stamps_even_when_quiet(pair: Pair) -> None:
     assert unstamped(mace.stdout) == unstamped(iputils.stdout) == \
         ["[T] no answer yet for icmp_seq=1"]
     assert mace.returncode == iputils.returncode == 1
+
+
+def test_ident_on_a_ping_socket(pair: Pair) -> None:
+    """Without CAP_NET_RAW (a ping socket, where ping_group_range allows), -e binds the
+    socket to that id, as iputils: it goes out, and -v shows it."""
+    subprocess.run(["ip", "netns", "exec", pair.a, "sysctl", "-qw",
+                    "net.ipv4.ping_group_range=0 2147483647"], check=True)
+    seen, out = _requests_seen_by_b(pair, ["-e", "4242", "-v"], prefix=WITHOUT_CAPABILITIES)
+    assert [int.from_bytes(p[24:26], "big") for p in seen] == [4242, 4242]
+    assert [ln.split(" ttl=")[0] for ln in replies(out)] == \
+        [f"64 bytes from {FAR}: icmp_seq={n} ident=4242" for n in (1, 2)]
