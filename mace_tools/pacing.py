@@ -9,8 +9,8 @@ sending and the bookkeeping in pinger.py.
 - -A: the interval follows the round trip (iputils' 1/8-weighted moving average, rounded
   to whole ms; at least 2 ms for a user other than root).
 - -c N alone: after the N-th probe, replies are awaited for -W if none came yet, else for
-  twice the longest round trip (at least one interval); the run ends early when every
-  probe is answered.
+  twice the longest round trip (at least one interval, and at least 10 ms where iputils
+  has no floor); the run ends early when every probe is answered.
 - -w: probes go on until -c replies (or errors) arrived, or the deadline; any error then
   ends the run at once, as iputils' main loop does.
 All times are CLOCK_MONOTONIC ns.
@@ -108,7 +108,10 @@ class Pace:
         else:
             self.next_send = max(self.next_send + self.interval_ns, now)
         if not self.more(transmitted):
-            wait = max(2 * max_rtt_ns, self.interval_ns) if self.received else 0
+            # (10 ms at least: a flood's answers are read later than iputils reads them,
+            # and a reply in time must not be called lost for Python's sake)
+            wait = max(2 * max_rtt_ns, self.interval_ns, MIN_INTERVAL_NS) if self.received \
+                else 0
             # (0: iputils' timer would never go off; -W bounds the wait instead)
             self.linger_ns = wait or self.plan.linger_ns
 
