@@ -107,6 +107,17 @@ class Reply:
     recv_mono_ns: int  # when userspace read it (for deadlines only, not for RTT)
 
 
+class WrongData(NamedTuple):
+    """A reply whose payload differs from the probe's after the nonce and number: iputils'
+    "wrong data byte #index should be 0x.. but was 0x.." and its dump."""
+
+    index: int  # payload offset of the first byte that differs
+    expected: int
+    got: int
+    start: int  # payload offset the dump starts at (the first byte checked)
+    dump: bytes  # the reply's payload from `start`
+
+
 @dataclass(slots=True)
 class Measurement:
     """One reply with its raw and (when kernel data is complete) corrected times."""
@@ -124,6 +135,11 @@ class Measurement:
     outer_dev: str | None = None  # "dev@netns" of the host's outermost device
     path: list[Stage] = field(default_factory=list)
     recv_real_ns: int = 0
+    # what ping says of the reply beside its time (iputils' words in output/text.py)
+    corrupted: bool = False  # bad ICMP checksum: "(BAD CHECKSUM!)", counted apart
+    truncated: bool = False  # shorter than the probe: "(truncated)"
+    wrong_data: WrongData | None = None  # payload not echoed as sent
+    other_source: bool = False  # not from the target: "(DIFFERENT ADDRESS!)"
 
     @property
     def corrected(self) -> bool:
@@ -160,6 +176,9 @@ class RunSummary:
     ingress_avg_ms: float | None
     kernel_events_lost: int  # records the run's ring had no room for
     kernel_records: int = 0  # records and events read from the kernel (1 per answer)
+    corrupted: int = 0  # replies with a bad checksum (iputils' "+N corrupted")
+    pipe: int = 0  # iputils' "pipe N" (shown when > 1)
+    ipg_ewma_us: tuple[int, int] | None = None  # iputils' flood "ipg/ewma": µs, 8 x µs
 
     @property
     def loss_percent(self) -> float:
@@ -222,6 +241,9 @@ class RunResult:
     kernel: bool = True  # False when probes cannot carry nonce and number (size < 12)
     source: str = "local"  # of the kernel data: "local", "agent", or "none" (measured raw)
     tally: Tally = field(default_factory=_new_tally)
+    pipesize: int = 0  # iputils' "pipe": most probes found in flight by an answer
+    elapsed_us: int = 0  # first send to last send (iputils' "time" and ipg)
+    ipg_ewma: bool = False  # the summary shows iputils' ipg/ewma (-f, -A, -i 0)
 
 
 @dataclass(slots=True)

@@ -1,8 +1,10 @@
 """The ping run: iputils' pacing and bookkeeping over a measuring session (session.py).
 
-Probes go out on iputils' schedule (-i, -c, -w, -W; -f and -i 0: the next probe on a
-reply, 100 per second at least). Each carries the run's nonce and its probe number (the
-run's count, not wrapped at 65536 as the ICMP seq: probe/icmp.py), so a late reply from
+Probes go out on iputils' schedule (pacing.py: -i, -c, -w, -W, -l, -A; -f and -i 0: the
+next probe on a reply, 100 per second at least), and replies are judged as iputils judges
+them (echo_check.py: DUP, corrupted, truncated, wrong data). Each carries the run's nonce
+and its probe number (the run's count, not wrapped at 65536 as the ICMP seq:
+probe/icmp.py), so a late reply from
 an earlier lap of the seq is never taken for a new probe. The kernel correlates each
 probe and sends one record per answer (bpf/mace.bpf.c), plus one event per device
 crossed when the output shows the path (--json, --ndjson); ICMP errors quoting a probe
@@ -26,30 +28,35 @@ import errno
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
 from mace_tools.correlate import measured, stages
+from mace_tools.echo_check import EchoCheck, Verdict
 from mace_tools.errors import MaceError
 from mace_tools.model import KernelEvent, Measurement, Probe, ProbeRecord, Reply, RunResult
+from mace_tools.pacing import MIN_INTERVAL_NS, NS_PER_S, Pace, Schedule
 from mace_tools.probe.addresses import SockAddr, sockaddr
 from mace_tools.probe.icmp import (
     NONCE_LEN,
     TAG_LEN,
     EchoTemplate,
     ParsedIcmp,
-    is_our_reply,
     parse_ip_icmp,
 )
-from mace_tools.probe.icmp_errors import error_text, quoted_probe_seq
+from mace_tools.probe.icmp_errors import NOTICES, error_text, quoted_probe_seq
 from mace_tools.probe.sockets import IcmpSocket, open_icmp_socket
-from mace_tools.session import EventSourceFactory, Session, family_of, new_nonce
+from mace_tools.probe.sockopts import SocketOptions
+from mace_tools.session import (
+    EventSourceFactory,
+    Session,
+    family_of,
+    new_nonce,
+    source_address,
+)
 from mace_tools.stats import Tally
 
-NS_PER_S = 1_000_000_000
-FLOOD_MIN_RATE_S = 0.01  # iputils -f: next probe on reply, or 100 per second at least
-MIN_INTERVAL_NS = 10_000_000  # iputils' MIN_INTERVAL_MS: retry when the kernel had no room
 MAX_NO_ROOM_BACKOFF_NS = 500_000_000
 
 
@@ -68,13 +75,24 @@ class PingOptions:
     netns_path: Path | None = None  # --netns / --pid
     report_outstanding: bool = False  # -O
     path: bool = False  # an event per device crossed, for outputs that show the path
+    preload: int = 1  # -l
+    adaptive: bool = False  # -A
+    pattern: bytes | None = None  # -p
+    ident: int | None = None  # -e (None: the pid's low 16 bits, or the ping socket's)
+    user_latency: bool = False  # -U: raw RTT ends when the reply is read, not stamped
+    strict_source: bool = False  # -B: bind to the source address
+    connect: bool = False  # -C
+    multicast: bool = False  # -b, or a multicast target: replies come from elsewhere
+    socket_options: SocketOptions = field(default_factory=SocketOptions)
 
 
 class PingSink(Protocol):
     def start(self, source_addr: str) -> None: ...
+    def warning(self, text: str) -> None: ...
     def sent(self, seq: int) -> None: ...
     def reply(self, m: Measurement) -> None: ...
     def icmp_error(self, seq: int, src: str, text: str) -> None: ...
+    def icmp_notice(self, seq: int, src: str, text: str) -> None: ...
     def no_answer_yet(self, seq: int) -> None: ...
     def send_error(self, seq: int, text: str) -> None: ...
     def timeout(self, seq: int) -> None: ...
@@ -136,6 +154,11 @@ class _Probes:
         if record.number in self.sent:
             self.records[record.number] = record
 
+    def number_of(self, key: int, transmitted: int) -> int:
+        """The run's count of the probe with this key (of the last 2**16 or 2**32 sent)."""
+        span = 0xFFFFFFFF if self.numbered else 0xFFFF
+        return transmitted - ((transmitted - key) & span)
+
     def take(self, key: int) -> tuple[list[KernelEvent], ProbeRecord | None]:
         """A reply's events and record; dropped, so a duplicate never reuses them."""
         return self.events.pop(key, []), self.records.pop(key, None)
@@ -152,27 +175,6 @@ class _Sent(NamedTuple):
     error: OSError | None  # sendto() failed
 
 
-@dataclass(slots=True)
-class _Pace:
-    """iputils' schedule of one run (CLOCK_MONOTONIC ns)."""
-
-    interval_ns: int
-    adaptive: bool  # -i 0 (-f's default): next probe on reply, 100 per second at least
-    linger_ns: int  # -W: how long replies are waited for after the last probe
-    deadline: int | None  # -w
-    next_send: int
-    last_send: int
-    received: int = 0  # distinct replies so far
-
-    @classmethod
-    def starting(cls, opts: PingOptions, now: int) -> _Pace:
-        adaptive = opts.interval_s <= 0
-        interval_s = FLOOD_MIN_RATE_S if adaptive else opts.interval_s
-        deadline = now + int(opts.deadline_s * NS_PER_S) if opts.deadline_s else None
-        return cls(int(interval_s * NS_PER_S), adaptive, int(opts.linger_s * NS_PER_S),
-                   deadline, now, now)
-
-
 class Pinger:
     def __init__(self, opts: PingOptions, sink: PingSink, nonce: bytes | None = None,
                  backend_factory: EventSourceFactory | None = None,
@@ -186,14 +188,16 @@ class Pinger:
         self.sink = sink
         self._nonce_asked = nonce  # None: the event source's choice (an agent's), or new
         self.nonce = nonce or new_nonce()  # the run's, once it runs
-        self.ident = os.getpid() & 0xFFFF
+        self.ident = os.getpid() & 0xFFFF if opts.ident is None else opts.ident
         self.family = family_of(opts.dst_addr)
         self._dst: SockAddr = (opts.dst_addr, 0)  # its sockaddr, once made in the netns
-        self._template = EchoTemplate(self.ident, self.nonce, opts.size, self.family)
+        self._template = EchoTemplate(self.ident, self.nonce, opts.size, opts.pattern,
+                                      self.family)
         self._backend_factory = backend_factory
         self._probes = _Probes(numbered=opts.size >= TAG_LEN)
+        self._check = EchoCheck(opts.size, opts.pattern)
         self._session: Session | None = None  # set while a run is on
-        self._pace: _Pace | None = None  # set while a run is on
+        self._pace: Pace | None = None  # set while a run is on
         self._no_room = 0  # consecutive sends refused for lack of buffer (iputils' oom_count)
 
     def run(self) -> RunResult:
@@ -201,7 +205,12 @@ class Pinger:
         with Session(opts.netns_path, self._nonce_asked, after_setup=self._after_setup,
                      events_factory=self._backend_factory) as session:
             (sock,), source = session.open_sockets(self._open_socket, opts.dst_addr,
-                                                   opts.device, opts.source)
+                                                   opts.device, opts.source,
+                                                   broadcast=opts.socket_options.broadcast)
+            for line in [*sock.warnings, *session.warnings]:
+                self.sink.warning(line)
+            if opts.connect:
+                sock.connect(self._dst)
             # The kernel correlates probes that carry their number (-s >= 12). The event
             # source may choose the nonce (an agent does): the filter and probes after it.
             if self._probes.numbered:
@@ -211,11 +220,15 @@ class Pinger:
             else:
                 self.nonce = session.open_events(None)
             self._filter_replies(sock)
-            self._template = EchoTemplate(self.ident, self.nonce, opts.size, self.family)
+            self._template = EchoTemplate(self.ident, self.nonce, opts.size, opts.pattern,
+                                          self.family)
             result = RunResult(nonce=self.nonce, source_addr=source,
-                               kernel=self._probes.numbered, source=session.source)
+                               kernel=self._probes.numbered, source=session.source,
+                               ipg_ewma=opts.flood or opts.adaptive or opts.interval_s <= 0)
             session.ready()
-            self.sink.start(source)
+            # -v shows the id a raw socket sends, or a ping socket's when -e chose it
+            raw = getattr(sock, "ident", None) is None
+            self.sink.start(source, self.ident if raw or opts.ident is not None else None)
             self._session = session
             try:
                 self._loop(session, sock, result)
@@ -231,9 +244,15 @@ class Pinger:
         replies and quoted errors of probes too short for the nonce match on the id: so
         the run's ident is set here, once the socket is open (the template is built
         after this, and the kernel writes the id of a ping socket's requests anyway)."""
-        sock = open_icmp_socket(self.opts.ttl, self.opts.device, self.opts.source,
-                                self.family)
-        self._dst = sockaddr(self.opts.dst_addr)  # here: a %scope names this netns' devices
+        opts = self.opts
+        source = opts.source
+        if opts.strict_source and source is None:  # -B: bound to what the kernel picks
+            source = source_address(opts.dst_addr, opts.device, None)
+        # ping -e 0: a ping socket cannot take id 0 (iputils then forces a raw socket)
+        sock = open_icmp_socket(opts.ttl, opts.device, source, opts.socket_options,
+                                ident=opts.ident, raw_only=opts.ident == 0,
+                                family=self.family)
+        self._dst = sockaddr(opts.dst_addr)  # here: a %scope names this netns' devices
         if sock.ident is not None:
             self.ident = sock.ident
         return [sock]
@@ -243,16 +262,26 @@ class Pinger:
         probes too short for the nonce pass on their type: probe/sockfilter.py)."""
         # it only saves work: every datagram is still matched after recv()
         with contextlib.suppress(MaceError):
-            sock.filter_replies(self.nonce if self.opts.size >= NONCE_LEN else None)
+            sock.filter_replies(self.nonce if self.opts.size >= NONCE_LEN else None,
+                                self.ident)
+
+    def _schedule_asked(self) -> Schedule:
+        opts = self.opts
+        return Schedule(
+            interval_ns=int(opts.interval_s * NS_PER_S), count=opts.count,
+            deadline_ns=int(opts.deadline_s * NS_PER_S) if opts.deadline_s else None,
+            linger_ns=int(opts.linger_s * NS_PER_S), preload=opts.preload,
+            adaptive=opts.adaptive, user=os.getuid() != 0)
 
     def _loop(self, session: Session, sock: IcmpSocket, result: RunResult) -> None:
         start = time.monotonic_ns()
         result.start_real_ns = time.clock_gettime_ns(time.CLOCK_REALTIME)
-        self._pace = _Pace.starting(self.opts, start)
+        self._pace = pace = Pace.starting(self._schedule_asked(), start)
         session.loop(lambda: self._turn(sock, result),
                      lambda _fd: self._receive(sock, session, result),
                      status=lambda: self.sink.status(result.transmitted, result.tally))
-        result.elapsed_ms = (time.monotonic_ns() - start) // 1_000_000
+        result.elapsed_us = pace.elapsed_us()
+        result.elapsed_ms = (result.elapsed_us + 500) // 1000  # iputils rounds it so
         for seq in self._probes.unanswered(result.transmitted):
             self.sink.timeout(seq)
 
@@ -264,25 +293,19 @@ class Pinger:
         pace = self._pace
         assert pace is not None
         now = time.monotonic_ns()
-        if pace.deadline is not None and now >= pace.deadline:
+        # (as iputils: a probe answered by an ICMP error is done too)
+        if pace.over(now, result.transmitted, result.errors):
             return None
-        more = self._more(result)
-        if not more:
-            # as iputils: a probe answered by an ICMP error is done too
-            outstanding = result.transmitted - pace.received - result.errors
-            if outstanding <= 0 or now >= pace.last_send + pace.linger_ns:
-                return None
-        if more and now >= pace.next_send:
+        # what is due goes at once, as iputils' do-while around pinger(): -l's first
+        # probes, and on reply as many as -l allows in flight (at most -l per turn, so
+        # replies are read between)
+        for _ in range(self.opts.preload):
+            if not pace.more(result.transmitted) or now < pace.next_send:
+                break
             self._report_outstanding(result)
             self._schedule(self._send(sock, result.transmitted + 1, result), now, result)
-        wake = pace.next_send if more else pace.last_send + pace.linger_ns
-        if pace.deadline is not None:
-            wake = min(wake, pace.deadline)
-        return max(0.0, (wake - time.monotonic_ns()) / NS_PER_S)
-
-    def _more(self, result: RunResult) -> bool:
-        """Probes left to send (-c)."""
-        return self.opts.count is None or result.transmitted < self.opts.count
+            now = time.monotonic_ns()
+        return max(0.0, (pace.wake(result.transmitted) - time.monotonic_ns()) / NS_PER_S)
 
     def _report_outstanding(self, result: RunResult) -> None:
         """-O: the previous probe is still unanswered as the next one goes."""
@@ -296,12 +319,10 @@ class Pinger:
         pace = self._pace
         assert pace is not None
         if retry_ns is not None:
-            pace.next_send = now + retry_ns
+            pace.retry(now, retry_ns)
             return
         result.transmitted += 1
-        pace.last_send = now
-        pace.next_send = now + pace.interval_ns if self.opts.flood or pace.adaptive \
-            else max(pace.next_send + pace.interval_ns, now)
+        pace.sent(now, result.transmitted, result.tally.raw.max)
 
     def _send(self, sock: IcmpSocket, n: int, result: RunResult) -> int | None:
         """Send probe n and report it. None: it counts as transmitted, sent or failed for
@@ -362,73 +383,71 @@ class Pinger:
         new = 0
         probes = self._probes
         ahead_key: int | None = None  # flood: the probe this batch sent ahead of a reply
-        due = False  # flood: a reply of this batch made the next probe due at once
         while (got := sock.recv()) is not None:
             data, recv_real = got
+            if self.opts.user_latency:  # -U: user-to-user, as iputils' gettimeofday()
+                recv_real = time.clock_gettime_ns(time.CLOCK_REALTIME)
             parsed = parse_ip_icmp(data)
             if parsed is None:
                 continue  # malformed or truncated: not ours, never fatal
             if parsed.icmp_type != parsed.ECHO_REPLY:
                 self._maybe_error(parsed, result)
                 continue
-            if not is_our_reply(parsed, self.nonce, self.ident, self.opts.size):
-                continue  # another program's echo reply
-            key = self._reply_key(parsed)
-            if key is None or key not in probes.sent:
-                continue  # not a probe in the window: an earlier lap's, or forged
+            verdict = self._check.judge(parsed, self.nonce, self.ident, probes,
+                                        self._template, result.transmitted)
+            if verdict is None:
+                continue  # another program's reply, an earlier lap's, or forged
+            key = verdict.key
             dup = key in probes.answered
             ahead = None
-            if not dup:
+            if not dup and not verdict.corrupted:
                 probes.answered.add(key)
                 new += 1
+                self._acknowledge(key, result)
                 # One probe per batch of replies, as ever; sent ahead of the reply when it
-                # can be, else at the next turn. A reply to that very probe (a path that
-                # answers within sendto(), as loopback does) makes the next one due.
+                # can be, else at the next turn (once fewer than -l are in flight).
                 if ahead_key is None:
-                    ahead = self._send_ahead(sock, key, result)
+                    ahead = self._send_ahead(sock, result)
                     ahead_key = None if ahead is None else ahead.key
-                    due = ahead is None
-                elif key == ahead_key:
-                    due = True
+            elif dup:
+                self._acknowledge(key, result)  # (iputils acknowledges a DUP too)
             try:
-                self._reply(parsed, key, recv_real, dup, session, result)
+                self._reply(parsed, verdict, recv_real, dup, session, result)
             finally:  # (also on Ctrl-C: a probe that left is counted)
                 if ahead is not None:
                     # (no -O line to check for: the previous probe is the one just answered)
                     self._schedule(self._settle(ahead, result), ahead.at, result)
         pace = self._pace
-        if pace is not None:
+        if pace is not None and new:
             pace.received += new
-            if due and pace.adaptive:
-                pace.next_send = time.monotonic_ns()  # next probe as soon as answered
+            pace.answered(time.monotonic_ns(), result.transmitted, result.tally.ewma8_us)
         return new
 
-    def _reply_key(self, parsed: ParsedIcmp) -> int | None:
-        """The key of the probe a reply answers: the number its payload carries (which
-        must agree with its seq), or its seq for probes too short to carry one."""
-        if not self._probes.numbered:
-            return parsed.seq
-        number = parsed.number
-        if number is None or number & 0xFFFF != parsed.seq:
-            return None
-        return number
+    def _acknowledge(self, key: int, result: RunResult) -> None:
+        """An answer (reply or ICMP error) for this probe: iputils' acknowledge(), which
+        keeps the most probes found in flight ("pipe") and the highest answered."""
+        number = self._probes.number_of(key, result.transmitted)
+        result.pipesize = max(result.pipesize, result.transmitted - number + 1)
+        if self._pace is not None:
+            self._pace.acknowledge(number)
 
-    def _send_ahead(self, sock: IcmpSocket, key: int, result: RunResult) -> _Sent | None:
-        """Flood (-i 0, -f's default): a new reply makes the next probe due. It is sent
-        here, before the reply is measured, when the reply answers the latest probe
-        (none is left in flight: iputils' cue) and -c and -w allow one; else the next
-        turn sends it, as for any other reply."""
+    def _send_ahead(self, sock: IcmpSocket, result: RunResult) -> _Sent | None:
+        """Flood (-i 0, -f's default): a new reply makes the next probe due once fewer
+        than -l probes are in flight (iputils' cue). It is sent here, before the reply
+        is measured, when -c and -w allow one; else the next turn sends it, as for any
+        other reply."""
         pace = self._pace
-        if pace is None or not pace.adaptive or key != self._probes.key(result.transmitted) \
-                or not self._more(result):
+        if pace is None or not pace.on_reply or not pace.more(result.transmitted) \
+                or pace.in_flight(result.transmitted) >= self.opts.preload:
             return None
         if pace.deadline is not None and time.monotonic_ns() >= pace.deadline:
             return None
         return self._transmit(sock, result.transmitted + 1)
 
-    def _reply(self, parsed: ParsedIcmp, key: int, recv_real: int, dup: bool,
+    def _reply(self, parsed: ParsedIcmp, verdict: Verdict, recv_real: int, dup: bool,
                session: Session | None, result: RunResult) -> None:
         """Measure a reply from its probe's kernel record, count it and report it."""
+        key = verdict.key
         probe = self._probes.sent[key]
         complete = True
         if session is not None:
@@ -436,23 +455,32 @@ class Pinger:
             complete = session.lost() == probe.lost_at_send
         reply = Reply(parsed.seq, parsed.src, parsed.ttl, parsed.icmp_len, recv_real,
                       time.monotonic_ns())
-        events, record = ([], None) if dup else self._probes.take(key)
-        if record is None and not dup and session is not None:
+        # a corrupted reply leaves the probe unanswered: its record waits for the real one
+        fresh = not dup and not verdict.corrupted
+        events, record = self._probes.take(key) if fresh else ([], None)
+        if record is None and fresh and session is not None:
             # No record: the delivery fired no tracepoint in the prober's netns
             # (macvlan); the kernel's state still holds the outer device's times.
             record = session.probe_state(key)
         path = stages(events, probe.sent_mono_ns) if events else None
         m = measured(probe, reply, record, complete, path)
-        m.dup = dup
+        m.dup = dup and not verdict.corrupted  # (iputils: a damaged reply is no DUP)
+        m.corrupted, m.truncated, m.wrong_data = verdict[1:]
+        m.other_source = parsed.src != self.opts.dst_addr and not self.opts.multicast
         result.tally.add(m)
         self.sink.reply(m)
 
     def _maybe_error(self, parsed: ParsedIcmp, result: RunResult) -> None:
-        """An ICMP error quoting one of our probes is reported as iputils does."""
+        """An ICMP message quoting one of our probes is reported as iputils does: an
+        error ends that probe and counts; a redirect or source quench is only shown."""
         seq = quoted_probe_seq(parsed.quoted, self.ident, self.nonce, self.opts.dst_addr)
         # the probe in the window with that seq (a quote of 8 bytes has no number)
         if seq is None or seq not in self._probes.by_seq or not parsed.checksum_ok:
             return
+        text = error_text(parsed.icmp_type, parsed.code, parsed.info, parsed.family)
+        if parsed.family == 4 and parsed.icmp_type in NOTICES:
+            self.sink.icmp_notice(seq, parsed.src, text)
+            return
         result.errors += 1
-        self.sink.icmp_error(seq, parsed.src, error_text(parsed.icmp_type, parsed.code,
-                                                         parsed.family, parsed.info))
+        self._acknowledge(self._probes.by_seq[seq], result)
+        self.sink.icmp_error(seq, parsed.src, text)

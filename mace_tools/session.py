@@ -74,9 +74,15 @@ def family_of(address: str) -> int:
     return 6 if ":" in address else 4
 
 
-def source_address(dst: str, device: str | None, source: str | None) -> str:
+BROADCAST_QUESTION = ("Do you want to ping broadcast? Then -b. If not, check your local "
+                      "firewall rules")
+
+
+def source_address(dst: str, device: str | None, source: str | None,
+                   broadcast: bool | None = None, warnings: list[str] | None = None) -> str:
     """Source address the kernel picks for dst in the current netns; fails as ping does
-    when there is no route."""
+    when there is no route. broadcast (ping's -b, None for other tools): a broadcast
+    dst is refused with ping's question unless True, then taken with ping's warning."""
     if source is not None:
         return source
     family = socket.AF_INET6 if family_of(dst) == 6 else socket.AF_INET
@@ -84,7 +90,17 @@ def source_address(dst: str, device: str | None, source: str | None) -> str:
     try:
         if device is not None:
             udp.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device.encode())
-        udp.connect(sockaddr(dst, 1025))
+        try:
+            udp.connect(sockaddr(dst, 1025))
+        except PermissionError:  # EACCES: a broadcast address without SO_BROADCAST
+            if broadcast is None:
+                raise
+            if not broadcast:
+                raise MaceError(BROADCAST_QUESTION) from None
+            if warnings is not None:
+                warnings.append("WARNING: pinging broadcast address")
+            udp.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+            udp.connect(sockaddr(dst, 1025))
         return udp.getsockname()[0]
     except OSError as exc:
         raise MaceError(f"connect: {exc.strerror}") from exc
@@ -129,6 +145,7 @@ class Session:
         self._on_event: Callable[[KernelEvent], None] | None = None
         self._on_record: Callable[[ProbeRecord], None] | None = None
         self.records_read = 0  # records and events that crossed from the kernel
+        self.warnings: list[str] = []  # what setting up said that the run should show
         self.source = "none"  # where the kernel data comes from: "local", "agent", "none"
 
     def __enter__(self) -> Session:
@@ -156,14 +173,17 @@ class Session:
         return self.nonce
 
     def open_sockets(self, make: Callable[[], Sequence[S]], dst_addr: str,
-                     device: str | None = None, source: str | None = None) -> tuple[list[S], str]:
+                     device: str | None = None, source: str | None = None,
+                     broadcast: bool | None = None) -> tuple[list[S], str]:
         """Make the run's sockets inside the probing netns (make() closes what it opened
         if it fails), and find the source address the kernel picks there for dst_addr
-        (`source`, -I ADDR, if given). The sockets are the session's to close."""
+        (`source`, -I ADDR, if given; broadcast as source_address). The sockets are the
+        session's to close."""
         with netns.entered(self.netns_path):
             sockets = list(make())
             self._sockets.extend(sockets)
-            return sockets, source_address(dst_addr, device, source)
+            return sockets, source_address(dst_addr, device, source, broadcast,
+                                           self.warnings)
 
     def ready(self) -> None:
         """Everything is open: after_setup. From here on the run needs no privilege."""

@@ -163,12 +163,13 @@ class Tally:
     """Running totals of a run's replies: what the summary and the SIGQUIT status line
     need, in memory that does not grow with the number of replies."""
 
-    __slots__ = ("corrected", "duplicates", "egress", "ewma8_us", "first_ttl", "ingress",
-                 "raw", "received")
+    __slots__ = ("corrected", "corrupted", "duplicates", "egress", "ewma8_us", "first_ttl",
+                 "ingress", "raw", "received")
 
     def __init__(self) -> None:
         self.received = 0  # distinct replies
         self.duplicates = 0
+        self.corrupted = 0  # bad checksum: neither received nor timed, as iputils
         self.first_ttl: int | None = None
         self.raw = Series()
         self.corrected = Series()
@@ -179,7 +180,11 @@ class Tally:
         self.ewma8_us = 0
 
     def add(self, m: Measurement) -> None:
-        """Duplicates are counted apart and left out of every RTT series."""
+        """Duplicates and corrupted replies are counted apart and left out of every RTT
+        series."""
+        if m.corrupted:
+            self.corrupted += 1
+            return
         if m.dup:
             self.duplicates += 1
             return
@@ -197,8 +202,13 @@ class Tally:
                 self.ingress.add(m.ingress_ns)
 
     def summary(self, transmitted: int, errors: int, elapsed_ms: int,
-                kernel_events_lost: int, kernel_records: int = 0) -> RunSummary:
+                kernel_events_lost: int, kernel_records: int = 0, pipe: int = 0,
+                ipg_us: int | None = None) -> RunSummary:
+        """ipg_us: iputils' inter-packet gap, when the summary shows ipg/ewma."""
         return RunSummary(
+            corrupted=self.corrupted, pipe=pipe,
+            ipg_ewma_us=None if ipg_us is None or not self.received
+            else (ipg_us, self.ewma8_us),
             transmitted=transmitted, received=self.received, duplicates=self.duplicates,
             errors=errors, elapsed_ms=elapsed_ms, rtt_raw=self.raw.stats(),
             rtt_corrected=self.corrected.stats(), egress_avg_ms=self.egress.mean_ms(),

@@ -49,7 +49,7 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[str], needle: str) -
     (["-t", "256", "127.0.0.1"], "invalid argument: '256'"),
     (["-i", "-1", "127.0.0.1"], "bad timing interval: -1"),
     (["--bogus", "127.0.0.1"], "--bogus"),
-    (["-c", "1"], "HOST"),
+    (["-c", "1"], "usage error: Destination address required"),
     (["--netns", "mace-no-such-netns", "127.0.0.1"], "network namespace 'mace-no-such-netns'"),
     (["--pid", "999999999", "127.0.0.1"], "no process with pid 999999999"),
     (["--netns", "x", "--pid", "1", "127.0.0.1"], "mutually exclusive"),
@@ -97,7 +97,8 @@ PING_NUMBERS = [
     (["-c", "1.5"], "invalid argument: '1.5'"),
     (["-s", "nan"], "invalid argument: 'nan'"),
     (["-s", "65508"], "invalid -s value: '65508': out of range: 0 <= value <= 65507"),
-    (["-t", "0"], "invalid argument: '0': out of range: 1 <= value <= 255"),
+    (["-t", "256"], "invalid argument: '256': out of range: 0 <= value <= 255"),
+    (["-t", "0"], "cannot set unicast time-to-live: Invalid argument"),  # the kernel's no
     (["--pid", "99999999999999999999"],  # was: OverflowError
      "Invalid value for '--pid': 99999999999999999999 is not in the range 1<=x<=2147483647."),
 ]

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from accuracy import PROBES, assert_accurate_errors
 from netns_etc import remove_netns_etc
+from test_ping_parsers import assert_parsed_alike, parsed_by_jc
 
 from mace_tools.lab.agent import AgentProcess, ping_sockets_open, with_capabilities
 from mace_tools.lab.capture import TruthCapture
@@ -76,7 +77,7 @@ def test_text_output_as_ping_dash_6(lab6: Lab) -> None:
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     target = lab6.target_addr6
-    assert lines[0] == f"PING {target} ({target}) 56 data bytes"
+    assert lines[0] == f"PING {target}({target}) 56 data bytes"  # as iputils 20221126
     reply = re.compile(rf"^64 bytes from {re.escape(target)}: icmp_seq=(\d) ttl=63 "
                        r"time=\d+\.\d+ ms corrected=\d+\.\d{3} ms egress=\d+\.\d{3} ms "
                        r"ingress=\d+\.\d{3} ms$")
@@ -235,8 +236,30 @@ def test_link_local_targets_take_their_scope_in_the_container(lab6: Lab) -> None
     for scope in ("eth0", index):
         proc = mace_ping(lab6, "-c", "2", "-i", "0.01", f"{bridge}%{scope}")
         assert proc.returncode == 0, proc.stderr
-        assert proc.stdout.splitlines()[0].startswith(f"PING {bridge}%{scope} ")
+        assert proc.stdout.splitlines()[0].startswith(f"PING {bridge}%{scope}(")
         assert "2 packets transmitted, 2 received" in proc.stdout
     proc = mace_ping(lab6, "-c", "1", f"{bridge}%nosuch0")
     assert (proc.returncode, proc.stderr) == \
         (2, f"mace-ping: {bridge}%nosuch0: Name or service not known\n")
+
+
+def inside(lab: Lab, tool: str, *args: str) -> str:
+    """iputils ping or mace-ping inside c0 (as root), its text output."""
+    cmd = ["ping"] if tool == "iputils" else [sys.executable, "-m", "mace_tools.cli.ping"]
+    proc = subprocess.run(["ip", "netns", "exec", lab.container_ns(0), *cmd, *args],
+                          capture_output=True, text=True, timeout=60,
+                          env={**_env(), "LC_ALL": "C"})
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+@pytest.mark.parametrize("args", [["-c", "3", "-i", "0.05"], ["-q", "-c", "3", "-i", "0.05"],
+                                  ["-f", "-q", "-c", "100"], ["-n", "-c", "2", "-i", "0.05"]])
+def test_parsers_read_mace_ping_dash_6_as_ping_dash_6(lab6: Lab, args: list[str]) -> None:
+    """jc's and pingparsing's parsers return the same from mace-ping's IPv6 text as from
+    iputils ping's (times aside): its IPv6 header included."""
+    iputils = inside(lab6, "iputils", "-6", *args, lab6.target_addr6)
+    mace = inside(lab6, "mace", "-6", *args, lab6.target_addr6)
+    assert "mace " in mace
+    assert_parsed_alike(iputils, mace)
+    assert parsed_by_jc(mace)["destination_ip"] == lab6.target_addr6

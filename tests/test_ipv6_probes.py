@@ -58,13 +58,14 @@ def test_template_builds_icmpv6_echo_requests(size: int) -> None:
     template = EchoTemplate(IDENT, NONCE, size, family=6)
     for number in (1, 2, 0xFFFF, 0x10000, 2**32 - 1):
         message = template.message(number)
-        assert message == build_echo_request(IDENT, number, NONCE, size, ICMP6_ECHO_REQUEST)
+        assert message == build_echo_request(IDENT, number, NONCE, size,
+                                             echo_type=ICMP6_ECHO_REQUEST)
         assert message[0] == ICMP6_ECHO_REQUEST and len(message) == 8 + size
 
 
 @pytest.mark.parametrize("size", [56, 12, 4])
 def test_a_reply_parses_behind_the_header_our_sockets_build(size: int) -> None:
-    icmp = as_reply(build_echo_request(IDENT, 7, NONCE, size, ICMP6_ECHO_REQUEST))
+    icmp = as_reply(build_echo_request(IDENT, 7, NONCE, size, echo_type=ICMP6_ECHO_REQUEST))
     datagram = reply_datagram(icmp, packed(TARGET), packed(LOCAL), 61)
     parsed = parse_ip_icmp(datagram)
     assert isinstance(parsed, ParsedIcmp6)
@@ -84,7 +85,7 @@ def test_an_icmpv4_echo_reply_type_is_no_icmpv6_reply() -> None:
 
 
 def test_malformed_ipv6_never_raises() -> None:
-    good = reply_datagram(as_reply(build_echo_request(IDENT, 1, NONCE, 56, 128)),
+    good = reply_datagram(as_reply(build_echo_request(IDENT, 1, NONCE, 56, echo_type=128)),
                           packed(TARGET), packed(LOCAL), 64)
     for cut in range(len(good)):
         parse_ip_icmp(good[:cut])  # None or a shorter message, never an exception
@@ -104,7 +105,7 @@ def error(icmp_type: int, code: int, info: int, request: bytes,
 
 
 def test_an_error_quotes_the_probe_and_matches_it() -> None:
-    request = build_echo_request(IDENT, 3, NONCE, 56, ICMP6_ECHO_REQUEST)
+    request = build_echo_request(IDENT, 3, NONCE, 56, echo_type=ICMP6_ECHO_REQUEST)
     parsed = error(3, 0, 0, request)
     assert (parsed.src, parsed.ttl, parsed.icmp_type, parsed.code) == (ROUTER, 63, 3, 0)
     assert quoted_probe_seq(parsed.quoted, IDENT, NONCE, TARGET) == 3
@@ -119,7 +120,7 @@ def test_an_error_quotes_the_probe_and_matches_it() -> None:
 def test_a_quote_through_a_fragment_header() -> None:
     """A fragmented probe's first fragment is quoted behind its fragment header; a later
     fragment has no ICMPv6 header to match."""
-    request = build_echo_request(IDENT, 5, NONCE, 56, ICMP6_ECHO_REQUEST)
+    request = build_echo_request(IDENT, 5, NONCE, 56, echo_type=ICMP6_ECHO_REQUEST)
     quote = error(3, 0, 0, request).quoted
     first = quote[:6] + b"\x2c" + quote[7:40] + bytes([58, 0, 0, 1]) + bytes(4) + quote[40:]
     later = first[:42] + b"\x05\x01" + first[44:]  # offset 160 bytes
@@ -140,18 +141,18 @@ def test_a_quote_through_a_fragment_header() -> None:
 ])
 def test_errors_are_worded_as_iputils_ping6(icmp_type: int, code: int, info: int,
                                             text: str) -> None:
-    request = build_echo_request(IDENT, 1, NONCE, 56, ICMP6_ECHO_REQUEST)
+    request = build_echo_request(IDENT, 1, NONCE, 56, echo_type=ICMP6_ECHO_REQUEST)
     parsed = error(icmp_type, code, info, request)
     assert parsed.info == info  # the MTU / pointer survives the rebuilt header
-    assert error_text(parsed.icmp_type, parsed.code, 6, parsed.info) == text
+    assert error_text(parsed.icmp_type, parsed.code, parsed.info, family=6) == text
 
 
 def test_filter_verdicts_on_icmpv6_messages() -> None:
     """The filter sees a raw ICMPv6 socket's message from its ICMPv6 header on."""
     program = sockfilter.encode(sockfilter.reply_filter(NONCE, family=6))
-    ours = as_reply(EchoTemplate(1, NONCE, 56, 6).message(9))
-    theirs = as_reply(EchoTemplate(1, OTHER, 56, 6).message(9))
-    request = EchoTemplate(1, NONCE, 56, 6).message(9)
+    ours = as_reply(EchoTemplate(1, NONCE, 56, family=6).message(9))
+    theirs = as_reply(EchoTemplate(1, OTHER, 56, family=6).message(9))
+    request = EchoTemplate(1, NONCE, 56, family=6).message(9)
     errors = [bytes([t, 0, 0, 0, 0, 0, 0, 0]) + ipv6_header(64, 0, packed(LOCAL),
                                                              packed(TARGET)) + request
               for t in (1, 2, 3, 4)]
@@ -205,7 +206,7 @@ def test_raw_icmpv6_socket_filters_and_reads_replies(scratch_netns6: Path) -> No
         for nonce in (OTHER, NONCE):
             for number in (1, 2, 3):
                 (ours if nonce == NONCE else sender).send(
-                    EchoTemplate(IDENT, nonce, 56, 6).message(number), ("::1", 0, 0, 0))
+                    EchoTemplate(IDENT, nonce, 56, family=6).message(number), ("::1", 0, 0, 0))
         udp.sendto(b"x", ("::1", 9))  # nobody listens: port unreachable comes back
         got = [parse_ip_icmp(d) for d in read_all(ours, 4)]
         time.sleep(0.2)
@@ -247,7 +248,7 @@ def test_kernel_reads_probes_behind_extension_headers(scratch_netns6: Path,
         if extension:
             sock.sock.setsockopt(socket.IPPROTO_IPV6, DSTOPTS, _PADN_HEADER)
         for number in (1, 2, 3):
-            sock.send(EchoTemplate(IDENT, nonce, 56, 6).message(number), ("::1", 0, 0, 0))
+            sock.send(EchoTemplate(IDENT, nonce, 56, family=6).message(number), ("::1", 0, 0, 0))
         assert len(read_all(sock, 3)) == 3
         backend.drain(events.append, records.append)
         first = wire.recv(2048)  # the first request as it crossed lo

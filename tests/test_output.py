@@ -40,7 +40,7 @@ def test_reply_line() -> None:
 
 def test_reply_line_without_kernel_data_and_duplicate() -> None:
     assert text.reply_line(measurement(corrected=False, dup=True)) == (
-        "64 bytes from 198.18.0.2: icmp_seq=1 ttl=63 time=0.061 ms (DUP!) corrected=none")
+        "64 bytes from 198.18.0.2: icmp_seq=1 ttl=63 time=0.061 ms corrected=none (DUP!)")
 
 
 def test_reply_line_with_timestamp() -> None:
@@ -88,15 +88,32 @@ def test_running_sums_print_as_the_full_list() -> None:
 
 
 def test_summary_lines() -> None:
+    """iputils' block as iputils prints it; the mace lines apart (printed before it)."""
     assert text.summary("h", summary()).splitlines() == [
         "",
         "--- h ping statistics ---",
         "3 packets transmitted, 3 received, 0% packet loss, time 2003ms",
         "rtt min/avg/max/mdev = 0.041/0.051/0.061/0.008 ms",
+    ]
+    assert text.mace_summary(summary()) == [
         "mace corrected min/avg/max/mdev = 0.003/0.004/0.005/0.001 ms",
         "mace overhead egress/ingress avg = 0.016/0.004 ms, "
         "kernel data 3/3 replies (100%), 0 events lost, 3 kernel records",
     ]
+
+
+def test_summary_pipe_ipg_ewma_and_corrupted_as_iputils() -> None:
+    s = summary(transmitted=100, received=99, corrupted=1, pipe=3,
+                ipg_ewma_us=(16, 44))
+    lines = text.summary("h", s).splitlines()
+    assert lines[2] == ("100 packets transmitted, 99 received, +1 corrupted, 1% packet loss, "
+                        "time 2003ms")
+    assert lines[3] == "rtt min/avg/max/mdev = 0.041/0.051/0.061/0.008 ms, pipe 3, " \
+        "ipg/ewma 0.016/0.005 ms"
+    # no reply at all: nothing after the counts line, pipe or not (iputils: no ipg then)
+    s = summary(received=0, raw=[], corrected=[], egress=[], ingress=[], pipe=2,
+                ipg_ewma_us=(16, 44))
+    assert text.summary("h", s).splitlines()[3] == "pipe 2"
 
 
 def test_summary_loss_duplicates_errors_and_partial_coverage() -> None:
@@ -105,7 +122,8 @@ def test_summary_loss_duplicates_errors_and_partial_coverage() -> None:
     lines = text.summary("h", s).splitlines()
     assert lines[2] == ("3 packets transmitted, 2 received, +1 duplicates, +1 errors, "
                         "33.3333% packet loss, time 2003ms")
-    assert lines[5].endswith("kernel data 1/2 replies (50%), 0 events lost, 3 kernel records")
+    assert text.mace_summary(s)[1].endswith(
+        "kernel data 1/2 replies (50%), 0 events lost, 3 kernel records")
 
 
 def test_summary_nothing_received() -> None:
@@ -117,8 +135,8 @@ def test_summary_nothing_received() -> None:
 
 def test_summary_without_any_correction() -> None:
     s = summary(corrected=[], egress=[], ingress=[], kernel_events_lost=5, kernel_records=0)
-    assert text.summary("h", s).splitlines()[4] == \
-        "mace corrected: none, kernel data 0/3 replies (0%), 5 events lost, 0 kernel records"
+    assert text.mace_summary(s) == \
+        ["mace corrected: none, kernel data 0/3 replies (0%), 5 events lost, 0 kernel records"]
 
 
 def run_result() -> RunResult:
@@ -180,8 +198,10 @@ def test_ndjson_records() -> None:
 
 def test_text_sink_quiet_prints_header_and_summary_only() -> None:
     lines = sink_output(lambda **kw: TextSink(quiet=True, **kw), run_result()).splitlines()
-    assert lines[0].startswith("PING target") and lines[1] == ""
-    assert lines[2].startswith("---")
+    assert lines[0].startswith("PING target")
+    assert lines[1].startswith("mace corrected ") and lines[2].startswith("mace overhead ")
+    assert lines[3] == "" and lines[4].startswith("---")
+    assert len(lines) == 7 and lines[-1].startswith("rtt min/avg/max/mdev = ")
 
 
 def test_atlas_empty_run_uses_minus_one() -> None:

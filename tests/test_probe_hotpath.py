@@ -254,7 +254,7 @@ def run_cbpf(program: bytes, packet: bytes) -> int:
             raise AssertionError(f"opcode {code:#x} not expected in this filter")
 
 
-def spec_verdict(packet: bytes, nonce: bytes | None) -> bool:
+def spec_verdict(packet: bytes, nonce: bytes | None, ident: int | None = None) -> bool:
     ihl = 4 * (packet[0] & 0x0F) if packet else 0
     if not packet or len(packet) <= ihl:
         return False
@@ -263,6 +263,11 @@ def spec_verdict(packet: bytes, nonce: bytes | None) -> bool:
         return True
     if icmp_type != 0:
         return False
+    if nonce is not None and ident is not None:  # our id passes (a reply not echoed)
+        if len(packet) < ihl + 6:
+            return False  # (the id's load fails: the kernel drops it)
+        if int.from_bytes(packet[ihl + 4:ihl + 6], "big") == ident:
+            return True
     return nonce is None or packet[ihl + 8:ihl + 16] == nonce
 
 
@@ -292,11 +297,20 @@ def icmp_packets(draw: st.DrawFn) -> bytes:
 
 
 @HOTPATH
-@given(packet=icmp_packets(), with_nonce=st.booleans())
-def test_filter_verdict_is_the_spec(packet: bytes, with_nonce: bool) -> None:
+@given(packet=icmp_packets(), with_nonce=st.booleans(),
+       ident=st.sampled_from([None, 0, 0x1234]))
+def test_filter_verdict_is_the_spec(packet: bytes, with_nonce: bool, ident: int | None) -> None:
     nonce = NONCE if with_nonce else None
-    program = sockfilter.encode(sockfilter.reply_filter(nonce))
-    assert (run_cbpf(program, packet) != 0) == spec_verdict(packet, nonce)
+    program = sockfilter.encode(sockfilter.reply_filter(nonce, ident))
+    assert (run_cbpf(program, packet) != 0) == spec_verdict(packet, nonce, ident)
+
+
+def test_filter_passes_a_reply_with_our_id_that_did_not_echo_the_payload() -> None:
+    program = sockfilter.encode(sockfilter.reply_filter(NONCE, 0x1234))
+    cut = as_reply(EchoTemplate(0x1234, NONCE, 56).message(3))[:8]  # header only
+    assert run_cbpf(program, ipv4(cut))
+    other = as_reply(EchoTemplate(0x4321, NONCE, 56).message(3))[:8]
+    assert not run_cbpf(program, ipv4(other))
 
 
 def test_filter_verdicts_on_real_probes() -> None:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from mace_tools import pinger
+from mace_tools import pacing, pinger
 from mace_tools.model import KernelEvent, Measurement, ProbeRecord, RunResult
 from mace_tools.pinger import Pinger, PingOptions
 from mace_tools.probe.icmp import checksum
@@ -62,6 +62,7 @@ class FakeNet:
     a netns lab)."""
 
     ident = None  # as a raw socket's: the run's own id goes out
+    warnings = ()  # nothing to say about socket options
 
     def __init__(self, log: list[tuple[str, int]], delayed: bool) -> None:
         self.log, self.delayed = log, delayed
@@ -78,7 +79,7 @@ class FakeNet:
             self._poll_end.recv(1)
         self._readable = readable
 
-    def filter_replies(self, nonce: bytes | None) -> None:
+    def filter_replies(self, nonce: bytes | None, ident: int | None = None) -> None:
         self.filtered = nonce  # the kernel's job; the fake passes every answer
 
     def fileno(self) -> int:
@@ -133,7 +134,7 @@ def ping(monkeypatch: pytest.MonkeyPatch, delayed: bool, **opts: object) \
     nets: list[FakeNet] = []
     events: list[FakeEvents] = []
 
-    def fake_socket(*args: object) -> FakeNet:
+    def fake_socket(*args: object, **kwargs: object) -> FakeNet:
         nets.append(FakeNet(log, delayed))
         return nets[-1]
 
@@ -144,7 +145,7 @@ def ping(monkeypatch: pytest.MonkeyPatch, delayed: bool, **opts: object) \
 
     monkeypatch.setattr(pinger, "open_icmp_socket", fake_socket)
     # no 100/s minimum-rate probes: in flood, only replies send (whatever the VM's load)
-    monkeypatch.setattr(pinger, "FLOOD_MIN_RATE_S", 60.0)
+    monkeypatch.setattr(pacing, "MIN_INTERVAL_NS", 60 * 10**9)
     options = PingOptions(TARGET, source=SOURCE, **opts)  # type: ignore[arg-type]
     result = Pinger(options, LogSink(log), nonce=NONCE,  # type: ignore[arg-type]
                     backend_factory=fake_events).run()  # type: ignore[arg-type]
@@ -197,7 +198,8 @@ def test_paced_ping_sends_on_its_schedule_only(monkeypatch: pytest.MonkeyPatch) 
 def test_probes_too_short_for_the_nonce_open_no_event_source(
         monkeypatch: pytest.MonkeyPatch) -> None:
     log: list[tuple[str, int]] = []
-    monkeypatch.setattr(pinger, "open_icmp_socket", lambda *args: FakeNet(log, delayed=True))
+    monkeypatch.setattr(pinger, "open_icmp_socket",
+                        lambda *args, **kwargs: FakeNet(log, delayed=True))
     result = Pinger(PingOptions(TARGET, source=SOURCE, size=4, count=2, interval_s=0.0),
                     LogSink(log), nonce=NONCE,  # type: ignore[arg-type]
                     backend_factory=lambda *_, **__: pytest.fail("no source wanted")).run()
@@ -275,5 +277,12 @@ def test_sigquit_calls_status_and_the_loop_goes_on(
 def test_ping_error_texts_are_iputils() -> None:
     assert error_text(3, 1) == "Destination Host Unreachable"
     assert error_text(11, 0) == "Time to live exceeded"
-    assert error_text(3, 7) == "ICMP type 3 code 7"
-    assert error_text(12, 0) == "ICMP type 12 code 0"
+    # every code and type iputils' pr_icmph names, in its words
+    assert error_text(3, 7) == "Destination Host Unknown"
+    assert error_text(3, 4, 1400) == "Frag needed and DF set (mtu = 1400)"
+    assert error_text(3, 99) == "Dest Unreachable, Bad Code: 99"
+    assert error_text(12, 0, 5 << 24) == "Parameter problem: pointer = 5"
+    assert error_text(5, 1, 0xC6120001) == "Redirect Host(New nexthop: 198.18.0.1)"
+    assert error_text(4, 0) == "Source Quench"
+    assert error_text(11, 7) == "Time exceeded, Bad Code: 7"
+    assert error_text(42, 0) == "Bad ICMP type: 42"

@@ -171,6 +171,12 @@ def resolve_address(host: str, site: ProbeSite, family: int | None) -> str:
         infos = socket.getaddrinfo(name, None, socket.AF_UNSPEC, socket.SOCK_RAW)
     except socket.gaierror as exc:
         raise MaceError(f"{host}: {exc.strerror}") from exc
+    return pick_address(host, infos, family)
+
+
+def pick_address(host: str, infos: list, family: int | None) -> str:
+    """The address iputils takes of getaddrinfo's answer for host: the first of the
+    family -4/-6 want (any: None), an IPv6 one of a scope with its %interface."""
     wanted = None if family is None else {4: socket.AF_INET, 6: socket.AF_INET6}[family]
     for info_family, *_, sockaddr in infos:
         if wanted is None or info_family == wanted:

@@ -7,13 +7,19 @@ libbpf is bound when the run starts, scapy and rich are never imported on this p
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import json
+import os
 import signal
 import socket
 import sys
+from collections.abc import Callable, Iterator
 from typing import Annotated, NamedTuple
 
 import typer
 
+from mace_tools.cli import ping_options
 from mace_tools.cli.common import (
     INT_MAX,
     LONG_MAX,
@@ -21,11 +27,14 @@ from mace_tools.cli.common import (
     AgentOption,
     ContainerOption,
     ListContainersOption,
+    ProbeSite,
     RuntimeOption,
     drop_privileges,
+    host_name_bytes,
     ip_family,
     output_mode,
     parse_nonce,
+    pick_address,
     ping_strtod,
     probe_site,
     required_host,
@@ -34,10 +43,15 @@ from mace_tools.cli.common import (
     seconds_or_err,
     strtol_or_err,
 )
+from mace_tools.cli.ping_options import strtoul_or_err
 from mace_tools.errors import MaceError
+from mace_tools.probe.sockopts import PMTUDISC, SocketOptions
 
 PROG = "mace-ping"
 MAX_PAYLOAD = 65507  # 65535 - 20 (IPv4) - 8 (ICMP), as iputils
+MAX_PAYLOAD6 = 65527  # 65535 - 8 (ICMPv6): iputils' ICMPV6_MAX_DATALEN
+IDENTIFIER_MAX = 0xFFFF
+MIN_USER_INTERVAL_MS = 2
 
 app = typer.Typer(
     add_completion=False,
@@ -48,13 +62,15 @@ app = typer.Typer(
 
 
 @app.command(help="Ping HOST from a container's network namespace; print raw and "
-                  "container-corrected RTTs from per-packet eBPF kernel timestamps.")
+                  "container-corrected RTTs from per-packet eBPF kernel timestamps. "
+                  "Options as iputils ping (README: mace-ping options); -R and -T are not "
+                  "supported: IP options would keep every reply from being corrected.")
 def ping(
     host: Annotated[str | None, typer.Argument(metavar="HOST", show_default=False)] = None,
     # Numbers are taken as text and checked as iputils checks them (cli/common.py), so
     # nan, inf, 1e999 or a count past LONG_MAX get ping's one-line errors.
     count: Annotated[str | None, typer.Option("-c", metavar="COUNT",
-                                              help="stop after COUNT replies sent")] = None,
+                                              help="stop after COUNT replies")] = None,
     interval: Annotated[str | None, typer.Option(
         "-i", metavar="SECONDS", help="seconds between probes (default 1; 0 with -f)")] = None,
     size: Annotated[str, typer.Option("-s", metavar="SIZE", help="payload bytes")] = "56",
@@ -65,8 +81,10 @@ def ping(
     deadline: Annotated[str | None, typer.Option("-w", metavar="SECONDS",
                                                  help="stop after SECONDS")] = None,
     quiet: Annotated[bool, typer.Option("-q", help="only the summary")] = False,
-    numeric: Annotated[bool, typer.Option(
-        "-n", help="numeric output (replies are always shown by address: no reverse DNS)")]
+    numeric: Annotated[bool, typer.Option("-n", help="no reverse DNS name resolution")]
+    = False,
+    force_lookup: Annotated[bool, typer.Option(
+        "-H", help="force reverse DNS name resolution (also for address targets, -f)")]
     = False,
     timestamps: Annotated[bool, typer.Option("-D", help="print unix time before each line")]
     = False,
@@ -74,6 +92,52 @@ def ping(
     interface: Annotated[str | None, typer.Option("-I", help="interface name or source "
                                                   "address")] = None,
     flood: Annotated[bool, typer.Option("-f", help="flood ping")] = False,
+    audible: Annotated[bool, typer.Option("-a", help="audible ping (a bell per reply)")]
+    = False,
+    adaptive: Annotated[bool, typer.Option("-A", help="adaptive ping: interval follows "
+                                           "the round trip")] = False,
+    broadcast: Annotated[bool, typer.Option("-b", help="allow pinging broadcast")] = False,
+    strict_source: Annotated[bool, typer.Option("-B", help="sticky source address")]
+    = False,
+    connect: Annotated[bool, typer.Option("-C", help="connect() the socket")] = False,
+    so_debug: Annotated[bool, typer.Option("-d", help="SO_DEBUG socket option")] = False,
+    ident: Annotated[str | None, typer.Option("-e", metavar="ID", help="ICMP identifier "
+                                              "(0 needs a raw socket)")] = None,
+    flowlabel: Annotated[str | None, typer.Option(
+        "-F", metavar="FLOW", help="IPv6 flow label (checked; IPv4 probes have none)")]
+    = None,
+    preload: Annotated[str | None, typer.Option("-l", metavar="PRELOAD", help="send PRELOAD "
+                                                "probes at once, then keep that many in "
+                                                "flight (-f, -i 0)")] = None,
+    noloop: Annotated[bool, typer.Option("-L", help="no loopback of multicast probes")]
+    = False,
+    mark: Annotated[str | None, typer.Option("-m", metavar="MARK", help="SO_MARK of the "
+                                             "probes")] = None,
+    pmtudisc: Annotated[str | None, typer.Option("-M", metavar="HINT", help="path MTU "
+                                                 "discovery: do, dont, want or probe")]
+    = None,
+    pattern: Annotated[str | None, typer.Option("-p", metavar="PATTERN", help="fill the "
+                                                "payload with these hex bytes")] = None,
+    tos: Annotated[str | None, typer.Option("-Q", metavar="TOS", help="IP TOS / QoS bits "
+                                            "(decimal or 0x hex)")] = None,
+    dontroute: Annotated[bool, typer.Option("-r", help="bypass the routing table "
+                                            "(SO_DONTROUTE)")] = False,
+    record_route: Annotated[bool, typer.Option("-R", help="record route: not supported")]
+    = False,
+    sndbuf: Annotated[str | None, typer.Option("-S", metavar="BYTES", help="SO_SNDBUF")]
+    = None,
+    ip_timestamp: Annotated[str | None, typer.Option("-T", metavar="TYPE", help="IP "
+                                                     "timestamp option: not supported")]
+    = None,
+    user_latency: Annotated[bool, typer.Option("-U", help="user-to-user latency (the raw "
+                                               "time ends when the reply is read)")]
+    = False,
+    verbose: Annotated[bool, typer.Option("-v", help="verbose output (ident in replies)")]
+    = False,
+    precise: Annotated[bool, typer.Option("-3", help="times with 3 decimals, unrounded")]
+    = False,
+    json_lines: Annotated[bool, typer.Option("-j", help="iputils' JSON lines, with the mace "
+                                             "fields")] = False,
     ipv4: Annotated[bool, typer.Option("-4", help="IPv4 only")] = False,
     ipv6: Annotated[bool, typer.Option("-6", help="IPv6 only")] = False,
     netns: Annotated[str | None, typer.Option(
@@ -94,21 +158,51 @@ def ping(
     agent: AgentOption = None,
     version: Annotated[bool, typer.Option("-V", "--version", help="print version")] = False,
 ) -> None:
+    if version and json_lines:
+        from mace_tools import __version__
+
+        print(json.dumps({"version": __version__}))
+        raise typer.Exit(0)
+    # parsed as iputils parses them, before it asks for a destination
+    numbers = _numbers(count, interval, size, ttl, linger, deadline,
+                       _max_payload(ipv4, ipv6, host))
+    extra = _Extra(
+        ident=None if ident is None else strtoul_or_err(ident, 0, IDENTIFIER_MAX),
+        preload=1 if preload is None else ping_options.parse_preload(preload),
+        pattern=None if pattern is None else ping_options.parse_pattern(pattern),
+        sockopts=SocketOptions(
+            tos=0 if tos is None else ping_options.parse_tos(tos),
+            mark=None if mark is None else strtoul_or_err(mark, 0, UINT_MAX),
+            pmtudisc=None if pmtudisc is None else ping_options.parse_pmtudisc(pmtudisc),
+            sndbuf=None if sndbuf is None else strtol_or_err(sndbuf, 1, INT_MAX),
+            debug=so_debug, dontroute=dontroute, broadcast=broadcast, noloop=noloop))
+    if flowlabel is not None:
+        ping_options.parse_flowlabel(flowlabel)
+    ping_options.check_ip_options(record_route, ip_timestamp)
+    if host is None and not (version or list_containers):
+        raise MaceError("usage error: Destination address required")
     host = required_host(PROG, version, list_containers, runtime, host)
     from mace_tools.output.live import make_sink
     from mace_tools.pinger import Pinger, PingOptions
     from mace_tools.sources import event_sources
 
-    numbers = _numbers(count, interval, size, ttl, linger, deadline)
-    mode = output_mode(json_out, ndjson)
+    if json_lines and (json_out or ndjson):
+        raise MaceError("-j, --json and --ndjson are mutually exclusive")
+    mode = "jsonlines" if json_lines else output_mode(json_out, ndjson)
+    interval_s = (0.0 if flood else 1.0) if numbers.interval_s is None else numbers.interval_s
+    _check_user_interval(interval_s)
     site = probe_site(netns, pid, container, runtime)
-    addr = resolve_address(host, site, ip_family(ipv4, ipv6))
+    target = _target(host, site, ip_family(ipv4, ipv6))
+    if flowlabel is not None and ":" in target.addr:
+        raise MaceError("-F (IPv6 flow label) is not supported yet: probes would leave "
+                        "without it")
+    multicast = broadcast or _is_multicast(target.addr)
+    sockopts = _multicast_sockopts(extra.sockopts, multicast, interval_s)
     device, source = _split_interface(interface)
     opts = PingOptions(
-        dst_addr=addr,
+        dst_addr=target.addr,
         count=numbers.count,
-        interval_s=(0.0 if flood else 1.0) if numbers.interval_s is None
-        else numbers.interval_s,
+        interval_s=interval_s,
         size=numbers.size,
         ttl=numbers.ttl,
         linger_s=numbers.linger_s,
@@ -118,18 +212,140 @@ def ping(
         source=source,
         netns_path=site.netns_path,
         report_outstanding=outstanding,
-        path=mode != "text",  # the JSON outputs show each reply's path
+        path=mode in ("json", "ndjson"),  # the JSON outputs show each reply's path
+        preload=extra.preload,
+        adaptive=adaptive,
+        pattern=extra.pattern,
+        ident=extra.ident,
+        user_latency=user_latency,
+        strict_source=strict_source,
+        connect=connect,
+        multicast=multicast,
+        socket_options=sockopts,
     )
-    sink = make_sink(mode, dst_name=host, dst_addr=addr, size=numbers.size, quiet=quiet,
-                     timestamps=timestamps, flood=flood, interface=interface)
-    sources = event_sources(PROG, agent, site.netns_path, nonce is not None)
-    result = Pinger(opts, sink, nonce=parse_nonce(nonce), backend_factory=sources,
-                    after_setup=drop_privileges).run()
-    sink.finish(result)
+    lookup = (force_lookup and not numeric) or not (
+        numeric or flood or target.literal or _lookups_disabled(quiet))
+    with _namer(site, lookup) as name_of:
+        sink = make_sink(mode, dst_name=target.name, dst_addr=target.addr, size=numbers.size,
+                         quiet=quiet, timestamps=timestamps, flood=flood, device=device,
+                         bound=source is not None or strict_source, name_of=name_of,
+                         audible=audible, verbose=verbose, precise=precise,
+                         show_dup=not multicast, pattern=extra.pattern)
+        sources = event_sources(PROG, agent, site.netns_path, nonce is not None)
+        result = Pinger(opts, sink, nonce=parse_nonce(nonce), backend_factory=sources,
+                        after_setup=drop_privileges).run()
+        sink.finish(result)
     received = result.tally.received
     wanted = numbers.count
     if received == 0 or (wanted is not None and numbers.deadline_s and received < wanted):
         raise typer.Exit(1)
+
+
+class _Extra(NamedTuple):
+    """The options iputils added to BSD ping's, parsed."""
+
+    ident: int | None
+    preload: int
+    pattern: bytes | None
+    sockopts: SocketOptions
+
+
+def _address(addr: str) -> str:
+    return addr
+
+
+@contextlib.contextmanager
+def _namer(site: ProbeSite, lookup: bool) -> Iterator[Callable[[str], str]]:
+    """How senders are shown: by address, or (lookup) as ping names them from the probing
+    netns; set up now, while the run may still enter that netns (probe/names.py)."""
+    if not lookup:
+        yield _address
+        return
+    from mace_tools.probe.names import Namer
+
+    namer = Namer(site.vantage)
+    try:
+        yield namer
+    finally:
+        namer.close()
+
+
+def _lookups_disabled(quiet: bool) -> bool:
+    """iputils: IPUTILS_PING_PTR_LOOKUP=0 makes -n the default (with a warning)."""
+    if os.environ.get("IPUTILS_PING_PTR_LOOKUP") != "0":
+        return False
+    if not quiet:
+        print(f"{PROG}: WARNING: reverse DNS resolution (PTR lookup) disabled, enforce "
+              "with -H", file=sys.stderr)
+    return True
+
+
+class _Target(NamedTuple):
+    addr: str
+    name: str  # what ping prints for it: the canonical name, or what was typed
+    literal: bool  # an address was typed: ping shows every sender numerically
+
+
+def _is_literal(host: str) -> bool:
+    """ping's test (inet_aton: the short forms too, 127.1), or an IPv6 address (with or
+    without a %scope)."""
+    try:
+        socket.inet_aton(host)
+    except OSError:
+        return ":" in host
+    return True
+
+
+def _is_multicast(addr: str) -> bool:
+    """224.0.0.0/4, or ff00::/8."""
+    if ":" in addr:
+        return addr[:2].lower() == "ff"
+    return 224 <= socket.inet_aton(addr)[0] <= 239
+
+
+def _target(host: str, site: ProbeSite, family: int | None) -> _Target:
+    """host's address as the probing netns resolves it (of family 4 or 6 if -4 or -6
+    say), and the name ping prints for it (probe/names.py). From our own netns one
+    getaddrinfo with AI_CANONNAME gives both, as ping's does; an address typed in needs
+    no name."""
+    if _is_literal(host):  # (nothing more to import: the fast path)
+        return _Target(resolve_address(host, site, family), host, True)
+    from mace_tools.probe.names import canonical_name
+
+    if site.vantage is not None:
+        addr = resolve_address(host, site, family)
+        return _Target(addr, canonical_name(host, addr, site.vantage), False)
+    try:
+        infos = socket.getaddrinfo(host_name_bytes(host), None, socket.AF_UNSPEC,
+                                   socket.SOCK_RAW, 0, socket.AI_CANONNAME)
+    except socket.gaierror as exc:
+        raise MaceError(f"{host}: {exc.strerror}") from exc
+    canonical = infos[0][3] or host  # (glibc puts it on the first result only)
+    return _Target(pick_address(host, infos, family), canonical, False)
+
+
+def _check_user_interval(interval_s: float) -> None:
+    """iputils: a user other than root may not send faster than every 2 ms."""
+    if os.getuid() != 0 and interval_s < MIN_USER_INTERVAL_MS / 1000:
+        raise MaceError("cannot flood, minimal interval for user must be >= 2 ms, use "
+                        "-i 0.002 (or higher)")
+
+
+def _multicast_sockopts(opts: SocketOptions, multicast: bool,
+                        interval_s: float) -> SocketOptions:
+    """iputils for a broadcast (-b) or multicast target: a user may send once a second at
+    most and never fragments; path MTU discovery defaults to "do"."""
+    if not multicast:
+        return opts
+    if os.getuid() != 0:
+        if interval_s < 1.0:
+            raise MaceError("minimal interval for broadcast ping for user must be >= 1000 "
+                            "ms, use -i 1 (or higher)")
+        if opts.pmtudisc is not None and opts.pmtudisc != PMTUDISC["do"]:
+            raise MaceError("broadcast ping does not fragment")
+    if opts.pmtudisc is None:
+        return dataclasses.replace(opts, pmtudisc=PMTUDISC["do"])
+    return opts
 
 
 class _Numbers(NamedTuple):
@@ -141,27 +357,41 @@ class _Numbers(NamedTuple):
     deadline_s: float | None
 
 
+def _max_payload(ipv4: bool, ipv6: bool, host: str | None) -> int:
+    """iputils' bound on -s: by -4/-6, then by the family of an address typed in (a name:
+    the larger, as it is checked before resolving)."""
+    bound = MAX_PAYLOAD if ipv4 else MAX_PAYLOAD6
+    for family, limit in ((socket.AF_INET, MAX_PAYLOAD), (socket.AF_INET6, MAX_PAYLOAD6)):
+        try:
+            socket.inet_pton(family, host or "")
+        except OSError:
+            continue
+        return limit
+    return bound
+
+
 def _numbers(count: str | None, interval: str | None, size: str, ttl: str | None,
-             linger: str, deadline: str | None) -> _Numbers:
+             linger: str, deadline: str | None, max_payload: int = MAX_PAYLOAD) -> _Numbers:
     """The numeric options, checked and worded as iputils' ping.c (its bounds: -i up to
-    INT_MAX ms, -W up to UINT_MAX µs; -t from 1, as the kernel refuses a TTL of 0)."""
+    INT_MAX ms, -W up to UINT_MAX µs; -t 0 passes, and the kernel refuses it)."""
     payload = strtol_or_err(size, 0, INT_MAX)
-    if payload > MAX_PAYLOAD:
+    if payload > max_payload:
         raise MaceError(f"invalid -s value: '{payload}': out of range: "
-                        f"0 <= value <= {MAX_PAYLOAD}")
+                        f"0 <= value <= {max_payload}")
     return _Numbers(
         count=None if count is None else strtol_or_err(count, 1, LONG_MAX),
         interval_s=None if interval is None else
         ping_strtod(interval, 0.0, INT_MAX / 1000, "bad timing interval"),
         size=payload,
-        ttl=None if ttl is None else strtol_or_err(ttl, 1, 255),
+        ttl=None if ttl is None else strtol_or_err(ttl, 0, 255),
         linger_s=ping_strtod(linger, 0.0, UINT_MAX / 1_000_000, "bad linger time"),
         deadline_s=None if deadline is None else seconds_or_err(deadline, INT_MAX),
     )
 
 
 def _split_interface(value: str | None) -> tuple[str | None, str | None]:
-    """-I takes an interface name or a source address, as iputils."""
+    """-I takes an interface name or a source address, as iputils: an address in full
+    dotted form (inet_pton; "1" is a device name to ping, not 0.0.0.1)."""
     if value is None:
         return None, None
     for family in (socket.AF_INET, socket.AF_INET6):

@@ -6,7 +6,8 @@ Probe payload layout v2 (a contract with bpf/mace.bpf.c and the lab's capture):
                   sent (1, 2, 3, ...), not wrapped at 65536 as the ICMP seq (number & 0xffff)
                   is, so a late reply from an earlier lap of the seq is never taken for the
                   probe that reuses it (wraps at 2**32 only)
-    bytes 12..    byte i = i & 0xff, counted from the payload start (iputils' fill)
+    bytes 12..    byte i = i & 0xff, counted from the payload start (iputils' fill); with
+                  ping -p, byte i of the pattern repeated from the payload start
 A payload of 8..11 bytes carries the nonce and fill, no number; one shorter than 8 bytes a
 truncated nonce: the kernel side cannot match it (no correction), and the receiver falls
 back on the ICMP id, as iputils does.
@@ -69,20 +70,29 @@ def checksum(data: bytes) -> int:
     return ~total & 0xFFFF
 
 
-def echo_payload(nonce: bytes, size: int, number: int = 0) -> bytes:
+def fill_bytes(size: int, pattern: bytes | None = None) -> bytes:
+    """size bytes of fill: byte i = i & 0xff, or pattern[i % len(pattern)] (ping -p)."""
+    if not pattern:
+        return _FILL[:size]
+    return (pattern * (size // len(pattern) + 1))[:size]
+
+
+def echo_payload(nonce: bytes, size: int, number: int = 0,
+                 pattern: bytes | None = None) -> bytes:
     """The size-byte payload of probe `number` (layout v2 above)."""
+    fill = fill_bytes(size, pattern)
     if size < TAG_LEN:
-        return (nonce + _FILL[NONCE_LEN:size])[:size]
-    return nonce + _NUMBER.pack(number & 0xFFFFFFFF) + _FILL[TAG_LEN:size]
+        return (nonce + fill[NONCE_LEN:size])[:size]
+    return nonce + _NUMBER.pack(number & 0xFFFFFFFF) + fill[TAG_LEN:size]
 
 
 def build_echo_request(ident: int, number: int, nonce: bytes, size: int,
-                       echo_type: int = ICMP_ECHO) -> bytes:
+                       pattern: bytes | None = None, echo_type: int = ICMP_ECHO) -> bytes:
     """ICMP echo request for probe `number` (seq number & 0xffff; a seq < 65536 is its own
     number), header + size payload bytes, with a valid checksum (for ICMPv6, echo_type
     128, the kernel writes the real one over it)."""
     seq = number & 0xFFFF
-    payload = echo_payload(nonce, size, number)
+    payload = echo_payload(nonce, size, number, pattern)
     csum = checksum(_HDR.pack(echo_type, 0, 0, ident, seq) + payload)
     return _HDR.pack(echo_type, 0, csum, ident, seq) + payload
 
@@ -93,9 +103,10 @@ class EchoTemplate:
     complement (RFC 1624), which keeps the per-probe work between the clock reading and
     sendto() to a few hundred ns (one struct pack)."""
 
-    def __init__(self, ident: int, nonce: bytes, size: int, family: int = 4) -> None:
+    def __init__(self, ident: int, nonce: bytes, size: int, pattern: bytes | None = None,
+                 family: int = 4) -> None:
         self._type = type_ = ICMP6_ECHO_REQUEST if family == 6 else ICMP_ECHO
-        base = build_echo_request(ident, 0, nonce, size, type_)
+        base = build_echo_request(ident, 0, nonce, size, pattern, type_)
         self._sum = ~int.from_bytes(base[2:4], "big") & 0xFFFF  # ones' complement sum
         self._ident = ident
         self._nonce = nonce

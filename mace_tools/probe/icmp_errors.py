@@ -23,20 +23,34 @@ from mace_tools.probe.icmp import (
     NONCE_LEN,
 )
 
-# iputils' wording of the errors ping reports (ping4_print_icmp), by type then code
+# iputils' wording of the ICMP messages ping reports (ping.c, pr_icmph), by type then code
 _UNREACH = {
     0: "Destination Net Unreachable",
     1: "Destination Host Unreachable",
     2: "Destination Protocol Unreachable",
     3: "Destination Port Unreachable",
-    4: "Frag needed and DF set",
     5: "Source Route Failed",
+    6: "Destination Net Unknown",
+    7: "Destination Host Unknown",
+    8: "Source Host Isolated",
     9: "Destination Net Prohibited",
     10: "Destination Host Prohibited",
+    11: "Destination Net Unreachable for Type of Service",
+    12: "Destination Host Unreachable for Type of Service",
     13: "Packet filtered",
+    14: "Precedence Violation",
+    15: "Precedence Cutoff",
+}
+_REDIRECT = {
+    0: "Redirect Network",
+    1: "Redirect Host",
+    2: "Redirect Type of Service and Network",
+    3: "Redirect Type of Service and Host",
 }
 _TIME_EXCEEDED = {0: "Time to live exceeded", 1: "Frag reassembly time exceeded"}
-_TEXTS = {3: _UNREACH, 11: _TIME_EXCEEDED}
+_OTHER = {0: "Echo Reply", 8: "Echo Request", 13: "Timestamp", 14: "Timestamp Reply",
+          15: "Information Request", 16: "Information Reply", 17: "Address Mask Request",
+          18: "Address Mask Reply"}
 # ... and ICMPv6 errors (iputils' print_icmp in ping6_common.c)
 _UNREACH6 = {
     0: "No route",
@@ -50,14 +64,33 @@ _UNREACH6 = {
 _TIME_EXCEEDED6 = {0: "Hop limit", 1: "Defragmentation failure"}
 _PARAM_PROB6 = {0: "Wrong header field ", 1: "Unknown header ", 2: "Unknown option "}
 _NEXTHDR_FRAGMENT = 44
+ICMP_SOURCE_QUENCH = 4
+ICMP_REDIRECT = 5
+# answers ping shows but does not count as errors (iputils: they end no probe)
+NOTICES = frozenset((ICMP_SOURCE_QUENCH, ICMP_REDIRECT))
 
 
-def error_text(icmp_type: int, code: int, family: int = 4, info: int = 0) -> str:
-    """How ping words an ICMP error (as iputils, for the ones it names); info: the
-    error's MTU or pointer (the second word of its header), which ICMPv6 texts show."""
+def error_text(icmp_type: int, code: int, info: int = 0, family: int = 4) -> str:
+    """How ping words an ICMP message (iputils' pr_icmph; for ICMPv6, family 6, its
+    print_icmp). info: the second word of the ICMP header (a frag-needed's next-hop MTU,
+    a parameter problem's pointer, a redirect's gateway; ICMPv6: the MTU, the pointer)."""
     if family == 6:
         return _error_text6(icmp_type, code, info)
-    return _TEXTS.get(icmp_type, {}).get(code, f"ICMP type {icmp_type} code {code}")
+    if icmp_type == 3:
+        if code == 4:
+            return f"Frag needed and DF set (mtu = {info & 0xFFFF})"
+        return _UNREACH.get(code, f"Dest Unreachable, Bad Code: {code}")
+    if icmp_type == ICMP_SOURCE_QUENCH:
+        return "Source Quench"
+    if icmp_type == ICMP_REDIRECT:
+        gateway = socket.inet_ntoa((info & 0xFFFFFFFF).to_bytes(4, "big"))
+        return _REDIRECT.get(code, f"Redirect, Bad Code: {code}") + \
+            f"(New nexthop: {gateway})"
+    if icmp_type == 11:
+        return _TIME_EXCEEDED.get(code, f"Time exceeded, Bad Code: {code}")
+    if icmp_type == 12:
+        return f"Parameter problem: pointer = {(info >> 24) & 0xFF}"
+    return _OTHER.get(icmp_type, f"Bad ICMP type: {icmp_type}")
 
 
 def _error_text6(icmp_type: int, code: int, info: int) -> str:

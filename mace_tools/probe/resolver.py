@@ -127,18 +127,27 @@ def lookup_hosts(text: str, name: str, family: int | None = 4) -> list[str]:
 
 
 def lookup_hosts_name(text: str, addr: str) -> str | None:
-    """The name /etc/hosts gives addr (the first line's canonical name), as glibc's
-    gethostbyaddr finds it."""
-    wanted = socket.inet_aton(addr)
+    """The name /etc/hosts gives addr, IPv4 or IPv6 (the first line's canonical name), as
+    glibc's gethostbyaddr finds it."""
+    family = _family(addr)
+    if family is None:
+        return None
+    af = socket.AF_INET6 if family == 6 else socket.AF_INET
+    wanted = socket.inet_pton(af, addr)
     for line in text.splitlines():
         words = line.split("#", 1)[0].split()
-        if len(words) >= 2 and _is_ipv4(words[0]) and socket.inet_aton(words[0]) == wanted:
+        if len(words) >= 2 and _family(words[0]) == family \
+                and socket.inet_pton(af, words[0]) == wanted:
             return words[1]
     return None
 
 
 def ptr_name(addr: str) -> str:
-    """The in-addr.arpa name whose PTR record names addr."""
+    """The in-addr.arpa (IPv4) or ip6.arpa (IPv6: one label per nibble) name whose PTR
+    record names addr."""
+    if _family(addr) == 6:
+        nibbles = socket.inet_pton(socket.AF_INET6, addr).hex()
+        return ".".join(reversed(nibbles)) + ".ip6.arpa"
     return ".".join(reversed(addr.split("."))) + ".in-addr.arpa"
 
 
@@ -535,7 +544,7 @@ class ReverseResolver:
 
     def _lookup(self, addr: str) -> str | None:
         name = lookup_hosts_name(self._hosts, addr)
-        if name is None and _is_ipv4(addr):
+        if name is None and _family(addr) is not None:
             answer = _ask(self._socks, ptr_name(addr), self._conf,
                           {TYPE_PTR: parse_ptr_answer}).get(TYPE_PTR)
             name = answer[1][0] if answer is not None and answer[1] else None

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from mace_tools.errors import MaceError
-from mace_tools.probe import sockfilter
+from mace_tools.probe import sockfilter, sockopts
 from mace_tools.probe.addresses import SockAddr, sockaddr
 from mace_tools.probe.icmp import (
     ERRORS6_WITH_QUOTE,
@@ -46,6 +46,7 @@ from mace_tools.probe.icmp import (
     ICMP_PARAMETERPROB,
     checksum,
 )
+from mace_tools.probe.sockopts import SocketOptions
 
 SOL_RAW = 255
 ICMP_FILTER = 1
@@ -140,29 +141,33 @@ class IcmpSocket:
     MAX_MESSAGE = MAX_DATAGRAM  # what one recvmsg() takes: never truncated
 
     def __init__(self, ttl: int | None = None, device: str | None = None,
-                 source: str | None = None) -> None:
+                 source: str | None = None, extra: SocketOptions | None = None,
+                 ident: int | None = None) -> None:
+        """extra: ping's other socket options (-Q -M -m -S -b -L -d -r); what they
+        warn about is kept in `warnings`. Failures are MaceErrors in ping's words.
+        ident (ping -e): the id a ping socket binds to (a raw socket sends the caller's)."""
+        self._wanted_ident = ident
         self.sock = sock = _open(self.FAMILY, self.KIND, self.PROTO, self.REFUSED)
         try:
             self._set_options()
             sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECV_BUFFER)
-            if ttl is not None:
-                self._set_ttl(ttl)
             if device is not None:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device.encode())
+                sockopts.bind_to_device(sock, device)
+            self.warnings = sockopts.apply(sock, extra or SocketOptions(), ttl,
+                                           family=6 if self.FAMILY == socket.AF_INET6 else 4)
             self._bind(source)
-        except OSError as exc:
+        except OSError as exc:  # bind(): -I ADDR not ours, or the ping socket's id taken
             sock.close()
-            what = f"interface '{device}'" if device else f"address '{source}'" if source else ""
-            raise MaceError(f"cannot use {what or 'socket option'}: {exc.strerror}") from exc
+            raise MaceError(f"bind: {exc.strerror}") from exc
+        except MaceError:
+            sock.close()
+            raise
         sock.setblocking(False)
 
     def _set_options(self) -> None:
         """Only echo replies and the errors worth reporting are queued (as iputils)."""
         self.sock.setsockopt(SOL_RAW, ICMP_FILTER, struct.pack("=I", _FILTER_MASK))
-
-    def _set_ttl(self, ttl: int) -> None:
-        self.sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
 
     def _bind(self, source: str | None) -> None:
         if source is not None:
@@ -174,20 +179,30 @@ class IcmpSocket:
         caller's."""
         return None
 
-    def filter_replies(self, nonce: bytes | None) -> None:
+    def filter_replies(self, nonce: bytes | None, ident: int | None = None) -> None:
         """Have the kernel drop, before they are queued here, echo replies that do not
         carry this run's nonce and every ICMP type but echo reply and the quoting errors
         (module sockfilter). Pass None for a run whose probes are shorter than the nonce
         (size < 8): their replies do not carry it, so a nonce would drop them all; echo
-        replies then pass on their type. A one-line MaceError if the kernel refuses: the
-        caller may go on without it, since every datagram is still matched after recv()."""
+        replies then pass on their type. ident: echo replies with this ICMP id pass too
+        (a reply that did not echo the payload is still ping's). A one-line MaceError if
+        the kernel refuses: the caller may go on without it, since every datagram is
+        still matched after recv()."""
         try:
-            sockfilter.attach(self.sock, sockfilter.reply_filter(nonce))
+            sockfilter.attach(self.sock, sockfilter.reply_filter(nonce, ident))
         except OSError as exc:
             raise MaceError(f"cannot attach the reply filter: {exc.strerror}") from exc
 
     def fileno(self) -> int:
         return self.sock.fileno()
+
+    def connect(self, dst: SockAddr) -> None:
+        """ping -C: connect() the socket to the target (its sockaddr), failing in ping's
+        words."""
+        try:
+            self.sock.connect(dst)
+        except OSError as exc:
+            raise MaceError(f"connect failed: {exc.strerror}") from exc
 
     def send(self, message: bytes, dst: SockAddr) -> None:
         """dst: the target's sockaddr (addresses.sockaddr)."""
@@ -218,7 +233,8 @@ class PingSocket(IcmpSocket):
     def _bind(self, source: str | None) -> None:
         # Bound now (port 0: the kernel picks a free id, as on the first sendto()), the
         # ident is known before any reply or error has to be matched on it.
-        self.sock.bind(sockaddr(source or _ANY[self.FAMILY]))
+        host = source or _ANY[self.FAMILY]
+        self.sock.bind(sockaddr(host, self._wanted_ident or 0))
         address, self._ident, *_ = self.sock.getsockname()
         self._local = _packed(address)  # the wildcard unless -I gave one
 
@@ -228,10 +244,10 @@ class PingSocket(IcmpSocket):
 
     @property
     def local(self) -> bytes:
-        """The packed address it is bound to (0.0.0.0 unless a source was given)."""
+        """The packed address it is bound to (the wildcard unless a source was given)."""
         return self._local
 
-    def filter_replies(self, nonce: bytes | None) -> None:
+    def filter_replies(self, nonce: bytes | None, ident: int | None = None) -> None:
         """Nothing to do: the kernel queues on a ping socket only echo replies whose id
         is its own (ping_rcv looks the socket up by it), and errors about its own
         requests, so no other run's replies reach it. (A filter would see the ICMP
@@ -287,18 +303,15 @@ class Icmp6Socket(IcmpSocket):
         self.sock.setsockopt(socket.IPPROTO_ICMPV6, ICMP6_FILTER, _FILTER6)
         self.sock.setsockopt(IPPROTO_IPV6, IPV6_RECVHOPLIMIT, 1)
 
-    def _set_ttl(self, ttl: int) -> None:
-        set_hop_limit(self.sock, ttl)
-
     def _bind(self, source: str | None) -> None:
         super()._bind(source)
         self._local = _packed(self.sock.getsockname()[0])  # :: unless -I gave one
 
-    def filter_replies(self, nonce: bytes | None) -> None:
+    def filter_replies(self, nonce: bytes | None, ident: int | None = None) -> None:
         """As IcmpSocket's, for ICMPv6: the filter sees the message from its ICMPv6
         header on (module sockfilter)."""
         try:
-            sockfilter.attach(self.sock, sockfilter.reply_filter(nonce, family=6))
+            sockfilter.attach(self.sock, sockfilter.reply_filter(nonce, ident, family=6))
         except OSError as exc:
             raise MaceError(f"cannot attach the reply filter: {exc.strerror}") from exc
 
@@ -321,15 +334,6 @@ class Ping6Socket(PingSocket):
     def _set_options(self) -> None:
         self.sock.setsockopt(IPPROTO_IPV6, IPV6_RECVERR, 1)
         self.sock.setsockopt(IPPROTO_IPV6, IPV6_RECVHOPLIMIT, 1)
-
-    def _set_ttl(self, ttl: int) -> None:
-        set_hop_limit(self.sock, ttl)
-
-
-def set_hop_limit(sock: socket.socket, hops: int) -> None:
-    """-t for IPv6: the hop limit of unicast and multicast packets (as iputils)."""
-    sock.setsockopt(IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, hops)
-    sock.setsockopt(IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, hops)
 
 
 _ANY = {socket.AF_INET: "0.0.0.0", socket.AF_INET6: "::"}
@@ -477,17 +481,21 @@ def _rest_of_header(error: QueuedError) -> int:
 
 
 def open_icmp_socket(ttl: int | None = None, device: str | None = None,
-                     source: str | None = None, family: int = 4) -> IcmpSocket:
+                     source: str | None = None, extra: SocketOptions | None = None,
+                     ident: int | None = None, raw_only: bool = False, family: int = 4
+                     ) -> IcmpSocket:
     """The run's ICMP (family 6: ICMPv6) socket in the current netns: raw where
     CAP_NET_RAW allows (it sends exactly our bytes), else a ping socket where
-    net.ipv4.ping_group_range holds one of our groups (as iputils, for both families),
-    else a one-line MaceError saying what would do."""
+    net.ipv4.ping_group_range holds one of our groups (as iputils, for both families; not
+    with raw_only: ping -e 0 needs a raw socket), else a one-line MaceError saying what
+    would do."""
     raw, ping = (Icmp6Socket, Ping6Socket) if family == 6 else (IcmpSocket, PingSocket)
     try:
-        return raw(ttl, device, source)
+        return raw(ttl, device, source, extra, ident)
     except NotPermitted:
-        pass
+        if raw_only:  # (the raw socket's own words: a ping socket would not do)
+            raise
     try:
-        return ping(ttl, device, source)
+        return ping(ttl, device, source, extra, ident)
     except NotPermitted:
         raise MaceError(NOT_PERMITTED) from None

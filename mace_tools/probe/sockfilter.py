@@ -5,7 +5,8 @@ where many pings run, most echo replies are other runs'. The filter runs on each
 before it is queued, so the ones that do not carry this run's nonce never reach Python:
     - an echo reply (type 0) passes if its payload starts with the run's nonce (a run whose
       probes are too short for the nonce: every echo reply passes, the receiver checks the
-      id and payload as before);
+      id and payload as before); given the run's ICMP id, one with that id passes too
+      (ping counts a reply that did not echo the payload: the receiver decides);
     - an error that quotes a datagram (types 3, 4, 5, 11, 12) passes: the quote is matched
       in Python (its nonce may be cut off, or sit after IP options of the quote);
     - anything else is dropped.
@@ -39,7 +40,7 @@ from mace_tools.probe.icmp import (
 SO_ATTACH_FILTER = 26  # asm-generic/socket.h
 # linux/bpf_common.h
 BPF_LD, BPF_LDX, BPF_JMP, BPF_RET = 0x00, 0x01, 0x05, 0x06
-BPF_W, BPF_B = 0x00, 0x10
+BPF_W, BPF_H, BPF_B = 0x00, 0x08, 0x10
 BPF_IMM, BPF_IND, BPF_MSH = 0x00, 0x40, 0xA0
 BPF_JEQ, BPF_K = 0x10, 0x00
 ACCEPT_ALL = 0xFFFFFFFF  # a return value: keep this many bytes of the packet (all of it)
@@ -59,9 +60,9 @@ class Insn(NamedTuple):
 Target = int | str  # a jump target: an offset, or a label resolved by assemble()
 
 
-def reply_filter(nonce: bytes | None, family: int = 4) -> list[Insn]:
-    """The program described above, for a run with this nonce (None: no nonce), on a raw
-    ICMP (family 4) or ICMPv6 (family 6) socket."""
+def reply_filter(nonce: bytes | None, ident: int | None = None, family: int = 4) -> list[Insn]:
+    """The program described above, for a run with this nonce (None: no nonce) and, if
+    given, ICMP id, on a raw ICMP (family 4) or ICMPv6 (family 6) socket."""
     if nonce is not None and len(nonce) != NONCE_LEN:
         raise ValueError(f"a nonce is {NONCE_LEN} bytes, not {len(nonce)}")
     echo: Target = "echo" if nonce is not None else "accept"
@@ -78,6 +79,9 @@ def reply_filter(nonce: bytes | None, family: int = 4) -> list[Insn]:
         code.append((BPF_JMP | BPF_JEQ | BPF_K, "accept", "drop" if last else 0, icmp_type))
     if nonce is not None:
         code.append("echo")
+        if ident is not None:  # the ICMP id (a big-endian H load), before the nonce
+            code.append((BPF_LD | BPF_H | BPF_IND, 0, 0, 4))
+            code.append((BPF_JMP | BPF_JEQ | BPF_K, "accept", 0, ident & 0xFFFF))
         for at in (0, 4):  # the nonce, as two big-endian words (a W load is big-endian)
             word = int.from_bytes(nonce[at:at + 4], "big")
             code.append((BPF_LD | BPF_W | BPF_IND, 0, 0, ICMP_HEADER + at))

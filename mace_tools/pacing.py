@@ -1,0 +1,142 @@
+"""When a ping run sends, waits and stops: iputils' schedule (ping_common.c: pinger,
+__schedule_exit, update_interval and main_loop's exit checks), kept apart from the
+sending and the bookkeeping in pinger.py.
+
+- -i N: a probe every N seconds; the first -l PRELOAD of them at once.
+- -i 0 (-f's default, or -A once the round trip is under half a millisecond): the next
+  probe as soon as fewer than PRELOAD are in flight, else 10 ms after the last one (100
+  per second at least).
+- -A: the interval follows the round trip (iputils' 1/8-weighted moving average, rounded
+  to whole ms; at least 2 ms for a user other than root).
+- -c N alone: after the N-th probe, replies are awaited for -W if none came yet, else for
+  twice the longest round trip (at least one interval, and at least 10 ms where iputils
+  has no floor); the run ends early when every probe is answered.
+- -w: probes go on until -c replies (or errors) arrived, or the deadline; any error then
+  ends the run at once, as iputils' main loop does.
+All times are CLOCK_MONOTONIC ns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+NS_PER_S = 1_000_000_000
+NS_PER_MS = 1_000_000
+MIN_INTERVAL_NS = 10 * NS_PER_MS  # iputils' MIN_INTERVAL_MS: -i 0 without replies
+MIN_USER_INTERVAL_MS = 2  # iputils: -A and -i for a user other than root
+
+
+@dataclass(frozen=True, slots=True)
+class Schedule:
+    """What the command line asked for."""
+
+    interval_ns: int  # -i (0: on reply, as -f)
+    count: int | None  # -c
+    deadline_ns: int | None  # -w, from the start
+    linger_ns: int  # -W
+    preload: int = 1  # -l
+    adaptive: bool = False  # -A
+    user: bool = False  # not root: -A keeps 2 ms between probes at least
+
+
+@dataclass(slots=True)
+class Pace:
+    """One run's schedule as it goes. The run reports what it did (sent, answered,
+    received) and asks what is due."""
+
+    plan: Schedule
+    start: int
+    interval_ns: int
+    next_send: int
+    last_send: int
+    deadline: int | None
+    linger_ns: int  # how long replies are awaited after the last probe (set when sent)
+    burst: int  # probes of -l still to go at once
+    received: int = 0  # distinct replies so far
+    acked: int = 0  # highest probe number answered (or refused by an ICMP error)
+
+    @classmethod
+    def starting(cls, plan: Schedule, now: int) -> Pace:
+        deadline = now + plan.deadline_ns if plan.deadline_ns else None
+        return cls(plan, now, plan.interval_ns, now, now, deadline, plan.linger_ns,
+                   plan.preload - 1)
+
+    @property
+    def on_reply(self) -> bool:
+        """-i 0: the next probe goes when one is answered (iputils' "flood")."""
+        return self.interval_ns <= 0
+
+    def more(self, transmitted: int) -> bool:
+        """Probes left to send: until -c are sent, or with -w until the deadline."""
+        count = self.plan.count
+        return count is None or transmitted < count or self.deadline is not None
+
+    def in_flight(self, transmitted: int) -> int:
+        return max(0, transmitted - self.acked)
+
+    def acknowledge(self, number: int) -> None:
+        """Probe `number` was answered (or an error came back for it)."""
+        self.acked = max(self.acked, number)
+
+    def over(self, now: int, transmitted: int, errors: int) -> bool:
+        """iputils' exit checks: with -w the deadline, any error, or -c answers (or
+        errors) in; else every probe answered, or the last probe's wait over."""
+        count = self.plan.count
+        if self.deadline is not None:
+            # (iputils checks -c answers without -w too; there it can only end the run
+            # before the last probe when a probe got both an error and a reply, which a
+            # forged error could cause: without -w the run waits for its probes instead)
+            return now >= self.deadline or bool(errors) or \
+                (count is not None and self.received + errors >= count)
+        if self.more(transmitted):
+            return False
+        outstanding = transmitted - self.received - errors
+        return outstanding <= 0 or now >= self.last_send + self.linger_ns
+
+    def sent(self, now: int, transmitted: int, max_rtt_ns: int) -> None:
+        """A probe was counted as sent at `now` (transmitted: the count with it); when the
+        next one is due. After the last of -c, how long its answers are awaited."""
+        self.last_send = now
+        if self.burst > 0:
+            self.burst -= 1
+            self.next_send = now
+        elif self.on_reply:
+            self.next_send = now if self.in_flight(transmitted) < self.plan.preload \
+                else now + MIN_INTERVAL_NS
+        elif self.plan.adaptive:
+            self.next_send = now + self.interval_ns
+        else:
+            self.next_send = max(self.next_send + self.interval_ns, now)
+        if not self.more(transmitted):
+            # (10 ms at least: a flood's answers are read later than iputils reads them,
+            # and a reply in time must not be called lost for Python's sake)
+            wait = max(2 * max_rtt_ns, self.interval_ns, MIN_INTERVAL_NS) if self.received \
+                else 0
+            # (0: iputils' timer would never go off; -W bounds the wait instead)
+            self.linger_ns = wait or self.plan.linger_ns
+
+    def retry(self, now: int, retry_ns: int) -> None:
+        """The kernel had no room for the probe: the same probe again in retry_ns."""
+        self.next_send = now + retry_ns
+
+    def answered(self, now: int, transmitted: int, ewma8_us: int) -> None:
+        """After a batch of replies: -A takes the interval from the round trip, and on
+        reply the next probe is due once fewer than -l are in flight."""
+        if self.plan.adaptive and ewma8_us:
+            interval_ms = (ewma8_us // 8 + 500) // 1000
+            if self.plan.user:
+                interval_ms = max(interval_ms, MIN_USER_INTERVAL_MS)
+            self.interval_ns = interval_ms * NS_PER_MS
+            if not self.on_reply:
+                self.next_send = self.last_send + self.interval_ns
+        if self.on_reply and self.in_flight(transmitted) < self.plan.preload:
+            self.next_send = min(self.next_send, now)
+
+    def wake(self, transmitted: int) -> int:
+        """When the next thing is due: a probe, the end of the wait, or the deadline."""
+        wake = self.next_send if self.more(transmitted) else self.last_send + self.linger_ns
+        return wake if self.deadline is None else min(wake, self.deadline)
+
+    def elapsed_us(self) -> int:
+        """First send to last send: iputils' "time" and the base of its ipg."""
+        return (self.last_send - self.start) // 1000

@@ -1,0 +1,203 @@
+"""What mace-ping says of each answer, as iputils says it: DUP!, BAD CHECKSUM!, (truncated),
+wrong data byte, DIFFERENT ADDRESS!, redirects and source quench (shown, not counted), pipe,
+-U, -a, -v, -3. A Pinger's receive path over a fake socket, printing through the real text
+sink: no network, no kernel data."""
+
+from __future__ import annotations
+
+import io
+import socket
+import struct
+
+import pytest
+
+from mace_tools.model import RunResult
+from mace_tools.output.live import TextSink
+from mace_tools.pinger import Pinger, PingOptions
+from mace_tools.probe.icmp import checksum
+
+TARGET, SOURCE, ROUTER = "198.18.0.2", "198.18.1.10", "198.18.1.1"
+NONCE = bytes.fromhex("0a0b0c0d0e0f1011")
+IDENT = 0x4D43
+
+
+class FakeSocket:
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+        self.incoming: list[tuple[bytes, int]] = []
+
+    def send(self, message: bytes, dst: str) -> None:
+        self.sent.append(message)
+
+    def recv(self) -> tuple[bytes, int] | None:
+        return self.incoming.pop(0) if self.incoming else None
+
+
+def ip(icmp: bytes, src: str = TARGET, ttl: int = 63) -> bytes:
+    return struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(icmp), 0, 0, ttl, 1, 0,
+                       socket.inet_aton(src), socket.inet_aton(SOURCE)) + icmp
+
+
+def summed(icmp: bytes) -> bytes:
+    icmp = icmp[:2] + b"\0\0" + icmp[4:]
+    return icmp[:2] + checksum(icmp).to_bytes(2, "big") + icmp[4:]
+
+
+def reply_to(request: bytes, cut: int | None = None, ident: int | None = None) -> bytes:
+    """The echo reply to request (cut to `cut` bytes of ICMP, another id), summed."""
+    icmp = b"\0" + request[1:]
+    if ident is not None:
+        icmp = icmp[:4] + ident.to_bytes(2, "big") + icmp[6:]
+    return summed(icmp[:cut])
+
+
+class Run:
+    """A Pinger with probes 1..n sent over a FakeSocket, and what its text sink printed."""
+
+    def __init__(self, n: int = 3, **options: object) -> None:
+        self.out = io.StringIO()
+        sink_options = {k: options.pop(k) for k in ("audible", "verbose", "precise",
+                                                    "show_dup") if k in options}
+        self.sink = TextSink(dst_name=TARGET, dst_addr=TARGET, size=56, out=self.out,
+                             err=io.StringIO(), **sink_options)  # type: ignore[arg-type]
+        self.pinger = Pinger(PingOptions(TARGET, ident=IDENT, **options),  # type: ignore[arg-type]
+                             self.sink, nonce=NONCE)
+        self.sink.start(SOURCE, IDENT)
+        self.sock = FakeSocket()
+        self.result = RunResult(NONCE, SOURCE)
+        for number in range(1, n + 1):
+            assert self.pinger._send(self.sock, number, self.result) is None  # type: ignore[arg-type]
+            self.result.transmitted += 1
+
+    def feed(self, *datagrams: bytes, at: int = 0) -> list[str]:
+        """Hand datagrams to the receive path; the lines printed for them."""
+        start = len(self.out.getvalue())
+        self.sock.incoming = [(d, at) for d in datagrams]
+        self.pinger._receive(self.sock, None, self.result)  # type: ignore[arg-type]
+        return self.out.getvalue()[start:].splitlines()
+
+    def request(self, number: int) -> bytes:
+        return self.sock.sent[number - 1]
+
+
+def test_a_duplicate_is_marked_and_counted_apart() -> None:
+    run = Run()
+    first = run.feed(ip(reply_to(run.request(1))))
+    again = run.feed(ip(reply_to(run.request(1))))
+    assert "(DUP!)" not in first[0] and again[0].endswith(" ms corrected=none (DUP!)")
+    assert (run.result.tally.received, run.result.tally.duplicates) == (1, 1)
+
+
+def test_a_bad_checksum_is_shown_and_counted_as_corrupted() -> None:
+    run = Run()
+    bad = bytearray(reply_to(run.request(2)))
+    bad[2] ^= 0x5A
+    line, = run.feed(ip(bytes(bad)))
+    assert line.startswith("64 bytes from 198.18.0.2: icmp_seq=2 ttl=63 time=")
+    assert line.endswith(" ms corrected=none (BAD CHECKSUM!)")
+    assert (run.result.tally.received, run.result.tally.corrupted) == (0, 1)
+    # the probe is still unanswered: its real reply counts
+    assert "(DUP!)" not in run.feed(ip(reply_to(run.request(2))))[0]
+    assert run.result.tally.received == 1
+    line, = run.feed(ip(bytes(bad)))  # damaged again, now that it is answered: no DUP
+    assert line.endswith(" ms corrected=none (BAD CHECKSUM!)")
+    assert (run.result.tally.duplicates, run.result.tally.corrupted) == (0, 2)
+    # a damaged reply must carry our id as well (iputils' own test)
+    other = bytearray(reply_to(run.request(3), ident=IDENT ^ 1))
+    other[2] ^= 0x5A
+    assert run.feed(ip(bytes(other))) == [] and run.result.tally.corrupted == 2
+
+
+def test_a_reply_that_did_not_echo_the_payload_counts_as_iputils() -> None:
+    """Cut before the nonce and number: ours by id and seq while its probe is unanswered
+    (iputils: counted, "(truncated)"); never for an answered probe, nor with another id."""
+    run = Run()
+    assert run.feed(ip(reply_to(run.request(1), cut=8, ident=IDENT ^ 1))) == []
+    line, = run.feed(ip(reply_to(run.request(1), cut=8)))
+    assert line == "8 bytes from 198.18.0.2: icmp_seq=1 ttl=63 (truncated)"
+    assert run.result.tally.received == 1
+    assert run.feed(ip(reply_to(run.request(1), cut=12))) == []  # answered: not a DUP
+    line, = run.feed(ip(reply_to(run.request(2), cut=60)))  # the number made it: keyed
+    assert line == "60 bytes from 198.18.0.2: icmp_seq=2 ttl=63 (truncated)"
+    assert run.feed(ip(summed(b"\0\0\0\0" + IDENT.to_bytes(2, "big") + b"\0\x03" +
+                              b"\xff" * 4))) == []  # cut, but not what probe 3 sent
+    assert run.result.tally.received == 2
+
+
+def test_wrong_data_is_reported_as_iputils_and_counted() -> None:
+    run = Run()
+    reply = bytearray(reply_to(run.request(1)))
+    reply[8 + 20] = 0  # payload byte 20 (byte i of the fill is i)
+    lines = run.feed(ip(summed(bytes(reply))))
+    assert lines[0].endswith(" ms corrected=none")  # the dump after the line's fields
+    assert lines[1] == "wrong data byte #20 should be 0x14 but was 0x0"
+    fill = " ".join(f"{i:x}" for i in range(12, 44)).replace(" 14 ", " 0 ") + " "
+    assert lines[2] == f"#12\t{fill}"
+    assert lines[3] == "#44\t" + " ".join(f"{i:x}" for i in range(44, 56)) + " "
+    assert run.result.tally.received == 1
+
+
+def test_a_reply_from_elsewhere_is_flagged_unless_broadcast() -> None:
+    run = Run()
+    assert run.feed(ip(reply_to(run.request(1)), src="198.18.0.6"))[0].endswith(
+        " ms corrected=none (DIFFERENT ADDRESS!)")
+    run = Run(multicast=True, show_dup=False)
+    lines = run.feed(ip(reply_to(run.request(1)), src="198.18.0.6"),
+                     ip(reply_to(run.request(1)), src="198.18.0.7"))
+    assert "DIFFERENT ADDRESS" not in "".join(lines) and "DUP" not in "".join(lines)
+    assert run.result.tally.duplicates == 1  # (counted all the same)
+
+
+def error_quoting(request: bytes, icmp_type: int, code: int, word: int = 0) -> bytes:
+    quote = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(request), 0, 0, 63, 1, 0,
+                        socket.inet_aton(SOURCE), socket.inet_aton(TARGET)) + request
+    return ip(summed(struct.pack("!BBHI", icmp_type, code, 0, word) + quote), src=ROUTER,
+              ttl=64)
+
+
+def test_redirect_and_source_quench_are_shown_not_counted() -> None:
+    run = Run()
+    gateway = int.from_bytes(socket.inet_aton("198.18.1.254"), "big")
+    lines = run.feed(error_quoting(run.request(1), 5, 1, gateway),
+                     error_quoting(run.request(2), 4, 0))
+    assert lines == ["From 198.18.1.1: icmp_seq=1 Redirect Host(New nexthop: 198.18.1.254)",
+                     "From 198.18.1.1: icmp_seq=2 Source Quench"]
+    assert run.result.errors == 0
+    lines = run.feed(error_quoting(run.request(3), 3, 4, 1400))
+    assert lines == ["From 198.18.1.1 icmp_seq=3 Frag needed and DF set (mtu = 1400)"]
+    assert run.result.errors == 1
+
+
+def test_pipe_is_the_most_probes_in_flight() -> None:
+    run = Run(n=3)
+    run.feed(ip(reply_to(run.request(1))), ip(reply_to(run.request(2))))
+    assert run.result.pipesize == 3  # probe 1 answered with 3 sent
+
+
+def test_user_latency_ends_the_time_when_the_reply_is_read() -> None:
+    """-U: not the kernel's receive stamp (the fake gives 0, the epoch) but our clock."""
+    stamped = Run()
+    stamped.feed(ip(reply_to(stamped.request(1))), at=0)
+    assert stamped.result.tally.raw.max < 0  # the kernel's stamp was taken as given
+    user = Run(user_latency=True)
+    user.feed(ip(reply_to(user.request(1))), at=0)
+    assert 0 <= user.result.tally.raw.max < 10**9
+
+
+@pytest.mark.parametrize(("options", "expected"), [
+    ({"verbose": True}, "64 bytes from 198.18.0.2: icmp_seq=1 ident=19779 ttl=63 time="),
+    ({"audible": True}, "\a"),
+])
+def test_verbose_ident_and_bell(options: dict[str, object], expected: str) -> None:
+    run = Run(**options)
+    line, = run.feed(ip(reply_to(run.request(1))), at=0)
+    assert expected in line
+    assert line.endswith("corrected=none" + ("\a" if options.get("audible") else ""))
+
+
+def test_pattern_payload_is_echoed_without_complaint() -> None:
+    run = Run(pattern=b"\xab\x0c")
+    payload = run.request(1)[8:]
+    assert payload[12:20] == b"\xab\x0c" * 4  # byte i = pattern[i % 2], after the tag
+    line, = run.feed(ip(reply_to(run.request(1))))
+    assert "wrong data" not in line and run.result.tally.received == 1
