@@ -115,9 +115,13 @@ def _read_line(stream: IO[bytes], timeout: float) -> str | None:
 
 @contextmanager
 def ping_process(*args: str, **popen: Any) -> Iterator[subprocess.Popen[bytes]]:
-    """mace-ping ARGS running for the with-block, killed at its end if it still runs."""
+    """mace-ping ARGS running for the with-block, killed at its end if it still runs. Its
+    pipes are unbuffered on our side: _read_line selects on the fd, and a buffered reader
+    could hold the next line already read (the reply that came with the header), leaving
+    the fd silent until the next probe's."""
     proc = subprocess.Popen(ping_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "PYTHONPATH": os.getcwd()}, **popen)
+                            env={**os.environ, "PYTHONPATH": os.getcwd()}, bufsize=0,
+                            **popen)
     try:
         yield proc
     finally:
