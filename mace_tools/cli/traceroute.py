@@ -48,6 +48,9 @@ _NOT_SUPPORTED = {
           "options, and routers drop source-routed packets (RFC 7126)",
     "-UL": "UDP-Lite probes: the kernel programs match only ICMP, UDP and TCP probes",
     "-D": "DCCP probes: the kernel programs match only ICMP, UDP and TCP probes",
+    "-6": "IPv6 traceroute is not built yet (mace-ping -6 is; the kernel programs match "
+          "IPv6 probes and answers already)",
+    "-l": "IPv6 flow labels come with IPv6 traceroute",
 }
 
 
@@ -150,6 +153,8 @@ def traceroute(
     = None,
     udplite: Annotated[bool, typer.Option("-UL", hidden=True)] = False,
     dccp: Annotated[bool, typer.Option("-D", "--dccp", hidden=True)] = False,
+    ipv6: Annotated[bool, typer.Option("-6", hidden=True)] = False,
+    flowlabel: Annotated[str | None, typer.Option("-l", "--flowlabel", hidden=True)] = None,
     paris: Annotated[bool, typer.Option(
         "--paris", help="constant flow id: UDP ports fixed (checksum identifies the probe), "
         "ICMP checksum fixed; TCP is always one flow")] = False,
@@ -168,7 +173,7 @@ def traceroute(
     if version or list_containers:
         required_host(PROG, version, list_containers, runtime, host)
     for flag, given in (("-A", as_lookups), ("-g", bool(gateway)), ("-UL", udplite),
-                        ("-D", dccp)):
+                        ("-D", dccp), ("-6", ipv6), ("-l", flowlabel is not None)):
         if given:
             raise opt.not_supported(flag, _NOT_SUPPORTED[flag])
     chosen = _chosen_method(ctx)
