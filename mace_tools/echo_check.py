@@ -9,10 +9,12 @@ that cannot let a stranger's packet count:
 
 - a reply carrying the nonce and a number that agrees with its seq answers that probe;
   with a bad checksum it is corrupted only if its id is ours too (iputils' own test);
-- a reply cut before the nonce and number could be carried in full (a path that does not
-  echo the whole payload) answers the probe its seq names if its id is ours, what it has
-  of the payload is what that probe sent, and that probe is still unanswered: a copy
-  of an answered probe cut so short cannot be told from a forgery, so it is not a DUP;
+- a reply cut before the probe number (a path that does not echo the whole payload)
+  answers the probe its seq names if its id is ours, it still carries the nonce (when
+  the probe did: an id and a seq alone are guessable), what it has of the payload is
+  what that probe sent, and that probe is still unanswered: a copy of an answered probe
+  cut so short cannot be told from a forgery, so it is not a DUP. It is counted, as
+  iputils counts it, but never corrected: the kernel matched nothing to it;
 - anything else is not this run's.
 Checking the payload costs the replies that are ours two compares in place; a foreign
 reply is rejected on the nonce as before.
@@ -95,8 +97,10 @@ class EchoCheck:
 
     def _cut_key(self, p: ParsedIcmp, ident: int, window: Window, template: EchoTemplate,
                  transmitted: int) -> int | None:
-        """A reply cut before its key: ours only as the module docstring says."""
-        if p.ident != ident:
+        """A reply cut before its key: ours only as the module docstring says, and only if
+        it still carries the nonce the probe carried (an id and a seq alone are guessed
+        by a forger: a raw socket's id is the pid's)."""
+        if p.ident != ident or p.icmp_len - ICMP_HEADER < min(self.size, NONCE_LEN):
             return None
         key = window.by_seq.get(p.seq)
         if key is None or key in window.answered:

@@ -111,6 +111,7 @@ class _Probes:
         self.events: dict[int, list[KernelEvent]] = {}
         self.records: dict[int, ProbeRecord] = {}
         self.answered: set[int] = set()
+        self.spoiled: set[int] = set()  # a damaged copy took their kernel data: no correction
         self.by_seq: dict[int, int] = {}  # seq -> key of the probe in the window with it
 
     def key(self, n: int) -> int:
@@ -135,6 +136,7 @@ class _Probes:
         self.events.pop(key, None)
         self.records.pop(key, None)
         self.answered.discard(key)
+        self.spoiled.discard(key)
         if self.by_seq.get(key & 0xFFFF) == key:
             del self.by_seq[key & 0xFFFF]
 
@@ -455,10 +457,20 @@ class Pinger:
             complete = session.lost() == probe.lost_at_send
         reply = Reply(parsed.seq, parsed.src, parsed.ttl, parsed.icmp_len, recv_real,
                       time.monotonic_ns())
-        # a corrupted reply leaves the probe unanswered: its record waits for the real one
         fresh = not dup and not verdict.corrupted
+        if verdict.corrupted and not dup:
+            # The kernel checks no checksum: the record it sent (and the state it freed)
+            # came from this damaged copy. The probe stays unanswered, but no reply of it
+            # may be corrected from what is left: the real one is shown raw.
+            self._probes.take(key)
+            self._probes.spoiled.add(key)
+        # a reply cut before its number was matched by nothing in the kernel
+        cut = parsed.icmp_len - 8 < TAG_LEN
+        kernel = fresh and not cut and key not in self._probes.spoiled
         events, record = self._probes.take(key) if fresh else ([], None)
-        if record is None and fresh and session is not None:
+        if not kernel:
+            events, record = [], None
+        if record is None and kernel and session is not None:
             # No record: the delivery fired no tracepoint in the prober's netns
             # (macvlan); the kernel's state still holds the outer device's times.
             record = session.probe_state(key)

@@ -161,7 +161,8 @@ class PingRun:
     def _reply_truth(self, msg: bytes) -> tuple[str, int] | None:
         """An echo reply is ours when it carries the nonce (and, numbered, a number that
         agrees with its seq) as far as its probe's size allows; or, cut shorter than
-        that, when it has our id and echoes the start of what that probe sent. A bad
+        that, when it has our id and echoes the start of what that probe sent, the nonce
+        at least when the probe carried it (an id and a seq are guessable). A bad
         checksum (reported as corrupted) needs our id as well, as in iputils."""
         ident, seq = struct.unpack_from("!HH", msg, 4)
         payload = msg[8:]
@@ -175,8 +176,9 @@ class PingRun:
             if self.size >= 12:  # numbered: the payload's number names the probe
                 number = int.from_bytes(payload[8:12], "big")
                 ours = ours and number in self.numbers and number & 0xFFFF == seq
-        else:
-            ours = ident == self.ident and self.sent[seq][8:].startswith(payload)
+        else:  # cut: the id, what the probe sent, and still the nonce if it carried one
+            ours = ident == self.ident and self.sent[seq][8:].startswith(payload) \
+                and len(payload) >= min(self.size, 8)
         if ours and ones_sum(msg) != 0xFFFF:
             ours = ident == self.ident
         return ("reply", seq) if ours else None

@@ -4,10 +4,12 @@ tests)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from mace_tools.probe import names
-from mace_tools.probe.resolver import lookup_hosts_name, ptr_name
+from mace_tools.probe.resolver import Vantage, lookup_hosts_name, ptr_name
 
 HOSTS = """# comment
 198.18.0.2  target.lab tgt   # the target
@@ -48,3 +50,14 @@ def test_namer_caches_and_shows_ping_style(monkeypatch: pytest.MonkeyPatch) -> N
     assert namer("198.18.0.9") == "198.18.0.9"  # no name: the address alone
     assert namer("198.18.0.7") == "198.18.0.7"  # a "name" that is the address: alone too
     assert asked == ["198.18.0.2", "198.18.0.9", "198.18.0.7"]
+
+
+def test_a_hostile_canonical_name_is_not_printed(tmp_path: Path) -> None:
+    """A container's hosts file is its own: a canonical name with a terminal escape is not
+    printed; the name as typed is."""
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "hosts").write_text("198.18.0.2 evil\x1b[2Jname tgt\n")
+    vantage = Vantage(tmp_path, label="pid 1")
+    assert names.canonical_name("tgt", "198.18.0.2", vantage) == "tgt"
+    (tmp_path / "etc" / "hosts").write_text("198.18.0.2 target.lab tgt\n")
+    assert names.canonical_name("tgt", "198.18.0.2", vantage) == "target.lab"

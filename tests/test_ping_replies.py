@@ -11,7 +11,7 @@ import struct
 
 import pytest
 
-from mace_tools.model import RunResult
+from mace_tools.model import ProbeRecord, RunResult
 from mace_tools.output.live import TextSink
 from mace_tools.pinger import Pinger, PingOptions
 from mace_tools.probe.icmp import checksum
@@ -109,12 +109,16 @@ def test_a_bad_checksum_is_shown_and_counted_as_corrupted() -> None:
 
 
 def test_a_reply_that_did_not_echo_the_payload_counts_as_iputils() -> None:
-    """Cut before the nonce and number: ours by id and seq while its probe is unanswered
-    (iputils: counted, "(truncated)"); never for an answered probe, nor with another id."""
+    """Cut before the number: ours by id and seq while its probe is unanswered and if it
+    still carries the nonce (iputils: counted, "(truncated)"); never for an answered
+    probe, nor with another id, nor with no nonce left (an id and a seq alone are what a
+    forger guesses: iputils would count that one, mace-ping does not)."""
     run = Run()
-    assert run.feed(ip(reply_to(run.request(1), cut=8, ident=IDENT ^ 1))) == []
-    line, = run.feed(ip(reply_to(run.request(1), cut=8)))
-    assert line == "8 bytes from 198.18.0.2: icmp_seq=1 ttl=63 (truncated)"
+    assert run.feed(ip(reply_to(run.request(1), cut=16, ident=IDENT ^ 1))) == []
+    assert run.feed(ip(reply_to(run.request(1), cut=8))) == []  # no payload at all
+    assert run.feed(ip(reply_to(run.request(1), cut=15))) == []  # 7 bytes of the nonce
+    line, = run.feed(ip(reply_to(run.request(1), cut=16)))
+    assert line == "16 bytes from 198.18.0.2: icmp_seq=1 ttl=63 (truncated)"
     assert run.result.tally.received == 1
     assert run.feed(ip(reply_to(run.request(1), cut=12))) == []  # answered: not a DUP
     line, = run.feed(ip(reply_to(run.request(2), cut=60)))  # the number made it: keyed
@@ -201,3 +205,51 @@ def test_pattern_payload_is_echoed_without_complaint() -> None:
     assert payload[12:20] == b"\xab\x0c" * 4  # byte i = pattern[i % 2], after the tag
     line, = run.feed(ip(reply_to(run.request(1))))
     assert "wrong data" not in line and run.result.tally.received == 1
+
+
+class FakeSession:
+    """Kernel records handed to the run when it drains, as a session's."""
+
+    def __init__(self, pinger: Pinger) -> None:
+        self.pending: list[ProbeRecord] = []
+        self._take = pinger._probes.add_record
+
+    def drain(self) -> None:
+        for record in self.pending:
+            self._take(record)
+        self.pending = []
+
+    def lost(self) -> int:
+        return 0
+
+    def probe_state(self, number: int) -> ProbeRecord | None:
+        return None  # (the kernel freed it when it sent the record)
+
+
+def test_a_damaged_copy_leaves_the_real_reply_raw() -> None:
+    """The kernel checks no checksum: the record it sends comes from the first copy that
+    reaches the prober, here a damaged one. The real reply after it is counted, but
+    shown raw: it is never corrected from another packet's times."""
+    run = Run()
+    session = FakeSession(run.pinger)
+
+    def record(number: int) -> ProbeRecord:
+        sent = run.pinger._probes.sent[number].sent_mono_ns
+        return ProbeRecord(number, sent + 1_000, sent + 2_000, sent + 2_100, 1, 2, "out0")
+
+    def receive(datagram: bytes, number: int) -> str:
+        at = run.pinger._probes.sent[number].sent_real_ns + 3_000
+        run.sock.incoming = [(datagram, at)]
+        run.pinger._receive(run.sock, session, run.result)  # type: ignore[arg-type]
+        return run.out.getvalue().splitlines()[-1]
+
+    session.pending = [record(1)]
+    bad = bytearray(reply_to(run.request(1)))
+    bad[40] ^= 0x55
+    assert receive(ip(bytes(bad)), 1).endswith("corrected=none (BAD CHECKSUM!)")
+    real = receive(ip(reply_to(run.request(1))), 1)
+    assert real.endswith("corrected=none") and "(DUP!)" not in real
+    assert run.result.tally.received == 1 and run.result.tally.corrupted == 1
+    # a probe answered cleanly keeps its record: corrected
+    session.pending = [record(2)]
+    assert "corrected=0.001 ms" in receive(ip(reply_to(run.request(2))), 2)

@@ -153,7 +153,8 @@ def test_near_gives_up_a_silent_hop_by_the_next_hops_rtt(lab: Lab) -> None:
         assert lines[2] == " 3  * * *" and slow >= 1.5
         fast, lines = timed(lab, "-w", "1.5,3,10")
         assert lines[2] == " 3  * * *" and lines[3].startswith(f" 4  {lab.target_addr}")
-        assert fast < 1.3, fast
+        # both runs pay start-up (and a loaded machine's delays): compare the waits
+        assert fast < slow - 1.0, (fast, slow)
     finally:
         ns_exec(lab.router_ns(2), "iptables", "-F", "OUTPUT")
 
@@ -162,6 +163,7 @@ def test_here_gives_up_by_the_rtt_of_the_same_hop(lab: Lab) -> None:
     """r1 answers the first of three probes only: with HERE the other two wait 3 x its
     RTT, not MAX."""
     r1 = lab.router_ns(1)
+    took: dict[bool, float] = {}
     for wait, quick in (("1.5", False), ("1.5,3,0", True)):
         ns_exec(r1, "iptables", "-A", "OUTPUT", "-p", "icmp", "--icmp-type", "time-exceeded",
                 "-m", "statistic", "--mode", "nth", "--every", "3", "--packet", "0",
@@ -169,11 +171,12 @@ def test_here_gives_up_by_the_rtt_of_the_same_hop(lab: Lab) -> None:
         ns_exec(r1, "iptables", "-A", "OUTPUT", "-p", "icmp", "--icmp-type", "time-exceeded",
                 "-j", "DROP")
         try:
-            took, lines = timed(lab, "-f", "2", "-m", "2", "-w", wait)
+            took[quick], lines = timed(lab, "-f", "2", "-m", "2", "-w", wait)
         finally:
             ns_exec(r1, "iptables", "-F", "OUTPUT")
         assert lines[0].startswith(f" 2  {R1}  ") and lines[0].endswith(" ms * *")
-        assert (took < 1.3) is quick, (wait, took)
+    # both runs pay start-up (and a loaded machine's delays): compare the waits
+    assert took[False] >= 1.5 and took[True] < took[False] - 1.0, took
 
 
 def test_sendwait_over_10_is_milliseconds(lab: Lab) -> None:

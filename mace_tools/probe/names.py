@@ -34,7 +34,8 @@ def canonical_name(host: str, addr: str, vantage: Vantage | None) -> str:
         return host
     from mace_tools.probe import resolver
 
-    return hosts_canonical(resolver._read(vantage, "hosts"), host, addr) or host
+    # (a container's hosts file is its own: a name no host could have is not printed)
+    return shown_name(hosts_canonical(resolver._read(vantage, "hosts"), host, addr)) or host
 
 
 def hosts_canonical(text: str, name: str, addr: str) -> str | None:
@@ -51,7 +52,7 @@ def own_reverse(addr: str) -> str | None:
     """A reverse lookup from our own netns and files: glibc's getnameinfo."""
     try:
         return shown_name(socket.getnameinfo((addr, 0), socket.NI_NAMEREQD)[0])
-    except OSError:
+    except (OSError, UnicodeError):  # (a hosts file's name that is not UTF-8)
         return None
 
 
