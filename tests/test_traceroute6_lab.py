@@ -141,3 +141,23 @@ def test_unprivileged_ipv6(routed6: Lab, flag: str) -> None:
     assert doc["af"] == 6
     assert [{r.get("from") for r in h["result"]} for h in doc["result"]] == \
         [{a} for a in routed6.hop_addrs6]
+
+
+def test_path_mtu_over_ipv6(routed6: Lab) -> None:
+    """--mtu by ICMPv6 packet too big (F=MTU where the path narrows, as traceroute -6), and
+    -F: a probe over the first device's MTU is refused locally (!F-MTU)."""
+    narrow = [(routed6.router_ns(1), "out0"), (routed6.router_ns(2), "in0")]
+    try:
+        for ns, dev in narrow:
+            subprocess.run(["ip", "-n", ns, "link", "set", dev, "mtu", "1400"], check=True)
+        proc = run(routed6, "-n", "-q", "1", "--mtu", routed6.target_addr6)
+        assert proc.returncode == 0, proc.stderr
+        lines = proc.stdout.splitlines()
+        assert " F=1500 " in lines[1] and " F=1400 " in lines[3], proc.stdout
+        assert "F=" not in lines[2] + lines[4]
+    finally:
+        for ns, dev in narrow:
+            subprocess.run(["ip", "-n", ns, "link", "set", dev, "mtu", "1500"], check=True)
+    proc = run(routed6, "-n", "-q", "1", "-F", routed6.target_addr6, "2000")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[1:] == [" 1  * !F-1500  corrected=*"]
