@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import errno
 import os
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,9 +43,10 @@ from mace_tools.probe.trace import (
     DEFAULT_RAW_PROTOCOL,
     HEADER_LEN,
     ICMP,
-    IP_HEADER_LEN,
+    IP_HEADER_LENS,
     MIN_PAYLOAD,
     PROTO_NUMBERS,
+    PROTO_NUMBERS6,
     RAW,
     TCP,
     UDP,
@@ -64,7 +64,7 @@ from mace_tools.probe.tracesockets import (
     TraceSocket,
     UdpSocket,
 )
-from mace_tools.session import EventSourceFactory, Session, new_nonce
+from mace_tools.session import EventSourceFactory, Session, family_of, new_nonce
 from mace_tools.tracewait import WaitSpec, probe_wait_s
 
 NS_PER_S = 1_000_000_000
@@ -101,6 +101,11 @@ class TraceOptions:
     @property
     def wait(self) -> WaitSpec:
         return WaitSpec(self.wait_s, self.here, self.near)
+
+    @property
+    def family(self) -> int:
+        """4 or 6: the target's IP version, and so the run's."""
+        return family_of(self.dst_addr)
 
 
 class TraceSink(Protocol):
@@ -188,7 +193,7 @@ class Tracer:
             self.factory = ProbeFactory(opts.method, self.nonce, src, opts.dst_addr,
                                         opts.size, _port(opts), sport, self.ident,
                                         opts.paris, fixed_port=opts.fixed_port,
-                                        protocol=opts.protocol)
+                                        protocol=opts.protocol, family=opts.family)
             result = TraceResult(self.nonce, src, source=session.source)
             session.ready()
             self.sink.start(src)
@@ -306,7 +311,7 @@ class Tracer:
     def _shrink(self, mtu: int) -> bool:
         """--mtu: probes from now on fit mtu, if that is smaller and can hold a probe (as
         traceroute: header_len <= mtu < packet length)."""
-        header = IP_HEADER_LEN + HEADER_LEN[self.opts.method]
+        header = IP_HEADER_LENS[self.opts.family] + HEADER_LEN[self.opts.method]
         if not header + MIN_PAYLOAD <= mtu < self.factory.packet_len:
             return False
         self.factory.resize(mtu)
@@ -369,7 +374,7 @@ class Tracer:
     def _path_mtu(self, answer: Answer, place: _Place) -> bool:
         """--mtu: a router said "fragmentation needed" for a probe that can shrink to the
         MTU it gave: the place is sent again, smaller, with F=MTU on it."""
-        if not self.opts.mtu or (answer.icmp_type, answer.icmp_code) != (3, 4):
+        if not self.opts.mtu or not answer.too_big:
             return False
         if not self._shrink(answer.mtu):
             return False
@@ -427,15 +432,17 @@ def _open_sockets(opts: TraceOptions, ident: int) -> list[TraceSocket]:
     """[send socket, ICMP receive socket if another], created in the current netns: raw
     where CAP_NET_RAW allows; else, as Linux traceroute unprivileged, a UDP socket (UDP)
     or a ping socket (-I) that reads the ICMP errors from its error queue. TCP SYN and
-    RAW probes need a raw socket. -I -O raw / -O dgram: that kind only."""
-    method, tune = opts.method, opts.sockets
+    RAW probes need a raw socket. -I -O raw / -O dgram: that kind only. Of the target's
+    family (IPv6: the ICMPv6 sockets)."""
+    method, tune, family = opts.method, opts.sockets, opts.family
     sport = opts.sport if opts.sport is not None else 33000 + (ident % 20000)
     if method in (ICMP, RAW):
         sport = 0
     if method == ICMP and opts.icmp_socket == "dgram":
-        return [_ping_socket(tune)]
+        return [_ping_socket(tune, family)]
+    numbers = PROTO_NUMBERS6 if family == 6 else PROTO_NUMBERS
     try:
-        send = RawSocket(PROTO_NUMBERS.get(method, opts.protocol), ident, sport, tune)
+        send = RawSocket(numbers.get(method, opts.protocol), ident, sport, tune, family)
     except NotPermitted as exc:
         if method in (TCP, RAW) or opts.icmp_socket == "raw":
             what = {TCP: "TCP SYN probes need one", RAW: "-P probes need one"}.get(
@@ -443,19 +450,20 @@ def _open_sockets(opts: TraceOptions, ident: int) -> list[TraceSocket]:
             raise MaceError(f"raw sockets not permitted ({what}): run as root (or with "
                             "CAP_NET_RAW), or probe with -U or -I", exit_code=1) from exc
         if method == UDP:
-            return [UdpSocket(sport, ident, tune, fixed=opts.sport is not None)]
-        return [_ping_socket(tune)]
+            return [UdpSocket(sport, ident, tune, fixed=opts.sport is not None,
+                              family=family)]
+        return [_ping_socket(tune, family)]
     if method == ICMP:
         return [send]
     try:
-        return [send, RawSocket(socket.IPPROTO_ICMP)]
+        return [send, RawSocket(numbers[ICMP], family=family)]
     except BaseException:
         send.close()
         raise
 
 
-def _ping_socket(tune: SocketOptions) -> PingTraceSocket:
+def _ping_socket(tune: SocketOptions, family: int) -> PingTraceSocket:
     try:
-        return PingTraceSocket(tune)
+        return PingTraceSocket(tune, family)
     except NotPermitted as exc:
         raise MaceError(NOT_PERMITTED, exit_code=1) from exc

@@ -21,18 +21,25 @@ def _encoded(name: str) -> bytes:
                     for label in name.split(".")) + b"\0"
 
 
+def _reverse_name(address: str) -> str:
+    """The PTR question's name for an address: in-addr.arpa, or ip6.arpa by nibbles."""
+    if ":" in address:
+        nibbles = socket.inet_pton(socket.AF_INET6, address).hex()
+        return ".".join(reversed(nibbles)) + ".ip6.arpa"
+    return ".".join(reversed(address.split("."))) + ".in-addr.arpa"
+
+
 class FakeDns:
     def __init__(self, netns_path: Path | str, address: str,
                  records: dict[str, str | list[str]], forge_first: bool = False,
                  ptr: dict[str, str] | None = None) -> None:
         """records: name -> its addresses (one, or a list), IPv4 ones answered to A
         queries and IPv6 ones to AAAA queries (a known name with none of the type asked:
-        an empty answer); ptr: IPv4 -> the name its PTR record gives (the in-addr.arpa
-        question is answered; anything else is NXDOMAIN)."""
+        an empty answer); ptr: IPv4 or IPv6 -> the name its PTR record gives (the
+        in-addr.arpa or ip6.arpa question is answered; anything else is NXDOMAIN)."""
         self.records = {k.lower(): [v] if isinstance(v, str) else list(v)
                         for k, v in records.items()}
-        self.ptr = {".".join(reversed(a.split("."))) + ".in-addr.arpa": n
-                    for a, n in (ptr or {}).items()}
+        self.ptr = {_reverse_name(a): n for a, n in (ptr or {}).items()}
         self.forge_first = forge_first  # send one reply with a wrong id before the real one
         self.queries: list[str] = []
         with entered(Path(netns_path)):

@@ -160,8 +160,8 @@ TRACEROUTE_NUMBERS = [
                      "only ICMP, UDP and TCP probes"),
     (["-A"], "-A: not supported: AS path lookups ask a routing registry's whois server on "
              "the Internet (whois.radb.net), outside the path measured"),
-    (["-6"], "-6: not supported: IPv6 traceroute is not built yet (mace-ping -6 is; the "
-             "kernel programs match IPv6 probes and answers already)"),
+    (["-l", "5"], "-l: not supported: IPv6 flow labels: a label the kernel sends needs a "
+                  "lease from its flow label manager (IPV6_FLOWLABEL_MGR), not built"),
     (["--pid", "99999999999999999999"],
      "Invalid value for '--pid': 99999999999999999999 is not in the range 1<=x<=2147483647."),
 ]

@@ -148,12 +148,6 @@ def host_name_bytes(host: str) -> bytes:
         raise MaceError(f"{host}: Parameter string not correctly encoded") from None
 
 
-def resolve_ipv4(host: str, site: ProbeSite) -> str:
-    """IPv4 address of host as the probing netns would resolve it, failing as ping and
-    traceroute do."""
-    return resolve_address(host, site, 4)
-
-
 def resolve_address(host: str, site: ProbeSite, family: int | None) -> str:
     """The address of host that ping takes, as the probing netns would resolve it: as
     iputils, getaddrinfo for any family, then the first address of the family -4 or -6

@@ -23,11 +23,12 @@ from mace_tools.cli.common import (
     ProbeSite,
     RuntimeOption,
     drop_privileges,
+    ip_family,
     output_mode,
     parse_nonce,
     probe_site,
     required_host,
-    resolve_ipv4,
+    resolve_address,
     run_app,
 )
 from mace_tools.errors import MaceError
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
     from mace_tools.tracer import TraceOptions
 
 PROG = "mace-traceroute"
-DEFAULT_PACKETLEN = 60
+DEFAULT_PACKETLEN = {4: 60, 6: 80}  # traceroute's, by family
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
                   context_settings={"help_option_names": ["-h", "--help"]})
@@ -48,9 +49,8 @@ _NOT_SUPPORTED = {
           "options, and routers drop source-routed packets (RFC 7126)",
     "-UL": "UDP-Lite probes: the kernel programs match only ICMP, UDP and TCP probes",
     "-D": "DCCP probes: the kernel programs match only ICMP, UDP and TCP probes",
-    "-6": "IPv6 traceroute is not built yet (mace-ping -6 is; the kernel programs match "
-          "IPv6 probes and answers already)",
-    "-l": "IPv6 flow labels come with IPv6 traceroute",
+    "-l": "IPv6 flow labels: a label the kernel sends needs a lease from its flow label "
+          "manager (IPV6_FLOWLABEL_MGR), not built",
 }
 
 
@@ -126,7 +126,8 @@ def traceroute(
     sport: Annotated[str | None, typer.Option(
         "--sport", metavar="num", help="source port (implies -N 1)")] = None,
     numeric: Annotated[bool, typer.Option("-n", help="do not resolve hop names")] = False,
-    ipv4: Annotated[bool, typer.Option("-4", help="IPv4 (the default)")] = False,
+    ipv4: Annotated[bool, typer.Option("-4", help="IPv4 only")] = False,
+    ipv6: Annotated[bool, typer.Option("-6", help="IPv6 only")] = False,
     sendwait: Annotated[str, typer.Option(
         "-z", "--sendwait", metavar="sendwait",
         help="seconds between probes (over 10: milliseconds)")] = "0",
@@ -153,7 +154,6 @@ def traceroute(
     = None,
     udplite: Annotated[bool, typer.Option("-UL", hidden=True)] = False,
     dccp: Annotated[bool, typer.Option("-D", "--dccp", hidden=True)] = False,
-    ipv6: Annotated[bool, typer.Option("-6", hidden=True)] = False,
     flowlabel: Annotated[str | None, typer.Option("-l", "--flowlabel", hidden=True)] = None,
     paris: Annotated[bool, typer.Option(
         "--paris", help="constant flow id: UDP ports fixed (checksum identifies the probe), "
@@ -173,7 +173,7 @@ def traceroute(
     if version or list_containers:
         required_host(PROG, version, list_containers, runtime, host)
     for flag, given in (("-A", as_lookups), ("-g", bool(gateway)), ("-UL", udplite),
-                        ("-D", dccp), ("-6", ipv6), ("-l", flowlabel is not None)):
+                        ("-D", dccp), ("-l", flowlabel is not None)):
         if given:
             raise opt.not_supported(flag, _NOT_SUPPORTED[flag])
     chosen = _chosen_method(ctx)
@@ -193,10 +193,13 @@ def traceroute(
     port_n = None if port is None else opt.port_option(("-p", "--port"), port)
     sport_n = None if sport is None else opt.port_option(("--sport",), sport) & 0xFFFF
     site = probe_site(netns, pid, container, runtime)
-    addr = resolve_ipv4(host, site)
-    source_addr = None if source is None else resolve_ipv4(source, site)
+    addr = resolve_address(host, site, ip_family(ipv4, ipv6))
     from mace_tools.probe.tracesockets import SocketOptions
+    from mace_tools.session import family_of
     from mace_tools.tracer import TraceOptions
+
+    family = family_of(addr)  # (a name: the family of the address it took)
+    source_addr = None if source is None else resolve_address(source, site, family)
 
     sockets = SocketOptions(
         device=interface, source=source_addr,
@@ -207,7 +210,8 @@ def traceroute(
         dst_addr=addr, method=chosen.method, first_ttl=hops.first, max_ttl=hops.max,
         nqueries=hops.queries, wait_s=wait_spec.max_s, here=wait_spec.here,
         near=wait_spec.near, simultaneous=simultaneous, sendwait_s=sendwait_s,
-        size=size if size is not None else opt.MAX_PACKET_LEN if mtu else DEFAULT_PACKETLEN,
+        size=size if size is not None else opt.MAX_PACKET_LEN if mtu
+        else DEFAULT_PACKETLEN[family],
         paris=paris, fixed_port=chosen.module == "udp", sockets=sockets, mtu=mtu,
         extensions=extensions, netns_path=site.netns_path,
         icmp_socket=next((k for k in ("raw", "dgram") if k in method_options), ""))
@@ -263,7 +267,8 @@ def _run(opts: TraceOptions, mode: str, host: str, addr: str, nonce: str | None,
     # still enter the probing netns
     names = open_names(site.vantage) if mode == "text" and not numeric else None
     output = TraceOutput(mode, dst_name=host, dst_addr=addr, method=opts.method,
-                         max_ttl=opts.max_ttl, size=packet_len(opts.method, opts.size),
+                         max_ttl=opts.max_ttl,
+                         size=packet_len(opts.method, opts.size, opts.family),
                          paris=opts.paris, name_of=names, back=back)
     try:
         sources = event_sources(PROG, agent, site.netns_path, nonce is not None)

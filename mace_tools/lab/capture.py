@@ -279,6 +279,21 @@ class TruthCapture:
 
 _TAG_AT = {"udp": 8, "icmp": 8, "tcp": 20}  # where a traceroute probe's nonce sits in L4
 _PROTO = {"udp": 17, "icmp": 1, "tcp": 6}
+_ICMP_PROTOS = (1, 58)  # ICMP, ICMPv6
+# by IP version: echo request, echo reply, the error types that quote a probe
+_ECHO = {4: (8, 0, (3, 11)), 6: (128, 129, (1, 2, 3))}
+
+
+def _l4(ip: bytes) -> tuple[int, int, bytes]:
+    """(IP version, protocol, L4 message) of an IPv4 datagram or an IPv6 packet (its
+    fixed header only: the lab's packets carry no extension headers)."""
+    if ip[0] >> 4 == 6:
+        return 6, ip[6], ip[40:]
+    return 4, ip[9], ip[(ip[0] & 0x0F) * 4:]
+
+
+def _proto(method: str, version: int) -> int:
+    return 58 if (method, version) == ("icmp", 6) else _PROTO[method]
 
 
 def trace_truth(probes: list[tuple[int, bytes]], answers: list[tuple[int, bytes]],
@@ -291,36 +306,38 @@ def trace_truth(probes: list[tuple[int, bytes]], answers: list[tuple[int, bytes]
     probe they quote (Linux quotes the whole probe, not only the 8 bytes RFC 792 asks
     for); a TCP RST by its ack, which must be seq + 1 + payload length of one of this
     run's probes (seq holds the run's ident, so other runs in the capture do not match).
+    IPv4 and IPv6 alike (packet_len: the probes' IP packet length, of their family).
     """
     at = _TAG_AT[method]
-    payload_len = packet_len - 20 - at
     sent: dict[int, int] = {}
     rst_acks: dict[int, int] = {}  # ack a RST to probe n carries -> n
     for ts, ip in probes:
-        l4 = ip[(ip[0] & 0x0F) * 4:]
-        if ip[9] != _PROTO[method] or len(l4) < at + 10 or l4[at:at + 8] != nonce:
+        version, proto, l4 = _l4(ip)
+        if proto != _proto(method, version) or len(l4) < at + 10 or l4[at:at + 8] != nonce:
             continue
-        if method == "icmp" and l4[0] != 8:
+        if method == "icmp" and l4[0] != _ECHO[version][0]:
             continue  # an echo reply carries the nonce too
         number = struct.unpack_from("!H", l4, at + 8)[0]
         sent.setdefault(number, ts)
         if method == "tcp":
+            payload_len = packet_len - (len(ip) - len(l4)) - at
             seq = struct.unpack_from("!I", l4, 4)[0]
             rst_acks[(seq + 1 + payload_len) & 0xFFFFFFFF] = number
     answered: dict[int, int] = {}
     for ts, ip in answers:
-        l4 = ip[(ip[0] & 0x0F) * 4:]
+        version, proto, l4 = _l4(ip)
         if len(l4) < 8:
             continue
-        if ip[9] == 1 and l4[0] in (3, 11):
+        _request, reply, errors = _ECHO[version]
+        if proto in _ICMP_PROTOS and l4[0] in errors:
             inner = l4[8:]
-            q = (inner[0] & 0x0F) * 4 + at if inner else 0
+            q = (40 if version == 6 else (inner[0] & 0x0F) * 4) + at if inner else 0
             if inner and inner[q:q + 8] == nonce:
                 answered.setdefault(struct.unpack_from("!H", inner, q + 8)[0], ts)
-        elif method == "tcp" and ip[9] == 6 and len(l4) >= 14 and l4[13] & 0x04:
+        elif method == "tcp" and proto == 6 and len(l4) >= 14 and l4[13] & 0x04:
             number = rst_acks.get(struct.unpack_from("!I", l4, 8)[0])
             if number is not None:
                 answered.setdefault(number, ts)
-        elif method == "icmp" and l4[0] == 0 and l4[at:at + 8] == nonce:
+        elif method == "icmp" and l4[0] == reply and l4[at:at + 8] == nonce:
             answered.setdefault(struct.unpack_from("!H", l4, 6)[0], ts)
     return {n: (answered[n] - t) / 1000 for n, t in sent.items() if n in answered}

@@ -201,6 +201,12 @@ class Lab(LabLifeCycle):
         """What a traceroute from a container shows: the bridge, each router, the target."""
         return [BRIDGE_ADDR, *(link_addr(i, 2) for i in range(self.routers)), self.target_addr]
 
+    @property
+    def hop_addrs6(self) -> list[str]:
+        """hop_addrs over IPv6 (ipv6=True)."""
+        return [BRIDGE_ADDR6, *(link_addr6(i, 2) for i in range(self.routers)),
+                self.target_addr6]
+
     outer_dev = OUTER_DEV
 
     def on_host(self, *command: str) -> list[str]:

@@ -107,7 +107,7 @@ def document(*, dst_name: str, dst_addr: str, method: str, size: int, paris: boo
     replies = [r for rs in result.hops.values() for r in rs if r.measurement is not None]
     corrected = [r for r in replies if r.measurement and r.measurement.corrected]
     return {
-        "fw": FW, "af": 4, "type": "traceroute", "proto": method,
+        "fw": FW, "af": 6 if ":" in dst_addr else 4, "type": "traceroute", "proto": method,
         "dst_addr": dst_addr, "dst_name": dst_name, "src_addr": result.source_addr,
         "from": result.source_addr, "paris_id": 1 if paris else 0, "size": size,
         "timestamp": result.start_real_ns // 1_000_000_000,

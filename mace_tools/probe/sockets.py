@@ -78,7 +78,7 @@ IPV6_RECVHOPLIMIT = 51
 IPV6_HOPLIMIT = 52  # the reply's hop limit, as a control message (an int)
 ICMP6_FILTER = 1  # at level IPPROTO_ICMPV6: 256 bits, a set bit blocks its type
 SO_EE_ORIGIN_ICMP6 = 3
-_FILTER6 = struct.pack("=8I", *(
+FILTER6 = struct.pack("=8I", *(
     0xFFFFFFFF & ~sum(1 << (t & 31) for t in (ICMP6_ECHO_REPLY, *ERRORS6_WITH_QUOTE)
                       if t >> 5 == word) for word in range(8)))
 # struct sock_extended_err, then the offender (struct sockaddr_in6: family, port,
@@ -300,7 +300,7 @@ class Icmp6Socket(IcmpSocket):
 
     def _set_options(self) -> None:
         """Only echo replies and the errors that quote a probe are queued (as iputils)."""
-        self.sock.setsockopt(socket.IPPROTO_ICMPV6, ICMP6_FILTER, _FILTER6)
+        self.sock.setsockopt(socket.IPPROTO_ICMPV6, ICMP6_FILTER, FILTER6)
         self.sock.setsockopt(IPPROTO_IPV6, IPV6_RECVHOPLIMIT, 1)
 
     def _bind(self, source: str | None) -> None:
@@ -316,12 +316,7 @@ class Icmp6Socket(IcmpSocket):
             raise MaceError(f"cannot attach the reply filter: {exc.strerror}") from exc
 
     def recv(self) -> tuple[bytes, int] | None:
-        try:
-            icmp, ancdata, _flags, addr = self.sock.recvmsg(MAX_DATAGRAM, _PING6_ANCILLARY)
-        except BlockingIOError:
-            return None
-        at, hops, _ = _controls(ancdata)
-        return ipv6_header(len(icmp), hops, _packed(addr[0]), self._local) + icmp, at
+        return read_datagram6(self.sock, self._local)
 
 
 class Ping6Socket(PingSocket):
@@ -334,6 +329,20 @@ class Ping6Socket(PingSocket):
     def _set_options(self) -> None:
         self.sock.setsockopt(IPPROTO_IPV6, IPV6_RECVERR, 1)
         self.sock.setsockopt(IPPROTO_IPV6, IPV6_RECVHOPLIMIT, 1)
+
+
+def read_datagram6(sock: socket.socket, local: bytes,
+                   nexthdr: int = socket.IPPROTO_ICMPV6) -> tuple[bytes, int] | None:
+    """One message from a non-blocking raw IPv6 socket (SO_TIMESTAMPNS and
+    IPV6_RECVHOPLIMIT on), which reads no IP header: behind a fixed IPv6 header from its
+    sender to local (packed), with its hop limit; and its kernel receive time. None if
+    none waits."""
+    try:
+        message, ancdata, _flags, addr = sock.recvmsg(MAX_DATAGRAM, _PING6_ANCILLARY)
+    except BlockingIOError:
+        return None
+    at, hops, _ = _controls(ancdata)
+    return ipv6_header(len(message), hops, _packed(addr[0]), local, nexthdr) + message, at
 
 
 _ANY = {socket.AF_INET: "0.0.0.0", socket.AF_INET6: "::"}

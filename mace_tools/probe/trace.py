@@ -16,6 +16,11 @@ which must differ between the probes of one run:
 - RAW (-P PROTO): the IP header and our payload only, of protocol PROTO; the payload
   starts with the probe number, so the 8 quoted bytes tell the probes apart. The kernel
   programs match only ICMP, UDP and TCP probes: these get no corrected time.
+IPv6 (family 6, as traceroute -6): the same probes behind a 40-byte header, UDP and TCP
+checksums over the IPv6 pseudo-header, ICMPv6 echo requests (type 128, whose checksum
+covers the pseudo-header too); answers are ICMPv6 errors (time exceeded 3, unreachable 1,
+packet too big 2) quoting the probe, echo replies (129) and TCP answers, each read from
+the IPv6 datagram the sockets hand on (tracesockets.py).
 Parsing never raises: foreign or malformed packets give None.
 """
 
@@ -25,13 +30,26 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from mace_tools.probe.icmp import ICMP_ECHO, NONCE_LEN, checksum
+from mace_tools.probe.icmp import (
+    ICMP6_DST_UNREACH,
+    ICMP6_ECHO_REPLY,
+    ICMP6_ECHO_REQUEST,
+    ICMP6_PACKET_TOO_BIG,
+    ICMP6_TIME_EXCEEDED,
+    ICMP_ECHO,
+    IPV6_HEADER,
+    NONCE_LEN,
+    checksum,
+)
+from mace_tools.probe.icmp_errors import quoted_l4
 
 UDP, TCP, ICMP, RAW = "UDP", "TCP", "ICMP", "RAW"
 PROTO_NUMBERS = {ICMP: socket.IPPROTO_ICMP, TCP: socket.IPPROTO_TCP, UDP: socket.IPPROTO_UDP}
+PROTO_NUMBERS6 = {**PROTO_NUMBERS, ICMP: socket.IPPROTO_ICMPV6}
 DEFAULT_RAW_PROTOCOL = 253  # RFC 3692's, for experiments: traceroute's default for -P
 HEADER_LEN = {UDP: 8, TCP: 20, ICMP: 8, RAW: 0}  # the L4 header each probe carries
 IP_HEADER_LEN = 20
+IP_HEADER_LENS = {4: IP_HEADER_LEN, 6: IPV6_HEADER}
 TAG_LEN = NONCE_LEN + 2  # nonce + probe number
 MIN_PAYLOAD = TAG_LEN + 2  # the tag and the 2 bytes --paris adjusts
 _TCP_SYN = 0x02
@@ -52,7 +70,15 @@ def _sum16(data: bytes) -> int:
 
 
 def _pseudo(src: str, dst: str, proto: int, length: int) -> bytes:
+    """The pseudo-header UDP, TCP (and ICMPv6) checksums cover: IPv4's, or IPv6's (RFC 8200
+    8.1) where the addresses are IPv6 ones."""
+    if ":" in dst:
+        return (_packed6(src) + _packed6(dst) + struct.pack("!I3xB", length, proto))
     return socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!BBH", 0, proto, length)
+
+
+def _packed6(address: str) -> bytes:
+    return socket.inet_pton(socket.AF_INET6, address.partition("%")[0])
 
 
 def _compensate(total_without: int, wanted_checksum: int) -> int:
@@ -62,10 +88,10 @@ def _compensate(total_without: int, wanted_checksum: int) -> int:
     return (x & 0xFFFF) + (x >> 16)
 
 
-def packet_len(method: str, size: int) -> int:
-    """The IP packet a probe really is for traceroute's packet_len `size`: the IP and L4
-    headers and at least MIN_PAYLOAD bytes (what the header line says)."""
-    header = IP_HEADER_LEN + HEADER_LEN[method]
+def packet_len(method: str, size: int, family: int = 4) -> int:
+    """The IP packet a probe really is for traceroute's packet_len `size`: the IP (family
+    4 or 6) and L4 headers and at least MIN_PAYLOAD bytes (what the header line says)."""
+    header = IP_HEADER_LENS[family] + HEADER_LEN[method]
     return header + max(MIN_PAYLOAD, size - header)
 
 
@@ -75,18 +101,19 @@ class ProbeFactory:
 
     def __init__(self, method: str, nonce: bytes, src: str, dst: str, size: int, port: int,
                  sport: int, ident: int, paris: bool, *, fixed_port: bool = False,
-                 protocol: int = DEFAULT_RAW_PROTOCOL) -> None:
+                 protocol: int = DEFAULT_RAW_PROTOCOL, family: int = 4) -> None:
         self.method, self.nonce, self.src, self.dst = method, nonce, src, dst
         self.port, self.sport, self.ident, self.paris = port, sport, ident, paris
-        self.fixed_port = fixed_port
-        self.protocol = PROTO_NUMBERS.get(method, protocol)
+        self.fixed_port, self.family = fixed_port, family
+        numbers = PROTO_NUMBERS6 if family == 6 else PROTO_NUMBERS
+        self.protocol = numbers.get(method, protocol)
         self.resize(size)
 
     def resize(self, size: int) -> None:
         """Probes from now on are `size` bytes long (IP packet), or the least they can be
         (packet_len): --mtu shrinks them to the MTU found."""
-        self.packet_len = packet_len(self.method, size)
-        self.payload_len = self.packet_len - IP_HEADER_LEN - HEADER_LEN[self.method]
+        self.packet_len = packet_len(self.method, size, self.family)
+        self.payload_len = self.packet_len - IP_HEADER_LENS[self.family] - HEADER_LEN[self.method]
 
     def payload(self, number: int, adjust: int = 0) -> bytes:
         fill = bytes(i & 0xFF for i in range(MIN_PAYLOAD, self.payload_len))
@@ -125,15 +152,19 @@ class ProbeFactory:
         return TraceProbe(number, head + payload, head[:8])
 
     def _icmp(self, number: int) -> TraceProbe:
+        kind = ICMP6_ECHO_REQUEST if self.family == 6 else ICMP_ECHO
+        # ICMPv6's checksum covers the pseudo-header too (the kernel writes the same sum)
+        pseudo = _pseudo(self.src, self.dst, self.protocol, 8 + self.payload_len) \
+            if self.family == 6 else b""
         adjust = 0
         if self.paris:  # hold the checksum constant whatever the seq
-            total = _sum16(struct.pack("!BBHHH", ICMP_ECHO, 0, 0, self.ident, number)
+            total = _sum16(pseudo + struct.pack("!BBHHH", kind, 0, 0, self.ident, number)
                            + self.payload(number, 0))
             adjust = _compensate(total, 0x1234)
         payload = self.payload(number, adjust)
-        head = struct.pack("!BBHHH", ICMP_ECHO, 0, 0, self.ident, number)
-        csum = checksum(head + payload)
-        head = struct.pack("!BBHHH", ICMP_ECHO, 0, csum, self.ident, number)
+        head = struct.pack("!BBHHH", kind, 0, 0, self.ident, number)
+        csum = checksum(pseudo + head + payload)
+        head = struct.pack("!BBHHH", kind, 0, csum, self.ident, number)
         return TraceProbe(number, head + payload, head)
 
     def _raw(self, number: int) -> TraceProbe:
@@ -154,11 +185,22 @@ class Answer:
     icmp_code: int
     size: int
     reached: bool  # the destination answered: the trace ends at this hop
-    mtu: int = 0  # a "fragmentation needed" answer's next-hop MTU (RFC 1191), else 0
+    mtu: int = 0  # a "fragmentation needed" (v6: "packet too big") answer's MTU, else 0
+    family: int = 4  # 6: an ICMPv6 answer (its types and codes are ICMPv6's)
+
+    @property
+    def too_big(self) -> bool:
+        """A router said the probe does not fit the path (--mtu: it says the MTU)."""
+        if self.family == 6:
+            return self.icmp_type == ICMP6_PACKET_TOO_BIG
+        return (self.icmp_type, self.icmp_code) == (3, 4)
 
 
 def parse_answer(datagram: bytes, factory: ProbeFactory) -> Answer | None:
-    """An IPv4 datagram from a raw ICMP or TCP socket -> Answer, or None if not ours."""
+    """An IPv4 (or, for a family 6 factory, IPv6) datagram from a raw ICMP or TCP socket,
+    or as tracesockets hands one on -> Answer, or None if not ours."""
+    if factory.family == 6:
+        return _parse_answer6(datagram, factory)
     if len(datagram) < 20 or datagram[0] >> 4 != 4:
         return None
     ihl = (datagram[0] & 0x0F) * 4
@@ -195,8 +237,45 @@ def parse_answer(datagram: bytes, factory: ProbeFactory) -> Answer | None:
                   reached, mtu)
 
 
+def _parse_answer6(datagram: bytes, factory: ProbeFactory) -> Answer | None:
+    """An IPv6 datagram (its fixed header, then TCP or ICMPv6: the sockets build it so)
+    -> Answer. The ICMPv6 checksum is not checked: the kernel did (RFC 3542)."""
+    if len(datagram) < IPV6_HEADER + 8 or datagram[0] >> 4 != 6:
+        return None
+    src = socket.inet_ntop(socket.AF_INET6, datagram[8:24])
+    nexthdr, hops, l4 = datagram[6], datagram[7], datagram[IPV6_HEADER:]
+    if nexthdr == socket.IPPROTO_TCP:
+        return _tcp_answer(l4, src, hops, factory)
+    if nexthdr != socket.IPPROTO_ICMPV6:
+        return None
+    icmp_type, code = l4[0], l4[1]
+    if icmp_type == ICMP6_ECHO_REPLY:  # the destination, for -I
+        if factory.method != ICMP or l4[8:8 + TAG_LEN] != factory.nonce + l4[6:8]:
+            return None
+        number = struct.unpack_from("!H", l4, 6)[0]
+        return Answer(None, number, src, hops, icmp_type, 0, len(l4), True, family=6)
+    if icmp_type not in (ICMP6_DST_UNREACH, ICMP6_PACKET_TOO_BIG, ICMP6_TIME_EXCEEDED):
+        return None
+    quoted = quoted_l4(l4[8:], factory.protocol, factory.dst)
+    if quoted is None:
+        return None
+    reached = icmp_type == ICMP6_DST_UNREACH and _same6(src, factory.dst)
+    mtu = int.from_bytes(l4[4:8], "big") if icmp_type == ICMP6_PACKET_TOO_BIG else 0
+    return Answer(bytes(quoted[:8]), None, src, hops, icmp_type, code, len(l4), reached,
+                  mtu, family=6)
+
+
+def _same6(a: str, b: str) -> bool:
+    """Two IPv6 addresses in text are one (whatever their spelling; a %scope ignored)."""
+    try:
+        return _packed6(a) == _packed6(b)
+    except OSError:
+        return False
+
+
 def _tcp_answer(l4: bytes, src: str, ttl: int, factory: ProbeFactory) -> Answer | None:
-    if factory.method != TCP or src != factory.dst or len(l4) < 20:
+    same = _same6(src, factory.dst) if factory.family == 6 else src == factory.dst
+    if factory.method != TCP or not same or len(l4) < 20:
         return None
     sport, dport, _seq, ack, _off, flags = struct.unpack_from("!HHIIBB", l4)
     if sport != factory.port or dport != factory.sport:
@@ -210,18 +289,37 @@ def _tcp_answer(l4: bytes, src: str, ttl: int, factory: ProbeFactory) -> Answer 
         return None
     if seq >> 16 != factory.ident:
         return None
-    return Answer(None, seq & 0xFFFF, src, ttl, -1, 0, len(l4), True)
+    return Answer(None, seq & 0xFFFF, src, ttl, -1, 0, len(l4), True, family=factory.family)
 
 
 _UNREACH_MARKS = {0: "!N", 6: "!N", 8: "!N", 11: "!N", 1: "!H", 7: "!H", 12: "!H",
                   9: "!X", 10: "!X", 13: "!X", 2: "!P", 5: "!S", 14: "!V", 15: "!C"}
 
 
+# traceroute -6's marks for an unreachable (parse_icmp_res, its AF_INET6 branch); port
+# unreachable (4) is the normal end of a UDP trace: no mark
+_UNREACH_MARKS6 = {0: "!N", 1: "!X", 2: "!H", 3: "!H", 4: ""}
+
+
+def _annotation6(answer: Answer) -> str:
+    if answer.icmp_type == ICMP6_TIME_EXCEEDED:
+        return "" if answer.icmp_code == 0 else f" !<{answer.icmp_type}-{answer.icmp_code}>"
+    if answer.icmp_type == ICMP6_PACKET_TOO_BIG:
+        return f" !F-{answer.mtu}"
+    if answer.icmp_type != ICMP6_DST_UNREACH:
+        return ""  # an echo reply or a TCP answer
+    mark = _UNREACH_MARKS6.get(answer.icmp_code, f"!<{answer.icmp_code}>")
+    return f" {mark}" if mark else ""
+
+
 def annotation(answer: Answer) -> str:
     """traceroute's marks for an answer that ends the trace (parse_icmp_res there): !N !H
     !X !P !S !V !C, !F-MTU, !<code> for other unreachables, !<type-code> for a time
     exceeded that is not "TTL exceeded in transit"; none for port unreachable (the normal
-    end of a UDP trace), a time exceeded in transit, or a TCP or echo answer."""
+    end of a UDP trace), a time exceeded in transit, or a TCP or echo answer. ICMPv6:
+    !N !X !H, !F-MTU for packet too big, !<code>, !<3-code> (_annotation6)."""
+    if answer.family == 6:
+        return _annotation6(answer)
     if answer.icmp_type == 11:
         return "" if answer.icmp_code == 0 else f" !<11-{answer.icmp_code}>"
     if answer.icmp_type != 3 or answer.icmp_code == 3:
@@ -234,5 +332,8 @@ def annotation(answer: Answer) -> str:
 def final(answer: Answer) -> bool:
     """The answer ends the trace at its hop, as in traceroute: the destination answered,
     or any error but "TTL exceeded in transit"."""
+    if answer.family == 6:
+        return answer.reached or answer.icmp_type != ICMP6_TIME_EXCEEDED or \
+            answer.icmp_code != 0
     return answer.reached or answer.icmp_type == 3 or \
         (answer.icmp_type == 11 and answer.icmp_code != 0)

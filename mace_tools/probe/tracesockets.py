@@ -12,6 +12,12 @@ Without it, as Linux traceroute and tracepath do unprivileged:
 Each presents what it reads as the IPv4 datagram a raw ICMP socket would have read (as
 PingSocket does for mace-ping), so a run has one parsing path (trace.parse_answer).
 
+IPv6 (traceroute -6): the same sockets of family AF_INET6 (RawSocket(family=6): raw
+IPPROTO_UDP/TCP/ICMPV6 sockets, the hop limit per probe as IPV6_UNICAST_HOPS; the answers
+from a raw ICMPv6 socket with its ICMP6_FILTER; UdpSocket and PingTraceSocket with
+IPV6_RECVERR). A raw IPv6 socket reads no IP header: every answer is handed on behind a
+fixed IPv6 header (sockets.ipv6_header), so parse_answer has one path per family.
+
 Every socket a run sends from is set up as traceroute's tune_socket() sets its own
 (SocketOptions: -d, --fwmark, -i, -s, -F/--mtu, -t, -r), failing in its words. A probe the
 kernel refuses as too long for the MTU (-F) raises MessageTooBig with that MTU, which the
@@ -27,16 +33,25 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from mace_tools.errors import MaceError
+from mace_tools.probe.addresses import sockaddr
 from mace_tools.probe.sockets import (
+    FILTER6,
+    ICMP6_FILTER,
     IP_RECVERR,
     IP_RECVTTL,
+    IPPROTO_IPV6,
+    IPV6_RECVERR,
+    IPV6_RECVHOPLIMIT,
     SO_TIMESTAMPNS,
     SOL_IP,
     ErrorMessage,
     NotPermitted,
+    Ping6Socket,
     PingSocket,
     error_datagram,
+    error_datagram6,
     read_datagram,
+    read_datagram6,
     read_error,
 )
 from mace_tools.probe.trace import TAG_LEN
@@ -48,6 +63,30 @@ _NO_ROOM = (errno.EAGAIN, errno.ENOBUFS, errno.ENOMEM)  # not a pending ICMP err
 IP_MTU_DISCOVER = 10
 IP_PMTUDISC_DONT, IP_PMTUDISC_DO, IP_PMTUDISC_PROBE = 0, 2, 3
 SO_MARK = getattr(socket, "SO_MARK", 36)
+IPV6_MTU_DISCOVER = 23  # (linux/in6.h: the IPV6_PMTUDISC_ values are IPv4's)
+IPV6_DONTFRAG = 62
+FAMILIES = {4: socket.AF_INET, 6: socket.AF_INET6}
+_ANY = {socket.AF_INET: "0.0.0.0", socket.AF_INET6: "::"}
+
+
+def _is6(sock: socket.socket) -> bool:
+    return sock.family == socket.AF_INET6
+
+
+def set_hops(sock: socket.socket, ttl: int) -> None:
+    """The TTL (IPv4) or hop limit (IPv6) of what sock sends next."""
+    if _is6(sock):
+        sock.setsockopt(IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, ttl)
+    else:
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
+
+
+def set_recverr(sock: socket.socket, on: bool) -> None:
+    """IP_RECVERR, or IPV6_RECVERR on an IPv6 socket."""
+    if _is6(sock):
+        sock.setsockopt(IPPROTO_IPV6, IPV6_RECVERR, int(on))
+    else:
+        sock.setsockopt(SOL_IP, IP_RECVERR, int(on))
 
 
 class MessageTooBig(Exception):
@@ -88,7 +127,7 @@ def tune(sock: socket.socket, opts: SocketOptions, port: int = 0, *,
     to opts.source (or any address) and port (any_port: or, where it is taken, to one
     the kernel picks)."""
     tune_socket_level(sock, opts)
-    _bind(sock, opts.source or "0.0.0.0", port, any_port)
+    _bind(sock, opts.source or _ANY[sock.family], port, any_port)
     tune_ip(sock, opts)
 
 
@@ -106,6 +145,9 @@ def tune_socket_level(sock: socket.socket, opts: SocketOptions) -> None:
 
 def tune_ip(sock: socket.socket, opts: SocketOptions) -> None:
     """The IP-level part of tune(): DF (-F, --mtu), TOS (-t), SO_DONTROUTE (-r)."""
+    if _is6(sock):
+        _tune_ipv6(sock, opts)
+        return
     mode = IP_PMTUDISC_PROBE if opts.dontfrag else IP_PMTUDISC_DONT
     try:
         sock.setsockopt(SOL_IP, IP_MTU_DISCOVER, mode)
@@ -118,9 +160,22 @@ def tune_ip(sock: socket.socket, opts: SocketOptions) -> None:
         _setsockopt(sock, socket.SOL_SOCKET, socket.SO_DONTROUTE, 1, "SO_DONTROUTE")
 
 
+def _tune_ipv6(sock: socket.socket, opts: SocketOptions) -> None:
+    """tune_ip for IPv6: no fragmenting at the source for -F/--mtu (IPV6_DONTFRAG: the
+    kernel refuses a probe over the MTU, as IPv4's DF), the traffic class for -t."""
+    mode = IP_PMTUDISC_PROBE if opts.dontfrag else IP_PMTUDISC_DONT
+    _setsockopt(sock, IPPROTO_IPV6, IPV6_MTU_DISCOVER, mode, "IPV6_MTU_DISCOVER")
+    if opts.dontfrag:
+        _setsockopt(sock, IPPROTO_IPV6, IPV6_DONTFRAG, 1, "IPV6_DONTFRAG")
+    if opts.tos:
+        _setsockopt(sock, IPPROTO_IPV6, socket.IPV6_TCLASS, opts.tos, "IPV6_TCLASS")
+    if opts.dontroute:
+        _setsockopt(sock, socket.SOL_SOCKET, socket.SO_DONTROUTE, 1, "SO_DONTROUTE")
+
+
 def _bind(sock: socket.socket, address: str, port: int, any_port: bool) -> None:
     try:
-        sock.bind((address, port))
+        sock.bind(sockaddr(address, port))
     except OSError as exc:
         if any_port and port and exc.errno == errno.EADDRINUSE:
             _bind(sock, address, 0, False)
@@ -158,28 +213,38 @@ class TraceSocket(Protocol):
 
 
 class RawSocket:
-    """A raw socket of protocol proto; refused (NotPermitted) without CAP_NET_RAW. opts:
-    as traceroute tunes its sockets (SocketOptions)."""
+    """A raw socket of protocol proto and family 4 or 6; refused (NotPermitted) without
+    CAP_NET_RAW. opts: as traceroute tunes its sockets (SocketOptions)."""
 
     def __init__(self, proto: int, ident: int = 0, sport: int = 0,
-                 opts: SocketOptions | None = None) -> None:
+                 opts: SocketOptions | None = None, family: int = 4) -> None:
         try:
-            self.sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, proto)
+            self.sock = socket.socket(FAMILIES[family], socket.SOCK_RAW, proto)
         except PermissionError as exc:
             raise NotPermitted("raw sockets not permitted: run as root (or with "
                                "CAP_NET_RAW)", exit_code=1) from exc
         except OSError as exc:
             raise MaceError(f"socket: {exc.strerror}", exit_code=1) from exc
-        self.ident, self.sport = ident, sport
+        self.ident, self.sport, self.proto = ident, sport, proto
         self.dontfrag = opts is not None and opts.dontfrag
         try:
             if opts is not None:
                 tune(self.sock, opts)
             self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+            if family == 6:
+                self._set_options6(proto)
         except BaseException:
             self.sock.close()
             raise
         self.sock.setblocking(False)
+
+    def _set_options6(self, proto: int) -> None:
+        """What an IPv6 raw socket needs to read answers as the IPv4 one does: the hop
+        limit of each (IPV6_RECVHOPLIMIT); on an ICMPv6 socket, only echo replies and the
+        errors quoting a probe (ICMP6_FILTER)."""
+        self.sock.setsockopt(IPPROTO_IPV6, IPV6_RECVHOPLIMIT, 1)
+        if proto == socket.IPPROTO_ICMPV6:
+            self.sock.setsockopt(socket.IPPROTO_ICMPV6, ICMP6_FILTER, FILTER6)
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -189,19 +254,20 @@ class RawSocket:
         probe longer than the device's MTU raises MessageTooBig: IP_RECVERR is on only
         while it is sent, so that the kernel queues the local error that says the MTU (a
         raw socket reads the ICMP errors as datagrams: its error queue is not needed)."""
-        self.sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
+        set_hops(self.sock, ttl)
+        address = sockaddr(dst)
         if not self.dontfrag:
-            self.sock.sendto(message, (dst, 0))
+            self.sock.sendto(message, address)
             return
-        self.sock.setsockopt(SOL_IP, IP_RECVERR, 1)
+        set_recverr(self.sock, True)
         try:
-            self.sock.sendto(message, (dst, 0))
+            self.sock.sendto(message, address)
         except OSError as exc:
             if exc.errno != errno.EMSGSIZE:
                 raise
             raise MessageTooBig(_local_mtu(self.sock)) from exc
         finally:
-            self.sock.setsockopt(SOL_IP, IP_RECVERR, 0)  # and the queue is purged
+            set_recverr(self.sock, False)  # and the queue is purged
 
     def recv(self) -> tuple[bytes, int] | None:
         """The next datagram, None when none waits. An ICMP error about a probe that
@@ -210,6 +276,8 @@ class RawSocket:
         raw ICMP socket has the error itself)."""
         for _ in range(2):
             try:
+                if _is6(self.sock):  # (no IP header read: one is put in front)
+                    return read_datagram6(self.sock, bytes(16), self.proto)
                 return read_datagram(self.sock)
             except OSError:
                 continue
@@ -249,14 +317,18 @@ class UdpSocket:
     traceroute's bind() where the port was asked for (--sport: fixed)."""
 
     def __init__(self, sport: int, ident: int = 0, opts: SocketOptions | None = None,
-                 fixed: bool = False) -> None:
-        self.sock = sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                 fixed: bool = False, family: int = 4) -> None:
+        self.sock = sock = socket.socket(FAMILIES[family], socket.SOCK_DGRAM)
         self.ident = ident
         self._sent = SentHeaders()
         self._pending: deque[ErrorMessage] = deque()  # read while looking for an MTU
         try:
-            sock.setsockopt(SOL_IP, IP_RECVERR, 1)
-            sock.setsockopt(SOL_IP, IP_RECVTTL, 1)  # the error's TTL, as a raw socket reads
+            set_recverr(sock, True)
+            # the error's TTL (hop limit), as a raw socket reads
+            if family == 6:
+                sock.setsockopt(IPPROTO_IPV6, IPV6_RECVHOPLIMIT, 1)
+            else:
+                sock.setsockopt(SOL_IP, IP_RECVTTL, 1)
             sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
             tune(sock, opts or SocketOptions(), sport, any_port=not fixed)
         except OSError as exc:
@@ -280,8 +352,8 @@ class UdpSocket:
         every probe of one flow. MSG_MORE, then an empty send that pushes the datagram,
         makes it compute the sum itself (a corked datagram is never offloaded)."""
         self._sent.add(message)
-        address = (dst, int.from_bytes(message[2:4], "big"))
-        self.sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
+        address = sockaddr(dst, int.from_bytes(message[2:4], "big"))
+        set_hops(self.sock, ttl)
         payload = message[_UDP_HEADER:]
         try:
             try:
@@ -304,9 +376,13 @@ class UdpSocket:
         them to the run either)."""
         while (got := self._next_error()) is not None:
             header = self._sent.find(got.quoted, got.port)
-            if header is not None:
-                return error_datagram(got.error, bytes(4), got.target, header + got.quoted,
-                                      socket.IPPROTO_UDP), got.at
+            if header is None:
+                continue
+            if _is6(self.sock):
+                return error_datagram6(got.error, bytes(16), got.target, header + got.quoted,
+                                       socket.IPPROTO_UDP), got.at
+            return error_datagram(got.error, bytes(4), got.target, header + got.quoted,
+                                  socket.IPPROTO_UDP), got.at
         self._drop_datagrams()
         return None
 
@@ -335,9 +411,10 @@ class PingTraceSocket:
 
     sport = 0
 
-    def __init__(self, opts: SocketOptions | None = None) -> None:
+    def __init__(self, opts: SocketOptions | None = None, family: int = 4) -> None:
         opts = opts or SocketOptions()
-        self.ping = PingSocket(source=opts.source)  # bound now: the kernel picks the id
+        kind = Ping6Socket if family == 6 else PingSocket
+        self.ping = kind(source=opts.source)  # bound now: the kernel picks the id
         self.ident = self.ping.ident
         self._pending: deque[ErrorMessage] = deque()  # read while looking for an MTU
         try:
@@ -352,9 +429,9 @@ class PingTraceSocket:
         return self.ping.fileno()
 
     def send(self, message: bytes, dst: str, ttl: int) -> None:
-        self.ping.sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
+        set_hops(self.ping.sock, ttl)
         try:
-            self.ping.send(message, (dst, 0))
+            self.ping.send(message, sockaddr(dst))
         except OSError as exc:
             if exc.errno != errno.EMSGSIZE:
                 raise
@@ -363,7 +440,8 @@ class PingTraceSocket:
     def recv(self) -> tuple[bytes, int] | None:
         if self._pending:
             got = self._pending.popleft()
-            return error_datagram(got.error, self.ping.local, got.target, got.quoted), got.at
+            make = error_datagram6 if _is6(self.ping.sock) else error_datagram
+            return make(got.error, self.ping.local, got.target, got.quoted), got.at
         return self.ping.recv()
 
     def close(self) -> None:
