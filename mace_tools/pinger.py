@@ -37,6 +37,7 @@ from mace_tools.echo_check import EchoCheck, Verdict
 from mace_tools.errors import MaceError
 from mace_tools.model import KernelEvent, Measurement, Probe, ProbeRecord, Reply, RunResult
 from mace_tools.pacing import MIN_INTERVAL_NS, NS_PER_S, Pace, Schedule
+from mace_tools.probe import sockopts
 from mace_tools.probe.addresses import SockAddr, sockaddr
 from mace_tools.probe.icmp import (
     NONCE_LEN,
@@ -84,6 +85,7 @@ class PingOptions:
     connect: bool = False  # -C
     multicast: bool = False  # -b, or a multicast target: replies come from elsewhere
     socket_options: SocketOptions = field(default_factory=SocketOptions)
+    flowlabel: int | None = None  # -F: the IPv6 probes' flow label (leased at start)
 
 
 class PingSink(Protocol):
@@ -255,6 +257,12 @@ class Pinger:
                                 ident=opts.ident, raw_only=opts.ident == 0,
                                 family=self.family)
         self._dst = sockaddr(opts.dst_addr)  # here: a %scope names this netns' devices
+        if opts.flowlabel is not None and self.family == 6:
+            try:
+                self._dst = sockopts.lease_flowlabel(sock.sock, self._dst, opts.flowlabel)
+            except MaceError:
+                sock.close()
+                raise
         if sock.ident is not None:
             self.ident = sock.ident
         return [sock]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from netns_etc import remove_netns_etc
 from test_ping_parsers import assert_parsed_alike, parsed_by_jc
 
 from mace_tools.lab.agent import AgentProcess, ping_sockets_open, with_capabilities
-from mace_tools.lab.capture import TruthCapture
+from mace_tools.lab.capture import Capture, TruthCapture
 from mace_tools.lab.demo import PingRun, ProbeRow, compare, measure, parse_ndjson
 from mace_tools.lab.load import Load
 from mace_tools.lab.topology import BRIDGE_ADDR6, HOST_OUTER_ADDR6, Lab
@@ -263,3 +264,18 @@ def test_parsers_read_mace_ping_dash_6_as_ping_dash_6(lab6: Lab, args: list[str]
     assert "mace " in mace
     assert_parsed_alike(iputils, mace)
     assert parsed_by_jc(mace)["destination_ip"] == lab6.target_addr6
+
+
+def test_flow_label_is_on_the_wire_as_ping_dash_f(lab6: Lab) -> None:
+    """-F: leased from the kernel's flow label manager and sent in every probe's header
+    (a capture at the target keeps only packets with that label); iputils' header."""
+    label = random.randrange(1, 0x100000)  # (a lease lingers a few seconds after a run)
+    with Capture(lab6.target_ns, "tgt0", f"icmp6 and ip6[0:4] & 0xfffff = {label:#x}",
+                 expect_packets=3, inbound=True) as cap:
+        proc = mace_ping(lab6, "-F", f"{label:#x}", "-c", "3", "-i", "0.01",
+                         lab6.target_addr6)
+    assert proc.returncode == 0, proc.stderr
+    target = lab6.target_addr6
+    assert proc.stdout.splitlines()[0] == f"PING {target}({target}) , flow 0x{label:05x}, " \
+                                          "56 data bytes"
+    assert len([p for p in cap.packets if p.icmp_type == 128]) == 3

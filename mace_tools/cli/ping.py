@@ -104,7 +104,7 @@ def ping(
     ident: Annotated[str | None, typer.Option("-e", metavar="ID", help="ICMP identifier "
                                               "(0 needs a raw socket)")] = None,
     flowlabel: Annotated[str | None, typer.Option(
-        "-F", metavar="FLOW", help="IPv6 flow label (checked; IPv4 probes have none)")]
+        "-F", metavar="FLOW", help="IPv6 flow label (IPv4 probes have none)")]
     = None,
     preload: Annotated[str | None, typer.Option("-l", metavar="PRELOAD", help="send PRELOAD "
                                                 "probes at once, then keep that many in "
@@ -176,8 +176,7 @@ def ping(
             pmtudisc=None if pmtudisc is None else ping_options.parse_pmtudisc(pmtudisc),
             sndbuf=None if sndbuf is None else strtol_or_err(sndbuf, 1, INT_MAX),
             debug=so_debug, dontroute=dontroute, broadcast=broadcast, noloop=noloop))
-    if flowlabel is not None:
-        ping_options.parse_flowlabel(flowlabel)
+    flow = None if flowlabel is None else ping_options.parse_flowlabel(flowlabel)
     ping_options.check_ip_options(record_route, ip_timestamp)
     if host is None and not (version or list_containers):
         raise MaceError("usage error: Destination address required")
@@ -193,9 +192,7 @@ def ping(
     _check_user_interval(interval_s)
     site = probe_site(netns, pid, container, runtime)
     target = _target(host, site, ip_family(ipv4, ipv6))
-    if flowlabel is not None and ":" in target.addr:
-        raise MaceError("-F (IPv6 flow label) is not supported yet: probes would leave "
-                        "without it")
+    flow = flow if ":" in target.addr else None  # (as iputils: IPv4 probes have none)
     multicast = broadcast or _is_multicast(target.addr)
     sockopts = _multicast_sockopts(extra.sockopts, multicast, interval_s)
     device, source = _split_interface(interface)
@@ -222,6 +219,7 @@ def ping(
         connect=connect,
         multicast=multicast,
         socket_options=sockopts,
+        flowlabel=flow or None,
     )
     lookup = (force_lookup and not numeric) or not (
         numeric or flood or target.literal or _lookups_disabled(quiet))
@@ -230,7 +228,8 @@ def ping(
                          quiet=quiet, timestamps=timestamps, flood=flood, device=device,
                          bound=source is not None or strict_source, name_of=name_of,
                          audible=audible, verbose=verbose, precise=precise,
-                         show_dup=not multicast, pattern=extra.pattern)
+                         show_dup=not multicast, pattern=extra.pattern,
+                         flowlabel=flow or None)
         sources = event_sources(PROG, agent, site.netns_path, nonce is not None)
         result = Pinger(opts, sink, nonce=parse_nonce(nonce), backend_factory=sources,
                         after_setup=drop_privileges).run()

@@ -16,13 +16,12 @@ import string
 
 from mace_tools.cli.common import LONG_MAX, c_long, strtol_or_err
 from mace_tools.errors import MaceError
-from mace_tools.probe.sockopts import PMTUDISC
+from mace_tools.probe.sockopts import FLOWLABEL_MASK, PMTUDISC
 
 ULONG_MAX = 2**64 - 1
 MAX_DUP_CHK = 0x10000  # iputils' window of seqs: -l's bound
 MAX_USER_PRELOAD = 3  # -l for a user other than root
 TOS_MAX = 255
-FLOWLABEL_MASK = 0xFFFFF  # 20 bits
 _C_HEX = re.compile(r"[ \t\n\v\f\r]*[+-]?(?:0[xX])?[0-9a-fA-F]+")
 TIMESTAMP_TYPES = ("tsonly", "tsandaddr", "tsprespec")
 IP_OPTIONS_UNSUPPORTED = ("not supported: IP options make the probe's header longer than "

@@ -31,6 +31,7 @@ class _Sink:
                  bound: bool = False, name_of: Callable[[str], str] = _address,
                  audible: bool = False, verbose: bool = False, precise: bool = False,
                  show_dup: bool = True, pattern: bytes | None = None,
+                 flowlabel: int | None = None,
                  out: IO[str] | None = None, err: IO[str] | None = None) -> None:
         """name_of: how ping names a sender ("NAME (ADDR)", or the address: -n); the
         rest are ping's switches: -q -D -f, -I NAME (device) or ADDR / -B (bound),
@@ -39,7 +40,7 @@ class _Sink:
         self.quiet, self.timestamps, self.flood = quiet, timestamps, flood
         self.device, self.bound, self.name_of = device, bound, name_of
         self.audible, self.verbose, self.precise = audible, verbose, precise
-        self.show_dup, self.pattern = show_dup, pattern
+        self.show_dup, self.pattern, self.flowlabel = show_dup, pattern, flowlabel
         self.out = out or sys.stdout
         self.err = err or sys.stderr
         self.source = ""
@@ -107,7 +108,7 @@ class TextSink(_Sink):
         if self.pattern is not None and not self.quiet:
             self._write(text.pattern_line(self.pattern))
         self._write(text.header(self.dst_name, self.dst_addr, self.size, source_addr,
-                                self.device, self.bound))
+                                self.device, self.bound, self.flowlabel))
 
     def _dots(self, chars: str) -> None:
         self.out.write(chars)

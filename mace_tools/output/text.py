@@ -59,7 +59,8 @@ def format_ms(ns: int, precise: bool = False) -> str:
 
 
 def header(dst_name: str, dst_addr: str, size: int, source: str | None = None,
-           device: str | None = None, bound: bool = False) -> str:
+           device: str | None = None, bound: bool = False,
+           flowlabel: int | None = None) -> str:
     """iputils' first line; with -I (a device, or an address: bound) or -B it names the
     source address and the device ("from 198.18.1.10 eth0:", "from 198.18.1.10 :").
     IPv6: as iputils 20221126's ping6 (Debian 12's), "PING NAME(ADDR) 56 data bytes",
@@ -67,7 +68,8 @@ def header(dst_name: str, dst_addr: str, size: int, source: str | None = None,
     parsers (jc, pingparsing) read as IPv6; later iputils added the space."""
     via = f" from {source} {device or ''}:" if device or bound else ""
     if ":" in dst_addr:
-        return f"PING {dst_name}({dst_addr}){via} {size} data bytes"
+        flow = f" , flow 0x{flowlabel:05x}," if flowlabel else ""  # (-F, as ping6 prints it)
+        return f"PING {dst_name}({dst_addr}){flow}{via} {size} data bytes"
     return f"PING {dst_name} ({dst_addr}){via} {size}({size + 28}) bytes of data."
 
 

@@ -12,11 +12,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import socket
+import struct
 from dataclasses import dataclass
 
 from mace_tools.errors import MaceError
 
 SO_MARK = getattr(socket, "SO_MARK", 36)
+FLOWLABEL_MASK = 0xFFFFF  # IPV6_FLOWINFO_FLOWLABEL: 20 bits
 IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
 IPV6_MTU_DISCOVER = 23  # linux/in6.h; its IPV6_PMTUDISC_* values are IPv4's
 IPV6_TCLASS = getattr(socket, "IPV6_TCLASS", 67)
@@ -98,6 +100,34 @@ def _set_mark(sock: socket.socket, mark: int) -> list[str]:
                          "capability?")
         return lines
     return []
+
+
+# linux/in6.h: the flow label manager
+IPV6_FLOWLABEL_MGR, IPV6_FLOWINFO_SEND = 32, 33
+IPV6_FL_A_GET, IPV6_FL_S_EXCL, IPV6_FL_F_CREATE = 0, 1, 1
+# struct in6_flowlabel_req: dst, label (network order), action, share, then flags,
+# expires, linger and pad in host order
+_FLOWLABEL_REQ = struct.Struct("=16s4sBBHHHI")
+
+
+def lease_flowlabel(sock: socket.socket, dst: tuple, label: int) -> tuple:
+    """-F for IPv6, as iputils: lease the label for dst from the kernel's flow label
+    manager (exclusive, created), have the socket send flow info, and return dst's
+    sockaddr carrying it (what sendto() puts in the header). Failures in ping's words."""
+    host, port, _flowinfo, scope = dst
+    request = _FLOWLABEL_REQ.pack(socket.inet_pton(socket.AF_INET6, host),
+                                  (label & FLOWLABEL_MASK).to_bytes(4, "big"),
+                                  IPV6_FL_A_GET, IPV6_FL_S_EXCL,
+                                  IPV6_FL_F_CREATE, 0, 0, 0)
+    try:
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_FLOWLABEL_MGR, request)
+    except OSError as exc:
+        raise _fail("can't set flowlabel", exc) from None
+    try:
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_FLOWINFO_SEND, 1)
+    except OSError as exc:
+        raise _fail("can't send flowinfo", exc) from None
+    return host, port, label & FLOWLABEL_MASK, scope
 
 
 def bind_to_device(sock: socket.socket, device: str) -> None:
