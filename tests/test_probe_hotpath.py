@@ -416,3 +416,26 @@ def test_kernel_filter_keeps_foreign_echo_replies_out(scratch_netns: tuple[Path,
     assert ihls == {5, 8}  # with record route echoed, the filter found the ICMP header too
     assert sorted(from_plain) == sorted(got)  # no echo request, no foreign reply either
     assert len(from_typed) == 2 * count + 2  # no nonce: every reply and the error
+
+
+def test_the_run_judges_a_foreign_reply_without_a_checksum(counted: CountingChecksum) -> None:
+    """The receive path's own check (echo_check.EchoCheck.judge, not is_our_reply): a
+    foreign echo reply is turned away on its nonce, before any checksum; ours is
+    checksummed once."""
+    from mace_tools.echo_check import EchoCheck
+    from mace_tools.model import Probe
+    from mace_tools.pinger import _Probes
+
+    window = _Probes(numbered=True)
+    window.add(1, Probe(1, 0, 0))
+    template = EchoTemplate(9, NONCE, 56)
+    check = EchoCheck(56)
+    foreign = parse_ip_icmp(ipv4(as_reply(spec_request(9, 1, OTHER, 56))))
+    ours = parse_ip_icmp(ipv4(as_reply(template.message(1))))
+    assert foreign is not None and ours is not None
+    counted.calls = 0  # (building the probes summed them)
+    assert check.judge(foreign, NONCE, 9, window, template, 1) is None
+    assert counted.calls == 0
+    verdict = check.judge(ours, NONCE, 9, window, template, 1)
+    assert verdict is not None and verdict.key == 1 and not verdict.corrupted
+    assert counted.calls == 1
