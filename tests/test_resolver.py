@@ -29,7 +29,6 @@ from mace_tools.probe.resolver import (
     parse_resolv_conf,
     read_confined,
     resolve,
-    resolve_ipv4,
     vantage_of,
 )
 
@@ -152,7 +151,7 @@ def test_absolute_and_dotdot_links_stay_inside_the_root(box: Path) -> None:
     (box / "etc" / "hosts").unlink()
     (box / "etc" / "hosts").symlink_to(host_file)
     assert read_confined(box, "etc/hosts") == b"127.0.0.7 marker.test\n"  # as the box sees it
-    assert resolve_ipv4("marker.test", Vantage(box, label="pid 1")) == "127.0.0.7"
+    assert resolve("marker.test", Vantage(box, label="pid 1"), 4) == "127.0.0.7"
 
 
 def test_fifo_and_oversized_files_are_refused(box: Path) -> None:
@@ -160,12 +159,12 @@ def test_fifo_and_oversized_files_are_refused(box: Path) -> None:
     start = time.monotonic()
     with pytest.raises(MaceError, match=r"^refusing to read /etc/resolv\.conf of pid 7: "
                                         r"not a regular file$"):
-        resolve_ipv4("name.test", Vantage(box, label="pid 7"))
+        resolve("name.test", Vantage(box, label="pid 7"), 4)
     assert time.monotonic() - start < 1
     (box / "etc" / "hosts").write_bytes(b"#" * MAX_FILE_BYTES + b"\n")
     with pytest.raises(MaceError, match=rf"^refusing to read /etc/hosts: larger than "
                                         rf"{MAX_FILE_BYTES} bytes$"):
-        resolve_ipv4("name.test", Vantage(box))
+        resolve("name.test", Vantage(box), 4)
     (box / "etc" / "hosts").write_bytes(b"#" * (MAX_FILE_BYTES - 1) + b"\n")  # at the bound
     assert len(read_confined(box, "etc/hosts")) == MAX_FILE_BYTES
 
@@ -176,9 +175,9 @@ def test_the_hosts_own_files_have_no_size_bound(box: Path) -> None:
     block_list = b"0.0.0.0 blocked.test\n" * (3 * MAX_FILE_BYTES // 21)
     (box / "etc" / "hosts").write_bytes(block_list + b"198.18.0.44 last.test\n")
     own = Vantage(box, max_file_bytes=None)
-    assert resolve_ipv4("last.test", own) == "198.18.0.44"
+    assert resolve("last.test", own, 4) == "198.18.0.44"
     with pytest.raises(MaceError, match=r"^refusing to read /etc/hosts of pid 7: larger than "):
-        resolve_ipv4("last.test", Vantage(box, label="pid 7"))
+        resolve("last.test", Vantage(box, label="pid 7"), 4)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mknod)")
@@ -187,7 +186,7 @@ def test_device_nodes_are_never_opened(box: Path) -> None:
     The file is looked at through an O_PATH fd, which opens nothing."""
     os.mknod(box / "etc" / "hosts", 0o644 | stat.S_IFCHR, os.makedev(1, 3))  # /dev/null
     with pytest.raises(MaceError, match=r"^refusing to read /etc/hosts: not a regular file$"):
-        resolve_ipv4("name.test", Vantage(box))
+        resolve("name.test", Vantage(box), 4)
 
 
 def test_no_openat2_fails_closed(box: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -199,7 +198,7 @@ def test_no_openat2_fails_closed(box: Path, monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(native, "openat2", enosys)
     with pytest.raises(MaceError, match=r"^cannot read /etc/hosts safely: the kernel has no "
                                         r"openat2 \(Linux >= 5\.6 needed\)$"):
-        resolve_ipv4("name.test", Vantage(box))
+        resolve("name.test", Vantage(box), 4)
 
 
 @pytest.mark.lab
@@ -215,17 +214,17 @@ def test_resolves_from_inside_the_netns(lab: Lab, tmp_path: Path) -> None:
     records = {"web.lab.test": "198.18.0.66"}
     # 127.0.0.11 exists only in that netns' loopback; 127.0.0.12 has nobody listening
     with FakeDns(ns, "127.0.0.11", records, forge_first=True) as dns:
-        assert resolve_ipv4("from-hosts.test", vantage) == "198.18.0.77"
-        assert resolve_ipv4("web", vantage) == "198.18.0.66"  # via the search list
+        assert resolve("from-hosts.test", vantage, 4) == "198.18.0.77"
+        assert resolve("web", vantage, 4) == "198.18.0.66"  # via the search list
         assert dns.queries == ["web.lab.test"] * 2  # A and AAAA, at once
         with pytest.raises(MaceError, match=r"^nope\.invalid: Name or service not known$"):
-            resolve_ipv4("nope.invalid", vantage)
-        assert resolve_ipv4("198.18.0.5", vantage) == "198.18.0.5"
-        assert resolve_ipv4("127.1", vantage) == "127.0.0.1"
+            resolve("nope.invalid", vantage, 4)
+        assert resolve("198.18.0.5", vantage, 4) == "198.18.0.5"
+        assert resolve("127.1", vantage, 4) == "127.0.0.1"
     (etc / "resolv.conf").write_text("nameserver 127.0.0.12\noptions timeout:1 attempts:1\n")
     start = time.monotonic()
     with pytest.raises(MaceError, match="Temporary failure in name resolution"):
-        resolve_ipv4("web.lab.test", vantage)
+        resolve("web.lab.test", vantage, 4)
     assert time.monotonic() - start < 3
     assert os.stat("/proc/self/ns/net").st_ino != os.stat(ns).st_ino  # we came back
 

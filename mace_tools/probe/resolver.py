@@ -428,11 +428,6 @@ def _send_queries(sock: socket.socket, name: str, qtypes: list[int]) -> dict[int
     return sent
 
 
-def resolve_ipv4(host: str, vantage: Vantage) -> str:
-    """IPv4 address of host as seen from vantage; MaceError worded as ping's resolver errors."""
-    return resolve(host, vantage, 4)
-
-
 def resolve(host: str, vantage: Vantage, family: int | None = None) -> str:
     """The address of host that ping takes (-4: family 4, -6: 6, neither: None) as seen
     from vantage: as iputils, the first of the wanted family among all host's addresses in
