@@ -14,7 +14,8 @@
 #define __MACE_H
 
 #define MACE_NONCE_LEN 8
-#define MACE_MAX_RUNS 128		/* concurrent runs one program set serves */
+#define MACE_MAX_RUNS 512		/* concurrent runs one program set serves (an agent
+				 * probing for Prometheus holds one per probe) */
 #define MACE_RING_BYTES (1 << 20)	/* each run's ring buffer: ~11k events or ~16k records */
 
 enum mace_hook {

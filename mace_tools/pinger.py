@@ -27,7 +27,7 @@ import contextlib
 import errno
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Protocol
@@ -86,6 +86,9 @@ class PingOptions:
     multicast: bool = False  # -b, or a multicast target: replies come from elsewhere
     socket_options: SocketOptions = field(default_factory=SocketOptions)
     flowlabel: int | None = None  # -F: the IPv6 probes' flow label (leased at start)
+    # a service's endless run: probes unanswered this long are forgotten (their late
+    # replies ignored), so its memory stays bounded; None: iputils' 65536-probe window
+    window_s: float | None = None
 
 
 class PingSink(Protocol):
@@ -182,11 +185,15 @@ class _Sent(NamedTuple):
 class Pinger:
     def __init__(self, opts: PingOptions, sink: PingSink, nonce: bytes | None = None,
                  backend_factory: EventSourceFactory | None = None,
-                 after_setup: Callable[[], None] | None = None) -> None:
+                 after_setup: Callable[[], None] | None = None,
+                 stop_fds: Sequence[int] = (),
+                 keep_going: Callable[[], bool] | None = None) -> None:
         """backend_factory: the kernel event source (session.kernel_events when None).
         after_setup runs once the socket, the netns and the programs are set up: the
         command drops its privileges there, as iputils does (a long-lived caller, such as
-        a service running many pings, keeps its own)."""
+        a service running many pings, keeps its own). A service's run also ends, as on
+        Ctrl-C, when one of stop_fds is readable or keep_going() is false (asked before
+        each probe)."""
         self.opts = opts
         self._after_setup = after_setup
         self.sink = sink
@@ -203,6 +210,9 @@ class Pinger:
         self._session: Session | None = None  # set while a run is on
         self._pace: Pace | None = None  # set while a run is on
         self._no_room = 0  # consecutive sends refused for lack of buffer (iputils' oom_count)
+        self._stop_fds = tuple(stop_fds)
+        self._keep_going = keep_going
+        self._oldest = 1  # with opts.window_s: the first probe not yet forgotten
 
     def run(self) -> RunResult:
         opts = self.opts
@@ -289,7 +299,8 @@ class Pinger:
         self._pace = pace = Pace.starting(self._schedule_asked(), start)
         session.loop(lambda: self._turn(sock, result),
                      lambda _fd: self._receive(sock, session, result),
-                     status=lambda: self.sink.status(result.transmitted, result.tally))
+                     status=lambda: self.sink.status(result.transmitted, result.tally),
+                     stop_fds=self._stop_fds)
         result.elapsed_us = pace.elapsed_us()
         result.elapsed_ms = (result.elapsed_us + 500) // 1000  # iputils rounds it so
         for seq in self._probes.unanswered(result.transmitted):
@@ -306,6 +317,10 @@ class Pinger:
         # (as iputils: a probe answered by an ICMP error is done too)
         if pace.over(now, result.transmitted, result.errors):
             return None
+        if self._keep_going is not None and now >= pace.next_send and not self._keep_going():
+            return None
+        if self.opts.window_s is not None:
+            self._forget_older(now - int(self.opts.window_s * NS_PER_S), result.transmitted)
         # what is due goes at once, as iputils' do-while around pinger(): -l's first
         # probes, and on reply as many as -l allows in flight (at most -l per turn, so
         # replies are read between)
@@ -316,6 +331,17 @@ class Pinger:
             self._schedule(self._send(sock, result.transmitted + 1, result), now, result)
             now = time.monotonic_ns()
         return max(0.0, (pace.wake(result.transmitted) - time.monotonic_ns()) / NS_PER_S)
+
+    def _forget_older(self, cutoff_ns: int, transmitted: int) -> None:
+        """Forget the probes sent before cutoff_ns (opts.window_s), oldest first."""
+        probes = self._probes
+        while self._oldest <= transmitted:
+            probe = probes.sent.get(probes.key(self._oldest))
+            if probe is not None and probe.sent_mono_ns >= cutoff_ns:
+                return
+            if probe is not None:
+                probes.forget(probes.key(self._oldest))
+            self._oldest += 1
 
     def _report_outstanding(self, result: RunResult) -> None:
         """-O: the previous probe is still unanswered as the next one goes."""

@@ -208,14 +208,15 @@ class Session:
         return self._events.probe_state(number) if self._events is not None else None
 
     def loop(self, turn: Callable[[], float | None], receive: Callable[[int], None],
-             status: Callable[[], None] | None = None) -> None:
-        """Run turns until turn() returns None, or Ctrl-C: then the run reports what it
-        has, as ping does. A turn: turn() does the run's timed work (send what is due,
-        time out, emit) and returns how many seconds to wait for input; then the wait,
-        the kernel events (drained every turn: the programs submit without waking
-        anyone, bpf/mace.bpf.c, so unanswered probes' events never pile up in the ring),
-        receive(fd) for each readable socket, and status() if SIGQUIT came (None: SIGQUIT
-        keeps its default action)."""
+             status: Callable[[], None] | None = None, stop_fds: Sequence[int] = ()) -> None:
+        """Run turns until turn() returns None, or Ctrl-C, or one of stop_fds is readable
+        (a service ending its runs, a probed container's pidfd: its init exited): then
+        the run reports what it has, as ping does. A turn: turn() does the run's timed
+        work (send what is due, time out, emit) and returns how many seconds to wait for
+        input; then the wait, the kernel events (drained every turn: the programs submit
+        without waking anyone, bpf/mace.bpf.c, so unanswered probes' events never pile up
+        in the ring), receive(fd) for each readable socket, and status() if SIGQUIT came
+        (None: SIGQUIT keeps its default action)."""
         poller = select.epoll()
         # not installed (fd None, never taken) when the run has no status line
         quit_signal = StatusSignal.install() if status is not None else StatusSignal()
@@ -224,8 +225,12 @@ class Session:
                 poller.register(s.fileno(), select.EPOLLIN)
             if quit_signal.fd is not None:
                 poller.register(quit_signal.fd, select.EPOLLIN)
+            for fd in stop_fds:
+                poller.register(fd, select.EPOLLIN)
             while (wait_s := turn()) is not None:
                 ready = [fd for fd, _ in poller.poll(min(wait_s, MAX_WAIT_S))]
+                if stop_fds and any(fd in stop_fds for fd in ready):
+                    return
                 if quit_signal.fd in ready:
                     quit_signal.drain()
                 self.drain()

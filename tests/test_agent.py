@@ -109,6 +109,7 @@ def agent(lab: Lab, ping_sockets: None) -> Iterator[AgentProcess]:
         log = running.log_text()
         status = running.stop()
         assert status == 0, log
+        assert not running.socket_left, "a stopped agent removes its socket file"
 
 
 def client_command(lab: Lab, container: int, agent: AgentProcess, *args: str,

@@ -66,10 +66,16 @@ class Reservations:
         with self._lock:
             return len(self._ready) + len(self._ended)
 
-    def _make(self) -> programs.Reservation:
+    def make_now(self, ring_bytes: int) -> programs.Reservation:
+        """A reservation made on the caller's thread (which waits for the RCU grace
+        periods), with a ring of ring_bytes: the agent's own probes, which read few
+        records, map a small ring each. Ended with end(), as any other."""
+        return self._make(ring_bytes)
+
+    def _make(self, ring_bytes: int = programs.RING_BYTES) -> programs.Reservation:
         while True:
             try:
-                reservation = programs.reserve(self._pset, new_nonce())
+                reservation = programs.reserve(self._pset, new_nonce(), ring_bytes)
             except MaceError:
                 continue  # the nonce is someone's (2**-64): another
             try:

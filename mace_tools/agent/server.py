@@ -41,17 +41,18 @@ from typing import Any
 
 from mace_tools.agent import listen, protocol
 from mace_tools.agent import peer as peers
+from mace_tools.agent.probeconfig import ProbeSpec
+from mace_tools.agent.probes import PingMetrics, ProbeWorker
 from mace_tools.agent.protocol import ProtocolError
 from mace_tools.agent.reservations import Reservations
 from mace_tools.errors import MaceError
 from mace_tools.kernel import native, programs
-from mace_tools.kernel.events import PROBE_STATE, probe_record_from_state
+from mace_tools.model import ProbeRecord
 
 MESSAGES_PER_TURN = 8  # a busy client yields to the others after this many requests
 STANDALONE_SLOTS = 16  # of the set's MAX_RUNS, never taken by the agent
 ACCEPT_PAUSE_S = 0.5  # out of fds: the listener is not watched for this long
-SWITCHES = {"records": programs.RUN_RECORDS, "path": programs.RUN_PATH,
-            "udp": programs.RUN_UDP, "tcp": programs.RUN_TCP, "errors": programs.RUN_ERRORS}
+PROBES_STOP_S = 5.0  # how long close() waits for the probes' threads, all together
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +98,12 @@ class Agent:
         self._no_fds_from_clients = False
         self._closer: queue.Queue[list[int] | None] = queue.Queue()
         self._closer_thread: threading.Thread | None = None
+        # the agent's own probes (agent/probes.py): their runs, and the fd that stops them
+        self._own_runs: set[programs.Reservation] = set()
+        self._own_lock = threading.Lock()
+        self._probes: list[ProbeWorker] = []
+        self._probes_stopping = threading.Event()
+        self._probes_stop: tuple[int, int] | None = None  # a pipe, once probes start
         self._wake_r, self._wake_w = socket.socketpair()
         for s in (self._wake_r, self._wake_w):
             s.setblocking(False)
@@ -136,7 +143,8 @@ class Agent:
     def listen(self) -> None:
         self._listener, self._no_fds_from_clients = listen.bind(self.options.socket_path,
                                                                 self.options.group)
-        self._listener_inode = os.fstat(self._listener.fileno()).st_ino
+        # the file's inode (fstat of the socket would give its sockfs inode, never the file's)
+        self._listener_inode = os.lstat(self.options.socket_path).st_ino
         self._selector.register(self._listener, selectors.EVENT_READ, self._accept)
         self._selector.register(self._wake_r, selectors.EVENT_READ, self._woken)
         if not self._no_fds_from_clients:
@@ -287,7 +295,8 @@ class Agent:
     def _run_request(self, client: _Client, message: dict[str, Any]) \
             -> tuple[dict[str, Any] | None, tuple[int, ...]]:
         """Checked now; answered now if a reservation is ready, else when one is."""
-        flags = sum(bit for name, bit in SWITCHES.items() if protocol.boolean(message, name))
+        flags = sum(bit for name, bit in programs.SWITCH_BITS.items()
+                    if protocol.boolean(message, name))
         if len(client.runs) >= self.options.runs_per_client:
             raise MaceError(f"too many runs on one connection "
                             f"({self.options.runs_per_client})")
@@ -367,7 +376,69 @@ class Agent:
         return len(live)
 
     def _slots_held(self) -> int:
-        return sum(len(c.runs) for c in self._clients.values()) + self._reservations.slots
+        """Run slots of the set this agent holds (from any thread: list() of a dict's
+        values is one step under the GIL)."""
+        clients = list(self._clients.values())
+        return (sum(len(c.runs) for c in clients) + len(self._own_runs)
+                + self._reservations.slots)
+
+    # --- the agent's own probes (agent/probes.py) ---------------------------------
+
+    def start_probes(self, specs: list[ProbeSpec], metrics: PingMetrics,
+                     runtime: str = "auto") -> None:
+        """A thread per probe, pinging until close()."""
+        if self._probes_stop is None:
+            # written once at close(), never read: readable for every probe's loop
+            self._probes_stop = os.pipe2(os.O_CLOEXEC)
+        for spec in specs:
+            worker = ProbeWorker(spec, self, metrics, self._probes_stop[0],
+                                 self._probes_stopping, runtime, self._log)
+            self._probes.append(worker)
+            worker.start()
+
+    def start_own_run(self, flags: int, prober_netns: int, ring_bytes: int) \
+            -> programs.Reservation:
+        """A run of the set for one of the agent's own probes (any thread)."""
+        if self._probes_stopping.is_set():
+            raise MaceError("the agent is stopping")
+        if self._slots_held() >= programs.MAX_RUNS - STANDALONE_SLOTS:
+            raise MaceError("too many concurrent runs on this host")
+        try:
+            reservation = self._reservations.make_now(ring_bytes)
+        except OSError as exc:
+            raise MaceError(f"cannot add the run: {exc.strerror}") from None
+        try:
+            entry = programs.RunEntry(flags, prober_netns, self.host_netns, self._token_id,
+                                      os.getpid())
+            programs.activate(self.pset, reservation.nonce, entry, idle=self._idle)
+        except BaseException as exc:
+            self._reservations.end(reservation)
+            if isinstance(exc, OSError):
+                raise MaceError(f"cannot add the run: {exc.strerror}") from None
+            raise
+        with self._own_lock:
+            self._own_runs.add(reservation)
+        return reservation
+
+    def end_own_run(self, reservation: programs.Reservation) -> None:
+        with self._own_lock:
+            self._own_runs.discard(reservation)
+        self._end_run(reservation)
+
+    def own_probe_state(self, nonce: bytes, number: int) -> ProbeRecord | None:
+        try:
+            return programs.probe_state(self.pset, nonce, number)
+        except OSError:
+            return None
+
+    def _stop_probes(self) -> None:
+        """Every probe's run ends (its loop wakes on the stop fd), then its thread."""
+        self._probes_stopping.set()
+        if self._probes_stop is not None:
+            os.write(self._probes_stop[1], b"s")
+        deadline = time.monotonic() + PROBES_STOP_S
+        for worker in self._probes:
+            worker.join(max(0.0, deadline - time.monotonic()))
 
     def _probe_state(self, client: _Client, message: dict[str, Any]) -> dict[str, Any]:
         run_id = protocol.integer(message, "run", 1, 2**31 - 1)
@@ -375,11 +446,9 @@ class Agent:
         reservation = client.runs.get(run_id)
         if reservation is None:
             raise MaceError(f"no run {run_id} on this connection")
-        key = reservation.nonce + number.to_bytes(4, "little") + bytes(4)
-        raw = native.map_lookup(self.pset.fds["probes"], key, PROBE_STATE.size)
-        if raw is None:
+        r = programs.probe_state(self.pset, reservation.nonce, number)
+        if r is None:
             return {"ok": True, "number": number, "state": None}
-        r = probe_record_from_state(number, raw)
         return {"ok": True, "number": number, "state": {
             "departed": r.departed_ns, "returned": r.returned_ns,
             "delivered": r.delivered_ns, "outer_netns": r.outer_netns,
@@ -421,11 +490,13 @@ class Agent:
 
     @property
     def runs(self) -> int:
-        return sum(len(c.runs) for c in self._clients.values())
+        """Runs on now: the clients' and the agent's own probes'."""
+        return sum(len(c.runs) for c in list(self._clients.values())) + len(self._own_runs)
 
     def close(self) -> None:
         """End every client and run, take the reservations out, release the set (the
         programs detach unless a standalone run still holds them), remove the socket."""
+        self._stop_probes()
         for client in list(self._clients.values()):
             self._drop(client)
         if self._listener is not None:
@@ -444,6 +515,9 @@ class Agent:
             self.pset.close()
             self._wake_r.close()
             self._wake_w.close()
+            if self._probes_stop is not None:
+                for fd in self._probes_stop:
+                    os.close(fd)
 
 
 def _map_exists(map_id: int) -> bool:

@@ -10,13 +10,20 @@ from __future__ import annotations
 
 import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from mace_tools.agent.protocol import DEFAULT_SOCKET
 from mace_tools.cli.common import run_app
+from mace_tools.errors import MaceError
+
+if TYPE_CHECKING:
+    from mace_tools.agent.probes import PingMetrics
+    from mace_tools.agent.server import Agent
 
 PROG = "mace-agent"
 
@@ -49,6 +56,22 @@ def agent(
         "(ring buffers still open count)")] = 16,
     max_clients: Annotated[int, typer.Option(
         "--max-clients", min=1, max=65536, help="concurrent connections")] = 512,
+    metrics: Annotated[str | None, typer.Option(
+        "--metrics", metavar="[ADDR:]PORT", help="serve Prometheus metrics on "
+        "http://ADDR:PORT/metrics (ADDR: default every IPv4 address; IPv6 in brackets)")
+    ] = None,
+    probe: Annotated[list[str] | None, typer.Option(
+        "--probe", metavar="[FROM=]TARGET", help="ping TARGET continuously from FROM's "
+        "network namespace (netns:NAME, pid:N, container:NAME; none: the host) and export "
+        "it; repeatable")] = None,
+    probe_interval: Annotated[float, typer.Option(
+        "--probe-interval", metavar="SECONDS", help="seconds between a probe's pings")] = 1.0,
+    config: Annotated[Path | None, typer.Option(
+        "--config", metavar="FILE", help="probes from a TOML file ([[probe]] tables with "
+        "source, target, interval)")] = None,
+    runtime: Annotated[str, typer.Option(
+        "--runtime", help="how container:NAME sources are found: docker, podman, crio "
+        "(via crictl) or auto")] = "auto",
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="a line per client and "
                                           "run on stderr")] = False,
     version: Annotated[bool, typer.Option("-V", "--version", help="print version")] = False,
@@ -58,18 +81,65 @@ def agent(
 
         print(f"{PROG} {__version__}")
         return
+    from mace_tools.agent import probeconfig
     from mace_tools.agent.server import Agent, AgentOptions
 
+    every = probeconfig.interval(probe_interval, "--probe-interval")
+    specs = [probeconfig.parse_probe(text, every) for text in probe or []]
+    if config is not None:
+        specs += probeconfig.load_config(config, every)
+    probeconfig.checked(specs)
+    if specs and metrics is None:
+        raise MaceError("probes need --metrics (their results are only exported)")
+    listen_on = None
+    if metrics is not None:
+        from mace_tools.agent.exporter import parse_listen
+
+        listen_on = parse_listen(metrics)
+    if specs:
+        from mace_tools.probe.containers import available_runtimes
+
+        if any(s.source_kind == "container" for s in specs) and runtime != "auto":
+            available_runtimes(runtime)  # an unknown --runtime fails now, not per probe
     options = AgentOptions(socket_path=socket_path, group=group, reveal_path=reveal_path,
                            max_clients=max_clients, runs_per_client=runs_per_client,
                            runs_per_user=runs_per_user, runs_per_netns=runs_per_netns,
                            verbose=verbose)
-    with Agent(options) as service:
+    with Agent(options) as service, _exporting(service, listen_on) as ping_metrics:
         service.listen()
         print(f"{PROG}: serving on {socket_path}"
               f"{' (program set loaded)' if service.loaded else ''}", file=sys.stderr)
+        if ping_metrics is not None:
+            service.start_probes(specs, ping_metrics, runtime)
         service.serve()
     print(f"{PROG}: stopped", file=sys.stderr)
+
+
+@contextmanager
+def _exporting(service: Agent, listen_on: tuple[str, int] | None) \
+        -> Iterator[PingMetrics | None]:
+    """The metrics server, when --metrics asks for one; the probes' metric families."""
+    if listen_on is None:
+        yield None
+        return
+    from mace_tools.agent.exporter import MetricsServer
+    from mace_tools.agent.metrics import Registry
+    from mace_tools.agent.probes import PingMetrics
+
+    registry = Registry()
+    registry.gauge_callback("mace_agent_clients", "Clients connected to the agent's socket",
+                            lambda: service.clients)
+    registry.gauge_callback("mace_agent_runs", "Runs the agent serves now: its clients' "
+                            "and its own probes'", lambda: service.runs)
+    ping_metrics = PingMetrics(registry)
+    server = MetricsServer(*listen_on, registry)
+    host, port = server.address
+    print(f"{PROG}: metrics on http://{f'[{host}]' if ':' in host else host}:{port}/metrics",
+          file=sys.stderr)
+    try:
+        yield ping_metrics
+    finally:
+        server.close()
 
 
 def main(argv: list[str] | None = None) -> int:

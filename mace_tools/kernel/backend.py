@@ -18,7 +18,6 @@ from pathlib import Path
 
 from mace_tools.errors import MaceError, NoPrivilege
 from mace_tools.kernel import native, programs
-from mace_tools.kernel.events import PROBE_STATE, probe_record_from_state
 from mace_tools.kernel.run_records import RunRecords
 from mace_tools.model import KernelEvent, ProbeRecord
 
@@ -154,9 +153,7 @@ class Backend:
         tracepoint in the prober netns (macvlan), so no record came. A syscall: the rare
         path only."""
         assert self._member is not None
-        key = self.nonce + number.to_bytes(4, "little") + bytes(4)
-        raw = native.map_lookup(self._member.pset.fds["probes"], key, PROBE_STATE.size)
-        return probe_record_from_state(number, raw) if raw is not None else None
+        return programs.probe_state(self._member.pset, self.nonce, number)
 
     def run_stats(self) -> dict[str, tuple[int, int]]:
         """Per program (run_time_ns, run_cnt) over every run of the set; zeros unless

@@ -36,15 +36,20 @@ from pathlib import Path
 
 from mace_tools.errors import MaceError, NoPrivilege
 from mace_tools.kernel import native
+from mace_tools.kernel.events import PROBE_STATE, probe_record_from_state
+from mace_tools.model import ProbeRecord
 
 # /run, not /run/lock (not on every system) or /tmp (`ip netns exec` keeps /run; a
 # world-writable directory would let anyone hold the lock).
 LOCK = Path("/run/mace-bpf.lock")
-MAX_RUNS = 128  # MACE_MAX_RUNS (bpf/mace.h)
+MAX_RUNS = 512  # MACE_MAX_RUNS (bpf/mace.h)
 RING_BYTES = 1 << 20  # MACE_RING_BYTES
 
 # enum mace_run_flags
 RUN_RECORDS, RUN_PATH, RUN_UDP, RUN_TCP, RUN_ERRORS, RUN_HIDE_HOST = 1, 2, 4, 8, 16, 32
+# a run's switches by the names runs ask for them (session.kernel_events, the agent)
+SWITCH_BITS = {"records": RUN_RECORDS, "path": RUN_PATH, "udp": RUN_UDP, "tcp": RUN_TCP,
+               "errors": RUN_ERRORS}
 
 PROGRAMS = {
     "mace_xmit": "net:net_dev_start_xmit",
@@ -370,8 +375,8 @@ def new_token() -> int:
     return native.map_create(native.BPF_MAP_TYPE_ARRAY, b"mace_run_token", 4, 4, 1)
 
 
-def _ring_and_counter() -> tuple[int, int]:
-    ring = native.ringbuf_create(b"mace_run", RING_BYTES)
+def _ring_and_counter(ring_bytes: int = RING_BYTES) -> tuple[int, int]:
+    ring = native.ringbuf_create(b"mace_run", ring_bytes)
     try:
         lost = native.map_create(native.BPF_MAP_TYPE_ARRAY, b"mace_run_lost", 4, 8, 1,
                                  native.BPF_F_MMAPABLE)
@@ -399,10 +404,12 @@ class Reservation:
                 os.close(fd)
 
 
-def reserve(pset: ProgramSet, nonce: bytes) -> Reservation:
+def reserve(pset: ProgramSet, nonce: bytes, ring_bytes: int = RING_BYTES) -> Reservation:
     """Put a new ring and counter into the set under nonce (only if no one has it:
-    MaceError if someone does). The caller closes the reservation's fds."""
-    ring, lost = _ring_and_counter()
+    MaceError if someone does). The caller closes the reservation's fds. ring_bytes: a
+    power of two of pages; the set takes any size (an inner ring's size is not part of
+    the map-in-map's type), so a run that expects few records maps little memory."""
+    ring, lost = _ring_and_counter(ring_bytes)
     inserted: list[str] = []
     try:
         # each only if the nonce is new to it; the entry the programs look up comes later
@@ -430,6 +437,15 @@ def unreserve(pset: ProgramSet, reservation: Reservation) -> None:
             native.map_delete(pset.fds[role], reservation.nonce)
     finally:
         reservation.close()
+
+
+def probe_state(pset: ProgramSet, nonce: bytes, number: int) -> ProbeRecord | None:
+    """A probe's kernel state, read from the set's probes map: for a reply whose delivery
+    fired no tracepoint in the prober netns (macvlan), so no record came. A syscall: the
+    rare path only."""
+    key = nonce + (number & 0xFFFFFFFF).to_bytes(4, "little") + bytes(4)
+    raw = native.map_lookup(pset.fds["probes"], key, PROBE_STATE.size)
+    return probe_record_from_state(number, raw) if raw is not None else None
 
 
 def add_entry(pset: ProgramSet, nonce: bytes, entry: RunEntry) -> None:

@@ -43,6 +43,7 @@ class AgentProcess:
         self.dir = Path(tempfile.mkdtemp(prefix="mt-agent-"))
         self.dir.chmod(0o755)
         self.socket = self.dir / "agent.sock"
+        self.socket_left = False  # whether stop() found the socket file still there
         self._log: IO[bytes] = open(self.dir / "agent.log", "w+b")  # noqa: SIM115
         self.proc: subprocess.Popen[bytes] | None = None
         self._command = [*prefix, sys.executable, "-m", "mace_tools.cli.agent", "--socket",
@@ -89,6 +90,7 @@ class AgentProcess:
                 status = self.proc.returncode
         if not self._log.closed:
             self._log.close()
+        self.socket_left = self.socket.exists()  # an agent that ended well removed it
         shutil.rmtree(self.dir, ignore_errors=True)
         return status
 
