@@ -33,6 +33,8 @@ from mace_tools.cli.agent import app as agent_app
 AGENT_DIR = Path(mace_tools.agent.__file__).parent
 MANIFEST = AGENT_DIR / "kubernetes" / "mace-agent.yaml"
 UNIT = AGENT_DIR / "mace-agent.service"
+README = Path(__file__).resolve().parents[1] / "README.md"
+FLEET_SECTION = "## Fleet: Prometheus and Kubernetes\n"
 
 OLDEST_KUBERNETES = "1.30"  # the manifest uses nothing newer
 KUBERNETES_VERSIONS = (OLDEST_KUBERNETES, kubernetes_validate.latest_version())
@@ -345,3 +347,55 @@ def test_unit_check_catches_a_misspelled_key(tmp_path: Path) -> None:
     broken = UNIT.read_text().replace("EnvironmentFile=", "EnvironmentFiel=")
     assert "EnvironmentFiel" in verify_unit(broken, tmp_path).stderr
 
+
+# --- the README's fleet section -------------------------------------------------------------
+
+def fleet_blocks(language: str) -> list[str]:
+    section = README.read_text().split(FLEET_SECTION, 1)[1].split("\n## ", 1)[0]
+    return re.findall(rf"```{language}\n(.*?)```", section, re.DOTALL)
+
+
+def test_readme_config_example_is_the_agents_toml() -> None:
+    (text,) = fleet_blocks("toml")
+    assert check_probe_config(text)
+
+
+def relabel(labels: dict[str, str], rules: list[dict[str, Any]]) -> dict[str, str] | None:
+    """Prometheus' relabelling, as far as the README uses it (keep, replace): the source
+    labels joined by ';', the regex anchored at both ends; None when the target is dropped."""
+    labels = dict(labels)
+    for rule in rules:
+        value = ";".join(labels.get(name, "") for name in rule["source_labels"])
+        match = re.fullmatch(rule.get("regex", "(.*)"), value)
+        if rule.get("action", "replace") == "keep":
+            if match is None:
+                return None
+        elif match is not None:
+            replacement = re.sub(r"\$(\d+)", r"\\g<\1>", rule.get("replacement", "$1"))
+            labels[rule["target_label"]] = match.expand(replacement)
+    return labels
+
+
+def test_readme_scrape_config_finds_the_manifests_pods(docs: list[dict[str, Any]]) -> None:
+    (text,) = fleet_blocks("yaml")
+    jobs = {job["job_name"]: job for job in yaml.safe_load(text)["scrape_configs"]}
+    (static,) = jobs["mace-agent"]["static_configs"]
+    assert all(target.endswith(":9386") for target in static["targets"])
+    pods = jobs["mace-agent-pods"]
+    (discovery,) = pods["kubernetes_sd_configs"]
+    assert discovery["role"] == "pod"
+    assert discovery["namespaces"]["names"] == [by_kind(docs, "Namespace")["metadata"]["name"]]
+    # the labels service discovery gives the DaemonSet's pod (a hostNetwork pod: the node's
+    # address; with no port, so the annotation's must be added), and a pod without them
+    template = by_kind(docs, "DaemonSet")["spec"]["template"]
+    meta = {"__address__": "198.18.0.5", "__metrics_path__": "/metrics",
+            "__meta_kubernetes_pod_node_name": "node1"}
+    for name, value in template["metadata"]["annotations"].items():
+        meta["__meta_kubernetes_pod_annotation_" + re.sub(r"\W", "_", name)] = value
+    scraped = relabel(meta, pods["relabel_configs"])
+    assert scraped is not None
+    assert scraped["__address__"] == "198.18.0.5:9386"
+    assert scraped["__metrics_path__"] == "/metrics"
+    assert scraped["node"] == "node1"
+    other = {"__address__": "198.18.0.6:8080", "__metrics_path__": "/metrics"}
+    assert relabel(other, pods["relabel_configs"]) is None
