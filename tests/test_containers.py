@@ -12,7 +12,8 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from mace_tools.lab.agent import AgentProcess
 from mace_tools.lab.capture import Capture, TruthCapture
 from mace_tools.lab.demo import PingRun, compare, parse_ndjson
 from mace_tools.lab.engines import IN_CONTAINER_CAPS, Engine, started, uplinked_target
+from mace_tools.lab.prometheus import PrometheusServer, free_port
 from mace_tools.lab.topology import LabError, OuterLink
 
 pytestmark = [pytest.mark.lab, pytest.mark.root_ns]  # conftest: the root netns is checked
@@ -223,3 +225,59 @@ def test_unknown_and_stopped_containers(engine: Engine, image: str) -> None:
         engine.remove(stopped)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"mace-ping: container '{stopped}' is not running"
+
+
+def test_agent_probe_follows_a_restarted_container(engine: Engine, image: str,
+                                                  target: str) -> None:
+    """mace-agent on the container host probes a container by name, exported to a real
+    Prometheus; the container is restarted (a new init, a new netns) and its series go
+    on: up again, counting on without a reset, corrected replies after the restart."""
+    name = f"mt{RUN}-probed"
+    engine.run("-d", "--name", name, image, "sleep", "600")  # no --rm: it is restarted
+    try:
+        port = free_port()
+        agent = AgentProcess("-v", "--metrics", f"127.0.0.1:{port}", "--runtime",
+                             engine.runtime, "--probe-interval", "0.1",
+                             "--probe", f"container:{name}={target}",
+                             env={**os.environ, **engine.env,
+                                  "PYTHONPATH": os.getcwd()}).start()
+        try:
+            with PrometheusServer([f"127.0.0.1:{port}"], scrape_s=0.5) as prom:
+                _restart_while_probed(engine, name, target, prom, agent)
+        finally:
+            log = agent.log_text()
+            assert agent.stop() == 0, log
+    finally:
+        engine.remove(name)
+
+
+def _restart_while_probed(engine: Engine, name: str, target: str, prom: PrometheusServer,
+                          agent: AgentProcess) -> None:
+    labels = f'source="container:{name}",target="{target}"'
+
+    def value(expr: str) -> float:
+        got = prom.values(expr, "source")
+        return got.get(f"container:{name}", 0.0)
+
+    corrected = f"mace_ping_responses_with_kernel_data_total{{{labels}}}"
+    assert _wait_until(lambda: value(corrected) >= 20), agent.log_text()
+    assert value(f"mace_probe_up{{{labels}}}") == 1
+    first_pid = engine.pid(name)
+    engine("restart", "-t", "0", name)
+    assert engine.pid(name) != first_pid
+    restarted_at = value(corrected)
+    assert _wait_until(lambda: value(corrected) >= restarted_at + 20), agent.log_text()
+    assert value(f"mace_probe_up{{{labels}}}") == 1
+    # one series throughout: counters never reset, the container was found again
+    assert value(f"resets(mace_ping_requests_total{{{labels}}}[5m])") == 0
+    assert "its source exited" in agent.log_text()
+    assert agent.log_text().count(f"probing {target}") >= 2
+
+
+def _wait_until(check: Callable[[], bool], timeout: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.25)
+    return False
