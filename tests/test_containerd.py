@@ -69,15 +69,15 @@ def run_pod(ctd: containerd.Containerd, lab: Lab, letter: str, container: int) -
 
 
 @pytest.fixture(scope="module")
-def setup(ctd: containerd.Containerd, lab: Lab) -> Setup:
+def live(ctd: containerd.Containerd, lab: Lab) -> Setup:
     plain = ctd.run("default", f"{PREFIX}plain", lab.netns_path(lab.container_ns(0)))
     return Setup(ctd, plain, (run_pod(ctd, lab, "a", 0), run_pod(ctd, lab, "b", 1)))
 
 
 @pytest.fixture
-def address(setup: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
-    """mace asks this containerd (and no crictl, which would find CRI containers only)."""
-    monkeypatch.setenv("CONTAINERD_ADDRESS", setup.ctd.address)
+def address(live: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    """mace asks this containerd."""
+    monkeypatch.setenv("CONTAINERD_ADDRESS", live.ctd.address)
 
 
 def found(name_or_id: str, runtime: str = "containerd") -> containers.Container:
@@ -92,10 +92,10 @@ def netns_inode(path: str) -> int:
     return os.stat(path).st_ino
 
 
-def test_found_by_id_and_prefix(setup: Setup, lab: Lab, address: None) -> None:
+def test_found_by_id_and_prefix(live: Setup, lab: Lab, address: None) -> None:
     by_id = found(f"{PREFIX}plain")
     assert (by_id.runtime, by_id.name, by_id.id, by_id.pid, by_id.running) == \
-        ("containerd", f"{PREFIX}plain", f"{PREFIX}plain"[:12], setup.plain_pid, True)
+        ("containerd", f"{PREFIX}plain", f"{PREFIX}plain"[:12], live.plain_pid, True)
     assert netns_inode(f"/proc/{by_id.pid}/ns/net") == \
         netns_inode(lab.netns_path(lab.container_ns(0)))
     assert found(f"{PREFIX}pla") == by_id  # a unique prefix of >= 6
@@ -105,8 +105,8 @@ def test_found_by_id_and_prefix(setup: Setup, lab: Lab, address: None) -> None:
         containers.find(short, "containerd")
 
 
-def test_found_by_kubernetes_names(setup: Setup, lab: Lab, address: None) -> None:
-    pod_a, pod_b = setup.pods
+def test_found_by_kubernetes_names(live: Setup, lab: Lab, address: None) -> None:
+    pod_a, pod_b = live.pods
     web = found(f"{pod_a.name}/{NAME}")  # the running attempt, not the exited one
     assert (web.name, web.pid, web.running) == (f"{pod_a.name}/{NAME}", pod_a.web_pid, True)
     sandbox = found(pod_b.name)  # a pod's name: its sandbox, whose netns the pod shares
@@ -115,8 +115,8 @@ def test_found_by_kubernetes_names(setup: Setup, lab: Lab, address: None) -> Non
     assert found(f"{PREFIX}web-b-1").pid == pod_b.web_pid  # a CRI container by its ID
 
 
-def test_a_name_in_two_pods_is_ambiguous(setup: Setup, address: None) -> None:
-    # two pods (their restarts and sandboxes do not count twice)
+def test_a_name_in_two_pods_is_ambiguous(live: Setup, address: None) -> None:
+    # two pods: four containers, but a pod and its exited attempt are one netns
     with pytest.raises(MaceError, match=rf"^container '{NAME}' is ambiguous in containerd "
                                         r"\(2 match\)$"):
         containers.find(NAME, "containerd")
@@ -124,30 +124,30 @@ def test_a_name_in_two_pods_is_ambiguous(setup: Setup, address: None) -> None:
         containers.find(f"{PREFIX}web-", "containerd")  # an ID prefix of several
 
 
-def test_stopped_and_removed_containers(setup: Setup, lab: Lab, address: None) -> None:
+def test_stopped_and_removed_containers(live: Setup, lab: Lab, address: None) -> None:
     cid = f"{PREFIX}gone"
-    setup.ctd.run("default", cid, lab.netns_path(lab.container_ns(0)))
-    setup.ctd.stop("default", cid)
+    live.ctd.run("default", cid, lab.netns_path(lab.container_ns(0)))
+    live.ctd.stop("default", cid)
     with pytest.raises(MaceError, match=rf"^container '{cid}' is not running$"):
         containers.find(cid, "containerd")
-    setup.ctd.remove("default", cid)
+    live.ctd.remove("default", cid)
     with pytest.raises(MaceError, match=rf"^no such container: '{cid}'$"):
         containers.find(cid, "containerd")
     with pytest.raises(MaceError, match=rf"^container '{PREFIX}web-a-0' is not running$"):
         containers.find(f"{PREFIX}web-a-0", "containerd")  # a pod's exited attempt, by ID
 
 
-def mace(setup: Setup, lab: Lab, *args: str, tool: str = "ping",
+def mace(live: Setup, lab: Lab, *args: str, tool: str = "ping",
          ) -> subprocess.CompletedProcess[str]:
     """A mace tool in the lab's host netns (the container host), on this containerd."""
     return subprocess.run(lab.on_host(sys.executable, "-m", f"mace_tools.cli.{tool}",
                                       "--runtime", "containerd", *args),
                           capture_output=True, text=True, timeout=60,
-                          env={**os.environ, **setup.ctd.env})
+                          env={**os.environ, **live.ctd.env})
 
 
-def test_mace_ping_container_is_corrected(setup: Setup, lab: Lab) -> None:
-    proc = mace(setup, lab, "--container", setup.pods[0].name, "-c", "3", "-i", "0.2",
+def test_mace_ping_container_is_corrected(live: Setup, lab: Lab) -> None:
+    proc = mace(live, lab, "--container", live.pods[0].name, "-c", "3", "-i", "0.2",
                 lab.target_addr)
     assert proc.returncode == 0, proc.stderr
     replies = re.findall(rf"^64 bytes from {re.escape(lab.target_addr)}: icmp_seq=\d ttl=63 "
@@ -158,8 +158,8 @@ def test_mace_ping_container_is_corrected(setup: Setup, lab: Lab) -> None:
     assert "kernel data 3/3 replies (100%)" in proc.stdout
 
 
-def test_traceroute_container(setup: Setup, lab: Lab) -> None:
-    proc = mace(setup, lab, "--container", f"{setup.pods[1].name}/{NAME}", "-n", "-q", "1",
+def test_traceroute_container(live: Setup, lab: Lab) -> None:
+    proc = mace(live, lab, "--container", f"{live.pods[1].name}/{NAME}", "-n", "-q", "1",
                 "-w", "1", lab.target_addr, tool="traceroute")
     assert proc.returncode == 0, proc.stderr
     hops = proc.stdout.splitlines()[1:]
@@ -167,21 +167,21 @@ def test_traceroute_container(setup: Setup, lab: Lab) -> None:
     assert re.match(rf"^ 2  {re.escape(lab.target_addr)}  .*corrected=", hops[1]), hops
 
 
-def test_list_containers(setup: Setup, lab: Lab) -> None:
-    proc = mace(setup, lab, "--list-containers")
+def test_list_containers(live: Setup, lab: Lab) -> None:
+    proc = mace(live, lab, "--list-containers")
     assert proc.returncode == 0, proc.stderr
     rows = {m[0]: (m[1], int(m[2]), int(m[3])) for m in re.findall(
         r"^(\S+)\s+(\S{1,12})\s+containerd\s+(\d+)\s+net:\[(\d+)\]$", proc.stdout, re.M)}
     c0, c1 = (netns_inode(lab.netns_path(lab.container_ns(i))) for i in (0, 1))
-    pod_a, pod_b = setup.pods
-    assert rows[f"{PREFIX}plain"] == (f"{PREFIX}plain"[:12], setup.plain_pid, c0)
+    pod_a, pod_b = live.pods
+    assert rows[f"{PREFIX}plain"] == (f"{PREFIX}plain"[:12], live.plain_pid, c0)
     assert rows[pod_a.name][1:] == (pod_a.sandbox_pid, c0)
     assert rows[f"{pod_b.name}/{NAME}"][1:] == (pod_b.web_pid, c1)
     assert not any(name.startswith(f"{PREFIX}web-a-0") for name in rows)  # exited
 
 
-def test_cli_errors_are_one_line(setup: Setup, lab: Lab) -> None:
-    proc = mace(setup, lab, "--container", NAME, "-c", "1", lab.target_addr)
+def test_cli_errors_are_one_line(live: Setup, lab: Lab) -> None:
+    proc = mace(live, lab, "--container", NAME, "-c", "1", lab.target_addr)
     assert (proc.returncode, proc.stderr) == \
         (2, f"mace-ping: container '{NAME}' is ambiguous in containerd (2 match)\n")
     proc = subprocess.run([sys.executable, "-m", "mace_tools.cli.ping", "--runtime",
@@ -191,7 +191,7 @@ def test_cli_errors_are_one_line(setup: Setup, lab: Lab) -> None:
     assert (proc.returncode, proc.stderr) == \
         (2, "mace-ping: no containerd socket found at /nonexistent.sock "
             "(is the daemon running?)\n")
-    dead = setup.ctd.workdir / "dead.sock"
+    dead = live.ctd.workdir / "dead.sock"
     with socket.socket(socket.AF_UNIX) as unanswered:  # bound, never listening
         unanswered.bind(str(dead))
         proc = subprocess.run([sys.executable, "-m", "mace_tools.cli.ping", "--container", NAME,

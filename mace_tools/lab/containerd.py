@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mace_tools.lab.engines import (
-    START_TIMEOUT_S,
     _alive,
     _kill_and_wait,
     _remove,
@@ -250,7 +249,7 @@ def _daemon(workdir: Path) -> Iterator[Containerd]:
             except LabError as exc:
                 tail = (workdir / "containerd.log").read_text(errors="replace").split("\n")
                 last = next((line for line in reversed(tail) if line.strip()), "no log")
-                raise LabError(f"{exc} (waited {START_TIMEOUT_S} s at most): {last}") from None
+                raise LabError(f"{exc}: {last}") from None  # its log's last word
             yield Containerd(address, workdir)
         finally:
             _stop(daemon)
