@@ -8,7 +8,7 @@ BIN      := $(VENV)/bin
 BPF_OBJ  := mace_tools/kernel/mace.bpf.o
 BPF_ARCH := $(shell uname -m | sed -e 's/x86_64/x86/' -e 's/aarch64/arm64/')
 APT_PKGS := clang llvm libbpf-dev libbpf1 iproute2 iptables tcpdump iputils-ping \
-            docker.io podman busybox-static debootstrap prometheus
+            docker.io containerd podman busybox-static debootstrap prometheus
 BENCH_APT_PKGS := scamper bpftool python3-bpfcc time
 
 # The container image (Dockerfile): wheels from this checkout on a Debian base that

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -128,15 +129,24 @@ def test_missing_runtimes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> No
                                                 "podman": [str(tmp_path / "p.sock")]})
     monkeypatch.delenv("DOCKER_HOST", raising=False)
     monkeypatch.delenv("CONTAINER_HOST", raising=False)
+    monkeypatch.setenv("CONTAINERD_ADDRESS", f"unix://{tmp_path}/c.sock")
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(MaceError, match=r"^no docker API socket found \(is the daemon"):
         containers.find("x", "docker")
     with pytest.raises(MaceError, match=r"^crictl not found"):
         containers.find("x", "crio")
-    with pytest.raises(MaceError, match=r"^no docker, podman or crictl found"):
+    with pytest.raises(MaceError, match=rf"^no containerd socket found at {tmp_path}/c.sock "
+                                        r"\(is the daemon running\?\)$"):
+        containers.find("x", "containerd")
+    with pytest.raises(MaceError, match=r"^no docker, podman, containerd or crictl found"):
         containers.find("x", "auto")
-    with pytest.raises(MaceError, match=r"^unknown runtime 'lxc' \(docker, podman, crio"):
+    with pytest.raises(MaceError, match=r"^unknown runtime 'lxc' \(docker, podman, "
+                                        r"containerd, crio or auto\)$"):
         containers.find("x", "lxc")
+    with socket.socket(socket.AF_UNIX) as listening:  # a socket, but no ctr on PATH
+        listening.bind(str(tmp_path / "c.sock"))
+        with pytest.raises(MaceError, match=r"^ctr not found \(containerd's client"):
+            containers.find("x", "containerd")
 
 
 def test_cli_runtime_error_is_one_line() -> None:
@@ -145,4 +155,4 @@ def test_cli_runtime_error_is_one_line() -> None:
                           timeout=30)
     assert proc.returncode == 2
     assert proc.stderr == ("mace-ping: unknown runtime 'lxc' "
-                           "(docker, podman, crio or auto)\n")
+                           "(docker, podman, containerd, crio or auto)\n")

@@ -32,9 +32,10 @@ _C_DOUBLE = re.compile(r"[ \t\n\v\f\r]*[+-]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[e
 
 # The container options, the same in every mace command.
 ContainerOption = Annotated[str | None, typer.Option(
-    "--container", help="probe from a Docker, Podman or CRI container (name or id)")]
+    "--container", help="probe from a Docker, Podman, containerd or CRI container (name or "
+    "id)")]
 RuntimeOption = Annotated[str, typer.Option(
-    "--runtime", help="docker, podman, crio (via crictl) or auto")]
+    "--runtime", help="docker, podman, containerd (via ctr), crio (via crictl) or auto")]
 ListContainersOption = Annotated[bool, typer.Option(
     "--list-containers", help="list the containers that can be measured, and exit")]
 AgentOption = Annotated[str | None, typer.Option(
@@ -177,7 +178,7 @@ def print_containers(runtime: str) -> None:
     from mace_tools.probe.containers import list_running
 
     rows = list_running(runtime)
-    print(f"{'NAME':24} {'ID':12} {'RUNTIME':8} {'PID':>8}  NETNS")
+    print(f"{'NAME':24} {'ID':12} {'RUNTIME':10} {'PID':>8}  NETNS")
     for c in rows:
-        print(f"{c.name:24} {c.id:12} {c.runtime:8} {c.pid:>8}  "
+        print(f"{c.name:24} {c.id:12} {c.runtime:10} {c.pid:>8}  "
               f"net:[{netns_mod.inode(c.netns_path)}]")
