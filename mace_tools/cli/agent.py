@@ -70,8 +70,8 @@ def agent(
         "--config", metavar="FILE", help="probes from a TOML file ([[probe]] tables with "
         "source, target, interval)")] = None,
     runtime: Annotated[str, typer.Option(
-        "--runtime", help="how container:NAME sources are found: docker, podman, crio "
-        "(via crictl) or auto")] = "auto",
+        "--runtime", help="how container:NAME sources are found: docker, podman, "
+        "containerd (via ctr), crio (via crictl) or auto")] = "auto",
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="a line per client and "
                                           "run on stderr")] = False,
     version: Annotated[bool, typer.Option("-V", "--version", help="print version")] = False,
