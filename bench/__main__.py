@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import agent, ipv6, report
+from bench import agent, fleet, ipv6, report
 from bench import experiments as ex
 from mace_tools.lab.topology import Lab
 
@@ -143,6 +143,9 @@ def steps(args: argparse.Namespace) -> list[Step]:
         Step("agent_resources", STAR, "mace-agent: RSS and CPU, idle and 16 clients",
              lambda lab: agent.agent_resources(lab, seconds=10 if quick else 30,
                                                clients=16, interval=0.01)),
+        Step("fleet", STAR, "mace-agent exporting: 100 probes at 1/s from 10 containers",
+             lambda lab: fleet.fleet_resources(lab, seconds=20 if quick else 60,
+                                               warmup_s=10 if quick else 15)),
         Step("ipv6", DUAL, "IPv6 beside IPv4 (dual-stack lab, NAT66, truth v2)",
              lambda lab: ipv6.ipv6_accuracy(lab, 200 if quick else 1000, 0.005,
                                             cost_seconds=3 if quick else 10)),

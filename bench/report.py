@@ -269,6 +269,24 @@ def targets_agent(res: dict) -> list[tuple[str, str, bool | str | None]]:
             *_agent_resource_targets(res)]
 
 
+def targets_fleet(res: dict) -> list[tuple[str, str, bool | str | None]]:
+    """mace-agent exporting (issue 13): 100 probes at 1/s from 10 lab containers."""
+    cpu, rss, scrape = ("agent CPU <= 5% of a core", "agent RSS <= 80 MB",
+                        "scrape of /metrics <= 50 ms")
+    r = _measured(res, "fleet")
+    if not r:
+        why = _why(res, "fleet")
+        return [(t, why, NOT_MEASURED) for t in (cpu, rss, scrape)]
+    w = r["window"]
+    return [
+        (cpu, f"{w['cpu_percent']:.2f}% over {w['seconds']:.0f} s, {r['probes']} probes "
+              f"({r['probes_up']:.0f} up)", w["cpu_percent"] <= 5),
+        (rss, f"{w['VmRSS']:.1f} MB at the window's end; peak {w['VmHWM']:.1f} MB",
+         max(w["VmRSS"], w["VmHWM"]) <= 80),
+        (scrape, f"{r['scrape_ms_median']:.1f} ms median, {r['scrape_ms_max']:.1f} ms max "
+                 f"of {r['scrapes']} ({r['scrape_lines']} lines)", r["scrape_ms_max"] <= 50)]
+
+
 def _runs(values: list[float]) -> str:
     return ", ".join(f"{v:.0f}" for v in values)
 
@@ -320,6 +338,12 @@ def markdown(res: dict) -> str:
                 "socket. A ± figure is a standard error and a verdict needs 2 of them on "
                 "its side of the limit; \"flat in N\" is the growth of mace minus control "
                 "from 1 to 16 clients.\n", *_table(targets_agent(res), partial), ""]
+    if ran(("fleet",)):
+        out += ["## Targets: fleet, mace-agent exporting (issue 13)\n",
+                f"Measured in this run, made by `{res['command']}`: the agent in the lab's "
+                "host netns pings 10 targets from each of 10 lab containers, once a second "
+                "each, and serves /metrics; a scrape is timed from the same netns.\n",
+                *_table(targets_fleet(res), partial), ""]
     if ran(V2_KEYS):
         out += ["## Targets: kernel side v2 (issue 10)\n",
                 f"Every row measured side by side in this run, made by `{res['command']}`. "
@@ -683,6 +707,26 @@ def _agent_resources(r: dict) -> list[str]:
     return out
 
 
+def _fleet(r: dict) -> list[str]:
+    w = r["window"]
+    coverage = r["corrected"] / r["responses"] if r["responses"] else 0.0
+    return [f"## {TITLES['fleet']}\n",
+            "The agent's own process (every thread: its probes, its HTTP server, its "
+            f"socket) over the window; then {r['scrapes']} scrapes of /metrics from the "
+            "lab's host netns. `prometheus_client` renders the same families and label "
+            "sets (values synthetic) for scale: the agent renders its own text (mace_tools/agent/"
+            "metrics.py).\n",
+            "| probes (up) | window s | agent CPU % of a core | VmRSS MB | VmHWM MB | "
+            "requests | replies | corrected | scrape ms median / max | lines | "
+            "prometheus_client ms |", "|---|---|---|---|---|---|---|---|---|---|---|",
+            f"| {r['probes']} ({r['probes_up']:.0f}) | {w['seconds']:.0f} | "
+            f"{w['cpu_percent']:.2f} | {w['VmRSS']:.1f} | {w['VmHWM']:.1f} | "
+            f"{r['requests']:.0f} | {r['responses']:.0f} | {r['corrected']:.0f} "
+            f"({coverage * 100:.1f}%) | {r['scrape_ms_median']:.1f} / "
+            f"{r['scrape_ms_max']:.1f} | {r['scrape_lines']} | "
+            f"{_f(r['prometheus_client_ms'], 0)} |"]
+
+
 TITLES = {
     "accuracy": "Accuracy (signed error vs truth v2, µs)",
     "truth_v1": "Truth v1 (the one-sided capture) beside truth v2",
@@ -701,6 +745,7 @@ TITLES = {
                           "agent (µs)",
     "agent_resources": "mace-agent: the agent's memory and CPU",
     "ipv6": "IPv6 beside IPv4: corrected - truth v2 over NAT66 (µs)",
+    "fleet": "mace-agent exporting: 100 probes at 1/s from 10 lab containers",
 }
 SECTIONS: list[tuple[str, Callable[[Any], list[str]]]] = [
     ("accuracy", _accuracy), ("truth_v1", _truth_v1), ("flood", _flood),
@@ -708,7 +753,8 @@ SECTIONS: list[tuple[str, Callable[[Any], list[str]]]] = [
     ("records", _records), ("startup", _startup),
     ("scaling", _scaling), ("agent_startup", _agent_startup),
     ("agent_accuracy", _agent_accuracy), ("agent_perturbation", _agent_perturbation),
-    ("agent_resources", _agent_resources), ("ipv6", _ipv6), ("traceroute", _traceroute)]
+    ("agent_resources", _agent_resources), ("fleet", _fleet), ("ipv6", _ipv6),
+    ("traceroute", _traceroute)]
 
 
 def plots(res: dict, outdir: Path) -> list[Path]:
