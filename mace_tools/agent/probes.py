@@ -284,8 +284,12 @@ class ProbeWorker:
 
     def __init__(self, spec: ProbeSpec, slots: RunSlots, metrics: PingMetrics,
                  stop_fd: int, stopping: threading.Event, runtime: str,
-                 log: Callable[[str], None]) -> None:
+                 log: Callable[[str], None], ident: int) -> None:
         self.spec = spec
+        # An ICMP id of its own: a raw socket's filter passes echo replies by nonce or by
+        # id, so probes sharing an id (the pid's) would each wake for all their netns'
+        # replies (measured: 10 deliveries per reply with 10 probes in a netns).
+        self.ident = ident
         self._slots = slots
         self._stop_fd = stop_fd
         self._stopping = stopping
@@ -333,7 +337,7 @@ class ProbeWorker:
 
         spec = self.spec
         opts = PingOptions(dst_addr=address, interval_s=spec.interval_s,
-                           netns_path=site.netns_path,
+                           netns_path=site.netns_path, ident=self.ident,
                            window_s=max(WINDOW_MIN_S, 3 * spec.interval_s))
         checked_at = time.monotonic()
 
@@ -372,6 +376,13 @@ class ProbeWorker:
         run = OwnRun(self._slots, reservation)
         self.sink.new_run(run.lost)
         return run
+
+
+def probe_idents(count: int) -> list[int]:
+    """An ICMP id for each of count probes, all different and never 0 (ping -e 0 means a
+    raw socket only), from a random start: another prober's ids rarely meet them."""
+    start = int.from_bytes(os.urandom(2), "little")
+    return [1 + (start + i) % 0xFFFF for i in range(count)]
 
 
 def _readable(fd: int) -> bool:

@@ -42,7 +42,7 @@ from typing import Any
 from mace_tools.agent import listen, protocol
 from mace_tools.agent import peer as peers
 from mace_tools.agent.probeconfig import ProbeSpec
-from mace_tools.agent.probes import PingMetrics, ProbeWorker
+from mace_tools.agent.probes import PingMetrics, ProbeWorker, probe_idents
 from mace_tools.agent.protocol import ProtocolError
 from mace_tools.agent.reservations import Reservations
 from mace_tools.errors import MaceError
@@ -390,9 +390,9 @@ class Agent:
         if self._probes_stop is None:
             # written once at close(), never read: readable for every probe's loop
             self._probes_stop = os.pipe2(os.O_CLOEXEC)
-        for spec in specs:
+        for spec, ident in zip(specs, probe_idents(len(specs)), strict=True):
             worker = ProbeWorker(spec, self, metrics, self._probes_stop[0],
-                                 self._probes_stopping, runtime, self._log)
+                                 self._probes_stopping, runtime, self._log, ident)
             self._probes.append(worker)
             worker.start()
 
