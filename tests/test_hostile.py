@@ -189,17 +189,24 @@ def test_pin_holds_that_process_and_no_other(sleeper: subprocess.Popen[bytes], i
     if not ioctl:  # a kernel older than 6.11 has no PIDFD_GET_NET_NAMESPACE
         monkeypatch.setattr(netns, "PIDFD_GET_NET_NAMESPACE", 0xFFFE)  # answered ENOTTY
     pinned = netns.pin(sleeper.pid)
+    holds = 1  # each pin() is a hold, released one by one (the last closes the fds)
     try:
         assert netns.pin(sleeper.pid) is pinned  # netns and root stay one process's
+        holds += 1
         assert os.stat(pinned.netns_path).st_ino == os.stat(f"/proc/{sleeper.pid}/ns/net").st_ino
         assert os.path.samestat(os.stat(pinned.root_path), os.stat("/"))
         assert netns.resolve(pid=sleeper.pid) == pinned.netns_path
+        holds += 1
         sleeper.kill()
         sleeper.wait()  # reaped: from here on the kernel may give its PID to anyone
         with pytest.raises(MaceError, match=rf"^process {sleeper.pid} exited$"):
             netns.pin(sleeper.pid)
     finally:
+        for _ in range(holds - 1):
+            netns.release(pinned)
+            os.fstat(pinned.netns_fd)  # another holder's pin is never closed under it
         netns.release(pinned)
+        netns.release(pinned)  # once more: a no-op, never a second close
     with pytest.raises(MaceError, match=rf"^no process with pid {sleeper.pid}$"):
         netns.pin(sleeper.pid)
 

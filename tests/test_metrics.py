@@ -4,6 +4,7 @@ configuration (agent/probeconfig.py) and --metrics address parsing (agent/export
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 import threading
@@ -21,8 +22,10 @@ from mace_tools.agent.probeconfig import (
     load_config,
     parse_probe,
 )
+from mace_tools.agent.probes import MetricsSink, PingMetrics, probe_idents
 from mace_tools.errors import MaceError
 from mace_tools.lab.prometheus import http_get
+from mace_tools.model import Measurement
 
 
 def families(registry: Registry) -> dict[str, object]:
@@ -223,3 +226,77 @@ def test_agent_refuses_bad_options_in_one_line(args: list[str], why: str) -> Non
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and why in lines[0], run.stderr
     assert "Traceback" not in run.stderr
+
+
+def _sink() -> tuple[MetricsSink, Registry]:
+    registry = Registry()
+    sink = MetricsSink(PingMetrics(registry), parse_probe("netns:c0=t.test", 1.0))
+    return sink, registry
+
+
+def _counts(registry: Registry) -> dict[str, float]:
+    """Every sample without an le label, by its name and the kind/stage it has."""
+    out = {}
+    for fam in text_string_to_metric_families(registry.render().decode()):
+        for s in fam.samples:
+            if "le" not in s.labels:
+                out[s.name + "/" + s.labels.get("kind", s.labels.get("stage", ""))] = s.value
+    return out
+
+
+def test_sink_observes_a_corrected_rtt_only_with_complete_kernel_data() -> None:
+    sink, registry = _sink()
+    sink.start("198.18.1.10")
+    sink.sent(1)
+    sink.reply(Measurement(1, "198.18.0.2", 64, 64, rtt_raw_ns=50_000))  # no kernel data
+    sink.sent(2)
+    sink.reply(Measurement(2, "198.18.0.2", 64, 64, rtt_raw_ns=60_000,
+                           rtt_corrected_ns=10_000, egress_ns=30_000, ingress_ns=20_000))
+    sink.reply(Measurement(2, "198.18.0.2", 64, 64, rtt_raw_ns=61_000, dup=True,
+                           rtt_corrected_ns=10_000))
+    sink.reply(Measurement(3, "198.18.0.2", 64, 64, rtt_raw_ns=-5, corrupted=False))
+    c = _counts(registry)
+    assert c["mace_ping_requests_total/"] == 2
+    assert c["mace_ping_responses_total/"] == 3  # the DUP is not a response
+    assert c["mace_ping_responses_with_kernel_data_total/"] == 1
+    assert c["mace_ping_rtt_seconds_count/raw"] == 2  # a negative raw (clock step) is not
+    assert c["mace_ping_rtt_seconds_count/corrected"] == 1
+    assert math.isclose(c["mace_ping_rtt_seconds_sum/corrected"], 10e-6)
+    assert c["mace_ping_stage_seconds_count/egress"] == 1
+    assert c["mace_ping_stage_seconds_count/ingress"] == 1
+    assert c["mace_probe_up/"] == 1
+
+
+def test_sink_counts_lost_records_across_runs_and_failed_sends() -> None:
+    sink, registry = _sink()
+    lost = [0]
+    sink.new_run(lambda: lost[0])
+    lost[0] = 3
+    sink.sent(1)
+    lost[0] = 5
+    sink.count_lost()  # the run's end
+    sink.new_run(lambda: 1)  # a new run's counter starts again from 0
+    sink.sent(1)
+    sink.send_error(2, "sendmsg: Network is unreachable")
+    c = _counts(registry)
+    assert c["mace_kernel_events_lost_total/"] == 6  # monotonic: 5, then 1 more
+    assert c["mace_ping_requests_total/"] == 3  # attempts: a failed send is loss
+
+
+def test_probe_idents_are_distinct_and_never_zero() -> None:
+    idents = probe_idents(MAX_PROBES)
+    assert len(set(idents)) == MAX_PROBES and 0 not in idents
+    assert all(0 < i <= 0xFFFF for i in idents)
+
+
+def test_hostile_probe_text_and_config_files(tmp_path: Path) -> None:
+    with pytest.raises(MaceError, match="not UTF-8"):
+        parse_probe("container:\udcff=t.test", 1.0)  # argv's undecodable byte
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)
+    with pytest.raises(MaceError, match="not a regular file"):
+        load_config(fifo, 1.0)  # never waits for a writer
+    deep = tmp_path / "deep.toml"
+    deep.write_text("x = " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(MaceError, match=r"nested too deeply|unknown key"):
+        load_config(deep, 1.0)

@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import socketserver
+import sys
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 from mace_tools.agent.metrics import CONTENT_TYPE, Registry
 from mace_tools.errors import MaceError
 
 REQUEST_TIMEOUT_S = 10.0
+MAX_CONNECTIONS = 16  # scrapers are few: more at once are closed, not given threads
 INDEX = (b"<html><head><title>mace-agent</title></head><body><h1>mace-agent</h1>"
          b'<p><a href="/metrics">Metrics</a></p></body></html>\n')
 
@@ -45,6 +50,34 @@ def parse_listen(text: str) -> tuple[str, int]:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     registry: Registry
+    log: Callable[[str], None]
+    slots: threading.BoundedSemaphore  # connections served at once
+
+    def server_bind(self) -> None:
+        # HTTPServer's would look the address up in DNS (getfqdn): a start that waits
+        # on a resolver, for a name nothing here uses
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):  # busy: this one is turned away
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # a scraper that went away mid-answer: one line, never a traceback
+        self.log(f"metrics: {client_address[0]}: {sys.exc_info()[1]!s}")
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -75,7 +108,8 @@ class _Handler(BaseHTTPRequestHandler):
 class MetricsServer:
     """Serves registry on (host, port) from a thread of its own; close() stops it."""
 
-    def __init__(self, host: str, port: int, registry: Registry) -> None:
+    def __init__(self, host: str, port: int, registry: Registry,
+                 log: Callable[[str], None] = lambda line: None) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         server_class = type("_BoundServer", (_Server,), {"address_family": family})
         try:
@@ -85,6 +119,8 @@ class MetricsServer:
             raise MaceError(f"cannot serve metrics on {where}: "
                             f"{exc.strerror or exc}") from None
         self._server.registry = registry
+        self._server.log = log
+        self._server.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self.address = self._server.server_address[:2]
         self._thread = threading.Thread(target=self._server.serve_forever,
                                         kwargs={"poll_interval": 0.5}, daemon=True,

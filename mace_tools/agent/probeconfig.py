@@ -18,6 +18,8 @@ never runs.
 from __future__ import annotations
 
 import math
+import os
+import stat
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,7 @@ HOST = "host"  # the source label of a probe sent from the agent's own netns
 MIN_INTERVAL_S = 0.01  # iputils' floor for root (pacing.py)
 MAX_INTERVAL_S = 3600.0
 MAX_PROBES = 400  # each holds one of the program set's run slots (MAX_RUNS 512)
+MAX_CONFIG_BYTES = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,8 +59,18 @@ def interval(value: object, where: str) -> float:
     return seconds
 
 
+def _utf8(text: str, where: str) -> None:
+    """Labels are UTF-8 text: bytes that are not (argv's surrogates) are refused here, not
+    at every scrape."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise MaceError(f"{where}: not UTF-8 text") from None
+
+
 def source(text: str, where: str) -> tuple[str | None, str]:
     """(kind, name) of a FROM; ("", "") is never returned: the host is (None, "")."""
+    _utf8(text, where)
     if text in ("", HOST):
         return None, ""
     kind, sep, name = text.partition(":")
@@ -72,6 +85,7 @@ def source(text: str, where: str) -> tuple[str | None, str]:
 
 
 def target(text: str, where: str) -> str:
+    _utf8(text, where)
     if not text or len(text) > 253 or any(c.isspace() or c in "\0=" for c in text):
         raise MaceError(f"{where}: bad target {text!r}")
     return text
@@ -88,13 +102,21 @@ def parse_probe(text: str, interval_s: float) -> ProbeSpec:
 def load_config(path: Path, default_interval_s: float) -> list[ProbeSpec]:
     """The probes of a TOML file (its own `interval` overrides default_interval_s)."""
     try:
-        data = tomllib.loads(path.read_text())
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would hang the start
+            raise MaceError(f"{path}: not a regular file")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise MaceError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes")
+        data = tomllib.loads(raw.decode())
     except OSError as exc:
         raise MaceError(f"cannot read {path}: {exc.strerror}") from None
     except UnicodeDecodeError:
         raise MaceError(f"{path}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise MaceError(f"{path}: {exc}") from None
+    except RecursionError:  # tomllib recurses per nesting level
+        raise MaceError(f"{path}: nested too deeply") from None
     _only(data, {"interval", "probe"}, str(path))
     every = interval(data["interval"], f"{path}: interval") if "interval" in data \
         else default_interval_s

@@ -17,7 +17,9 @@ the probe retries, backing off to RETRY_MAX_S; what went wrong is logged once pe
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -36,10 +38,12 @@ from mace_tools.probe import netns
 if TYPE_CHECKING:
     from mace_tools.probe.resolver import Vantage
 
-OWN_RING_BYTES = 1 << 14  # a record per reply, drained every turn: 16 KB holds ~250
+# a record per reply, drained every turn: 16 KB holds ~250 (a page at least: arm64 64K)
+OWN_RING_BYTES = max(1 << 14, mmap.PAGESIZE)
 RECHECK_S = 30.0  # how often a running probe checks its netns name and target address
 RETRY_MIN_S = 1.0
 RETRY_MAX_S = 30.0
+RESTART_S = 0.5  # after a change: a restarted container's new init, a name's new address
 SETTLED_S = 60.0  # a run that lasted this long resets the retry backoff
 WINDOW_MIN_S = 10.0  # a probe unanswered this long (or 3 intervals) is lost
 
@@ -145,23 +149,29 @@ class MetricsSink:
         self.lost_of, self._lost_seen = lost_of, 0
 
     def start(self, source_addr: str, ident: int | None = None) -> None:
-        pass
+        self.up.set(1)  # the run's socket and kernel run are open
+
+    def count_lost(self) -> None:
+        """Add what the run's lost counter gained since last looked (at each send, and
+        once more when the run ends)."""
+        lost = self.lost_of()
+        if lost > self._lost_seen:
+            self._lost.inc(lost - self._lost_seen)
+            self._lost_seen = lost
 
     def warning(self, text: str) -> None:
         pass  # what ping warns of at start (broadcast, a flow label) shows in no metric
 
     def sent(self, seq: int) -> None:
         self._requests.inc()
-        lost = self.lost_of()
-        if lost > self._lost_seen:
-            self._lost.inc(lost - self._lost_seen)
-            self._lost_seen = lost
+        self.count_lost()
 
     def reply(self, m: Measurement) -> None:
         if m.dup or m.corrupted:
             return  # counted by ping apart; their times measure nothing new
         self._responses.inc()
-        self._raw.observe(m.rtt_raw_ns / 1e9)
+        if m.rtt_raw_ns >= 0:  # (raw is wall-clock time, as ping's: a clock step can
+            self._raw.observe(m.rtt_raw_ns / 1e9)  # make it negative; corrected is not)
         if m.rtt_corrected_ns is not None:
             self._with_kernel.inc()
             self._corrected.observe(m.rtt_corrected_ns / 1e9)
@@ -180,7 +190,7 @@ class MetricsSink:
         pass
 
     def send_error(self, seq: int, text: str) -> None:
-        pass
+        self._requests.inc()  # an attempt: a route gone mid-run shows as loss, not silence
 
     def timeout(self, seq: int) -> None:
         pass
@@ -201,31 +211,12 @@ class _Site:
     same: Callable[[], bool] = lambda: True
 
 
-_PINS_LOCK = threading.RLock()  # netns.pin() caches one pin per PID for the process:
-_PIN_USERS: dict[int, int] = {}  # probes of one container share it, released by the last
-
-
-def _hold_pin(pid: int) -> netns.PinnedProcess:
-    with _PINS_LOCK:
-        pinned = netns.pin(pid)
-        _PIN_USERS[pid] = _PIN_USERS.get(pid, 0) + 1
-        return pinned
-
-
-def _drop_pin(pinned: netns.PinnedProcess) -> None:
-    with _PINS_LOCK:
-        left = _PIN_USERS.get(pinned.pid, 1) - 1
-        if left > 0:
-            _PIN_USERS[pinned.pid] = left
-            return
-        _PIN_USERS.pop(pinned.pid, None)
-        netns.release(pinned)
-
-
 @contextlib.contextmanager
 def found_site(spec: ProbeSpec, runtime: str) -> Iterator[_Site]:
-    """The probe's source, held for the body (a one-line MaceError if not found)."""
-    from mace_tools.probe.resolver import vantage_of
+    """The probe's source, held for the body (a one-line MaceError if not found). A pid
+    or container source's init stays pinned (netns.pin: shared by the probes of one
+    process, closed with the last release)."""
+    from mace_tools.probe.resolver import Vantage, vantage_of
 
     if spec.source_kind is None:
         yield _Site(None, None)
@@ -243,18 +234,19 @@ def found_site(spec: ProbeSpec, runtime: str) -> Iterator[_Site]:
             os.close(fd)
         return
     if spec.source_kind == "pid":
-        pinned = _hold_pin(int(spec.source_name))
+        pinned = netns.pin(int(spec.source_name))
     else:
         from mace_tools.probe.containers import find
 
-        with _PINS_LOCK:  # find() pins the init: counted as ours before anyone drops it
-            pinned = _hold_pin(find(spec.source_name, runtime).pid)
-    pid = pinned.pid
+        found = find(spec.source_name, runtime)  # (its init pinned: held until released)
+        assert found.pinned is not None
+        pinned = found.pinned
     try:
-        yield _Site(pinned.netns_path, vantage_of(None, pid, pinned.netns_path),
+        yield _Site(pinned.netns_path, Vantage(pinned.root_path, pinned.netns_path,
+                                               label=f"pid {pinned.pid}"),
                     end_fd=pinned.pidfd)
     finally:
-        _drop_pin(pinned)
+        netns.release(pinned)
 
 
 def _open_netns(path: Path, name: str) -> int:
@@ -276,6 +268,22 @@ def target_address(target: str, site: _Site) -> str:
     from mace_tools.probe.site import ProbeSite, resolve_address
 
     return resolve_address(target, ProbeSite(site.netns_path, site.vantage), None)
+
+
+def target_addresses(target: str, site: _Site) -> set[str]:
+    """Every address target has as the source would resolve it."""
+    if site.vantage is not None:
+        from mace_tools.probe.resolver import resolve_all
+
+        return set(resolve_all(target, site.vantage))
+    from mace_tools.probe.site import host_name_bytes
+
+    try:
+        infos = socket.getaddrinfo(host_name_bytes(target), None, socket.AF_UNSPEC,
+                                   socket.SOCK_RAW)
+    except socket.gaierror as exc:
+        raise MaceError(f"{target}: {exc.strerror}") from None
+    return {info[4][0] for info in infos}
 
 
 class ProbeWorker:
@@ -316,33 +324,41 @@ class ProbeWorker:
         backoff = RETRY_MIN_S
         while not self._stopping.is_set():
             began = time.monotonic()
+            planned = False
             try:
                 with found_site(self.spec, self._runtime) as site:
                     address = target_address(self.spec.target, site)
-                    self._ping(site, address)
+                    planned = self._ping(site, address)
             except MaceError as exc:
                 self._say(str(exc))
             except Exception as exc:  # a bug must not end the agent: said, and retried
                 self._say(f"internal error: {exc!r}")
             finally:
                 self.sink.up.set(0)
-            if time.monotonic() - began >= SETTLED_S:
-                backoff = RETRY_MIN_S
-            if self._stopping.wait(backoff):
+            if planned or time.monotonic() - began >= SETTLED_S:
+                backoff = RETRY_MIN_S  # a change, not a failure: found again at once
+            if self._stopping.wait(RESTART_S if planned else backoff):
                 return
-            backoff = min(backoff * 2, RETRY_MAX_S)
+            if not planned:
+                backoff = min(backoff * 2, RETRY_MAX_S)
 
-    def _ping(self, site: _Site, address: str) -> None:
+    def _ping(self, site: _Site, address: str) -> bool:
+        """Ping address from site until something changes or the agent stops; whether
+        the run ended for a change (the source exited or was replaced, the target's name
+        no longer gives address)."""
         from mace_tools.pinger import Pinger, PingOptions
+        from mace_tools.probe.resolver import numeric_address
 
         spec = self.spec
         opts = PingOptions(dst_addr=address, interval_s=spec.interval_s,
                            netns_path=site.netns_path, ident=self.ident,
                            window_s=max(WINDOW_MIN_S, 3 * spec.interval_s))
         checked_at = time.monotonic()
+        literal = numeric_address(spec.target) is not None
+        changed = False
 
         def keep_going() -> bool:
-            nonlocal checked_at
+            nonlocal checked_at, changed
             if self._stopping.is_set():
                 return False
             now = time.monotonic()
@@ -351,9 +367,12 @@ class ProbeWorker:
             checked_at = now
             if not site.same():
                 self._say("its network namespace changed")
+                changed = True
                 return False
-            try:
-                changed = target_address(spec.target, site) != address
+            if literal:
+                return True
+            try:  # (a name of many addresses that rotate keeps its probe while it is one)
+                changed = address not in target_addresses(spec.target, site)
             except MaceError as exc:
                 self._say(f"{exc} (still probing {address})")
                 return True
@@ -364,16 +383,24 @@ class ProbeWorker:
         stop_fds = [self._stop_fd] + ([site.end_fd] if site.end_fd is not None else [])
         pinger = Pinger(opts, self.sink, backend_factory=self._own_run,
                         stop_fds=stop_fds, keep_going=keep_going)
-        self.sink.up.set(1)
         self._say(f"probing {address}")
-        pinger.run()
+        try:
+            pinger.run()
+        finally:
+            self.sink.count_lost()
         if site.end_fd is not None and _readable(site.end_fd):
             self._say("its source exited")
+            return True
+        return changed
 
     def _own_run(self, nonce: bytes | None, ns: Namespaces, **switches: bool) -> OwnRun:
         flags = sum(bit for name, bit in programs.SWITCH_BITS.items() if switches.get(name))
         reservation = self._slots.start_own_run(flags, ns.prober, OWN_RING_BYTES)
-        run = OwnRun(self._slots, reservation)
+        try:
+            run = OwnRun(self._slots, reservation)
+        except BaseException:
+            self._slots.end_own_run(reservation)
+            raise
         self.sink.new_run(run.lost)
         return run
 

@@ -100,7 +100,11 @@ class Agent:
         self._closer_thread: threading.Thread | None = None
         # the agent's own probes (agent/probes.py): their runs, and the fd that stops them
         self._own_runs: set[programs.Reservation] = set()
+        self._own_pending = 0  # own runs being made: their slots are taken already
         self._own_lock = threading.Lock()
+        # activate/deactivate from the service thread and the probes' threads, one at a
+        # time: each rewrites the switches from every entry (programs.update_switches)
+        self._set_lock = threading.Lock()
         self._probes: list[ProbeWorker] = []
         self._probes_stopping = threading.Event()
         self._probes_stop: tuple[int, int] | None = None  # a pipe, once probes start
@@ -347,7 +351,8 @@ class Agent:
                 flags |= programs.RUN_HIDE_HOST
             entry = programs.RunEntry(flags, prober, self.host_netns, self._token_id,
                                       max(client.peer.pid, 0))
-            programs.activate(self.pset, reservation.nonce, entry, idle=self._idle)
+            with self._set_lock:
+                programs.activate(self.pset, reservation.nonce, entry, idle=self._idle)
         except BaseException as exc:
             self._reservations.end(reservation)
             if isinstance(exc, OSError):
@@ -380,7 +385,7 @@ class Agent:
         values is one step under the GIL)."""
         clients = list(self._clients.values())
         return (sum(len(c.runs) for c in clients) + len(self._own_runs)
-                + self._reservations.slots)
+                + self._own_pending + self._reservations.slots)
 
     # --- the agent's own probes (agent/probes.py) ---------------------------------
 
@@ -401,23 +406,27 @@ class Agent:
         """A run of the set for one of the agent's own probes (any thread)."""
         if self._probes_stopping.is_set():
             raise MaceError("the agent is stopping")
-        if self._slots_held() >= programs.MAX_RUNS - STANDALONE_SLOTS:
-            raise MaceError("too many concurrent runs on this host")
+        with self._own_lock:  # the slot is counted before the run is made
+            if self._slots_held() >= programs.MAX_RUNS - STANDALONE_SLOTS:
+                raise MaceError("too many concurrent runs on this host")
+            self._own_pending += 1
         try:
             reservation = self._reservations.make_now(ring_bytes)
+            try:
+                entry = programs.RunEntry(flags, prober_netns, self.host_netns,
+                                          self._token_id, os.getpid())
+                with self._set_lock:
+                    programs.activate(self.pset, reservation.nonce, entry, idle=self._idle)
+            except BaseException:
+                self._reservations.end(reservation)
+                raise
+            with self._own_lock:
+                self._own_runs.add(reservation)
         except OSError as exc:
             raise MaceError(f"cannot add the run: {exc.strerror}") from None
-        try:
-            entry = programs.RunEntry(flags, prober_netns, self.host_netns, self._token_id,
-                                      os.getpid())
-            programs.activate(self.pset, reservation.nonce, entry, idle=self._idle)
-        except BaseException as exc:
-            self._reservations.end(reservation)
-            if isinstance(exc, OSError):
-                raise MaceError(f"cannot add the run: {exc.strerror}") from None
-            raise
-        with self._own_lock:
-            self._own_runs.add(reservation)
+        finally:
+            with self._own_lock:
+                self._own_pending -= 1
         return reservation
 
     def end_own_run(self, reservation: programs.Reservation) -> None:
@@ -461,7 +470,8 @@ class Agent:
         set on the worker. If that write fails the entry stays as it is, with its maps:
         taken out with the agent's token when it ends, never reused."""
         try:
-            programs.deactivate(self.pset, reservation.nonce, idle=self._idle)
+            with self._set_lock:
+                programs.deactivate(self.pset, reservation.nonce, idle=self._idle)
         except (OSError, MaceError) as exc:
             self._log(f"cannot end run {reservation.nonce.hex()}: {exc}")
             return

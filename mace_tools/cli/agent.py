@@ -132,7 +132,8 @@ def _exporting(service: Agent, listen_on: tuple[str, int] | None) \
     registry.gauge_callback("mace_agent_runs", "Runs the agent serves now: its clients' "
                             "and its own probes'", lambda: service.runs)
     ping_metrics = PingMetrics(registry)
-    server = MetricsServer(*listen_on, registry)
+    server = MetricsServer(*listen_on, registry,
+                           lambda line: print(f"{PROG}: {line}", file=sys.stderr))
     host, port = server.address
     print(f"{PROG}: metrics on http://{f'[{host}]' if ':' in host else host}:{port}/metrics",
           file=sys.stderr)

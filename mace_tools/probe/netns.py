@@ -15,6 +15,7 @@ import errno
 import fcntl
 import os
 import signal
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -50,15 +51,31 @@ class PinnedProcess:
 
 
 _PINNED: dict[int, PinnedProcess] = {}  # one pin per PID per run: netns and root stay paired
+_HOLDERS: dict[int, int] = {}  # pins handed out per PID (pin() adds one, release() drops one)
+_LOCK = threading.Lock()  # a long-lived caller (mace-agent's probes) pins from many threads
 
 
 def pin(pid: int) -> PinnedProcess:
     """Pin the process with this PID now (its netns and root with it); a one-line MaceError if
     there is none, or it exits while being pinned. Pinning the same PID again returns the
-    first pin, after checking it is still alive."""
-    if (pinned := _PINNED.get(pid)) is not None:
-        require_alive(pinned)
-        return pinned
+    first pin, after checking it is still alive. Each pin() is matched by a release()
+    when the caller is long-lived: the fds close with the last one."""
+    with _LOCK:
+        if (pinned := _PINNED.get(pid)) is not None:
+            require_alive(pinned)
+            _HOLDERS[pid] += 1
+            return pinned
+    fresh = _pin_new(pid)
+    with _LOCK:
+        if (pinned := _PINNED.get(pid)) is not None:  # another thread pinned it meanwhile
+            _close(fresh)
+            _HOLDERS[pid] += 1
+            return pinned
+        _PINNED[pid], _HOLDERS[pid] = fresh, 1
+        return fresh
+
+
+def _pin_new(pid: int) -> PinnedProcess:
     try:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:
@@ -75,15 +92,24 @@ def pin(pid: int) -> PinnedProcess:
         for fd in fds:
             os.close(fd)
         raise
-    _PINNED[pid] = pinned
     return pinned
 
 
 def release(pinned: PinnedProcess) -> None:
-    """Close a pin's fds and forget it (a one-shot CLI never needs to; a long-lived caller
-    does, or a later process given the same PID would be refused as 'exited')."""
-    if _PINNED.get(pinned.pid) is pinned:
-        del _PINNED[pinned.pid]
+    """Drop one holder of a pin; the last one closes its fds and forgets it (a one-shot
+    CLI never needs to; a long-lived caller does, or a later process given the same PID
+    would be refused as 'exited'). Another holder's pin is never closed under it."""
+    with _LOCK:
+        if _PINNED.get(pinned.pid) is not pinned:
+            return  # already closed by its last holder
+        _HOLDERS[pinned.pid] -= 1
+        if _HOLDERS[pinned.pid] > 0:
+            return
+        del _PINNED[pinned.pid], _HOLDERS[pinned.pid]
+    _close(pinned)
+
+
+def _close(pinned: PinnedProcess) -> None:
     for fd in (pinned.root_fd, pinned.netns_fd, pinned.pidfd):
         os.close(fd)
 
