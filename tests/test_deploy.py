@@ -267,7 +267,7 @@ def test_resources_and_placement(pod: dict[str, Any], agent: dict[str, Any]) -> 
     resources = agent["resources"]
     assert resources["requests"]["cpu"] == "50m"
     assert "cpu" not in resources["limits"]  # throttling would delay the agent's probes
-    # ~40 MiB of agent and a 1 MiB ring per run (112 at most) are charged to it
+    # ~45 MiB of agent with 100 probes, and a 1 MiB ring per client run, charged to it
     assert resources["limits"]["memory"] == "192Mi"
     assert {"operator": "Exists"} in pod["tolerations"]
     assert "priorityClassName" not in pod
