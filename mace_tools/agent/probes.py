@@ -70,6 +70,7 @@ class OwnRun:
         self._slots = slots
         self._reservation: programs.Reservation | None = reservation
         self._records = RunRecords(reservation.ring_fd, reservation.lost_fd, OWN_RING_BYTES)
+        self._final_lost: int | None = None  # once closed: the count it ended with
 
     @property
     def fd(self) -> int:
@@ -80,6 +81,10 @@ class OwnRun:
         return self._records.drain(on_event, on_record)
 
     def lost(self) -> int:
+        """The run's lost records; after close(), the count it ended with (the sink
+        takes its last delta once the run is over)."""
+        if self._final_lost is not None:
+            return self._final_lost
         return self._records.lost()
 
     def probe_state(self, number: int) -> ProbeRecord | None:
@@ -88,6 +93,7 @@ class OwnRun:
     def close(self) -> None:
         if self._reservation is not None:
             reservation, self._reservation = self._reservation, None
+            self._final_lost = self._records.lost()
             self._records.close()
             self._slots.end_own_run(reservation)
 
