@@ -16,13 +16,14 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from accuracy import PROBES, assert_accurate_errors
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from waiting import eventually
 
 from mace_tools.agent import client, protocol, server
 from mace_tools.agent.protocol import ProtocolError
@@ -248,13 +249,8 @@ def _owners_include(pid: int) -> bool:
     return pid in programs.run_owners()
 
 
-def _wait_for(condition: object, timeout_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():  # type: ignore[operator]
-            return True
-        time.sleep(0.05)
-    return False
+def _wait_for(condition: Callable[[], bool], timeout_s: float = 10.0) -> bool:
+    return eventually(condition, timeout_s, every_s=0.05)
 
 
 @pytest.mark.lab

@@ -12,7 +12,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 from accuracy import PROBES, assert_accurate_errors
 from fake_dns import FakeDns
+from waiting import eventually
 
 from mace_tools.lab.agent import AgentProcess
 from mace_tools.lab.capture import Capture, TruthCapture
@@ -275,9 +275,4 @@ def _restart_while_probed(engine: Engine, name: str, target: str, prom: Promethe
 
 
 def _wait_until(check: Callable[[], bool], timeout: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.25)
-    return False
+    return eventually(check, timeout, every_s=0.25)  # (each check asks Prometheus)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from waiting import eventually
 
 from mace_tools.agent import client
 from mace_tools.lab.agent import AgentProcess
@@ -25,12 +26,7 @@ pytestmark = pytest.mark.lab
 
 
 def _wait_for(check: Callable[[], bool], timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.2)
-    return False
+    return eventually(check, timeout, every_s=0.2)  # (each check may ask Prometheus)
 
 
 class Exporter:
