@@ -2,7 +2,13 @@
 __schedule_exit, update_interval and main_loop's exit checks), kept apart from the
 sending and the bookkeeping in pinger.py.
 
-- -i N: a probe every N seconds; the first -l PRELOAD of them at once.
+- -i N: a probe every N seconds; the first -l PRELOAD of them at once. A late probe is
+  never made up for beyond -l: iputils' token bucket holds at most PRELOAD intervals of
+  credit, so a run woken late (a busy CPU) sends at most PRELOAD probes at once and then
+  keeps the interval, where a fixed timetable would burst to catch up. (iputils counts
+  the credit in whole ms, and for -i of 10 ms or more waits on SO_RCVTIMEO, which the
+  kernel rounds up to jiffies: -i 0.01 sends every 16 ms on a 250 Hz kernel, measured.
+  Neither artefact is copied: the credit here is in ns, the wait an epoll timeout.)
 - -i 0 (-f's default, or -A once the round trip is under half a millisecond): the next
   probe as soon as fewer than PRELOAD are in flight, else 10 ms after the last one (100
   per second at least).
@@ -52,6 +58,8 @@ class Pace:
     deadline: int | None
     linger_ns: int  # how long replies are awaited after the last probe (set when sent)
     burst: int  # probes of -l still to go at once
+    credit_ns: int  # -i N: the token bucket's credit (iputils' tokens), as of credit_at
+    credit_at: int
     received: int = 0  # distinct replies so far
     acked: int = 0  # highest probe number answered (or refused by an ICMP error)
 
@@ -59,7 +67,7 @@ class Pace:
     def starting(cls, plan: Schedule, now: int) -> Pace:
         deadline = now + plan.deadline_ns if plan.deadline_ns else None
         return cls(plan, now, plan.interval_ns, now, now, deadline, plan.linger_ns,
-                   plan.preload - 1)
+                   plan.preload - 1, plan.interval_ns * plan.preload, now)
 
     @property
     def on_reply(self) -> bool:
@@ -97,16 +105,16 @@ class Pace:
         """A probe was counted as sent at `now` (transmitted: the count with it); when the
         next one is due. After the last of -c, how long its answers are awaited."""
         self.last_send = now
-        if self.burst > 0:
+        if not self.on_reply and not self.plan.adaptive:
+            self.next_send = now + self._spend_credit(now)  # -l's burst included
+        elif self.burst > 0:
             self.burst -= 1
             self.next_send = now
         elif self.on_reply:
             self.next_send = now if self.in_flight(transmitted) < self.plan.preload \
                 else now + MIN_INTERVAL_NS
-        elif self.plan.adaptive:
+        else:  # -A
             self.next_send = now + self.interval_ns
-        else:
-            self.next_send = max(self.next_send + self.interval_ns, now)
         if not self.more(transmitted):
             # (10 ms at least: a flood's answers are read later than iputils reads them,
             # and a reply in time must not be called lost for Python's sake)
@@ -114,6 +122,16 @@ class Pace:
                 else 0
             # (0: iputils' timer would never go off; -W bounds the wait instead)
             self.linger_ns = wait or self.plan.linger_ns
+
+    def _spend_credit(self, now: int) -> int:
+        """-i N: a probe went at `now`; how long until the bucket holds the next one's
+        credit. The credit grows with time up to -l intervals, and each probe spends one
+        interval (iputils' pinger(): the -l burst, then one probe per interval, and a late
+        one made up for only while the credit lasts)."""
+        bucket = self.interval_ns * self.plan.preload
+        self.credit_ns = min(self.credit_ns + now - self.credit_at, bucket) - self.interval_ns
+        self.credit_at = now
+        return max(0, self.interval_ns - self.credit_ns)
 
     def retry(self, now: int, retry_ns: int) -> None:
         """The kernel had no room for the probe: the same probe again in retry_ns."""

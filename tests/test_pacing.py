@@ -77,6 +77,33 @@ def test_preload_goes_at_once_then_on_the_interval() -> None:
     assert S <= p.next_send <= S + 2  # the burst is spent: an interval on
 
 
+def test_a_late_probe_is_not_made_up_for_with_a_burst() -> None:
+    # iputils' token bucket: woken 3.5 intervals late, one probe goes, and the next one a
+    # whole interval after it (a fixed timetable would send three at once to catch up)
+    p = pace()
+    p.sent(0, 1, 0)
+    assert p.next_send == S
+    late = 4 * S + S // 2
+    p.sent(late, 2, 0)
+    assert p.next_send == late + S
+    p.sent(late + S + 7, 3, 0)  # a little late: the lost 7 ns are not made up either
+    assert p.next_send == late + 2 * S + 7
+
+
+def test_preload_bounds_the_catch_up_to_its_credit() -> None:
+    p = pace(preload=3)
+    for n in range(3):
+        p.sent(n, n + 1, 0)
+    assert S <= p.next_send <= S + 2
+    stalled = 10 * S  # credit for 10 probes came, at most 3 are kept
+    p.sent(stalled, 4, 0)
+    assert p.next_send == stalled
+    p.sent(stalled, 5, 0)
+    assert p.next_send == stalled
+    p.sent(stalled, 6, 0)
+    assert p.next_send == stalled + S
+
+
 def test_on_reply_keeps_preload_in_flight_else_100_per_second() -> None:
     p = pace(interval_ns=0, preload=2)
     assert p.on_reply
