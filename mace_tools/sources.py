@@ -8,6 +8,10 @@ loads or joins itself, or nowhere (every reply raw), in that order of preference
   that does not answer (a dead agent's) is passed over.
 - local: the process may load BPF programs (root, or CAP_BPF + CAP_PERFMON).
 - none: one line on stderr says how to get corrections; the run is measured raw.
+
+--source picks one instead of the first that works: `agent` and `local` fail (one line,
+exit 2) where auto would fall back; `none` measures raw without asking anyone or loading
+anything (the same probes and pacing, for a run that wants no kernel data).
 """
 
 from __future__ import annotations
@@ -44,11 +48,17 @@ def may_load_programs() -> bool:
 
 
 def event_sources(prog: str, agent: str | None, netns_path: Path | None,
-                  nonce_asked: bool) -> EventSourceFactory:
-    """The run's event source factory (session.EventSourceFactory)."""
+                  nonce_asked: bool, source: str = "auto") -> EventSourceFactory:
+    """The run's event source factory (session.EventSourceFactory); source: --source,
+    checked against --agent by the command (cli.common.check_source)."""
+    if source == "none":
+        return lambda nonce, ns, **switches: None
+    if source == "local":
+        return _local_only()
     from mace_tools.agent import client
 
     path, explicit = client.socket_path(agent)
+    explicit = explicit or source == "agent"
     if explicit and netns_path is not None:
         raise MaceError("the agent serves runs from this process's own netns: "
                         "--agent cannot go with --netns, --pid or --container")
@@ -80,3 +90,14 @@ def event_sources(prog: str, agent: str | None, netns_path: Path | None,
     return factory
 
 
+
+
+def _local_only() -> EventSourceFactory:
+    """--source local: this process's own programs, or an error."""
+    def factory(nonce: bytes | None, ns: Namespaces, **switches: bool) -> EventSource | None:
+        if not may_load_programs():
+            raise NoPrivilege("--source local: no BPF privilege (CAP_BPF and CAP_PERFMON, "
+                              "or root)")
+        return kernel_events(nonce, ns, **switches)
+
+    return factory

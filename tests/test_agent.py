@@ -152,6 +152,40 @@ def test_unprivileged_client_is_corrected_against_truth(lab: Lab, agent: AgentPr
     assert all(r.corrected_ms < r.raw_ms for r in rows)
 
 
+def _inside(lab: Lab, *args: str, capabilities: tuple[str, ...] | None = None,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """mace-ping in container 0, as root (capabilities None) or with only those."""
+    caps = () if capabilities is None else with_capabilities(*capabilities)
+    return subprocess.run(["ip", "netns", "exec", lab.container_ns(0), *caps, sys.executable,
+                           "-m", "mace_tools.cli.ping", *args, lab.target_addr],
+                          capture_output=True, text=True, timeout=120, env=env or _env())
+
+
+@pytest.mark.lab
+def test_source_picks_where_the_kernel_data_comes_from(lab: Lab, agent: AgentProcess) -> None:
+    """--source: auto takes the agent, local this process's programs, none nothing (no
+    line on stderr, every reply raw); agent and local fail where auto would fall back."""
+    env = {**_env(), "MACE_AGENT": str(agent.socket)}
+    for asked, got in (("auto", "agent"), ("local", "local"), ("none", "none")):
+        proc = _inside(lab, "--source", asked, "--ndjson", "-c", "3", "-i", "0.01", env=env)
+        assert proc.returncode == 0 and proc.stderr == "", (asked, proc.stderr)
+        records, summary = parse_ndjson(proc.stdout)
+        assert summary["mace"]["source"] == got and len(records) == 3, (asked, summary)
+        corrected = [r["rtt_corrected"] for r in records]
+        assert all(c is None for c in corrected) if got == "none" else \
+            all(c is not None for c in corrected), (asked, corrected)
+    refused = [
+        (("--source", "agent"), None, {**_env(), "MACE_AGENT": "/nonexistent/agent.sock"}),
+        (("--source", "local"), (), env),  # no capability: no programs of its own
+        (("--source", "none", "--agent", str(agent.socket)), None, env),
+        (("--source", "somewhere"), None, env)]
+    for args, caps, run_env in refused:
+        proc = _inside(lab, *args, "-c", "1", capabilities=caps, env=run_env)
+        assert proc.returncode == 2 and proc.stdout == "" \
+            and proc.stderr.count("\n") == 1, (args, proc.stderr)
+        assert proc.stderr.startswith("mace-ping: ") and "Traceback" not in proc.stderr
+
+
 @pytest.mark.lab
 def test_host_details_are_withheld_from_the_path(lab: Lab, agent: AgentProcess) -> None:
     run = client_ping(lab, 0, agent, "-c", "2", "-i", "0.01")

@@ -192,6 +192,18 @@ def test_traceroute_extra_argument(capsys: pytest.CaptureFixture[str]) -> None:
                        "mace-traceroute: Extra arg `70' (position 3, argc 3)", capsys)
 
 
+@pytest.mark.parametrize(("cli", "prog"), [(ping_cli.main, "mace-ping"),
+                                           (traceroute_cli.main, "mace-traceroute")])
+def test_source_is_checked_before_anything_runs(cli: object, prog: str,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    assert_usage_error(cli, ["--source", "none", "--agent", "/x.sock", "127.0.0.1"],
+                       f"{prog}: --agent cannot go with --source none", capsys)
+    status = cli(["--source", "somewhere", "127.0.0.1"])  # type: ignore[operator]
+    out, err = capsys.readouterr()
+    assert status == 2 and out == "" and err.count("\n") == 1, err
+    assert err.startswith(f"{prog}: ") and "'somewhere' is not one of" in err, err
+
+
 def test_traceroute_needs_a_host(capsys: pytest.CaptureFixture[str]) -> None:
     assert_usage_error(traceroute_cli.main, ["-q", "1"],
                        'mace-traceroute: Specify "host" missing argument.', capsys)

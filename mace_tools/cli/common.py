@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable
 from typing import Annotated
 
+import click
 import typer
 from click.exceptions import ClickException
 
@@ -38,9 +39,20 @@ RuntimeOption = Annotated[str, typer.Option(
     "--runtime", help="docker, podman, containerd (via ctr), crio (via crictl) or auto")]
 ListContainersOption = Annotated[bool, typer.Option(
     "--list-containers", help="list the containers that can be measured, and exit")]
+SOURCES = ("auto", "agent", "local", "none")
+SourceOption = Annotated[str, typer.Option(
+    "--source", click_type=click.Choice(SOURCES), help="where corrections come from: auto "
+    "(the agent if its socket exists, else programs this process loads, else none), agent, "
+    "local (this process's programs) or none (every reply raw: nothing is loaded or asked)")]
 AgentOption = Annotated[str | None, typer.Option(
     "--agent", metavar="PATH", help="the mace-agent socket to get corrections from "
     "(default: $MACE_AGENT, else /run/mace/agent.sock if it exists)")]
+
+
+def check_source(agent: str | None, source: str) -> None:
+    """--agent names an agent to take corrections from: not with --source local or none."""
+    if agent is not None and source in ("local", "none"):
+        raise MaceError(f"--agent cannot go with --source {source}")
 
 
 def run_app(app: typer.Typer, prog: str, argv: list[str] | None = None,

@@ -22,6 +22,8 @@ from mace_tools.cli.common import (
     ListContainersOption,
     ProbeSite,
     RuntimeOption,
+    SourceOption,
+    check_source,
     drop_privileges,
     ip_family,
     output_mode,
@@ -168,10 +170,12 @@ def traceroute(
     ndjson: Annotated[bool, typer.Option("--ndjson", help="one JSON record per hop")] = False,
     nonce: Annotated[str | None, typer.Option("--nonce", help="16 hex digits")] = None,
     agent: AgentOption = None,
+    data_source: SourceOption = "auto",
     version: Annotated[bool, typer.Option("-V", "--version")] = False,
 ) -> None:
     if version or list_containers:
         required_host(PROG, version, list_containers, runtime, host)
+    check_source(agent, data_source)
     for flag, given in (("-A", as_lookups), ("-g", bool(gateway)), ("-UL", udplite),
                         ("-D", dccp), ("-l", flowlabel is not None)):
         if given:
@@ -217,7 +221,7 @@ def traceroute(
         icmp_socket=next((k for k in ("raw", "dgram") if k in method_options), ""))
     _set_ports(opts, port_n, sport_n, chosen.protocol, method_options)
     _one_at_a_time(opts)
-    _run(opts, mode, host, addr, nonce, agent, site, numeric, back)
+    _run(opts, mode, host, addr, nonce, agent, data_source, site, numeric, back)
 
 
 def _signed(value: int) -> int:
@@ -255,7 +259,8 @@ def _one_at_a_time(opts: TraceOptions) -> None:
 
 
 def _run(opts: TraceOptions, mode: str, host: str, addr: str, nonce: str | None,
-         agent: str | None, site: ProbeSite, numeric: bool, back: bool) -> None:
+         agent: str | None, data_source: str, site: ProbeSite, numeric: bool,
+         back: bool) -> None:
     """Run the trace, its output as asked (text: hop names unless -n; --back)."""
     from mace_tools.output.traceroute import TraceOutput
     from mace_tools.probe.hopnames import open_names
@@ -271,7 +276,8 @@ def _run(opts: TraceOptions, mode: str, host: str, addr: str, nonce: str | None,
                          size=packet_len(opts.method, opts.size, opts.family),
                          paris=opts.paris, name_of=names, back=back)
     try:
-        sources = event_sources(PROG, agent, site.netns_path, nonce is not None)
+        sources = event_sources(PROG, agent, site.netns_path, nonce is not None,
+                                data_source)
         result = Tracer(opts, output, nonce=parse_nonce(nonce), after_setup=drop_privileges,
                         backend_factory=sources).run()
     except MaceError as exc:  # past the arguments, failures are runtime errors: exit 1
