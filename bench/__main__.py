@@ -77,6 +77,9 @@ class Step:
 
 # the lab of 21 containers; the routed lab (2 routers); a dual-stack lab of 5 containers
 STAR, ROUTED, DUAL = "star", "routed", "dual"
+# the agent's clients' interval: one iputils paces as asked (at -i 0.01 it sends every 16 ms
+# here, measured, and the control would not be the clients' traffic)
+CLIENT_INTERVAL = 0.008
 AGENT_SECTIONS = ("agent_startup", "agent_accuracy", "agent_perturbation", "agent_resources")
 
 
@@ -132,14 +135,22 @@ def steps(args: argparse.Namespace) -> list[Step]:
         Step("startup", STAR, "start-up", lambda lab: ex.startup(lab, runs=5 if quick else 20)),
         Step("scaling", STAR, "scaling", lambda lab: ex.scaling(
             lab, [1, 2, 4, 8], witness, 0.005, neighbours=4, rounds=3 if quick else 5)),
+        Step("scaling_apart", STAR, f"scaling, {ex.APART.label}", lambda lab: ex.scaling(
+            lab, [1, 2, 4, 8], witness, 0.005, neighbours=4, rounds=3 if quick else 5,
+            place=ex.APART), group="scaling"),
         Step("agent_startup", STAR, "mace-agent: start-up (-c 1, client with no capability)",
              lambda lab: agent.agent_startup(lab, runs=5 if quick else 20)),
         Step("agent_accuracy", STAR, "mace-agent: accuracy (truth v2)",
              lambda lab: agent.agent_accuracy(lab, 200 if quick else 500, 0.005)),
         Step("agent_perturbation", STAR, "mace-agent: neighbour perturbation, 1/4/16 clients",
              lambda lab: agent.agent_perturbation(
-                 lab, [1, 4, 16], witness, 0.005, 0.01, neighbours=4,
+                 lab, [1, 4, 16], witness, 0.005, CLIENT_INTERVAL, neighbours=4,
                  rounds=3 if quick else 5)),
+        Step("agent_perturbation_apart", STAR,
+             f"mace-agent: neighbour perturbation, {ex.APART.label}",
+             lambda lab: agent.agent_perturbation(
+                 lab, [1, 4, 16], witness, 0.005, CLIENT_INTERVAL, neighbours=4,
+                 rounds=3 if quick else 5, place=ex.APART), group="agent_perturbation"),
         Step("agent_resources", STAR, "mace-agent: RSS and CPU, idle and 16 clients",
              lambda lab: agent.agent_resources(lab, seconds=10 if quick else 30,
                                                clients=16, interval=0.01)),

@@ -263,12 +263,13 @@ def _accuracy_row(lab: Lab, agent: Agent, caps: tuple[str, ...], name: str, neig
 
 def agent_perturbation(lab: Lab, counts: list[int], witness: int, witness_interval: float,
                        client_interval: float, neighbours: int, rounds: int = 5,
-                       seed: int = 4) -> dict:
+                       seed: int = 4, place: ex.Placement = ex.ANYWHERE) -> dict:
     """The witness's RTT (c11) with N clients probing through the agent, each in its own
     container, against the same N iputils pings at the same rate (the control) and
     neither (the baseline), under flood neighbours: paired rounds in shuffled order, as
     ex.scaling() does for standalone runs. "mace minus control" is what the clients cost
-    the witness beyond their probes' traffic (the programs, and the clients' CPU)."""
+    the witness beyond their probes' traffic (the programs, and the clients' CPU).
+    `place`: where the clients, the control and the witness may run."""
     rows: list[dict] = []
     block = max(50, witness // rounds)
     order = random.Random(seed)
@@ -278,68 +279,80 @@ def agent_perturbation(lab: Lab, counts: list[int], witness: int, witness_interv
         with ex.load_setting(lab, neighbours, "flood", budget):
             for n in counts:
                 rows.append(_perturbation_n(lab, agent, caps, n, rounds, block, order,
-                                            witness_interval, client_interval))
+                                            witness_interval, client_interval, place))
     return {"client_capabilities": capabilities_label(caps), "neighbours": neighbours,
+            "placement": place.label,
             "client_interval_s": client_interval, "witness_interval_s": witness_interval,
             "rows": rows}
 
 
 def _perturbation_n(lab: Lab, agent: Agent, caps: tuple[str, ...], n: int, rounds: int,
                     block: int, order: random.Random, witness_interval: float,
-                    client_interval: float) -> dict:
+                    client_interval: float, place: ex.Placement) -> dict:
     containers = AGENT_CLIENTS[:n]
     samples: dict[str, list[list[float]]] = {"base": [], "mace": [], "control": []}
+    rates: dict[str, list[float]] = {"mace": [], "control": []}
     results: list[ToolResult] = []
     try:
         for _ in range(rounds):
             for cond in order.sample(list(samples), k=len(samples)):
                 if cond == "base":
-                    rtts = ex.witness_ping(lab, block, witness_interval)
-                elif cond == "control":
-                    rtts = ex.control_block(lab, containers, block, client_interval,
-                                            witness_interval)
-                else:
-                    rtts, got = _clients_block(lab, agent, caps, containers, block,
-                                               witness_interval, client_interval)
-                    results += got
+                    with ex.on_cpus(place.witness):
+                        rtts = ex.witness_ping(lab, block, witness_interval)
+                else:  # the control: the same clients with no kernel data (no agent)
+                    rtts, rate, got = _clients_block(lab, agent, caps, containers, block,
+                                                     witness_interval, client_interval, place,
+                                                     raw=cond == "control")
+                    rates[cond].append(rate)
+                    results += got if cond == "mace" else []
                 samples[cond].append(rtts)
-        row = ex.scaling_row(n, rounds, block, samples, results, None)
+        row = ex.scaling_row(n, rounds, block, samples, results, None, rates, place)
     except ex.NotMeasured as exc:  # this N is reported as such, the others stand
         print(f"  agent perturbation {n}: not measured: {exc}", flush=True)
-        return {"instances": n, "error": str(exc)}
+        return {"instances": n, "error": str(exc), "placement": place.label}
     print(f"  agent perturbation {n} clients: mace minus control "
           f"{row['bpf_share_mean_us']:+.2f} ± {row['bpf_share_se_us']:.2f} µs (witness "
-          f"{row['witness_delta_mean_us']:+.2f}, same-rate iputils "
+          f"{row['witness_delta_mean_us']:+.2f}, raw clients "
           f"{row['control_delta_mean_us']:+.2f}), coverage >= {row['coverage_min']}",
           flush=True)
     return row
 
 
 def _clients_block(lab: Lab, agent: Agent, caps: tuple[str, ...], containers: tuple[int, ...],
-                   block: int, witness_interval: float, client_interval: float
-                   ) -> tuple[list[float], list[ToolResult]]:
-    """The witness while one client per container probes through the agent."""
+                   block: int, witness_interval: float, client_interval: float,
+                   place: ex.Placement, raw: bool = False
+                   ) -> tuple[list[float], float, list[ToolResult]]:
+    """The witness while one client per container probes through the agent (raw: with no
+    kernel data, --source none), and the clients' probes per second."""
     count = int((90 + block * witness_interval) / client_interval)  # bounded, if we die
-    runs = _start_clients(lab, agent, caps, containers, count, client_interval)
+    with ex.on_cpus(place.instances):
+        runs = _start_clients(lab, agent, caps, containers, count, client_interval, raw)
     try:
-        ex.wait_for_runs([r.proc for r in runs])
-        rtts = ex.witness_ping(lab, block, witness_interval)
+        if raw:
+            ex.wait_sending(lab, containers, [r.proc for r in runs])
+        else:
+            ex.wait_for_runs([r.proc for r in runs])
+        rtts, rate = ex.witness_during(lab, containers, block, witness_interval, place)
     finally:
         results = [ex.interrupt(r) for r in runs]
-    return rtts, results
+    return rtts, rate, results
 
 
 def _start_clients(lab: Lab, agent: Agent, caps: tuple[str, ...], containers: tuple[int, ...],
-                   count: int, interval: float) -> list[ToolRun]:
+                   count: int, interval: float, raw: bool = False) -> list[ToolRun]:
     """One client per container, as the scaling section's runs probe (--ndjson -q),
-    stopped by ex.interrupt()."""
+    stopped by ex.interrupt(); raw: not through the agent, with no kernel data."""
     deadline = str(int(count * interval) + 5)
+    args = ("--ndjson", *ex.PACED, "-q", "-c", str(count), "-i", str(interval), "-w",
+            deadline)
     runs: list[ToolRun] = []
     try:
         for c in containers:
-            runs.append(_start_client(client_command(
-                lab, c, agent, caps, "--ndjson", "-q", "-c", str(count), "-i", str(interval),
-                "-w", deadline)))
+            cmd = client_command(lab, c, agent, caps, *args)
+            if raw:  # (--agent PATH would contradict --source none)
+                at = cmd.index("--agent")
+                cmd[at:at + 2] = ["--source", "none"]
+            runs.append(_start_client(cmd))
     except BaseException:
         for run in runs:
             ex.interrupt(run)

@@ -19,6 +19,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench.tools import ToolResult, ToolRun, capture_filter, iputils, mace_ping, scamper
@@ -175,6 +176,64 @@ def witness_ping(lab: Lab, count: int, interval: float) -> list[float]:
                           capture_output=True, text=True, timeout=count * interval + 60)
     return [float(m.group(2)) * 1000
             for m in re.finditer(r"icmp_seq=(\d+) ttl=\d+ time=([\d.]+) ms", proc.stdout)]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Which CPUs the instances (and their control) and the witness run on; None: any, as
+    deployed. Pinned apart, the instances' own CPU (their process, their syscalls, and
+    their packets' softirq work, which veth does on the sender's CPU) is kept off the
+    witness's CPU: what is left of "mace minus control" is the programs' work on the
+    witness's packets and what the CPUs share (caches, locks)."""
+
+    label: str = "any CPU"
+    instances: frozenset[int] | None = None
+    witness: frozenset[int] | None = None
+
+
+# The perturbation rows' runs and controls: -l 3 lets a probe woken late on a busy CPU be
+# made up (up to 3 intervals of credit, pacing.py): with -l 1 neither kept the asked rate
+# under 4 floods (133-176 of 200/s), and each lost a different share.
+PACED = ("-l", "3")
+
+ANYWHERE = Placement()
+APART = Placement("instances on CPU 1, witness on CPU 0", frozenset({1}), frozenset({0}))
+
+
+@contextmanager
+def on_cpus(cpus: frozenset[int] | None) -> Iterator[None]:
+    """What the bench starts meanwhile inherits these CPUs (its own affinity)."""
+    if cpus is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def tx_packets(lab: Lab, containers: tuple[int, ...]) -> int:
+    """Packets the containers' eth0 sent so far (their probes: they send nothing else)."""
+    total = 0
+    for c in containers:
+        out = subprocess.run(["ip", "-n", lab.container_ns(c), "-s", "-j", "link", "show",
+                              "dev", "eth0"], capture_output=True, text=True, check=True,
+                             timeout=30).stdout
+        total += json.loads(out)[0]["stats64"]["tx"]["packets"]
+    return total
+
+
+def witness_during(lab: Lab, containers: tuple[int, ...], block: int, interval: float,
+                   place: Placement) -> tuple[list[float], float]:
+    """The witness's RTTs (µs) and the probes per second the containers sent meanwhile:
+    counted on their devices, so a control that paces slower than asked is seen (iputils
+    20221126 asked for -i 0.01 sends every 16 ms here, measured)."""
+    start, sent = time.monotonic(), tx_packets(lab, containers)
+    with on_cpus(place.witness):
+        rtts = witness_ping(lab, block, interval)
+    return rtts, (tx_packets(lab, containers) - sent) / (time.monotonic() - start)
 
 
 @contextmanager
@@ -627,18 +686,21 @@ def bounded_count(interval: float, block: int) -> int:
     return int((90 + block * interval) / interval)
 
 
-def _mace_block(lab: Lab, n: int, block: int, interval: float,
-                cost_window_s: float) -> tuple[list[float], list[ToolResult], dict | None]:
-    """The witness while `n` mace-ping runs (one shared program set) probe at `interval`;
-    then, if cost_window_s, their programs' cost over that window (stats on only then:
-    bpf_stats' own clock reads would slow the witness)."""
+def _mace_block(lab: Lab, n: int, block: int, interval: float, cost_window_s: float,
+                place: Placement
+                ) -> tuple[list[float], float, list[ToolResult], dict | None]:
+    """The witness while `n` mace-ping runs (one shared program set) probe at `interval`,
+    and their probes per second; then, if cost_window_s, their programs' cost over that
+    window (stats on only then: bpf_stats' own clock reads would slow the witness)."""
     count = bounded_count(interval, block)
-    runs = [mace_ping(lab, (0, *EXTRA_MACE)[i], os.urandom(8), count, interval, "-q",
-                      "-w", str(int(count * interval) + 5)) for i in range(n)]
+    containers = (0, *EXTRA_MACE)[:n]
+    with on_cpus(place.instances):
+        runs = [mace_ping(lab, c, os.urandom(8), count, interval, *PACED, "-q",
+                          "-w", str(int(count * interval) + 5)) for c in containers]
     cost = None
     try:
         wait_for_runs([r.proc for r in runs])
-        rtts = witness_ping(lab, block, interval)
+        rtts, rate = witness_during(lab, containers, block, interval, place)
         if cost_window_s:
             with bpf_stats():
                 before = mace_program_stats()
@@ -647,25 +709,49 @@ def _mace_block(lab: Lab, n: int, block: int, interval: float,
                 cost["sets_loaded"] = loaded_program_sets()
     finally:
         results = [interrupt(r) for r in runs]
-    return rtts, results, cost
+    return rtts, rate, results, cost
 
 
 def control_block(lab: Lab, containers: tuple[int, ...], block: int, interval: float,
-                  witness_interval: float | None = None) -> list[float]:
-    """The witness while iputils pings probe at `interval` from these containers (one
-    each): the instances' own probe traffic, without mace."""
-    runs = [iputils(lab, lab.container_ns(c), 5000 + i, bounded_count(interval, block),
-                    interval) for i, c in enumerate(containers)]
+                  place: Placement, witness_interval: float | None = None
+                  ) -> tuple[list[float], float]:
+    """The witness while the same mace-ping runs probe from these containers with no
+    kernel data (--source none: no programs, nothing read): the runs' own probe traffic
+    and process, without the corrections; and their probes per second. (iputils was the
+    control before: at the same -i it sends 30-40% fewer probes here, measured.)"""
+    count = bounded_count(interval, block)
+    with on_cpus(place.instances):
+        runs = [mace_ping(lab, c, os.urandom(8), count, interval, *PACED, "--source", "none",
+                          "-q",
+                          "-w", str(int(count * interval) + 5)) for c in containers]
     try:
-        time.sleep(0.5)  # iputils is up in a few ms; all of them sending
-        return witness_ping(lab, block, witness_interval or interval)
+        wait_sending(lab, containers, [r.proc for r in runs])
+        return witness_during(lab, containers, block, witness_interval or interval, place)
     finally:
         for run in runs:
             interrupt(run)
 
 
+def wait_sending(lab: Lab, containers: tuple[int, ...], procs: list[subprocess.Popen],
+                 timeout_s: float = 60.0) -> None:
+    """Until every container has sent 2 probes since: runs with no kernel data are no runs
+    of the program set to wait for (wait_for_runs)."""
+    first = {c: tx_packets(lab, (c,)) for c in containers}
+    waiting = set(containers)
+    deadline = time.monotonic() + timeout_s
+    while waiting:
+        dead = [p.args for p in procs if p.poll() is not None]
+        if dead:
+            raise NotMeasured(f"a control run exited before it sent: {dead[0][-1]}")
+        if time.monotonic() > deadline:
+            raise NotMeasured(f"{len(waiting)} control run(s) not sending within "
+                              f"{timeout_s:.0f} s")
+        time.sleep(0.05)
+        waiting = {c for c in waiting if tx_packets(lab, (c,)) < first[c] + 2}
+
+
 def scaling(lab: Lab, instances: list[int], count: int, interval: float, neighbours: int,
-            rounds: int = 5, seed: int = 2) -> list[dict]:
+            rounds: int = 5, seed: int = 2, place: Placement = ANYWHERE) -> list[dict]:
     """1..8 concurrent mace-ping runs under flood neighbours: the witness's RTT with the runs
     probing, with as many iputils pings at the same rate (the control: the runs' own probe
     traffic slows the witness too), and with neither (the baseline). As in perturbation(),
@@ -673,7 +759,8 @@ def scaling(lab: Lab, instances: list[int], count: int, interval: float, neighbo
     mean of per-round paired differences with its standard error; "mace minus control" is
     what the runs cost the witness beyond their probes' traffic (programs, and the CPU of
     the runs' processes). The programs' cost is read in a window after the first round's
-    witness, with the runs still probing."""
+    witness, with the runs still probing. `place`: where the runs, the control and the
+    witness may run (APART: the runs' CPU kept off the witness's)."""
     rows = []
     block = max(50, count // rounds)
     order = random.Random(seed)
@@ -681,46 +768,62 @@ def scaling(lab: Lab, instances: list[int], count: int, interval: float, neighbo
     with load_setting(lab, neighbours, "flood", budget):
         for n in instances:
             samples: dict[str, list[list[float]]] = {"base": [], "mace": [], "control": []}
+            rates: dict[str, list[float]] = {"mace": [], "control": []}
             results: list[ToolResult] = []
             cost: dict | None = None
             try:
                 for _ in range(rounds):
                     for cond in order.sample(list(samples), k=len(samples)):
                         if cond == "base":
-                            rtts = witness_ping(lab, block, interval)
+                            with on_cpus(place.witness):
+                                rtts = witness_ping(lab, block, interval)
                         elif cond == "control":
-                            rtts = control_block(lab, (0, *EXTRA_MACE)[:n], block, interval)
+                            rtts, rate = control_block(lab, (0, *EXTRA_MACE)[:n], block,
+                                                       interval, place)
+                            rates[cond].append(rate)
                         else:
-                            rtts, got, window = _mace_block(lab, n, block, interval,
-                                                            0.0 if cost else 1.0)
+                            rtts, rate, got, window = _mace_block(
+                                lab, n, block, interval, 0.0 if cost else 1.0, place)
+                            rates[cond].append(rate)
                             results += got
                             cost = cost or window
                         samples[cond].append(rtts)
-                rows.append(scaling_row(n, rounds, block, samples, results, cost))
+                rows.append(scaling_row(n, rounds, block, samples, results, cost, rates,
+                                        place))
             except NotMeasured as exc:  # this N is reported as such, the others stand
-                rows.append({"instances": n, "error": str(exc)})
+                rows.append({"instances": n, "error": str(exc), "placement": place.label})
                 print(f"  scaling {n}: not measured: {exc}", flush=True)
                 continue
             r = rows[-1]
             print(f"  scaling {n}: {r['cost']['ns_per_run'] or 0:.1f} ns/run, mace minus "
                   f"control {r['bpf_share_mean_us']:+.2f} ± {r['bpf_share_se_us']:.2f} µs "
-                  f"(witness {r['witness_delta_mean_us']:+.2f}, same-rate iputils "
+                  f"(witness {r['witness_delta_mean_us']:+.2f}, raw runs "
                   f"{r['control_delta_mean_us']:+.2f}), coverage >= {r['coverage_min']}",
                   flush=True)
     return rows
 
 
 def scaling_row(n: int, rounds: int, block: int, samples: dict[str, list[list[float]]],
-                 results: list[ToolResult], cost: dict | None) -> dict:
+                results: list[ToolResult], cost: dict | None, rates: dict[str, list[float]],
+                place: Placement) -> dict:
+    """One N's figures. The control stands for the instances' probe traffic only if it sent
+    as many probes: a rate more than 10% apart makes the row not measured (an earlier bench
+    compared clients at 100/s with a control that sent 62.5/s)."""
     base, mace, control = (_merge(samples[k]) for k in ("base", "mace", "control"))
     if not (base["n"] and mace["n"] and control["n"]):
         raise NotMeasured(f"{n} runs: the witness got no replies")
+    mace_rate, control_rate = (statistics.fmean(rates[k]) for k in ("mace", "control"))
+    if not 0.9 <= control_rate / mace_rate <= 1.1:
+        raise NotMeasured(f"{n} runs: the control sent {control_rate:.0f} probes/s, the "
+                          f"runs {mace_rate:.0f}/s: not the same traffic")
     witness_d, witness_se = _paired_delta(samples["mace"], samples["base"])
     control_d, control_se = _paired_delta(samples["control"], samples["base"])
     share_d, share_se = _paired_delta(samples["mace"], samples["control"])
     half_a, half_b = _merge(samples["base"][0::2]), _merge(samples["base"][1::2])
     coverage = [r.summary.get("mace", {}).get("coverage") for r in results]
     return {"instances": n, "rounds": rounds, "block": block, "runs": len(results),
+            "placement": place.label, "probes_per_s": mace_rate,
+            "control_probes_per_s": control_rate,
             "coverage_min": min((c if c is not None else 0.0) for c in coverage),
             "kernel_events_lost": sum(r.summary.get("mace", {}).get("kernel_events_lost")
                                       or 0 for r in results),

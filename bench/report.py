@@ -38,6 +38,8 @@ def _all_within(verdicts: list[bool | None]) -> bool | None:
 
 
 NOT_MEASURED = "not measured"
+# the second perturbation measure: the instances' own CPU kept off the witness's
+APART = "runs' CPU apart from the witness's"
 VERDICT: dict[bool | str | None, str] = {
     True: "yes", False: "**MISSED**", None: "not resolved (within 2 standard errors)",
     NOT_MEASURED: "**not measured** (see its section)"}
@@ -142,8 +144,13 @@ def _accuracy_targets(res: dict) -> list[tuple[str, str, bool | str | None]]:
 
 
 def _scaling_targets(res: dict) -> list[tuple[str, str, bool | str | None]]:
-    return _flat_targets(_measured(res, "scaling"), _why(res, "scaling"),
+    rows = _flat_targets(_measured(res, "scaling"), _why(res, "scaling"),
                          "1..8 concurrent runs", "concurrent run(s)", "runs")
+    if "scaling_apart" not in res:
+        return rows
+    return [*rows, *_flat_targets(_measured(res, "scaling_apart"), _why(res, "scaling_apart"),
+                                  f"1..8 concurrent runs, {APART}",
+                                  f"concurrent run(s), {APART}", "runs")]
 
 
 def _flat_targets(measured: list[dict] | None, why: str, span: str, unit: str, plural: str
@@ -165,8 +172,8 @@ def _flat_targets(measured: list[dict] | None, why: str, span: str, unit: str, p
         out.append((f"neighbour perturbation, {r['instances']} {plural}", r["error"],
                     NOT_MEASURED))
     first, last = rows[0], rows[-1]
-    target = (f"neighbour perturbation flat in N: (mace minus control at {last['instances']} "
-              f"{plural}) - (at {first['instances']}) <= 0.5 µs")
+    target = (f"neighbour perturbation flat in N, {span}: (mace minus control at "
+              f"{last['instances']} {plural}) - (at {first['instances']}) <= 0.5 µs")
     if first is last:
         return [*out, (target, "-", NOT_MEASURED)]
     growth = last["bpf_share_mean_us"] - first["bpf_share_mean_us"]
@@ -262,10 +269,16 @@ def _agent_resource_targets(res: dict) -> list[tuple[str, str, bool | str | None
 def targets_agent(res: dict) -> list[tuple[str, str, bool | str | None]]:
     """mace-agent's targets (issue 11), every row measured in this one run."""
     pert = _measured(res, "agent_perturbation")
+    apart = _measured(res, "agent_perturbation_apart")
     return [_agent_startup_target(res), *_agent_accuracy_targets(res),
             *_flat_targets(pert["rows"] if pert else None, _why(res, "agent_perturbation"),
                            "1..16 clients through the agent", "client(s) through the agent",
                            "clients"),
+            *(_flat_targets(apart["rows"] if apart else None,
+                            _why(res, "agent_perturbation_apart"),
+                            f"1..16 clients through the agent, {APART}",
+                            f"client(s) through the agent, {APART}", "clients")
+              if "agent_perturbation_apart" in res else []),
             *_agent_resource_targets(res)]
 
 
@@ -527,24 +540,45 @@ def _startup(s: dict) -> list[str]:
     return out
 
 
-def _scaling(rows: list[dict]) -> list[str]:
-    out = [f"## {TITLES['scaling']}\n",
-           "The witness ping's slowdown comes from the instances' probe traffic and from their "
-           "programs (one shared set) and processes; the control runs the same number of "
-           "iputils pings at the same rate from the same containers. Each round runs one "
+def _scaling_apart(rows: list[dict]) -> list[str]:
+    return _scaling(rows, "scaling_apart")
+
+
+def _rates(r: dict) -> str:
+    """The instances' probes/s and the control's, counted on their devices."""
+    if "probes_per_s" not in r:
+        return "-"
+    return f"{r['probes_per_s']:.0f} / {r['control_probes_per_s']:.0f}"
+
+
+def _scaling(rows: list[dict], key: str = "scaling") -> list[str]:
+    placement = rows[0].get("placement", "any CPU") if rows else "any CPU"
+    out = [f"## {TITLES[key]}\n",
+           f"Placement: {placement} (pinned with sched_setaffinity, inherited by the tools; "
+           "veth does a packet's softirq work on its sender's CPU, so a run's packets stay "
+           "on its CPU). Probes/s: the runs' and the control's, counted on their containers' "
+           "eth0 during the witness (a row whose two rates differ by more than 10% is not "
+           "measured).\n",
+           "The witness ping's slowdown comes from the instances' probe traffic, their "
+           "processes and their programs (one shared set); the control runs the same "
+           "mace-ping commands from the same containers with `--source none` (the same "
+           "probes, pacing and process, no kernel data), so mace minus control is what the "
+           "corrections cost the witness. (Until this run the control was iputils ping at "
+           "the same -i, which sent 30-40% fewer probes under load here.) Each round runs one "
            "block of baseline, mace and control in a shuffled order; Δ figures are means of "
            "per-round paired differences ± standard error. Noise: |odd - even| baseline "
            "blocks. ns per program run: the shared set's, in a 1 s window after the first "
            "round's witness, the runs still probing (stats off during the witness); sets "
            "loaded: copies of the programs on the host then (1 while the runs share one).\n",
-           "| instances | rounds x block | ns per program run (sets loaded) | witness Δmean "
-           "µs | control Δmean µs | mace minus control µs | noise µs | witness Δp99 µs | "
-           "coverage (lowest) | events lost |", "|---|---|---|---|---|---|---|---|---|---|"]
+           "| instances | rounds x block | probes/s runs / control | ns per program run "
+           "(sets loaded) | witness Δmean µs | control Δmean µs | mace minus control µs | "
+           "noise µs | witness Δp99 µs | coverage (lowest) | events lost |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['instances']} | not measured: {r['error']} |||||||||")
+            out.append(f"| {r['instances']} | not measured: {r['error']} ||||||||||")
             continue
-        out.append(f"| {r['instances']} | {r['rounds']} x {r['block']} | "
+        out.append(f"| {r['instances']} | {r['rounds']} x {r['block']} | {_rates(r)} | "
                    f"{_f(r['cost']['ns_per_run'], 1)} ({_f(r.get('sets_loaded'))}) | "
                    f"{r['witness_delta_mean_us']:+.2f}{_pm(r['witness_delta_se_us'])} | "
                    f"{r['control_delta_mean_us']:+.2f}{_pm(r['control_delta_se_us'])} | "
@@ -665,22 +699,28 @@ def _ipv6(v: dict) -> list[str]:
     return out
 
 
-def _agent_perturbation(p: dict) -> list[str]:
-    out = [f"## {TITLES['agent_perturbation']}\n",
+def _agent_perturbation_apart(p: dict) -> list[str]:
+    return _agent_perturbation(p, "agent_perturbation_apart")
+
+
+def _agent_perturbation(p: dict, key: str = "agent_perturbation") -> list[str]:
+    out = [f"## {TITLES[key]}\n",
            f"N clients (capabilities: {p['client_capabilities']}), one per lab container, "
-           f"each `mace-ping --agent SOCK --ndjson -q -i {p['client_interval_s']}` (as the "
-           "scaling section's runs, at half their rate), under "
+           f"each `mace-ping --agent SOCK --ndjson -q -i {p['client_interval_s']}`, under "
            f"{p['neighbours']} flood neighbours; the witness (c11) pings every "
-           f"{p['witness_interval_s']} s. Control: N iputils pings at the clients' rate "
-           "from the same containers. Rounds and Δ figures as in the scaling section.\n",
-           "| clients | rounds x block | witness Δmean µs | control Δmean µs | mace minus "
-           "control µs | noise µs | witness Δp99 µs | coverage (lowest) | events lost |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           f"{p['witness_interval_s']} s. Control: the same N clients with `--source none` "
+           "(no agent, no kernel data). Placement: "
+           f"{p.get('placement', 'any CPU')}. Rounds, Δ figures and probes/s as in the "
+           "scaling section.\n",
+           "| clients | rounds x block | probes/s clients / control | witness Δmean µs | "
+           "control Δmean µs | mace minus control µs | noise µs | witness Δp99 µs | "
+           "coverage (lowest) | events lost |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in p["rows"]:
         if "error" in r:
-            out.append(f"| {r['instances']} | not measured: {r['error']} ||||||||")
+            out.append(f"| {r['instances']} | not measured: {r['error']} |||||||||")
             continue
-        out.append(f"| {r['instances']} | {r['rounds']} x {r['block']} | "
+        out.append(f"| {r['instances']} | {r['rounds']} x {r['block']} | {_rates(r)} | "
                    f"{r['witness_delta_mean_us']:+.2f}{_pm(r['witness_delta_se_us'])} | "
                    f"{r['control_delta_mean_us']:+.2f}{_pm(r['control_delta_se_us'])} | "
                    f"**{r['bpf_share_mean_us']:+.2f}**{_pm(r['bpf_share_se_us'])} | "
@@ -743,6 +783,10 @@ TITLES = {
     "agent_accuracy": "mace-agent: accuracy of a client with no capability (vs truth v2, µs)",
     "agent_perturbation": "mace-agent: neighbour perturbation, 1..16 clients through the "
                           "agent (µs)",
+    "agent_perturbation_apart": "mace-agent: neighbour perturbation, 1..16 clients through "
+                                "the agent, clients' CPU apart from the witness's (µs)",
+    "scaling_apart": "Scaling, runs' CPU apart from the witness's (1..8 concurrent runs at "
+                     "200 probes/s each, 4 flood neighbours)",
     "agent_resources": "mace-agent: the agent's memory and CPU",
     "ipv6": "IPv6 beside IPv4: corrected - truth v2 over NAT66 (µs)",
     "fleet": "mace-agent exporting: 100 probes at 1/s from 10 lab containers",
@@ -751,8 +795,10 @@ SECTIONS: list[tuple[str, Callable[[Any], list[str]]]] = [
     ("accuracy", _accuracy), ("truth_v1", _truth_v1), ("flood", _flood),
     ("perturbation", _perturbation), ("cost", _cost), ("foreign_cost", _foreign_cost),
     ("records", _records), ("startup", _startup),
-    ("scaling", _scaling), ("agent_startup", _agent_startup),
-    ("agent_accuracy", _agent_accuracy), ("agent_perturbation", _agent_perturbation),
+    ("scaling", _scaling), ("scaling_apart", _scaling_apart),
+    ("agent_startup", _agent_startup), ("agent_accuracy", _agent_accuracy),
+    ("agent_perturbation", _agent_perturbation),
+    ("agent_perturbation_apart", _agent_perturbation_apart),
     ("agent_resources", _agent_resources), ("fleet", _fleet), ("ipv6", _ipv6),
     ("traceroute", _traceroute)]
 
