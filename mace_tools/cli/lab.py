@@ -37,11 +37,16 @@ def up(prefix: Prefix = "mace",
     print(f"lab up: {lab.host_ns}, {lab.target_ns} ({lab.target_addr}"
           f"{', ' + lab.target_addr6 if ipv6 else ''}), "
           f"{containers} container(s) {lab.container_ns(0)}..")
-    print(f"try: mace-ping --netns {lab.container_ns(0)} -c 5 {lab.target_addr}")
+    # from the lab's host netns, as on a container host: from the root netns no probe
+    # crosses the outer device, and every reply would say corrected=none
+    on_host = f"ip netns exec {lab.host_ns}"
+    print(f"try: {on_host} mace-ping --netns {lab.container_ns(0)} -c 5 {lab.target_addr}")
     if ipv6:
-        print(f"     mace-ping --netns {lab.container_ns(0)} -c 5 {lab.target_addr6}")
+        print(f"     {on_host} mace-ping --netns {lab.container_ns(0)} -c 5 "
+              f"{lab.target_addr6}")
     if routers:
-        print(f"     mace-traceroute --netns {lab.container_ns(0)} {lab.target_addr}")
+        print(f"     {on_host} mace-traceroute --netns {lab.container_ns(0)} "
+              f"{lab.target_addr}")
 
 
 @app.command()
