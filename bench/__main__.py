@@ -77,8 +77,8 @@ class Step:
 
 # the lab of 21 containers; the routed lab (2 routers); a dual-stack lab of 5 containers
 STAR, ROUTED, DUAL = "star", "routed", "dual"
-# the agent's clients' interval: one iputils paces as asked (at -i 0.01 it sends every 16 ms
-# here, measured, and the control would not be the clients' traffic)
+# the agent's clients' interval in the perturbation rows (0.01 until 2026-11-24; iputils, the
+# control then, sent every 16 ms at -i 0.01 on this 250 Hz kernel)
 CLIENT_INTERVAL = 0.008
 AGENT_SECTIONS = ("agent_startup", "agent_accuracy", "agent_perturbation", "agent_resources")
 

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, ExitStack
 from pathlib import Path
 
 from bench import experiments as ex
@@ -265,16 +265,19 @@ def agent_perturbation(lab: Lab, counts: list[int], witness: int, witness_interv
                        client_interval: float, neighbours: int, rounds: int = 5,
                        seed: int = 4, place: ex.Placement = ex.ANYWHERE) -> dict:
     """The witness's RTT (c11) with N clients probing through the agent, each in its own
-    container, against the same N iputils pings at the same rate (the control) and
-    neither (the baseline), under flood neighbours: paired rounds in shuffled order, as
-    ex.scaling() does for standalone runs. "mace minus control" is what the clients cost
-    the witness beyond their probes' traffic (the programs, and the clients' CPU).
-    `place`: where the clients, the control and the witness may run."""
+    container, against the same N clients measuring raw without the agent (the control)
+    and neither (the baseline), under flood neighbours: paired rounds in shuffled order, as
+    ex.scaling() does for standalone runs. "mace minus control" is what the corrections
+    cost the witness (the programs, the clients' reading of their records, the agent).
+    `place`: where the clients, the agent, the control and the witness may run."""
     rows: list[dict] = []
     block = max(50, witness // rounds)
     order = random.Random(seed)
     budget = len(counts) * rounds * (3 * block * witness_interval + 60) + 60
-    with ping_sockets_open(lab, AGENT_CLIENTS), Agent(lab) as agent:
+    with ExitStack() as stack:
+        stack.enter_context(ping_sockets_open(lab, AGENT_CLIENTS))
+        with ex.on_cpus(place.instances):  # the agent works for the clients: beside them
+            agent = stack.enter_context(Agent(lab))
         caps = client_privilege(lab, agent)
         with ex.load_setting(lab, neighbours, "flood", budget):
             for n in counts:
@@ -323,7 +326,7 @@ def _clients_block(lab: Lab, agent: Agent, caps: tuple[str, ...], containers: tu
                    place: ex.Placement, raw: bool = False
                    ) -> tuple[list[float], float, list[ToolResult]]:
     """The witness while one client per container probes through the agent (raw: with no
-    kernel data, --source none), and the clients' probes per second."""
+    kernel data, --corrections none), and the clients' probes per second."""
     count = int((90 + block * witness_interval) / client_interval)  # bounded, if we die
     with ex.on_cpus(place.instances):
         runs = _start_clients(lab, agent, caps, containers, count, client_interval, raw)
@@ -349,9 +352,9 @@ def _start_clients(lab: Lab, agent: Agent, caps: tuple[str, ...], containers: tu
     try:
         for c in containers:
             cmd = client_command(lab, c, agent, caps, *args)
-            if raw:  # (--agent PATH would contradict --source none)
+            if raw:  # (--agent PATH would contradict --corrections none)
                 at = cmd.index("--agent")
-                cmd[at:at + 2] = ["--source", "none"]
+                cmd[at:at + 2] = ["--corrections", "none"]
             runs.append(_start_client(cmd))
     except BaseException:
         for run in runs:

@@ -215,25 +215,31 @@ def on_cpus(cpus: frozenset[int] | None) -> Iterator[None]:
 
 
 def tx_packets(lab: Lab, containers: tuple[int, ...]) -> int:
-    """Packets the containers' eth0 sent so far (their probes: they send nothing else)."""
-    total = 0
-    for c in containers:
-        out = subprocess.run(["ip", "-n", lab.container_ns(c), "-s", "-j", "link", "show",
-                              "dev", "eth0"], capture_output=True, text=True, check=True,
-                             timeout=30).stdout
-        total += json.loads(out)[0]["stats64"]["tx"]["packets"]
-    return total
+    """Packets the containers sent so far: their probes (they send nothing else but a
+    rare ARP), counted as the host side of each one's veth (vcI) received them, in one
+    snapshot of the host netns (one `ip` call, so the window has one start and end)."""
+    return sum(sent_by_container(lab, containers).values())
+
+
+def sent_by_container(lab: Lab, containers: tuple[int, ...]) -> dict[int, int]:
+    """tx_packets of each container, from one snapshot."""
+    out = subprocess.run(["ip", "-n", lab.host_ns, "-s", "-j", "link", "show"],
+                         capture_output=True, text=True, check=True, timeout=30).stdout
+    rx = {link["ifname"]: link["stats64"]["rx"]["packets"] for link in json.loads(out)}
+    return {c: rx[f"vc{c}"] for c in containers}
 
 
 def witness_during(lab: Lab, containers: tuple[int, ...], block: int, interval: float,
                    place: Placement) -> tuple[list[float], float]:
     """The witness's RTTs (µs) and the probes per second the containers sent meanwhile:
-    counted on their devices, so a control that paces slower than asked is seen (iputils
-    20221126 asked for -i 0.01 sends every 16 ms here, measured)."""
-    start, sent = time.monotonic(), tx_packets(lab, containers)
+    counted on the wire, so a side that paces slower than asked is seen (iputils 20221126,
+    the control until 2026-11-24, sent 30-40% fewer probes than mace-ping at the same -i
+    under 4 floods here, measured)."""
+    sent, start = tx_packets(lab, containers), time.monotonic()
     with on_cpus(place.witness):
         rtts = witness_ping(lab, block, interval)
-    return rtts, (tx_packets(lab, containers) - sent) / (time.monotonic() - start)
+    end = time.monotonic()
+    return rtts, (tx_packets(lab, containers) - sent) / (end - start)
 
 
 @contextmanager
@@ -694,11 +700,13 @@ def _mace_block(lab: Lab, n: int, block: int, interval: float, cost_window_s: fl
     window (stats on only then: bpf_stats' own clock reads would slow the witness)."""
     count = bounded_count(interval, block)
     containers = (0, *EXTRA_MACE)[:n]
-    with on_cpus(place.instances):
-        runs = [mace_ping(lab, c, os.urandom(8), count, interval, *PACED, "-q",
-                          "-w", str(int(count * interval) + 5)) for c in containers]
+    runs: list[ToolRun] = []
     cost = None
     try:
+        with on_cpus(place.instances):
+            for c in containers:
+                runs.append(mace_ping(lab, c, os.urandom(8), count, interval, *PACED, "-q",
+                                      "-w", str(int(count * interval) + 5)))
         wait_for_runs([r.proc for r in runs])
         rtts, rate = witness_during(lab, containers, block, interval, place)
         if cost_window_s:
@@ -716,15 +724,17 @@ def control_block(lab: Lab, containers: tuple[int, ...], block: int, interval: f
                   place: Placement, witness_interval: float | None = None
                   ) -> tuple[list[float], float]:
     """The witness while the same mace-ping runs probe from these containers with no
-    kernel data (--source none: no programs, nothing read): the runs' own probe traffic
+    kernel data (--corrections none: no programs, nothing read): the runs' own probe traffic
     and process, without the corrections; and their probes per second. (iputils was the
     control before: at the same -i it sends 30-40% fewer probes here, measured.)"""
     count = bounded_count(interval, block)
-    with on_cpus(place.instances):
-        runs = [mace_ping(lab, c, os.urandom(8), count, interval, *PACED, "--source", "none",
-                          "-q",
-                          "-w", str(int(count * interval) + 5)) for c in containers]
+    runs: list[ToolRun] = []
     try:
+        with on_cpus(place.instances):
+            for c in containers:
+                runs.append(mace_ping(lab, c, os.urandom(8), count, interval, *PACED,
+                                      "--corrections", "none", "-q", "-w",
+                                      str(int(count * interval) + 5)))
         wait_sending(lab, containers, [r.proc for r in runs])
         return witness_during(lab, containers, block, witness_interval or interval, place)
     finally:
@@ -736,7 +746,7 @@ def wait_sending(lab: Lab, containers: tuple[int, ...], procs: list[subprocess.P
                  timeout_s: float = 60.0) -> None:
     """Until every container has sent 2 probes since: runs with no kernel data are no runs
     of the program set to wait for (wait_for_runs)."""
-    first = {c: tx_packets(lab, (c,)) for c in containers}
+    first = sent_by_container(lab, containers)
     waiting = set(containers)
     deadline = time.monotonic() + timeout_s
     while waiting:
@@ -747,18 +757,19 @@ def wait_sending(lab: Lab, containers: tuple[int, ...], procs: list[subprocess.P
             raise NotMeasured(f"{len(waiting)} control run(s) not sending within "
                               f"{timeout_s:.0f} s")
         time.sleep(0.05)
-        waiting = {c for c in waiting if tx_packets(lab, (c,)) < first[c] + 2}
+        now = sent_by_container(lab, containers)
+        waiting = {c for c in waiting if now[c] < first[c] + 2}
 
 
 def scaling(lab: Lab, instances: list[int], count: int, interval: float, neighbours: int,
             rounds: int = 5, seed: int = 2, place: Placement = ANYWHERE) -> list[dict]:
     """1..8 concurrent mace-ping runs under flood neighbours: the witness's RTT with the runs
-    probing, with as many iputils pings at the same rate (the control: the runs' own probe
-    traffic slows the witness too), and with neither (the baseline). As in perturbation(),
-    each round runs one block of each condition in a shuffled order and every figure is a
-    mean of per-round paired differences with its standard error; "mace minus control" is
-    what the runs cost the witness beyond their probes' traffic (programs, and the CPU of
-    the runs' processes). The programs' cost is read in a window after the first round's
+    probing, with the same runs measuring raw (the control, control_block: the runs' own
+    probe traffic and process slow the witness too), and with neither (the baseline). As in
+    perturbation(), each round runs one block of each condition in a shuffled order and
+    every figure is a mean of per-round paired differences with its standard error; "mace
+    minus control" is what the corrections cost the witness (the programs, and the runs'
+    reading of their records). The programs' cost is read in a window after the first round's
     witness, with the runs still probing. `place`: where the runs, the control and the
     witness may run (APART: the runs' CPU kept off the witness's)."""
     rows = []
@@ -813,6 +824,9 @@ def scaling_row(n: int, rounds: int, block: int, samples: dict[str, list[list[fl
     if not (base["n"] and mace["n"] and control["n"]):
         raise NotMeasured(f"{n} runs: the witness got no replies")
     mace_rate, control_rate = (statistics.fmean(rates[k]) for k in ("mace", "control"))
+    if mace_rate <= 0 or control_rate <= 0:
+        raise NotMeasured(f"{n} runs: the runs sent {mace_rate:.0f} probes/s, the control "
+                          f"{control_rate:.0f}/s")
     if not 0.9 <= control_rate / mace_rate <= 1.1:
         raise NotMeasured(f"{n} runs: the control sent {control_rate:.0f} probes/s, the "
                           f"runs {mace_rate:.0f}/s: not the same traffic")

@@ -57,7 +57,7 @@ class Pace:
     last_send: int
     deadline: int | None
     linger_ns: int  # how long replies are awaited after the last probe (set when sent)
-    burst: int  # probes of -l still to go at once
+    burst: int  # -f and -A: probes of -l still to go at once (-i N: the credit below)
     credit_ns: int  # -i N: the token bucket's credit (iputils' tokens), as of credit_at
     credit_at: int
     received: int = 0  # distinct replies so far

@@ -9,7 +9,7 @@ loads or joins itself, or nowhere (every reply raw), in that order of preference
 - local: the process may load BPF programs (root, or CAP_BPF + CAP_PERFMON).
 - none: one line on stderr says how to get corrections; the run is measured raw.
 
---source picks one instead of the first that works: `agent` and `local` fail (one line,
+--corrections picks one instead of the first that works: `agent` and `local` fail (one line,
 exit 2) where auto would fall back; `none` measures raw without asking anyone or loading
 anything (the same probes and pacing, for a run that wants no kernel data).
 """
@@ -49,7 +49,7 @@ def may_load_programs() -> bool:
 
 def event_sources(prog: str, agent: str | None, netns_path: Path | None,
                   nonce_asked: bool, source: str = "auto") -> EventSourceFactory:
-    """The run's event source factory (session.EventSourceFactory); source: --source,
+    """The run's event source factory (session.EventSourceFactory); source: --corrections,
     checked against --agent by the command (cli.common.check_source)."""
     if source == "none":
         return lambda nonce, ns, **switches: None
@@ -93,10 +93,10 @@ def event_sources(prog: str, agent: str | None, netns_path: Path | None,
 
 
 def _local_only() -> EventSourceFactory:
-    """--source local: this process's own programs, or an error."""
+    """--corrections local: this process's own programs, or an error."""
     def factory(nonce: bytes | None, ns: Namespaces, **switches: bool) -> EventSource | None:
         if not may_load_programs():
-            raise NoPrivilege("--source local: no BPF privilege (CAP_BPF and CAP_PERFMON, "
+            raise NoPrivilege("--corrections local: no BPF privilege (CAP_BPF and CAP_PERFMON, "
                               "or root)")
         return kernel_events(nonce, ns, **switches)
 

@@ -196,12 +196,27 @@ def test_traceroute_extra_argument(capsys: pytest.CaptureFixture[str]) -> None:
                                            (traceroute_cli.main, "mace-traceroute")])
 def test_source_is_checked_before_anything_runs(cli: object, prog: str,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
-    assert_usage_error(cli, ["--source", "none", "--agent", "/x.sock", "127.0.0.1"],
-                       f"{prog}: --agent cannot go with --source none", capsys)
-    status = cli(["--source", "somewhere", "127.0.0.1"])  # type: ignore[operator]
+    assert_usage_error(cli, ["--corrections", "none", "--agent", "/x.sock", "127.0.0.1"],
+                       f"{prog}: --agent cannot go with --corrections none", capsys)
+    assert_usage_error(cli, ["--corrections", "agent", "--netns", "x", "127.0.0.1"],
+                       f"{prog}: --corrections agent: the agent serves runs from this "
+                       "process's own netns, not with --netns, --pid or --container", capsys)
+    assert_usage_error(cli, ["--corrections", "agent", "--nonce", "0123456789abcdef",
+                             "127.0.0.1"], f"{prog}: --corrections agent: the agent chooses "
+                       "the nonces, not with --nonce", capsys)
+    status = cli(["--corrections", "somewhere", "127.0.0.1"])  # type: ignore[operator]
     out, err = capsys.readouterr()
     assert status == 2 and out == "" and err.count("\n") == 1, err
     assert err.startswith(f"{prog}: ") and "'somewhere' is not one of" in err, err
+
+
+@pytest.mark.parametrize("module", ["mace_tools.cli.ping", "mace_tools.cli.traceroute"])
+def test_no_option_is_defined_twice(module: str) -> None:
+    """click only warns of an option name given twice (and the first one wins): an error
+    here, as --corrections was once --source, traceroute's source address."""
+    proc = subprocess.run([sys.executable, "-W", "error::UserWarning", "-m", module, "--help"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
 
 
 def test_traceroute_needs_a_host(capsys: pytest.CaptureFixture[str]) -> None:
@@ -273,7 +288,7 @@ def test_least_privilege_is_enough(lab: Lab) -> None:
         line, = proc.stderr.strip().splitlines()
         assert line.startswith("mace-ping: no mace-agent at ") and "no BPF privilege" in line
         assert proc.stdout.count("corrected=none") == 2
-        assert "mace corrected: none (no kernel data: no mace-agent, no BPF privilege)" \
+        assert "mace corrected: none (no kernel data: measured raw)" \
             in proc.stdout
     proc = mace_ping("-c", "1", lab.target_addr, capabilities=("bpf", "perfmon"),
                      via_netns=ns)

@@ -30,6 +30,6 @@ def test_the_up_hint_gets_corrected_replies() -> None:
         assert proc.returncode == 0 and proc.stderr == "", proc.stderr
         assert proc.stdout.count("corrected=") == 5 and "corrected=none" not in proc.stdout, \
             proc.stdout
-    finally:
+    finally:  # (asserted after: a failure above stays the one reported)
         down = _lab("down", "--prefix", prefix)
-        assert down.returncode == 0, down.stderr
+    assert down.returncode == 0, down.stderr

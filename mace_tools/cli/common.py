@@ -39,9 +39,9 @@ RuntimeOption = Annotated[str, typer.Option(
     "--runtime", help="docker, podman, containerd (via ctr), crio (via crictl) or auto")]
 ListContainersOption = Annotated[bool, typer.Option(
     "--list-containers", help="list the containers that can be measured, and exit")]
-SOURCES = ("auto", "agent", "local", "none")
-SourceOption = Annotated[str, typer.Option(
-    "--source", click_type=click.Choice(SOURCES), help="where corrections come from: auto "
+CORRECTIONS = ("auto", "agent", "local", "none")
+CorrectionsOption = Annotated[str, typer.Option(
+    "--corrections", click_type=click.Choice(CORRECTIONS), help="where corrections come from: auto "
     "(the agent if its socket exists, else programs this process loads, else none), agent, "
     "local (this process's programs) or none (every reply raw: nothing is loaded or asked)")]
 AgentOption = Annotated[str | None, typer.Option(
@@ -49,10 +49,18 @@ AgentOption = Annotated[str | None, typer.Option(
     "(default: $MACE_AGENT, else /run/mace/agent.sock if it exists)")]
 
 
-def check_source(agent: str | None, source: str) -> None:
-    """--agent names an agent to take corrections from: not with --source local or none."""
-    if agent is not None and source in ("local", "none"):
-        raise MaceError(f"--agent cannot go with --source {source}")
+def check_corrections(agent: str | None, corrections: str, entering: bool,
+                      nonce: bool) -> None:
+    """--corrections against the options it cannot go with, before anything runs: --agent
+    names an agent (not for local or none); the agent serves runs from the client's own
+    netns (not entering another: --netns, --pid, --container) and chooses the nonces."""
+    if agent is not None and corrections in ("local", "none"):
+        raise MaceError(f"--agent cannot go with --corrections {corrections}")
+    if corrections == "agent" and entering:
+        raise MaceError("--corrections agent: the agent serves runs from this process's own "
+                        "netns, not with --netns, --pid or --container")
+    if corrections == "agent" and nonce:
+        raise MaceError("--corrections agent: the agent chooses the nonces, not with --nonce")
 
 
 def run_app(app: typer.Typer, prog: str, argv: list[str] | None = None,

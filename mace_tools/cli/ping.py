@@ -26,11 +26,11 @@ from mace_tools.cli.common import (
     UINT_MAX,
     AgentOption,
     ContainerOption,
+    CorrectionsOption,
     ListContainersOption,
     ProbeSite,
     RuntimeOption,
-    SourceOption,
-    check_source,
+    check_corrections,
     drop_privileges,
     host_name_bytes,
     ip_family,
@@ -158,7 +158,7 @@ def ping(
         "lets a capture filter on it (icmp[8:4], icmp[12:4]); must differ between "
         "concurrent runs")] = None,
     agent: AgentOption = None,
-    data_source: SourceOption = "auto",
+    corrections: CorrectionsOption = "auto",
     version: Annotated[bool, typer.Option("-V", "--version", help="print version")] = False,
 ) -> None:
     if version and json_lines:
@@ -184,7 +184,9 @@ def ping(
     if host is None and not (version or list_containers):
         raise MaceError("usage error: Destination address required")
     host = required_host(PROG, version, list_containers, runtime, host)
-    check_source(agent, data_source)
+    check_corrections(agent, corrections,
+                      any(x is not None for x in (netns, pid, container)),
+                      nonce is not None)
     from mace_tools.output.live import make_sink
     from mace_tools.pinger import Pinger, PingOptions
     from mace_tools.sources import event_sources
@@ -235,7 +237,7 @@ def ping(
                          show_dup=not multicast, pattern=extra.pattern,
                          flowlabel=flow or None)
         sources = event_sources(PROG, agent, site.netns_path, nonce is not None,
-                                data_source)
+                                corrections)
         result = Pinger(opts, sink, nonce=parse_nonce(nonce), backend_factory=sources,
                         after_setup=drop_privileges).run()
         sink.finish(result)

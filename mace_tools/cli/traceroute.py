@@ -19,11 +19,11 @@ from mace_tools.cli.common import (
     INT_MAX,
     AgentOption,
     ContainerOption,
+    CorrectionsOption,
     ListContainersOption,
     ProbeSite,
     RuntimeOption,
-    SourceOption,
-    check_source,
+    check_corrections,
     drop_privileges,
     ip_family,
     output_mode,
@@ -170,12 +170,14 @@ def traceroute(
     ndjson: Annotated[bool, typer.Option("--ndjson", help="one JSON record per hop")] = False,
     nonce: Annotated[str | None, typer.Option("--nonce", help="16 hex digits")] = None,
     agent: AgentOption = None,
-    data_source: SourceOption = "auto",
+    corrections: CorrectionsOption = "auto",
     version: Annotated[bool, typer.Option("-V", "--version")] = False,
 ) -> None:
     if version or list_containers:
         required_host(PROG, version, list_containers, runtime, host)
-    check_source(agent, data_source)
+    check_corrections(agent, corrections,
+                      any(x is not None for x in (netns, pid, container)),
+                      nonce is not None)
     for flag, given in (("-A", as_lookups), ("-g", bool(gateway)), ("-UL", udplite),
                         ("-D", dccp), ("-l", flowlabel is not None)):
         if given:
@@ -221,7 +223,7 @@ def traceroute(
         icmp_socket=next((k for k in ("raw", "dgram") if k in method_options), ""))
     _set_ports(opts, port_n, sport_n, chosen.protocol, method_options)
     _one_at_a_time(opts)
-    _run(opts, mode, host, addr, nonce, agent, data_source, site, numeric, back)
+    _run(opts, mode, host, addr, nonce, agent, corrections, site, numeric, back)
 
 
 def _signed(value: int) -> int:
@@ -259,7 +261,7 @@ def _one_at_a_time(opts: TraceOptions) -> None:
 
 
 def _run(opts: TraceOptions, mode: str, host: str, addr: str, nonce: str | None,
-         agent: str | None, data_source: str, site: ProbeSite, numeric: bool,
+         agent: str | None, corrections: str, site: ProbeSite, numeric: bool,
          back: bool) -> None:
     """Run the trace, its output as asked (text: hop names unless -n; --back)."""
     from mace_tools.output.traceroute import TraceOutput
@@ -277,7 +279,7 @@ def _run(opts: TraceOptions, mode: str, host: str, addr: str, nonce: str | None,
                          paris=opts.paris, name_of=names, back=back)
     try:
         sources = event_sources(PROG, agent, site.netns_path, nonce is not None,
-                                data_source)
+                                corrections)
         result = Tracer(opts, output, nonce=parse_nonce(nonce), after_setup=drop_privileges,
                         backend_factory=sources).run()
     except MaceError as exc:  # past the arguments, failures are runtime errors: exit 1

@@ -180,7 +180,8 @@ def mace_summary(s: RunSummary, kernel: bool = True, source: str = "local") -> l
         return ["mace corrected: none (probes smaller than 12 bytes cannot carry the "
                 "nonce and the probe number)"]
     if source == "none":
-        return ["mace corrected: none (no kernel data: no mace-agent, no BPF privilege)"]
+        # (why: the line on stderr, or --corrections none)
+        return ["mace corrected: none (no kernel data: measured raw)"]
     corrected = s.rtt_corrected
     n_ok, n = s.corrected_count, raw.n
     coverage = f"kernel data {n_ok}/{n} replies ({100 * n_ok / n:g}%), " \
