@@ -921,7 +921,6 @@ static __always_inline int act(const struct sk_buff *skb, const struct net_devic
 static __always_inline int record4(const struct sk_buff *skb, unsigned char *l3,
 				   const struct net_device *dev, __u8 hook)
 {
-	struct seen_packet s = {};
 	const struct probe_hdrs *look;
 	struct probe_hdrs h;
 	__u8 ihl;
@@ -961,7 +960,10 @@ static __always_inline int record4(const struct sk_buff *skb, unsigned char *l3,
 		if (pkt_read(&p, ihl, h.l4, sizeof(h.l4)))
 			return 0;
 	}
-	s.family = 4;
+	/* Declared here, not at the top: clang zeroed it there, before the first look, on
+	 * every foreign packet's way (~1 ns per run). */
+	struct seen_packet s = {.family = 4};
+
 	__builtin_memcpy(s.saddr, &h.ip.saddr, 4);
 	__builtin_memcpy(s.daddr, &h.ip.daddr, 4);
 	if (!classify(&p, h.l4, h.ip.protocol, ihl, bpf_ntohs(h.ip.tot_len) - ihl, &s))
@@ -1007,7 +1009,6 @@ static __always_inline bool may_be_wanted6(const struct probe_hdrs6 *h)
 static __always_inline int record6(const struct sk_buff *skb, unsigned char *l3,
 				   const struct net_device *dev, __u8 hook)
 {
-	struct seen_packet s = {};
 	const struct probe_hdrs6 *look;
 	struct probe_hdrs6 h;
 	__u8 proto = 0;
@@ -1036,7 +1037,8 @@ static __always_inline int record6(const struct sk_buff *skb, unsigned char *l3,
 		return 0;
 	if (at != sizeof(h.ip) && pkt_read(&p, at, h.l4, sizeof(h.l4)))
 		return 0;
-	s.family = 6;
+	struct seen_packet s = {.family = 6}; /* here, not at the top: as record4's */
+
 	__builtin_memcpy(s.saddr, h.ip.saddr, 16);
 	__builtin_memcpy(s.daddr, h.ip.daddr, 16);
 	if (!classify(&p, h.l4, proto, at, sizeof(h.ip) + bpf_ntohs(h.ip.payload_len) - at, &s))
