@@ -37,6 +37,12 @@ enum bpf_map_type {
 	BPF_MAP_TYPE_RINGBUF = 27,
 };
 
+/* Features the verifier has beyond what its version says (kernel/bpf/verifier.c); CO-RE
+ * asks whether the running kernel's BTF lists an enumerator (bpf_core_enum_value_exists). */
+enum bpf_features {
+	BPF_FEAT_RDONLY_CAST_TO_VOID = 0, /* bpf_rdonly_cast(p, 0): direct loads from any p */
+};
+
 #pragma clang attribute push(__attribute__((preserve_access_index)), apply_to = record)
 
 struct ns_common {
