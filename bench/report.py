@@ -556,9 +556,9 @@ def _scaling(rows: list[dict], key: str = "scaling") -> list[str]:
     out = [f"## {TITLES[key]}\n",
            f"Placement: {placement} (pinned with sched_setaffinity, inherited by the tools; "
            "veth does a packet's softirq work on its sender's CPU, so a run's packets stay "
-           "on its CPU). Probes/s: the runs' and the control's, counted on their containers' "
-           "eth0 during the witness (a row whose two rates differ by more than 10% is not "
-           "measured).\n",
+           "on its CPU). Probes/s: the runs' and the control's, counted as the host side of "
+           "their veths received them during the witness (a row whose two rates differ by "
+           "more than 10% is not measured).\n",
            "The witness ping's slowdown comes from the instances' probe traffic, their "
            "processes and their programs (one shared set); the control runs the same "
            "mace-ping commands from the same containers with `--corrections none` (the same "
