@@ -48,17 +48,18 @@ def may_load_programs() -> bool:
 
 
 def event_sources(prog: str, agent: str | None, netns_path: Path | None,
-                  nonce_asked: bool, source: str = "auto") -> EventSourceFactory:
-    """The run's event source factory (session.EventSourceFactory); source: --corrections,
-    checked against --agent by the command (cli.common.check_source)."""
-    if source == "none":
+                  nonce_asked: bool, corrections: str = "auto") -> EventSourceFactory:
+    """The run's event source factory (session.EventSourceFactory); corrections: the
+    --corrections choice, checked against the other options by the command
+    (cli.common.check_corrections)."""
+    if corrections == "none":
         return lambda nonce, ns, **switches: None
-    if source == "local":
+    if corrections == "local":
         return _local_only()
     from mace_tools.agent import client
 
     path, explicit = client.socket_path(agent)
-    explicit = explicit or source == "agent"
+    explicit = explicit or corrections == "agent"
     if explicit and netns_path is not None:
         raise MaceError("the agent serves runs from this process's own netns: "
                         "--agent cannot go with --netns, --pid or --container")
@@ -88,8 +89,6 @@ def event_sources(prog: str, agent: str | None, netns_path: Path | None,
         return None
 
     return factory
-
-
 
 
 def _local_only() -> EventSourceFactory:

@@ -162,7 +162,7 @@ def _inside(lab: Lab, *args: str, capabilities: tuple[str, ...] | None = None,
 
 
 @pytest.mark.lab
-def test_source_picks_where_the_kernel_data_comes_from(lab: Lab, agent: AgentProcess) -> None:
+def test_corrections_picks_where_the_kernel_data_comes_from(lab: Lab, agent: AgentProcess) -> None:
     """--corrections: auto takes the agent, local this process's programs, none nothing (no
     line on stderr, every reply raw); agent and local fail where auto would fall back."""
     env = {**_env(), "MACE_AGENT": str(agent.socket)}

@@ -194,7 +194,7 @@ def test_traceroute_extra_argument(capsys: pytest.CaptureFixture[str]) -> None:
 
 @pytest.mark.parametrize(("cli", "prog"), [(ping_cli.main, "mace-ping"),
                                            (traceroute_cli.main, "mace-traceroute")])
-def test_source_is_checked_before_anything_runs(cli: object, prog: str,
+def test_corrections_is_checked_before_anything_runs(cli: object, prog: str,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     assert_usage_error(cli, ["--corrections", "none", "--agent", "/x.sock", "127.0.0.1"],
                        f"{prog}: --agent cannot go with --corrections none", capsys)
