@@ -72,11 +72,12 @@ def ping_sockets_open(lab: Lab, containers: tuple[int, ...]) -> AbstractContextM
 
 
 def client_command(lab: Lab, container: int, agent: Agent, caps: tuple[str, ...],
-                   *args: str) -> list[str]:
-    """mace-ping inside a lab container, through the agent, with only `caps`."""
+                   *args: str, raw: bool = False) -> list[str]:
+    """mace-ping inside a lab container, through the agent, with only `caps`; raw: the
+    same client with no kernel data (--corrections none), not asking the agent."""
+    source = ("--corrections", "none") if raw else ("--agent", str(agent.socket))
     return ["ip", "netns", "exec", lab.container_ns(container), *with_capabilities(*caps),
-            sys.executable, "-m", "mace_tools.cli.ping", "--agent", str(agent.socket), *args,
-            lab.target_addr]
+            sys.executable, "-m", "mace_tools.cli.ping", *source, *args, lab.target_addr]
 
 
 def client_privilege(lab: Lab, agent: Agent, env: dict[str, str] | None = None
@@ -351,11 +352,7 @@ def _start_clients(lab: Lab, agent: Agent, caps: tuple[str, ...], containers: tu
     runs: list[ToolRun] = []
     try:
         for c in containers:
-            cmd = client_command(lab, c, agent, caps, *args)
-            if raw:  # (--agent PATH would contradict --corrections none)
-                at = cmd.index("--agent")
-                cmd[at:at + 2] = ["--corrections", "none"]
-            runs.append(_start_client(cmd))
+            runs.append(_start_client(client_command(lab, c, agent, caps, *args, raw=raw)))
     except BaseException:
         for run in runs:
             ex.interrupt(run)

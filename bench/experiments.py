@@ -698,15 +698,11 @@ def _mace_block(lab: Lab, n: int, block: int, interval: float, cost_window_s: fl
     """The witness while `n` mace-ping runs (one shared program set) probe at `interval`,
     and their probes per second; then, if cost_window_s, their programs' cost over that
     window (stats on only then: bpf_stats' own clock reads would slow the witness)."""
-    count = bounded_count(interval, block)
     containers = (0, *EXTRA_MACE)[:n]
     runs: list[ToolRun] = []
     cost = None
     try:
-        with on_cpus(place.instances):
-            for c in containers:
-                runs.append(mace_ping(lab, c, os.urandom(8), count, interval, *PACED, "-q",
-                                      "-w", str(int(count * interval) + 5)))
+        _start_paced_runs(lab, containers, block, interval, place, runs)
         wait_for_runs([r.proc for r in runs])
         rtts, rate = witness_during(lab, containers, block, interval, place)
         if cost_window_s:
@@ -720,6 +716,18 @@ def _mace_block(lab: Lab, n: int, block: int, interval: float, cost_window_s: fl
     return rtts, rate, results, cost
 
 
+def _start_paced_runs(lab: Lab, containers: tuple[int, ...], block: int, interval: float,
+                      place: Placement, runs: list[ToolRun], *extra: str) -> None:
+    """One perturbation-row mace-ping run per container (-l 3, -q, bounded), on the
+    instances' CPUs; each is appended to `runs` as it starts, so the caller stops the
+    started ones should a later start fail."""
+    count = bounded_count(interval, block)
+    with on_cpus(place.instances):
+        for c in containers:
+            runs.append(mace_ping(lab, c, os.urandom(8), count, interval, *PACED, *extra,
+                                  "-q", "-w", str(int(count * interval) + 5)))
+
+
 def control_block(lab: Lab, containers: tuple[int, ...], block: int, interval: float,
                   place: Placement, witness_interval: float | None = None
                   ) -> tuple[list[float], float]:
@@ -727,14 +735,9 @@ def control_block(lab: Lab, containers: tuple[int, ...], block: int, interval: f
     kernel data (--corrections none: no programs, nothing read): the runs' own probe traffic
     and process, without the corrections; and their probes per second. (iputils was the
     control before: at the same -i it sends 30-40% fewer probes here, measured.)"""
-    count = bounded_count(interval, block)
     runs: list[ToolRun] = []
     try:
-        with on_cpus(place.instances):
-            for c in containers:
-                runs.append(mace_ping(lab, c, os.urandom(8), count, interval, *PACED,
-                                      "--corrections", "none", "-q", "-w",
-                                      str(int(count * interval) + 5)))
+        _start_paced_runs(lab, containers, block, interval, place, runs, "--corrections", "none")
         wait_sending(lab, containers, [r.proc for r in runs])
         return witness_during(lab, containers, block, witness_interval or interval, place)
     finally:
