@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import pytest
 from accuracy import assert_accurate_errors
 
+from mace_tools.lab.demo import ProbeRow
 from mace_tools.lab.paths import (
     MacvlanLab,
     Measured,
@@ -77,8 +78,20 @@ def assert_all_corrected_at(m: Measured, outer: str) -> None:
     missing = [r.seq for r in m.rows if r.corrected_ms is None]
     assert not missing, f"no correction for seq {missing[:10]} ({len(missing)} in all)"
     assert {r.outer_dev for r in m.rows} == {outer}
-    slower = [(r.seq, r.raw_ms, r.corrected_ms) for r in m.rows if r.corrected_ms >= r.raw_ms]
-    assert not slower, f"corrected not below raw (seq, raw, corrected): {slower[:5]}"
+    slower = [r for r in m.rows if r.corrected_ms >= r.raw_ms]
+    assert not slower, "corrected not below raw: " + "; ".join(
+        explain(r, m.records()[r.seq]) for r in slower[:5])
+
+
+def explain(row: ProbeRow, rec: dict) -> str:
+    """A reply's times in µs after its send point, for a failure's message: which stamp
+    is off (raw ends at the reply's kernel receive stamp, corrected at its return)."""
+    path = " ".join(f"{s['pkt'][:3]}:{s['dev']}:{s['dir']}@{s['t']:.1f}"
+                    for s in rec.get("path", []))
+    truth = "-" if row.capture_ms is None else f"{row.capture_ms * 1e3:.1f}"
+    egress = "-" if rec.get("egress") is None else f"{rec['egress'] * 1e3:.1f}"
+    return (f"seq {row.seq} raw {row.raw_ms * 1e3:.1f} corrected "
+            f"{row.corrected_ms * 1e3:.1f} truth {truth} egress {egress} path [{path}]")
 
 
 def assert_right(m: Measured, outer: str) -> None:
