@@ -59,6 +59,7 @@ from mace_tools.session import (
 from mace_tools.stats import Tally
 
 MAX_NO_ROOM_BACKOFF_NS = 500_000_000
+AHEAD_PER_BATCH = 64  # flood: probes sent from one batch of replies before a turn
 
 
 @dataclass(slots=True)
@@ -418,7 +419,7 @@ class Pinger:
         session None: no kernel data (nothing is drained)."""
         new = 0
         probes = self._probes
-        ahead_key: int | None = None  # flood: the probe this batch sent ahead of a reply
+        sent_ahead = 0  # flood: probes this batch sent ahead of a reply
         while (got := sock.recv()) is not None:
             data, recv_real = got
             if self.opts.user_latency:  # -U: user-to-user, as iputils' gettimeofday()
@@ -440,11 +441,14 @@ class Pinger:
                 probes.answered.add(key)
                 new += 1
                 self._acknowledge(key, result)
-                # One probe per batch of replies, as ever; sent ahead of the reply when it
-                # can be, else at the next turn (once fewer than -l are in flight).
-                if ahead_key is None:
+                # The next probe goes ahead of the reply's measurement when fewer than -l
+                # are in flight (else at the next turn). On a path answered within
+                # sendto() (veth), the reply to that probe is already here, so a batch
+                # runs on: at most AHEAD_PER_BATCH probes, then a turn (its checks: a
+                # service's stop, -w, the window).
+                if sent_ahead < AHEAD_PER_BATCH:
                     ahead = self._send_ahead(sock, result)
-                    ahead_key = None if ahead is None else ahead.key
+                    sent_ahead += ahead is not None
             elif dup:
                 self._acknowledge(key, result)  # (iputils acknowledges a DUP too)
             try:

@@ -127,7 +127,8 @@ class LogSink:
         return lambda *args: None  # start, timeout, status, ...: not what is checked here
 
 
-def ping(monkeypatch: pytest.MonkeyPatch, delayed: bool, **opts: object) \
+def ping(monkeypatch: pytest.MonkeyPatch, delayed: bool,
+         keep_going: Callable[[], bool] | None = None, **opts: object) \
         -> tuple[RunResult, list[tuple[str, int]], FakeNet, FakeEvents]:
     """A whole ping run (Pinger.run) over FakeNet and FakeEvents; its log."""
     log: list[tuple[str, int]] = []
@@ -148,7 +149,8 @@ def ping(monkeypatch: pytest.MonkeyPatch, delayed: bool, **opts: object) \
     monkeypatch.setattr(pacing, "MIN_INTERVAL_NS", 60 * 10**9)
     options = PingOptions(TARGET, source=SOURCE, **opts)  # type: ignore[arg-type]
     result = Pinger(options, LogSink(log), nonce=NONCE,  # type: ignore[arg-type]
-                    backend_factory=fake_events).run()  # type: ignore[arg-type]
+                    backend_factory=fake_events,  # type: ignore[arg-type]
+                    keep_going=keep_going).run()
     return result, log, nets[0], events[0]
 
 
@@ -174,15 +176,25 @@ def test_flood_sends_the_next_probe_before_correlating_the_reply(
 
 
 def test_flood_over_a_path_that_answers_within_sendto(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The probe sent ahead is answered in the same read: one probe per batch of replies
-    still, the next at the next turn; every probe's dot before its reply."""
-    result, log, _, _ = ping(monkeypatch, delayed=False, count=5, interval_s=0.0, flood=True)
-    assert (result.transmitted, result.tally.received) == (5, 5)
+    """Each probe sent ahead is answered in the same read, so one batch of replies sends
+    on (no turn, no poll between probes) for AHEAD_PER_BATCH probes, then a turn comes
+    (a service's keep_going is asked there); every probe's dot before its reply."""
+    count = 2 * pinger.AHEAD_PER_BATCH + 5
+    asked: list[int] = []
+
+    def keep_going() -> bool:
+        asked.append(1)
+        return True
+
+    result, log, _, _ = ping(monkeypatch, delayed=False, keep_going=keep_going, count=count,
+                             interval_s=0.0, flood=True)
+    assert (result.transmitted, result.tally.received) == (count, count)
     sink_order = [e for e in log if e[0] in ("sent", "reply")]
-    assert sink_order == [("sent", 1), ("reply", 1), ("sent", 2), ("reply", 2), ("sent", 3),
-                          ("reply", 3), ("sent", 4), ("reply", 4), ("sent", 5), ("reply", 5)]
+    assert sink_order == [(kind, n) for n in range(1, count + 1) for kind in ("sent", "reply")]
     sends = [seq for kind, seq in without(log, "drain", "events closed") if kind == "sendto"]
-    assert sends == [1, 2, 3, 4, 5]
+    assert sends == list(range(1, count + 1))
+    # turns that sent: the first probe, then one after each full batch
+    assert len(asked) == 3
 
 
 def test_paced_ping_sends_on_its_schedule_only(monkeypatch: pytest.MonkeyPatch) -> None:
