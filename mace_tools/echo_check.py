@@ -42,7 +42,8 @@ class Window(Protocol):
     numbered: bool
     sent: dict
     answered: set
-    by_seq: dict
+
+    def key_of_seq(self, seq: int, transmitted: int) -> int | None: ...
 
 
 class Verdict(NamedTuple):
@@ -102,7 +103,7 @@ class EchoCheck:
         by a forger: a raw socket's id is the pid's)."""
         if p.ident != ident or p.icmp_len - ICMP_HEADER < min(self.size, NONCE_LEN):
             return None
-        key = window.by_seq.get(p.seq)
+        key = window.key_of_seq(p.seq, transmitted)
         if key is None or key in window.answered:
             return None
         number = key if window.numbered else transmitted - ((transmitted - key) & 0xFFFF)

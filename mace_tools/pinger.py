@@ -118,7 +118,6 @@ class _Probes:
         self.records: dict[int, ProbeRecord] = {}
         self.answered: set[int] = set()
         self.spoiled: set[int] = set()  # a damaged copy took their kernel data: no correction
-        self.by_seq: dict[int, int] = {}  # seq -> key of the probe in the window with it
 
     def key(self, n: int) -> int:
         """The key of the run's n-th probe (numbers wrap at 2**32, as the payload's)."""
@@ -133,7 +132,6 @@ class _Probes:
         key = self.key(n)
         self.sent[key] = probe
         self.events[key] = []
-        self.by_seq[key & 0xFFFF] = key
         return lapped
 
     def forget(self, key: int) -> None:
@@ -143,8 +141,14 @@ class _Probes:
         self.records.pop(key, None)
         self.answered.discard(key)
         self.spoiled.discard(key)
-        if self.by_seq.get(key & 0xFFFF) == key:
-            del self.by_seq[key & 0xFFFF]
+
+    def key_of_seq(self, seq: int, transmitted: int) -> int | None:
+        """The key of the probe in the window with this 16-bit seq (an ICMP error's quote
+        or a reply cut before its number names no more), None if it was forgotten: the
+        latest of the run's numbers with that seq, as the window holds the last 65536."""
+        number = transmitted - ((transmitted - seq) & 0xFFFF)
+        key = self.key(number)
+        return key if number > 0 and key in self.sent else None
 
     def unanswered(self, transmitted: int) -> list[int]:
         """Seqs of the last 65536 probes still sent and unanswered, in sending order."""
@@ -525,12 +529,13 @@ class Pinger:
         error ends that probe and counts; a redirect or source quench is only shown."""
         seq = quoted_probe_seq(parsed.quoted, self.ident, self.nonce, self.opts.dst_addr)
         # the probe in the window with that seq (a quote of 8 bytes has no number)
-        if seq is None or seq not in self._probes.by_seq or not parsed.checksum_ok:
+        key = None if seq is None else self._probes.key_of_seq(seq, result.transmitted)
+        if key is None or not parsed.checksum_ok:
             return
         text = error_text(parsed.icmp_type, parsed.code, parsed.info, parsed.family)
         if parsed.family == 4 and parsed.icmp_type in NOTICES:
             self.sink.icmp_notice(seq, parsed.src, text)
             return
         result.errors += 1
-        self._acknowledge(self._probes.by_seq[seq], result)
+        self._acknowledge(key, result)
         self.sink.icmp_error(seq, parsed.src, text)

@@ -134,6 +134,7 @@ class PingRun:
     pinger: Pinger
     sent: dict[int, bytes] = field(default_factory=dict)  # seq -> echo request
     numbers: set[int] = field(default_factory=set)  # the probe numbers sent
+    transmitted: int = 0  # the run's count of probes sent (its last number)
 
     @property
     def ident(self) -> int:
@@ -188,7 +189,9 @@ class PingRun:
         sink = RecordingSink()
         sock = FakeSocket([datagram])
         self.pinger.sink = sink
-        self.pinger._receive(sock, None, RunResult(self.nonce, SRC))
+        result = RunResult(self.nonce, SRC)
+        result.transmitted = self.transmitted
+        self.pinger._receive(sock, None, result)
         return sink.seen
 
 
@@ -289,6 +292,7 @@ def ping_runs(draw: st.DrawFn) -> PingRun:
         assert pinger._send(sock, n, RunResult(nonce, SRC)) is None  # type: ignore[arg-type]
         run.sent[n & 0xFFFF] = sock.sent[-1]
         run.numbers.add(n)
+        run.transmitted = n
     return run
 
 

@@ -188,13 +188,14 @@ def test_probe_bookkeeping_is_bounded_and_reports_each_loss_once(numbered: bool)
             probes.answered.add(probes.key(n))
     assert lost_at == [n + 0x10000 for n in (1000, 2000, 3000, 4000)]
     assert len(probes.sent) <= 0x10000 and len(probes.answered) <= 0x10000
-    assert len(probes.by_seq) <= 0x10000
     assert probes.unanswered(70_000) == [n & 0xFFFF for n in
                                          (*range(5000, 70_000, 1000), 69_999, 70_000)]
     assert (1000 in probes.sent) is not numbered  # number 1000 left the window; seq 1000 is
     # probe 66536's
-    assert probes.by_seq[1000] == probes.key(66_536)
+    assert probes.key_of_seq(1000, 70_000) == probes.key(66_536)
+    assert probes.key_of_seq(69_999 & 0xFFFF, 70_000) == probes.key(69_999)
     probes.forget(probes.key(69_999))  # sendto failed: an error, never also a timeout
+    assert probes.key_of_seq(69_999 & 0xFFFF, 70_000) is None  # no error can name it now
     assert probes.unanswered(70_000)[-2:] == [69_000 & 0xFFFF, 70_000 & 0xFFFF]
 
 
