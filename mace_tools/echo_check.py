@@ -37,7 +37,8 @@ ICMP_HEADER = 8
 
 
 class Window(Protocol):
-    """The run's probes in flight (pinger._Probes): by key, and by seq."""
+    """The run's probes in flight (pinger._Probes): by key; key_of_seq names the probe
+    a 16-bit seq stands for."""
 
     numbered: bool
     sent: dict

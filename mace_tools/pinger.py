@@ -197,8 +197,8 @@ class Pinger:
         after_setup runs once the socket, the netns and the programs are set up: the
         command drops its privileges there, as iputils does (a long-lived caller, such as
         a service running many pings, keeps its own). A service's run also ends, as on
-        Ctrl-C, when one of stop_fds is readable or keep_going() is false (asked before
-        each probe)."""
+        Ctrl-C, when one of stop_fds is readable or keep_going() is false (asked at each
+        turn that sends: in flood, at most AHEAD_PER_BATCH probes apart)."""
         self.opts = opts
         self._after_setup = after_setup
         self.sink = sink
@@ -423,6 +423,7 @@ class Pinger:
         session None: no kernel data (nothing is drained)."""
         new = 0
         probes = self._probes
+        pace = self._pace
         sent_ahead = 0  # flood: probes this batch sent ahead of a reply
         while (got := sock.recv()) is not None:
             data, recv_real = got
@@ -444,15 +445,19 @@ class Pinger:
             if not dup and not verdict.corrupted:
                 probes.answered.add(key)
                 new += 1
+                if pace is not None:  # now: a probe sent next may be the last (Pace.sent)
+                    pace.received += 1
                 self._acknowledge(key, result)
                 # The next probe goes ahead of the reply's measurement when fewer than -l
                 # are in flight (else at the next turn). On a path answered within
                 # sendto() (veth), the reply to that probe is already here, so a batch
                 # runs on: at most AHEAD_PER_BATCH probes, then a turn (its checks: a
-                # service's stop, -w, the window).
+                # service's stop, -w, the window). A failed send ends it: its retry
+                # waits at a turn (EAGAIN, ENOBUFS back off).
                 if sent_ahead < AHEAD_PER_BATCH:
                     ahead = self._send_ahead(sock, result)
-                    sent_ahead += ahead is not None
+                    if ahead is not None:
+                        sent_ahead = AHEAD_PER_BATCH if ahead.error else sent_ahead + 1
             elif dup:
                 self._acknowledge(key, result)  # (iputils acknowledges a DUP too)
             try:
@@ -461,9 +466,7 @@ class Pinger:
                 if ahead is not None:
                     # (no -O line to check for: the previous probe is the one just answered)
                     self._schedule(self._settle(ahead, result), ahead.at, result)
-        pace = self._pace
         if pace is not None and new:
-            pace.received += new
             pace.answered(time.monotonic_ns(), result.transmitted, result.tally.ewma8_us)
         return new
 

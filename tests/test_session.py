@@ -4,6 +4,7 @@ order. No privilege, no network: fake sockets and a fake event source."""
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
@@ -64,8 +65,13 @@ class FakeNet:
     ident = None  # as a raw socket's: the run's own id goes out
     warnings = ()  # nothing to say about socket options
 
-    def __init__(self, log: list[tuple[str, int]], delayed: bool) -> None:
+    def __init__(self, log: list[tuple[str, int]], delayed: bool,
+                 drop: frozenset[int] = frozenset(), refuse: frozenset[int] = frozenset()) \
+            -> None:
+        """drop: seqs the target never answers; refuse: seqs whose first sendto() fails
+        with ENOBUFS (a full device queue), as the kernel refuses a probe."""
         self.log, self.delayed = log, delayed
+        self.drop, self.refuse = drop, set(refuse)
         self._poll_end, self._peer = socket.socketpair()
         self._readable = False
         self.ready: list[bytes] = []
@@ -87,7 +93,13 @@ class FakeNet:
 
     def send(self, message: bytes, dst: str) -> None:
         seq = int.from_bytes(message[6:8], "big")
+        if seq in self.refuse:
+            self.refuse.discard(seq)
+            self.log.append(("refused", seq))
+            raise OSError(errno.ENOBUFS, os.strerror(errno.ENOBUFS))
         self.log.append(("sendto", seq))
+        if seq in self.drop:
+            return
         (self.pending if self.delayed else self.ready).append(echo_reply(message))
         self._set_readable(True)
 
@@ -128,15 +140,17 @@ class LogSink:
 
 
 def ping(monkeypatch: pytest.MonkeyPatch, delayed: bool,
-         keep_going: Callable[[], bool] | None = None, **opts: object) \
-        -> tuple[RunResult, list[tuple[str, int]], FakeNet, FakeEvents]:
-    """A whole ping run (Pinger.run) over FakeNet and FakeEvents; its log."""
+         keep_going: Callable[[], bool] | None = None, drop: frozenset[int] = frozenset(),
+         refuse: frozenset[int] = frozenset(), min_interval_ns: int = 60 * 10**9,
+         **opts: object) -> tuple[RunResult, list[tuple[str, int]], FakeNet, FakeEvents]:
+    """A whole ping run (Pinger.run) over FakeNet and FakeEvents; its log. By default no
+    100/s minimum-rate probes: in flood, only replies send (whatever the VM's load)."""
     log: list[tuple[str, int]] = []
     nets: list[FakeNet] = []
     events: list[FakeEvents] = []
 
     def fake_socket(*args: object, **kwargs: object) -> FakeNet:
-        nets.append(FakeNet(log, delayed))
+        nets.append(FakeNet(log, delayed, drop, refuse))
         return nets[-1]
 
     def fake_events(nonce: bytes, ns: object, **switches: bool) -> FakeEvents:
@@ -145,8 +159,7 @@ def ping(monkeypatch: pytest.MonkeyPatch, delayed: bool,
         return events[-1]
 
     monkeypatch.setattr(pinger, "open_icmp_socket", fake_socket)
-    # no 100/s minimum-rate probes: in flood, only replies send (whatever the VM's load)
-    monkeypatch.setattr(pacing, "MIN_INTERVAL_NS", 60 * 10**9)
+    monkeypatch.setattr(pacing, "MIN_INTERVAL_NS", min_interval_ns)
     options = PingOptions(TARGET, source=SOURCE, **opts)  # type: ignore[arg-type]
     result = Pinger(options, LogSink(log), nonce=NONCE,  # type: ignore[arg-type]
                     backend_factory=fake_events,  # type: ignore[arg-type]
@@ -195,6 +208,32 @@ def test_flood_over_a_path_that_answers_within_sendto(monkeypatch: pytest.Monkey
     assert sends == list(range(1, count + 1))
     # turns that sent: the first probe, then one after each full batch
     assert len(asked) == 3
+
+
+def test_flood_waits_for_a_lost_last_reply_as_long_as_iputils(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last probe of -c goes out within the batch of the replies before it: they
+    count already, so its lost reply is awaited max(2 x the longest RTT, 10 ms), as
+    iputils, not the whole -W (which is for a run that got no reply at all)."""
+    start = time.monotonic()
+    result, _, _, _ = ping(monkeypatch, delayed=False, drop=frozenset({3}), count=3,
+                           interval_s=0.0, flood=True, linger_s=20.0,
+                           min_interval_ns=pacing.MIN_INTERVAL_NS)
+    assert (result.transmitted, result.tally.received) == (3, 2)
+    assert time.monotonic() - start < 10  # not -W 20
+
+
+def test_flood_tries_a_refused_probe_again_at_a_turn(monkeypatch: pytest.MonkeyPatch) -> None:
+    """-l 4: the first reply of the batch of four sends probe 5 ahead; the kernel refuses
+    it (ENOBUFS). The other replies of that batch do not try again at once, one after
+    another (each try would count towards -W's limit on retries): the next try is the
+    next turn's, once the batch is read."""
+    result, log, _, _ = ping(monkeypatch, delayed=False, refuse=frozenset({5}), count=8,
+                             interval_s=0.0, flood=True, preload=4)
+    assert (result.transmitted, result.tally.received) == (8, 8)
+    order = [e for e in log if e in (("refused", 5), ("sendto", 5)) or e[0] == "reply"]
+    assert order[:6] == [("refused", 5), ("reply", 1), ("reply", 2), ("reply", 3),
+                         ("reply", 4), ("sendto", 5)]
 
 
 def test_paced_ping_sends_on_its_schedule_only(monkeypatch: pytest.MonkeyPatch) -> None:
