@@ -45,6 +45,7 @@ class Window(Protocol):
     answered: set
 
     def key_of_seq(self, seq: int, transmitted: int) -> int | None: ...
+    def number_of(self, key: int, transmitted: int) -> int: ...
 
 
 class Verdict(NamedTuple):
@@ -107,7 +108,7 @@ class EchoCheck:
         key = window.key_of_seq(p.seq, transmitted)
         if key is None or key in window.answered:
             return None
-        number = key if window.numbered else transmitted - ((transmitted - key) & 0xFFFF)
+        number = window.number_of(key, transmitted)
         sent = template.message(number)[ICMP_HEADER:ICMP_HEADER + self._start]
         return key if sent.startswith(p.payload) else None
 
