@@ -135,6 +135,9 @@ class Measurement:
     outer_dev: str | None = None  # "dev@netns" of the host's outermost device
     path: list[Stage] = field(default_factory=list)
     recv_real_ns: int = 0
+    # kernel data refused: the reply's return was stamped after its receive stamp
+    # (correlate.LATE_RETURN_SLACK_NS); shown raw, counted apart
+    late_kernel_stamp: bool = False
     # what ping says of the reply beside its time (iputils' words in output/text.py)
     corrupted: bool = False  # bad ICMP checksum: "(BAD CHECKSUM!)", counted apart
     truncated: bool = False  # shorter than the probe: "(truncated)"
@@ -176,6 +179,7 @@ class RunSummary:
     ingress_avg_ms: float | None
     kernel_events_lost: int  # records the run's ring had no room for
     kernel_records: int = 0  # records and events read from the kernel (1 per answer)
+    late_kernel_stamps: int = 0  # replies whose kernel data was refused as late: raw only
     corrupted: int = 0  # replies with a bad checksum (iputils' "+N corrupted")
     pipe: int = 0  # iputils' "pipe N" (shown when > 1)
     ipg_ewma_us: tuple[int, int] | None = None  # iputils' flood "ipg/ewma": µs, 8 x µs
@@ -238,6 +242,7 @@ class RunResult:
     start_real_ns: int = 0
     kernel_events_lost: int = 0
     kernel_records: int = 0  # records and events read from the kernel (1 per answer)
+    late_kernel_stamps: int = 0  # replies whose kernel data was refused as late: raw only
     kernel: bool = True  # False when probes cannot carry nonce and number (size < 12)
     source: str = "local"  # of the kernel data: "local", "agent", or "none" (measured raw)
     tally: Tally = field(default_factory=_new_tally)

@@ -164,12 +164,13 @@ class Tally:
     need, in memory that does not grow with the number of replies."""
 
     __slots__ = ("corrected", "corrupted", "duplicates", "egress", "ewma8_us", "first_ttl",
-                 "ingress", "raw", "received")
+                 "ingress", "late_kernel_stamps", "raw", "received")
 
     def __init__(self) -> None:
         self.received = 0  # distinct replies
         self.duplicates = 0
         self.corrupted = 0  # bad checksum: neither received nor timed, as iputils
+        self.late_kernel_stamps = 0  # kernel data refused (correlate.returned_late)
         self.first_ttl: int | None = None
         self.raw = Series()
         self.corrected = Series()
@@ -195,6 +196,7 @@ class Tally:
         rtt_us = m.rtt_raw_ns // NS_PER_US
         self.ewma8_us = rtt_us * 8 if self.ewma8_us == 0 else \
             self.ewma8_us + rtt_us - self.ewma8_us // 8
+        self.late_kernel_stamps += m.late_kernel_stamp
         if m.rtt_corrected_ns is not None and m.egress_ns is not None:
             self.corrected.add(m.rtt_corrected_ns)
             self.egress.add(m.egress_ns)
@@ -213,5 +215,5 @@ class Tally:
             errors=errors, elapsed_ms=elapsed_ms, rtt_raw=self.raw.stats(),
             rtt_corrected=self.corrected.stats(), egress_avg_ms=self.egress.mean_ms(),
             ingress_avg_ms=self.ingress.mean_ms(), kernel_events_lost=kernel_events_lost,
-            kernel_records=kernel_records,
+            kernel_records=kernel_records, late_kernel_stamps=self.late_kernel_stamps,
         )

@@ -1,7 +1,16 @@
 """Correlation: which device is the host's outer one, and what is (not) corrected."""
 
-from mace_tools.correlate import correlate, outer_departure, stages
-from mace_tools.model import Hook, KernelEvent, Namespaces, Packet, Probe, Reply
+from mace_tools.correlate import (
+    LATE_RETURN_SLACK_NS,
+    correlate,
+    measured,
+    outer_departure,
+    stages,
+)
+from mace_tools.model import Hook, KernelEvent, Namespaces, Packet, Probe, ProbeRecord, Reply
+from mace_tools.output.atlas import mace_summary as atlas_summary
+from mace_tools.output.text import mace_summary
+from mace_tools.stats import Tally
 
 P, H, T = 101, 202, 303  # prober (container), host, target netns inodes
 GUESS = Namespaces(P)  # run inside the container: the host's netns is inferred
@@ -203,3 +212,50 @@ def test_events_lost_in_flight_give_no_correction() -> None:
     probe, reply = probe_reply()
     m = correlate(probe, reply, container_path(), KNOWN, complete=False)
     assert not m.corrected and m.path
+
+
+def host_prober_path(returned_us: float) -> list[KernelEvent]:
+    """A prober in the host netns: its socket stamps the reply where it returns, at
+    out0 (the same instant as our program's return stamp, but for its run delay)."""
+    return [ev(5, REQ, X, H, 4, "out0"), ev(7, REQ, RX, T, 2, "tgt0"),
+            ev(15, REP, X, T, 2, "tgt0"), ev(returned_us, REP, RX, H, 4, "out0")]
+
+
+def record_of(returned_us: float) -> ProbeRecord:
+    return ProbeRecord(1, SENT_MONO + 5_000, SENT_MONO + int(returned_us * 1000), 0, H, 4,
+                       "out0")
+
+
+def test_a_return_stamped_after_the_receive_stamp_is_refused() -> None:
+    # Raw ends at the socket's receive stamp, 17 µs after the send; a return stamped 31 µs
+    # after that (our program ran late, seen once in a suite) would give a correction 31 µs
+    # too high: shown raw instead, and marked.
+    probe, reply = probe_reply(raw_us=17.0)
+    from_events = correlate(probe, reply, host_prober_path(48.0), Namespaces(H, H))
+    from_record = measured(probe, reply, record_of(48.0))
+    for m in (from_events, from_record):
+        assert m.rtt_raw_ns == 17_000
+        assert not m.corrected and m.egress_ns is None and m.late_kernel_stamp
+
+
+def test_a_return_within_the_slack_of_the_receive_stamp_is_corrected() -> None:
+    probe, reply = probe_reply(raw_us=17.0)
+    slack_us = LATE_RETURN_SLACK_NS / 1000
+    for returned_us in (16.9, 17.0 + slack_us):
+        m = correlate(probe, reply, host_prober_path(returned_us), Namespaces(H, H))
+        r = measured(probe, reply, record_of(returned_us))
+        assert m.rtt_corrected_ns == r.rtt_corrected_ns == int(returned_us * 1000) - 5_000
+        assert not m.late_kernel_stamp and not r.late_kernel_stamp
+    m = measured(probe, reply, record_of(17.0 + slack_us + 0.001))
+    assert not m.corrected and m.late_kernel_stamp
+
+
+def test_a_late_kernel_stamp_is_counted_apart_in_the_summary() -> None:
+    probe, reply = probe_reply(raw_us=17.0)
+    tally = Tally()
+    tally.add(measured(probe, reply, record_of(12.0)))
+    tally.add(measured(probe, reply, record_of(48.0)))
+    s = tally.summary(transmitted=2, errors=0, elapsed_ms=1, kernel_events_lost=0)
+    assert s.received == 2 and s.corrected_count == 1 and s.late_kernel_stamps == 1
+    assert "kernel data 1/2 replies (50%), 1 refused as late, " in mace_summary(s)[1]
+    assert atlas_summary(s, b"\0" * 8)["late_kernel_stamps"] == 1

@@ -255,11 +255,13 @@ def test_sink_observes_a_corrected_rtt_only_with_complete_kernel_data() -> None:
     sink.reply(Measurement(2, "198.18.0.2", 64, 64, rtt_raw_ns=61_000, dup=True,
                            rtt_corrected_ns=10_000))
     sink.reply(Measurement(3, "198.18.0.2", 64, 64, rtt_raw_ns=-5, corrupted=False))
+    sink.reply(Measurement(4, "198.18.0.2", 64, 64, rtt_raw_ns=17_000, late_kernel_stamp=True))
     c = _counts(registry)
     assert c["mace_ping_requests_total/"] == 2
-    assert c["mace_ping_responses_total/"] == 3  # the DUP is not a response
+    assert c["mace_ping_responses_total/"] == 4  # the DUP is not a response
     assert c["mace_ping_responses_with_kernel_data_total/"] == 1
-    assert c["mace_ping_rtt_seconds_count/raw"] == 2  # a negative raw (clock step) is not
+    assert c["mace_ping_responses_late_kernel_stamp_total/"] == 1
+    assert c["mace_ping_rtt_seconds_count/raw"] == 3  # a negative raw (clock step) is not
     assert c["mace_ping_rtt_seconds_count/corrected"] == 1
     assert math.isclose(c["mace_ping_rtt_seconds_sum/corrected"], 10e-6)
     assert c["mace_ping_stage_seconds_count/egress"] == 1

@@ -11,7 +11,7 @@ import os
 from collections.abc import Iterator
 
 import pytest
-from accuracy import assert_accurate_errors
+from accuracy import assert_accurate_errors, assert_covered
 
 from mace_tools.lab.demo import ProbeRow
 from mace_tools.lab.paths import (
@@ -68,17 +68,22 @@ def device(lab: PathLab, role: str, dev: str) -> str:
 
 
 def assert_all_corrected_at(m: Measured, outer: str) -> None:
-    """Every reply corrected, at `outer`, with nothing lost."""
+    """Every reply corrected at `outer` (but a rare one refused for a late return stamp,
+    tests/accuracy.py), with nothing lost."""
     run = m.run
     assert run.returncode == 0, run.stderr
     assert run.summary["rcvd"] == PROBES
-    assert run.summary["mace"]["kernel_events_lost"] == 0
-    assert run.summary["mace"]["coverage"] == 1.0  # also where ingress is none (macvlan)
+    mace = run.summary["mace"]
+    assert mace["kernel_events_lost"] == 0
+    assert_covered(mace, PROBES)  # also where ingress is none (macvlan)
     assert len(m.rows) == PROBES
-    missing = [r.seq for r in m.rows if r.corrected_ms is None]
+    records = m.records()
+    missing = [r.seq for r in m.rows
+               if r.corrected_ms is None and not records[r.seq].get("late_kernel_stamp")]
     assert not missing, f"no correction for seq {missing[:10]} ({len(missing)} in all)"
-    assert {r.outer_dev for r in m.rows} == {outer}
-    slower = [r for r in m.rows if r.corrected_ms >= r.raw_ms]
+    corrected = [r for r in m.rows if r.corrected_ms is not None]
+    assert {r.outer_dev for r in corrected} == {outer}
+    slower = [r for r in corrected if r.corrected_ms >= r.raw_ms]
     assert not slower, "corrected not below raw: " + "; ".join(
         explain(r, m.records()[r.seq]) for r in slower[:5])
 
@@ -97,8 +102,8 @@ def explain(row: ProbeRow, rec: dict) -> str:
 def assert_right(m: Measured, outer: str) -> None:
     """Corrected at `outer`, and corrected - truth v2 passes the accuracy criterion."""
     assert_all_corrected_at(m, outer)
-    errors = [r.error_us for r in m.rows]
-    assert None not in errors, "the truth capture missed probes"
+    assert all(r.capture_ms is not None for r in m.rows), "the truth capture missed probes"
+    errors = [r.error_us for r in m.rows if r.corrected_ms is not None]
     assert_accurate_errors(errors)
 
 
@@ -145,7 +150,7 @@ def test_napi_arrival_on_the_outer_device(napi: NapiLab) -> None:
     assert_all_corrected_at(m, device(napi, "host", napi.outer_dev))
     records = m.records()
     errors = []
-    for r in m.rows:
+    for r in (r for r in m.rows if r.corrected_ms is not None):
         rec = records[r.seq]
         transit = (stage_us(rec, "request", "tgt0", target, "rx")
                    - stage_us(rec, "request", "nic0", host, "tx"))

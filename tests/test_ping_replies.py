@@ -253,3 +253,25 @@ def test_a_damaged_copy_leaves_the_real_reply_raw() -> None:
     # a probe answered cleanly keeps its record: corrected
     session.pending = [record(2)]
     assert "corrected=0.001 ms" in receive(ip(reply_to(run.request(2))), 2)
+
+
+def test_a_return_stamped_after_the_receive_stamp_leaves_the_reply_raw() -> None:
+    """The kernel's record says the reply came back 31 µs after the socket stamped it (the
+    program ran late): the reply is shown raw and counted as late, not corrected 31 µs
+    high; a record within the slack corrects as usual."""
+    run = Run()
+    session = FakeSession(run.pinger)
+
+    def receive(number: int, returned_us: int) -> str:
+        probe = run.pinger._probes.sent[number]
+        session.pending = [ProbeRecord(number, probe.sent_mono_ns + 5_000,
+                                       probe.sent_mono_ns + returned_us * 1000, 0, 1, 2,
+                                       "out0")]
+        run.sock.incoming = [(ip(reply_to(run.request(number))), probe.sent_real_ns + 17_000)]
+        run.pinger._receive(run.sock, session, run.result)  # type: ignore[arg-type]
+        return run.out.getvalue().splitlines()[-1]
+
+    assert receive(1, 48).endswith("time=0.017 ms corrected=none")
+    assert "corrected=0.012 ms" in receive(2, 17)
+    tally = run.result.tally
+    assert (tally.received, tally.corrected.count, tally.late_kernel_stamps) == (2, 1, 1)

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from accuracy import assert_covered
 from unprivileged import with_capabilities
 
 from mace_tools.lab.topology import Lab, add_namespace, cleanup_prefix, ns_exec
@@ -216,10 +217,11 @@ def test_no_net_raw_gives_the_raw_paths_hops_every_one_corrected(routed: Lab,
     assert [{r["from"] for r in h["result"]} for h in doc["result"]] == \
         [{a} for a in routed.hop_addrs]
     assert hops(doc) == hops(traceroute_raw(routed, *flags))
-    assert doc["mace"]["coverage"] == 1.0 and doc["mace"]["source"] == "local"
+    assert doc["mace"]["source"] == "local"
+    assert_covered(doc["mace"], doc["mace"]["replies"])
     assert all(r["host_internal"] for r in doc["result"][0]["result"])
     for h in doc["result"][1:]:
-        for r in h["result"]:
+        for r in (r for r in h["result"] if not r.get("late_kernel_stamp")):
             assert not r["host_internal"] and r["outer_dev"].startswith("out0@")
             assert 0 < r["rtt_corrected"] < r["rtt"]
 

@@ -120,6 +120,10 @@ class PingMetrics:
         self.with_kernel = registry.counter(
             "mace_ping_responses_with_kernel_data_total",
             "Echo replies with complete kernel timestamps (corrected)", self.LABELS)
+        self.late = registry.counter(
+            "mace_ping_responses_late_kernel_stamp_total",
+            "Echo replies left uncorrected: their return was stamped after their receive "
+            "stamp (the program ran late)", self.LABELS)
         self.lost = registry.counter(
             "mace_kernel_events_lost_total",
             "Kernel records the probe's run lost (its replies then go uncorrected)",
@@ -148,6 +152,7 @@ class MetricsSink:
         self._requests = m.requests.labels(*labels)
         self._responses = m.responses.labels(*labels)
         self._with_kernel = m.with_kernel.labels(*labels)
+        self._late = m.late.labels(*labels)
         self._lost = m.lost.labels(*labels)
         self.up = m.up.labels(*labels)
 
@@ -178,6 +183,8 @@ class MetricsSink:
         self._responses.inc()
         if m.rtt_raw_ns >= 0:  # (raw is wall-clock time, as ping's: a clock step can
             self._raw.observe(m.rtt_raw_ns / 1e9)  # make it negative; corrected is not)
+        if m.late_kernel_stamp:
+            self._late.inc()
         if m.rtt_corrected_ns is not None:
             self._with_kernel.inc()
             self._corrected.observe(m.rtt_corrected_ns / 1e9)

@@ -31,6 +31,8 @@ def reply_record(m: Measurement) -> dict[str, Any]:
     rec: dict[str, Any] = {"rtt": _ms(m.rtt_raw_ns)}
     if m.dup:
         rec["dup"] = 1
+    if m.late_kernel_stamp:  # kernel data refused (correlate.returned_late): raw only
+        rec["late_kernel_stamp"] = 1
     rec.update({
         "seq": m.seq, "ttl": m.ttl, "srcaddr": m.src,
         "rtt_corrected": _ms(m.rtt_corrected_ns),
@@ -79,6 +81,8 @@ def mace_summary(s: RunSummary, nonce: bytes, source: str = "local") -> dict[str
         "ingress_avg": None if s.ingress_avg_ms is None else _round(s.ingress_avg_ms),
         "replies_with_kernel_data": s.corrected_count,
         "coverage": round(s.coverage, 6),
+        # replies whose return was stamped after their receive stamp: shown raw
+        "late_kernel_stamps": s.late_kernel_stamps,
         "kernel_events_lost": s.kernel_events_lost,
         "kernel_records": s.kernel_records,  # read from the kernel: 1 per answer, + path
     }

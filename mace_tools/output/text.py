@@ -184,7 +184,8 @@ def mace_summary(s: RunSummary, kernel: bool = True, source: str = "local") -> l
         return ["mace corrected: none (no kernel data: measured raw)"]
     corrected = s.rtt_corrected
     n_ok, n = s.corrected_count, raw.n
-    coverage = f"kernel data {n_ok}/{n} replies ({100 * n_ok / n:g}%), " \
+    late = f"{s.late_kernel_stamps} refused as late, " if s.late_kernel_stamps else ""
+    coverage = f"kernel data {n_ok}/{n} replies ({100 * n_ok / n:g}%), {late}" \
                f"{s.kernel_events_lost} events lost, {s.kernel_records} kernel records"
     if corrected is None or s.egress_avg_ms is None:
         return [f"mace corrected: none, {coverage}"]

@@ -116,6 +116,8 @@ def document(*, dst_name: str, dst_addr: str, method: str, size: int, paris: boo
         "mace": {"tool": f"mace-traceroute {__version__}", "nonce": result.nonce.hex(),
                  "replies": len(replies), "replies_with_kernel_data": len(corrected),
                  "coverage": len(corrected) / len(replies) if replies else 1.0,
+                 "late_kernel_stamps": sum(r.measurement.late_kernel_stamp
+                                           for r in replies if r.measurement),
                  "kernel_events_lost": result.kernel_events_lost,
                  "source": result.source},
     }
