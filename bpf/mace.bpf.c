@@ -186,7 +186,7 @@ struct probe_state {
 	__u32 host_netns;	/* known (the run's), or inferred; 0: not yet, the prober's */
 	__u32 outer_netns;
 	__u32 outer_ifindex;
-	__u32 pad;
+	__u32 returned_hook;	/* enum mace_hook that stamped returned_ns */
 	char outer_name[16];
 };
 
@@ -815,7 +815,8 @@ static __always_inline void ship_event(const struct seen_packet *s, const struct
 /* A reply arriving at a device: its first arrival on the outer device, and its delivery
  * in the prober netns, which sends the probe's record. */
 static __always_inline void follow_reply(const struct seen_packet *s,
-					 const struct net_device *dev, __u32 netns, __u64 ts)
+					 const struct net_device *dev, __u32 netns, __u64 ts,
+					 __u8 hook)
 {
 	struct mace_probe_record *r;
 	struct probe_state *st;
@@ -825,8 +826,10 @@ static __always_inline void follow_reply(const struct seen_packet *s,
 	if (!st)
 		return;
 	if (st->departed_ns && !st->returned_ns && st->outer_dev == (__u64)dev &&
-	    ts >= st->departed_ns)
+	    ts >= st->departed_ns) {
 		st->returned_ns = ts;
+		st->returned_hook = hook;
+	}
 	/* A delivery counts only after the return: an echo reply with the run's nonce that
 	 * reaches the prober's netns first was never on the outer device (a forgery from
 	 * inside, say), and must neither send a record nor take the real reply's place. */
@@ -844,7 +847,8 @@ static __always_inline void follow_reply(const struct seen_packet *s,
 		return;
 	}
 	r->kind = MACE_REC_PROBE;
-	r->pad0[0] = r->pad0[1] = r->pad0[2] = 0;
+	r->returned_hook = st->returned_hook;
+	r->pad0[0] = r->pad0[1] = 0;
 	r->number = s->id.number;
 	r->departed_ns = st->departed_ns;
 	r->returned_ns = st->returned_ns;
@@ -907,7 +911,7 @@ static __always_inline int act(const struct sk_buff *skb, const struct net_devic
 
 	follow = s->run->flags & MACE_RUN_RECORDS && is_icmp(s);
 	if (follow && s->packet == MACE_PKT_REPLY && hook != MACE_HOOK_XMIT)
-		follow_reply(s, dev, netns, ts);
+		follow_reply(s, dev, netns, ts, hook);
 	follow = follow && s->packet == MACE_PKT_REQUEST;
 	if (s->run->flags & MACE_RUN_PATH)
 		ship_event(s, dev, netns, ifindex, hook, ts, follow);

@@ -102,7 +102,9 @@ struct mace_event {
  */
 struct mace_probe_record {
 	__u8 kind;		/* MACE_REC_PROBE */
-	__u8 pad0[3];
+	__u8 returned_hook;	/* enum mace_hook that stamped returned_ns (correlate.py checks
+				 * a netif_rx stamp against the socket's receive stamp) */
+	__u8 pad0[2];
 	__u32 number;		/* probe number (payload u32) */
 	__u64 departed_ns;	/* the request's last departure from the host netns */
 	__u64 returned_ns;	/* the reply's first arrival on that device, after it */

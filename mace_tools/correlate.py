@@ -19,9 +19,9 @@ Definitions (README "What the numbers mean"):
 Never an invented correction: events older than the probe's send point are stale (an earlier
 probe with the same seq) and ignored; when the request is not seen leaving H, or the reply
 not seen arriving where it left, there is no corrected RTT. No other device stands in.
-Nor when the reply's return is stamped after the socket's receive stamp of it (see
-LATE_RETURN_SLACK_NS): then our program ran late, the correction would be wrong by as
-much, and the reply is shown raw, counted as a late kernel stamp.
+Nor when the reply's return, stamped at netif_rx, comes after the socket's receive stamp of
+it (see LATE_RETURN_SLACK_NS): then our program ran late, the correction would be wrong by
+as much, and the reply is shown raw, counted as a late kernel stamp.
 
 A ping run gets the same figures from the kernel, which applies these rules to each probe
 as it crosses the devices and sends one record per answer (bpf/mace.bpf.c): measured()
@@ -47,24 +47,32 @@ from mace_tools.model import (
 
 _DeviceKey = tuple[Packet, int, int, bool]  # packet, netns, ifindex, leaving
 
-# The kernel stamps a reply for the socket (SO_TIMESTAMPNS) where it enters the prober's
-# netns: at or after its return to the outer device, at the same instant when both are one
-# device (a prober in the host netns; a macvlan's lower device). There our program stamps
-# the return just after the kernel's stamp: measured on the macvlan lab (3,200 probes, both
-# CPUs busy) 0.10 µs later at the median, 0.17 at p99.9, 1.95 once. Once in a fresh-clone
-# suite it came 31 µs later (the CPU held between the kernel's stamp and the tracepoint),
-# and the correction came out 33 µs high. A return stamped later than the receive stamp by
-# more than this slack is refused: a late program never moves a correction by more.
-# (The receive stamp is CLOCK_REALTIME: it is set against the monotonic send point through
-# the probe's REALTIME - MONOTONIC offset, read real first, so any error there is leniency.)
+# At netif_rx the kernel stamps a packet for sockets (net_timestamp_check) and fires the
+# tracepoint our program stamps it at, back to back. A reply's receive stamp (SO_TIMESTAMPNS)
+# is taken where it enters the prober's netns: at its return to the outer device when that
+# is one device (a prober in the host netns; a macvlan's lower device), later otherwise
+# (crossing into another netns clears the stamp). So a return our program stamped at
+# netif_rx may follow the receive stamp only by the program's own delay: measured on the
+# macvlan lab (3,200 probes, both CPUs busy) 0.10 µs at the median, 0.17 at p99.9, and
+# 1.95 once. Once in a fresh-clone suite it came 31 µs after (the CPU held between the two),
+# and the correction came out 33 µs high. Beyond this slack the return stamp is refused.
+# Where the two stamps are one instant, a late program can then move a correction by no
+# more than the slack; elsewhere by no more than the reply's ingress plus the slack.
+# (Only netif_rx: after netif_receive_skb's stamp the tracepoint may come much later, past
+# RPS or a GRO batch, and a tunnel keeps its underlay's stamp; a correction taken there is
+# not checked. The receive stamp is CLOCK_REALTIME, set against the monotonic send point
+# through the probe's REALTIME - MONOTONIC offset, read real first: any error there is
+# leniency. A backward step of the wall clock during a probe makes its raw RTT short, and
+# refuses its correction too.)
 LATE_RETURN_SLACK_NS = 1_000
 
 
-def returned_late(returned_after_send_ns: int, m: Measurement) -> bool:
-    """Whether the reply's return (ns after the probe's monotonic send point) comes after
-    its socket receive stamp (m's raw RTT after the REALTIME send point) by more than
-    LATE_RETURN_SLACK_NS: then the return stamp is wrong and nothing is corrected."""
-    return returned_after_send_ns > m.rtt_raw_ns + LATE_RETURN_SLACK_NS
+def returned_late(returned_after_send_ns: int, hook: int, m: Measurement) -> bool:
+    """Whether a reply's return, stamped by `hook` at returned_after_send_ns after the
+    probe's monotonic send point, comes after its socket receive stamp (m's raw RTT after
+    the REALTIME send point) by more than LATE_RETURN_SLACK_NS: then the return stamp is
+    wrong and nothing is corrected. Checked for netif_rx stamps only (above)."""
+    return hook == Hook.RX and returned_after_send_ns > m.rtt_raw_ns + LATE_RETURN_SLACK_NS
 
 
 def stages(events: Iterable[KernelEvent], sent_mono_ns: int) -> list[Stage]:
@@ -112,6 +120,14 @@ def outer_departure(path: list[Stage], ns: Namespaces) -> Stage | None:
     return leaving[-1] if leaving else None
 
 
+def _arrival_hook(events: list[KernelEvent], arrival: Stage, sent_mono_ns: int) -> int:
+    """The hook of the event an arrival stage was taken from."""
+    at = sent_mono_ns + arrival.t_ns
+    return next((e.hook for e in events
+                 if e.ts_mono_ns == at and e.packet is arrival.packet and not e.leaving
+                 and e.netns == arrival.netns and e.ifindex == arrival.ifindex), -1)
+
+
 def raw_measurement(probe: Probe, reply: Reply, path: list[Stage]) -> Measurement:
     """A reply's measurement before any correction: its raw RTT, as iputils has it."""
     return Measurement(seq=reply.seq, src=reply.src, ttl=reply.ttl,
@@ -126,6 +142,7 @@ def correlate(probe: Probe, reply: Reply, events: Iterable[KernelEvent],
     False when events may have been lost while the probe was in flight (the ring was full,
     or a record could not be read): then its path is shown, but nothing is corrected, as
     any device could be missing from it (the last one the request left, say)."""
+    events = list(events)
     path = stages(events, probe.sent_mono_ns)
     m = raw_measurement(probe, reply, path)
     out = outer_departure(path, ns) if complete else None
@@ -139,7 +156,7 @@ def correlate(probe: Probe, reply: Reply, events: Iterable[KernelEvent],
     )
     if back is None:
         return m
-    if returned_late(back.t_ns, m):
+    if returned_late(back.t_ns, _arrival_hook(events, back, probe.sent_mono_ns), m):
         m.late_kernel_stamp = True
         return m
     delivered = [s for s in path
@@ -164,7 +181,7 @@ def measured(probe: Probe, reply: Reply, record: ProbeRecord | None, complete: b
             or record.departed_ns < probe.sent_mono_ns
             or record.returned_ns < record.departed_ns):
         return m
-    if returned_late(record.returned_ns - probe.sent_mono_ns, m):
+    if returned_late(record.returned_ns - probe.sent_mono_ns, record.returned_hook, m):
         m.late_kernel_stamp = True
         return m
     m.rtt_corrected_ns = record.returned_ns - record.departed_ns

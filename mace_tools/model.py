@@ -213,6 +213,9 @@ class ProbeRecord(NamedTuple):
     outer_netns: int
     outer_ifindex: int
     outer_dev: str
+    # the hook that stamped returned_ns (Hook), -1 unknown: only a netif_rx stamp follows
+    # the kernel's own receive stamp back to back (correlate.returned_late)
+    returned_hook: int = -1
 
     @property
     def outer_label(self) -> str:
@@ -242,7 +245,6 @@ class RunResult:
     start_real_ns: int = 0
     kernel_events_lost: int = 0
     kernel_records: int = 0  # records and events read from the kernel (1 per answer)
-    late_kernel_stamps: int = 0  # replies whose kernel data was refused as late: raw only
     kernel: bool = True  # False when probes cannot carry nonce and number (size < 12)
     source: str = "local"  # of the kernel data: "local", "agent", or "none" (measured raw)
     tally: Tally = field(default_factory=_new_tally)

@@ -7,9 +7,20 @@ from mace_tools.correlate import (
     outer_departure,
     stages,
 )
-from mace_tools.model import Hook, KernelEvent, Namespaces, Packet, Probe, ProbeRecord, Reply
+from mace_tools.model import (
+    Hook,
+    HopReply,
+    KernelEvent,
+    Namespaces,
+    Packet,
+    Probe,
+    ProbeRecord,
+    Reply,
+    TraceResult,
+)
 from mace_tools.output.atlas import mace_summary as atlas_summary
 from mace_tools.output.text import mace_summary
+from mace_tools.output.traceroute import document, hop_record
 from mace_tools.stats import Tally
 
 P, H, T = 101, 202, 303  # prober (container), host, target netns inodes
@@ -221,9 +232,9 @@ def host_prober_path(returned_us: float) -> list[KernelEvent]:
             ev(15, REP, X, T, 2, "tgt0"), ev(returned_us, REP, RX, H, 4, "out0")]
 
 
-def record_of(returned_us: float) -> ProbeRecord:
+def record_of(returned_us: float, hook: Hook = RX) -> ProbeRecord:
     return ProbeRecord(1, SENT_MONO + 5_000, SENT_MONO + int(returned_us * 1000), 0, H, 4,
-                       "out0")
+                       "out0", hook)
 
 
 def test_a_return_stamped_after_the_receive_stamp_is_refused() -> None:
@@ -250,6 +261,19 @@ def test_a_return_within_the_slack_of_the_receive_stamp_is_corrected() -> None:
     assert not m.corrected and m.late_kernel_stamp
 
 
+def test_a_return_stamped_after_netif_receive_skb_is_not_checked() -> None:
+    # Past netif_receive_skb's own stamp the tracepoint may come much later (RPS, a GRO
+    # batch; a tunnel keeps its underlay's stamp): a correction taken there is not
+    # refused, from the record or from the path.
+    probe, reply = probe_reply(raw_us=17.0)
+    path = host_prober_path(48.0)
+    path[-1] = path[-1]._replace(hook=RECV)
+    for m in (measured(probe, reply, record_of(48.0, RECV)),
+              measured(probe, reply, record_of(48.0, -1)),  # an agent's state without it
+              correlate(probe, reply, path, Namespaces(H, H))):
+        assert m.rtt_corrected_ns == 43_000 and not m.late_kernel_stamp
+
+
 def test_a_late_kernel_stamp_is_counted_apart_in_the_summary() -> None:
     probe, reply = probe_reply(raw_us=17.0)
     tally = Tally()
@@ -259,3 +283,18 @@ def test_a_late_kernel_stamp_is_counted_apart_in_the_summary() -> None:
     assert s.received == 2 and s.corrected_count == 1 and s.late_kernel_stamps == 1
     assert "kernel data 1/2 replies (50%), 1 refused as late, " in mace_summary(s)[1]
     assert atlas_summary(s, b"\0" * 8)["late_kernel_stamps"] == 1
+
+
+def test_a_late_kernel_stamp_in_a_traceroute_document() -> None:
+    probe, reply = probe_reply(raw_us=17.0)
+    late = correlate(probe, reply, host_prober_path(48.0), Namespaces(H, H))
+    fine = correlate(probe, reply, host_prober_path(16.0), Namespaces(H, H))
+    result = TraceResult(nonce=b"\0" * 8, source_addr="198.18.1.10",
+                         hops={2: [HopReply(2, late), HopReply(2, fine), HopReply(2)]})
+    doc = document(dst_name="t", dst_addr="198.18.0.2", method="icmp", size=60, paris=False,
+                   result=result, hops=[hop_record(2, result.hops[2])])
+    assert doc["mace"]["late_kernel_stamps"] == 1
+    assert doc["mace"]["replies"] == 2 and doc["mace"]["replies_with_kernel_data"] == 1
+    first, second, _ = doc["result"][0]["result"]
+    assert first["late_kernel_stamp"] == 1 and first["rtt_corrected"] is None
+    assert "late_kernel_stamp" not in second and second["rtt_corrected"] == 0.011

@@ -102,8 +102,8 @@ def test_decode_ipv6_addresses() -> None:
 
 
 def test_decode_probe_record() -> None:
-    raw = RECORD.pack(REC_PROBE, 2**32 - 1, 10, 20, 25, 4026531840, 3, b"out0\0x")
-    assert decode(raw) == ProbeRecord(2**32 - 1, 10, 20, 25, 4026531840, 3, "out0")
+    raw = RECORD.pack(REC_PROBE, Hook.RX, 2**32 - 1, 10, 20, 25, 4026531840, 3, b"out0\0x")
+    assert decode(raw) == ProbeRecord(2**32 - 1, 10, 20, 25, 4026531840, 3, "out0", Hook.RX)
 
 
 def test_unknown_kinds_are_dropped() -> None:

@@ -11,7 +11,7 @@ import struct
 
 import pytest
 
-from mace_tools.model import ProbeRecord, RunResult
+from mace_tools.model import Hook, ProbeRecord, RunResult
 from mace_tools.output.live import TextSink
 from mace_tools.pinger import Pinger, PingOptions
 from mace_tools.probe.icmp import checksum
@@ -266,7 +266,7 @@ def test_a_return_stamped_after_the_receive_stamp_leaves_the_reply_raw() -> None
         probe = run.pinger._probes.sent[number]
         session.pending = [ProbeRecord(number, probe.sent_mono_ns + 5_000,
                                        probe.sent_mono_ns + returned_us * 1000, 0, 1, 2,
-                                       "out0")]
+                                       "out0", Hook.RX)]
         run.sock.incoming = [(ip(reply_to(run.request(number))), probe.sent_real_ns + 17_000)]
         run.pinger._receive(run.sock, session, run.result)  # type: ignore[arg-type]
         return run.out.getvalue().splitlines()[-1]

@@ -88,6 +88,7 @@ def test_traceroute_and_ping_at_once_never_mix(routed: Lab) -> None:
     run, rows = results["ping"]  # type: ignore[misc]
     assert run.summary["dup"] == 0
     assert_covered(run.summary["mace"], PROBES)
+    assert len(rows) == PROBES
     assert all(r.capture_ms is not None for r in rows), "capture missed probes"
     errors = [r.error_us for r in rows if r.error_us is not None]
     assert_accurate_errors(errors)

@@ -149,7 +149,8 @@ class AgentEvents:
         try:
             return ProbeRecord(number, int(state["departed"]), int(state["returned"]),
                                int(state["delivered"]), int(state["outer_netns"]),
-                               int(state["outer_ifindex"]), str(state["outer_dev"]))
+                               int(state["outer_ifindex"]), str(state["outer_dev"]),
+                               int(state.get("returned_hook", -1)))
         except (KeyError, TypeError, ValueError):
             return None
 

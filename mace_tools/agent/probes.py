@@ -182,8 +182,8 @@ class MetricsSink:
             return  # counted by ping apart; their times measure nothing new
         self._responses.inc()
         if m.rtt_raw_ns >= 0:  # (raw is wall-clock time, as ping's: a clock step can
-            self._raw.observe(m.rtt_raw_ns / 1e9)  # make it negative; corrected is not)
-        if m.late_kernel_stamp:
+            self._raw.observe(m.rtt_raw_ns / 1e9)  # make it negative; corrected is not,
+        if m.late_kernel_stamp:  # but a backward step refuses it: correlate.returned_late)
             self._late.inc()
         if m.rtt_corrected_ns is not None:
             self._with_kernel.inc()

@@ -16,8 +16,10 @@ line for people). A connection is a client: its runs end when it closes.
           when host-side device names and addresses are withheld (agent --reveal-path).
   {"v":2, "op":"state", "run":ID, "number":N}
       -> {"v":2, "ok":true, "state": null | {"departed":NS, "returned":NS,
-          "delivered":NS, "outer_netns":INO, "outer_ifindex":I, "outer_dev":"NAME"}}
-          (a probe's kernel state, for a reply that came with no record: macvlan)
+          "delivered":NS, "outer_netns":INO, "outer_ifindex":I, "outer_dev":"NAME",
+          "returned_hook":H}}  (a probe's kernel state, for a reply that came with no
+          record: macvlan; H: the kernel hook that stamped "returned", model.Hook; an
+          agent before it sends none, taken as unknown)
   {"v":2, "op":"end", "run":ID}  ->  {"v":2, "ok":true}
 
 B: true or false; the switches are kernel/backend.py's. Anything else (not JSON, not an

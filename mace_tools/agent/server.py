@@ -461,7 +461,7 @@ class Agent:
         return {"ok": True, "number": number, "state": {
             "departed": r.departed_ns, "returned": r.returned_ns,
             "delivered": r.delivered_ns, "outer_netns": r.outer_netns,
-            "outer_ifindex": r.outer_ifindex,
+            "outer_ifindex": r.outer_ifindex, "returned_hook": r.returned_hook,
             # the name the kernel withholds from this client's records, withheld here too
             "outer_dev": r.outer_dev if self.options.reveal_path else ""}}
 

@@ -12,11 +12,12 @@ from mace_tools.model import Hook, KernelEvent, Packet, ProbeRecord
 # struct mace_event: kind, packet, hook, proto, icmp_type, family, seq, number, netns,
 # ifindex, pad, ts_ns, saddr[16], daddr[16], dev[16]
 EVENT = struct.Struct("<BBBBBBHIIIxxxxQ16s16s16s")
-# struct mace_probe_record: kind, pad[3], number, departed, returned, delivered, outer
-# netns, outer ifindex, outer dev[16]
-RECORD = struct.Struct("<B3xIQQQII16s")
+# struct mace_probe_record: kind, returned_hook, pad[2], number, departed, returned,
+# delivered, outer netns, outer ifindex, outer dev[16]
+RECORD = struct.Struct("<BBxxIQQQII16s")
 # struct probe_state (bpf/mace.bpf.c): departed, returned, delivered, outer dev address,
-# delivered dev address, host netns, outer netns, outer ifindex, pad, outer dev name
+# delivered dev address, host netns, outer netns, outer ifindex, returned hook, outer dev
+# name
 PROBE_STATE = struct.Struct("=QQQQQIIII16s")
 REC_EVENT, REC_PROBE = 1, 2  # enum mace_record_kind
 
@@ -63,10 +64,10 @@ def dispatcher(on_event: Callable[[KernelEvent], None],
         kind = buf[offset]
         if kind == REC_PROBE:
             if on_record is not None:
-                _, number, departed, returned, delivered, netns, ifindex, dev = \
+                _, hook, number, departed, returned, delivered, netns, ifindex, dev = \
                     unpack_record(buf, offset)
                 on_record(probe_record(number, departed, returned, delivered, netns, ifindex,
-                                       devs.get(dev) or _dev(dev)))
+                                       devs.get(dev) or _dev(dev), hook))
             return
         if kind != REC_EVENT:
             return
@@ -92,5 +93,6 @@ def decode(buf: memoryview | bytes, offset: int = 0) -> KernelEvent | ProbeRecor
 
 def probe_record_from_state(number: int, raw: bytes) -> ProbeRecord:
     """A probe's kernel state (the probes map's value) as the record it would have sent."""
-    departed, returned, delivered, _, _, _, netns, ifindex, _, dev = PROBE_STATE.unpack(raw)
-    return ProbeRecord(number, departed, returned, delivered, netns, ifindex, _dev(dev))
+    departed, returned, delivered, _, _, _, netns, ifindex, hook, dev = \
+        PROBE_STATE.unpack(raw)
+    return ProbeRecord(number, departed, returned, delivered, netns, ifindex, _dev(dev), hook)

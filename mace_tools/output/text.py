@@ -10,7 +10,8 @@ iputils (pingparsing only sees a duplicate whose line ends with "(DUP!)"):
     64 bytes from 198.18.0.2: icmp_seq=2 ttl=63 time=0.058 ms corrected=none
     64 bytes from 198.18.0.2: icmp_seq=2 ttl=63 time=0.059 ms corrected=none (DUP!)
 (one line each; wrapped here). ``corrected=none``: the reply's kernel data was
-incomplete; the raw time stands alone.
+incomplete, or refused (a late return stamp: correlate.returned_late, counted in the
+summary); the raw time stands alone.
 
 Where the mace summary goes. iputils' statistics block stays whole and last, as iputils
 prints it: a blank line, ``--- HOST ping statistics ---``, the counts line, the ``rtt``
