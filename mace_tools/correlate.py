@@ -98,7 +98,7 @@ def stages(events: Iterable[KernelEvent], sent_mono_ns: int) -> list[Stage]:
     ordered = sorted(first.values(), key=lambda e: e.ts_mono_ns)
     return [
         Stage(e.packet, e.dev, e.ifindex, e.netns, e.hook is xmit, e.ts_mono_ns - sent_mono_ns,
-              e.src, e.dst)
+              e.src, e.dst, e.hook)
         for e in ordered
     ]
 
@@ -120,14 +120,6 @@ def outer_departure(path: list[Stage], ns: Namespaces) -> Stage | None:
     return leaving[-1] if leaving else None
 
 
-def _arrival_hook(events: list[KernelEvent], arrival: Stage, sent_mono_ns: int) -> int:
-    """The hook of the event an arrival stage was taken from."""
-    at = sent_mono_ns + arrival.t_ns
-    return next((e.hook for e in events
-                 if e.ts_mono_ns == at and e.packet is arrival.packet and not e.leaving
-                 and e.netns == arrival.netns and e.ifindex == arrival.ifindex), -1)
-
-
 def raw_measurement(probe: Probe, reply: Reply, path: list[Stage]) -> Measurement:
     """A reply's measurement before any correction: its raw RTT, as iputils has it."""
     return Measurement(seq=reply.seq, src=reply.src, ttl=reply.ttl,
@@ -142,7 +134,6 @@ def correlate(probe: Probe, reply: Reply, events: Iterable[KernelEvent],
     False when events may have been lost while the probe was in flight (the ring was full,
     or a record could not be read): then its path is shown, but nothing is corrected, as
     any device could be missing from it (the last one the request left, say)."""
-    events = list(events)
     path = stages(events, probe.sent_mono_ns)
     m = raw_measurement(probe, reply, path)
     out = outer_departure(path, ns) if complete else None
@@ -156,7 +147,7 @@ def correlate(probe: Probe, reply: Reply, events: Iterable[KernelEvent],
     )
     if back is None:
         return m
-    if returned_late(back.t_ns, _arrival_hook(events, back, probe.sent_mono_ns), m):
+    if returned_late(back.t_ns, back.hook, m):
         m.late_kernel_stamp = True
         return m
     delivered = [s for s in path

@@ -69,6 +69,7 @@ class Stage(NamedTuple):
     t_ns: int  # since the probe's send point (CLOCK_MONOTONIC difference)
     src: str
     dst: str
+    hook: Hook  # of the event the stage was taken from (correlate.returned_late)
 
     @property
     def label(self) -> str:

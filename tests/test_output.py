@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from mace_tools.model import Measurement, Packet, RunResult, RunSummary, Stage
+from mace_tools.model import Hook, Measurement, Packet, RunResult, RunSummary, Stage
 from mace_tools.output import atlas, text
 from mace_tools.output.live import JsonSink, NdjsonSink, TextSink
 from mace_tools.stats import Series, Tally, rtt_stats
@@ -28,7 +28,8 @@ def measurement(seq: int = 1, corrected: bool = True, dup: bool = False) -> Meas
     if corrected:
         m.rtt_corrected_ns, m.egress_ns, m.ingress_ns = 3_400, 16_000, 4_100
         m.outer_dev = "out0@4026532177"
-        m.path = [Stage(Packet.REQUEST, "eth0", 2, 11, True, 5_000, "198.18.1.10", "198.18.0.2")]
+        m.path = [Stage(Packet.REQUEST, "eth0", 2, 11, True, 5_000, "198.18.1.10", "198.18.0.2",
+                        Hook.XMIT)]
     return m
 
 
