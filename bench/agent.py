@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import random
 import subprocess
-import sys
 import tempfile
 import time
 from contextlib import AbstractContextManager, ExitStack
@@ -77,7 +76,7 @@ def client_command(lab: Lab, container: int, agent: Agent, caps: tuple[str, ...]
     same client with no kernel data (--corrections none), not asking the agent."""
     source = ("--corrections", "none") if raw else ("--agent", str(agent.socket))
     return ["ip", "netns", "exec", lab.container_ns(container), *with_capabilities(*caps),
-            sys.executable, "-m", "mace_tools.cli.ping", *source, *args, lab.target_addr]
+            ex.MACE_PING_SCRIPT, *source, *args, lab.target_addr]
 
 
 def client_privilege(lab: Lab, agent: Agent, env: dict[str, str] | None = None
@@ -144,7 +143,7 @@ def agent_startup(lab: Lab, runs: int, seed: int = 3) -> dict:
                              "through that agent")
     env = ex.installed_env()
     ns = lab.container_ns(0)
-    ping = [sys.executable, "-m", "mace_tools.cli.ping", "-c", "1", "-q"]
+    ping = [ex.MACE_PING_SCRIPT, "-c", "1", "-q"]
     as_root = ["ip", "netns", "exec", ns, *ping, lab.target_addr]
 
     def command(tool: str, agent: Agent | None, caps: tuple[str, ...]) -> list[str]:

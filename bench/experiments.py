@@ -614,6 +614,11 @@ def installed_env() -> dict[str, str]:
             if k not in ("PYTHONDONTWRITEBYTECODE", "MACE_AGENT")}
 
 
+# The console script as pip installs it (mace_tools.cli.launch): what a user starts, and
+# the only way in that loads the programs while the command still imports (kernel.early).
+MACE_PING_SCRIPT = str(Path(sys.executable).with_name("mace-ping"))
+
+
 def startup(lab: Lab, runs: int) -> dict:
     """`-c 1` from a container: spawn -> first echo request on the container's eth0
     (tcpdump, CLOCK_REALTIME on both ends), spawn -> exit, and peak RSS; byte code
@@ -621,8 +626,7 @@ def startup(lab: Lab, runs: int) -> dict:
     ns = lab.container_ns(0)
     env = installed_env()
     tools = {
-        "mace-ping -c 1": [sys.executable, "-m", "mace_tools.cli.ping", "-c", "1", "-q",
-                           lab.target_addr],
+        "mace-ping -c 1": [MACE_PING_SCRIPT, "-c", "1", "-q", lab.target_addr],
         "iputils ping -c 1": ["ping", "-c", "1", "-q", lab.target_addr],
     }
     results = {}

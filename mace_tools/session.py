@@ -14,7 +14,6 @@ traceroute's hop plan and emission) stays with the run that uses the session.
 
 from __future__ import annotations
 
-import os
 import select
 import socket
 from collections.abc import Callable, Sequence
@@ -25,7 +24,7 @@ from mace_tools.errors import MaceError
 from mace_tools.model import KernelEvent, Namespaces, ProbeRecord
 from mace_tools.probe import netns
 from mace_tools.probe.addresses import sockaddr
-from mace_tools.probe.icmp import NONCE_LEN
+from mace_tools.probe.icmp import new_nonce
 from mace_tools.status import StatusSignal
 
 MAX_WAIT_S = 60.0  # a turn's wait is cut to this: epoll takes int ms, and clocks may jump
@@ -61,12 +60,6 @@ EventSourceFactory = Callable[..., "EventSource | None"]
 S = TypeVar("S", bound=RunSocket)
 
 
-def new_nonce() -> bytes:
-    """A run's random probe nonce (never all zero: the kernel side reads zero as unset)."""
-    while True:
-        nonce = os.urandom(NONCE_LEN)
-        if any(nonce):
-            return nonce
 
 
 def family_of(address: str) -> int:
@@ -112,10 +105,11 @@ def kernel_events(nonce: bytes | None, ns: Namespaces, **switches: bool) -> Even
     """This run's place in the host's eBPF program set (libbpf is bound only now).
     nonce None: a new one. switches: records (ping's in-kernel correlation), path (an
     event per device), udp/tcp/errors (traceroute's matching): kernel.backend.Backend."""
+    from mace_tools.kernel import early
     from mace_tools.kernel.backend import Backend
 
-    backend = Backend(nonce or new_nonce(), prober_netns=ns.prober, host_netns=ns.host,
-                      **switches)
+    backend = Backend(nonce or early.nonce() or new_nonce(), prober_netns=ns.prober,
+                      host_netns=ns.host, **switches)
     try:
         backend.open()
     except BaseException:

@@ -37,6 +37,7 @@ from mace_tools.model import (
     Reply,
     TraceResult,
 )
+from mace_tools.probe.icmp import new_nonce
 from mace_tools.probe.icmpext import describe_extensions
 from mace_tools.probe.sockets import NOT_PERMITTED, NotPermitted
 from mace_tools.probe.trace import (
@@ -64,7 +65,7 @@ from mace_tools.probe.tracesockets import (
     TraceSocket,
     UdpSocket,
 )
-from mace_tools.session import EventSourceFactory, Session, family_of, new_nonce
+from mace_tools.session import EventSourceFactory, Session, family_of
 from mace_tools.tracewait import WaitSpec, probe_wait_s
 
 NS_PER_S = 1_000_000_000

@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 from mace_tools.errors import MaceError
 from mace_tools.kernel import programs
-from mace_tools.session import new_nonce
+from mace_tools.probe.icmp import new_nonce
 
 
 class Reservations:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mace_tools.errors import MaceError, NoPrivilege
-from mace_tools.kernel import native, programs
+from mace_tools.kernel import early, native, programs
 from mace_tools.kernel.run_records import RunRecords
 from mace_tools.model import KernelEvent, ProbeRecord
 
@@ -115,8 +115,11 @@ class Backend:
         prober = self._prober if self._prober is not None else \
             os.stat("/proc/thread-self/ns/net").st_ino
         try:
-            self._member = programs.join(self._path, self.nonce, self._flags, prober,
-                                         self._host)
+            got = early.take(self._path)
+            self._member = programs.join(
+                self._path, self.nonce, self._flags, prober, self._host,
+                held=(got.pset, got.loaded) if got else None,
+                prepared=got.prepared if got else None)
         except OSError as exc:
             if exc.errno in (errno.EPERM, errno.EACCES):
                 raise NoPrivilege(f"cannot set up the BPF programs: {exc.strerror}") from exc

@@ -47,6 +47,7 @@ class _Lib:
             "bpf_map__initial_value": (_c_void_p, [_c_void_p, ctypes.POINTER(ctypes.c_size_t)]),
             "bpf_map__fd": (_c_int, [_c_void_p]),
             "bpf_map__max_entries": (ctypes.c_uint32, [_c_void_p]),
+            "bpf_map__reuse_fd": (_c_int, [_c_void_p, _c_int]),
             "bpf_program__attach": (_c_void_p, [_c_void_p]),
             "bpf_program__fd": (_c_int, [_c_void_p]),
             "bpf_link__destroy": (_c_int, [_c_void_p]),
@@ -229,7 +230,8 @@ def map_keys(fd: int, key_size: int) -> list[bytes]:
     return keys
 
 
-BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_RINGBUF = 2, 27
+BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_HASH_OF_MAPS = 1, 2, 13
+BPF_MAP_TYPE_RINGBUF = 27
 BPF_F_MMAPABLE = 1 << 10
 
 
@@ -244,9 +246,10 @@ class _MapCreateOpts(ctypes.Structure):
 
 
 def map_create(map_type: int, name: bytes, key_size: int, value_size: int,
-               max_entries: int, flags: int = 0) -> int:
-    """A new BPF map; its fd."""
-    opts = _MapCreateOpts(sz=ctypes.sizeof(_MapCreateOpts), map_flags=flags)
+               max_entries: int, flags: int = 0, inner_map_fd: int = 0) -> int:
+    """A new BPF map; its fd. inner_map_fd: a map of maps' template of its maps."""
+    opts = _MapCreateOpts(sz=ctypes.sizeof(_MapCreateOpts), map_flags=flags,
+                          inner_map_fd=inner_map_fd)
     return _check(libbpf().bpf_map_create(map_type, name, key_size, value_size, max_entries,
                                           ctypes.byref(opts)), "map create")
 

@@ -30,7 +30,8 @@ import fcntl
 import hashlib
 import os
 import struct
-from collections.abc import Iterable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,9 +173,15 @@ class ProgramSet:
         self.links, self.prog_fds, self.fds = [], {}, {}
 
 
-def load(path: Path, build: int) -> ProgramSet:
+def load(path: Path, build: int,
+         meanwhile: Callable[[ProgramSet], object] | None = None) -> ProgramSet:
     """Open, load and attach the object; the set's fds are ours, libbpf's object is not
-    kept (its maps, programs and links live on through them)."""
+    kept (its maps, programs and links live on through them).
+
+    The maps a run goes into (runs, rings, lost) are made here first and the object
+    reuses them, so meanwhile(set), if given, runs on a thread of its own while the
+    verifier works (~80 ms): the set then has those three maps and nothing else. (A run
+    prepared there waits for RCU grace periods, not for the CPU: kernel.early.)"""
     lib = native.libbpf()
     obj = lib.bpf_object__open_file(str(path).encode(), None)
     if not obj:
@@ -187,10 +194,19 @@ def load(path: Path, build: int) -> ProgramSet:
             raise MaceError(f"BPF object {path} has no .bss: rebuild it ('make build')")
         initial = native.map_initial_value(bss)
         initial[:SWITCHES.size] = SWITCHES.pack(0, 0, 0, 0, build, bytes(NONCE_BITS // 8))
-        err = lib.bpf_object__load(obj)
-        if err:
-            raise load_error(-err)
+        _made_run_maps(pset)
+        for role, fd in pset.fds.items():
+            m = lib.bpf_object__find_map_by_name(obj, MAPS[role][0].encode())
+            if not m or lib.bpf_map__reuse_fd(m, fd):
+                raise MaceError(f"BPF object {path} does not declare map {MAPS[role][0]} as "
+                                "programs.py makes it: rebuild it ('make build')")
+        for exc in _concurrently([lambda: meanwhile and meanwhile(pset),
+                                  lambda: _load_object(obj)]):
+            if exc is not None:
+                raise exc
         for role, (name, _) in MAPS.items():
+            if role in pset.fds:
+                continue
             m = lib.bpf_object__find_map_by_name(obj, name.encode())
             if not m:
                 raise MaceError(f"BPF object {path} has no map {name}: rebuild it "
@@ -213,6 +229,28 @@ def load(path: Path, build: int) -> ProgramSet:
             lib.bpf_link__destroy(link)  # closes libbpf's fd; ours keeps it attached
         lib.bpf_object__close(obj)
     return pset
+
+
+def _made_run_maps(pset: ProgramSet) -> None:
+    """The set's runs, rings and lost maps, made as bpf/mace.bpf.c declares them (libbpf
+    refuses to reuse one that differs in type, sizes or flags)."""
+    pset.fds["runs"] = native.map_create(native.BPF_MAP_TYPE_HASH, b"mace_runs", 8,
+                                         RUN.size, MAX_RUNS)
+    ring, lost = _ring_and_counter(RING_BYTES)  # the templates of their maps
+    try:
+        for role, template in (("rings", ring), ("lost", lost)):
+            pset.fds[role] = native.map_create(native.BPF_MAP_TYPE_HASH_OF_MAPS,
+                                               MAPS[role][1].encode(), 8, 4, MAX_RUNS,
+                                               inner_map_fd=template)
+    finally:
+        os.close(ring)
+        os.close(lost)
+
+
+def _load_object(obj: int) -> None:
+    err = native.libbpf().bpf_object__load(obj)
+    if err:
+        raise load_error(-err)
 
 
 def load_error(err: int) -> MaceError:
@@ -337,9 +375,50 @@ def _clear_dead(pset: ProgramSet) -> dict[bytes, RunEntry]:
 
 
 def _remove(pset: ProgramSet, nonce: bytes) -> None:
-    """A run's entries, all keyed by its nonce: nobody else's can go with them."""
-    for role in ("runs", "rings", "lost"):
-        native.map_delete(pset.fds[role], nonce)
+    """A run's entries, all keyed by its nonce: nobody else's can go with them. The run's
+    entry first: the programs write to its ring no more."""
+    native.map_delete(pset.fds["runs"], nonce)
+    _delete_maps(pset, nonce)
+
+
+def _delete_maps(pset: ProgramSet, nonce: bytes) -> None:
+    """A nonce's ring and lost counter out of the set, both tried; the first error."""
+    errors = _concurrently([lambda role=role: native.map_delete(pset.fds[role], nonce)
+                            for role in ("rings", "lost")])
+    for exc in errors:
+        if exc is not None:
+            raise exc
+
+
+def _concurrently(calls: list[Callable[[], object]]) -> list[BaseException | None]:
+    """Run each call on a thread of its own (the last on this one) and wait for them all,
+    even through Ctrl-C; what each raised (None: it returned). Ctrl-C is then one of
+    them, as the error of the call on this thread (which may have done its work first).
+
+    Putting a map into a map of maps, or taking it out, waits in the kernel for an RCU
+    grace period (~12 ms here, each); waits that overlap share one (two inserts: 24 -> 12
+    ms measured), and ctypes lets go of the GIL while a thread waits."""
+    errors: list[BaseException | None] = [None] * len(calls)
+
+    def call(i: int) -> None:
+        try:
+            calls[i]()
+        except BaseException as exc:  # handed to the caller
+            errors[i] = exc
+
+    threads = [threading.Thread(target=call, args=(i,), name="mace-map-update")
+               for i in range(len(calls) - 1)]
+    for thread in threads:
+        thread.start()
+    if calls:
+        call(len(calls) - 1)
+    for thread in threads:
+        while thread.is_alive():
+            try:
+                thread.join()
+            except KeyboardInterrupt as exc:  # each map must be known in or out first
+                errors[-1] = errors[-1] or exc
+    return errors
 
 
 class Membership:
@@ -410,31 +489,32 @@ def reserve(pset: ProgramSet, nonce: bytes, ring_bytes: int = RING_BYTES) -> Res
     power of two of pages; the set takes any size (an inner ring's size is not part of
     the map-in-map's type), so a run that expects few records maps little memory."""
     ring, lost = _ring_and_counter(ring_bytes)
-    inserted: list[str] = []
-    try:
-        # each only if the nonce is new to it; the entry the programs look up comes later
-        for role, value in (("lost", lost), ("rings", ring)):
-            native.map_update(pset.fds[role], nonce, struct.pack("=I", value),
-                              native.BPF_NOEXIST)
-            inserted.append(role)
-    except BaseException as exc:
-        for role in inserted:
-            with contextlib.suppress(OSError):
+    ours = {"lost": lost, "rings": ring}
+    # each only if the nonce is new to it; the entry the programs look up comes later
+    errors = _concurrently([
+        lambda role=role, fd=fd: native.map_update(pset.fds[role], nonce,
+                                                   struct.pack("=I", fd), native.BPF_NOEXIST)
+        for role, fd in ours.items()])
+    failed = next((exc for exc in errors if exc is not None), None)
+    if failed is None:
+        return Reservation(nonce, ring, lost)
+    for role, fd in ours.items():  # what went in, and only that: never another run's
+        with contextlib.suppress(OSError):
+            if native.map_lookup(pset.fds[role], nonce, 4) == \
+                    struct.pack("=I", native.map_id(fd)):
                 native.map_delete(pset.fds[role], nonce)
-        for fd in (ring, lost):
-            os.close(fd)
-        if isinstance(exc, OSError) and exc.errno == errno.EEXIST:
-            raise MaceError("the nonce is in use by another run") from None
-        raise
-    return Reservation(nonce, ring, lost)
+    for fd in (ring, lost):
+        os.close(fd)
+    if isinstance(failed, OSError) and failed.errno == errno.EEXIST:
+        raise MaceError("the nonce is in use by another run") from None
+    raise failed
 
 
 def unreserve(pset: ProgramSet, reservation: Reservation) -> None:
     """Take a reservation's maps out of the set (after deactivate, for a run) and close
     them. Its ring is never handed to anyone else: it may hold a run's records."""
     try:
-        for role in ("rings", "lost"):
-            native.map_delete(pset.fds[role], reservation.nonce)
+        _delete_maps(pset, reservation.nonce)
     finally:
         reservation.close()
 
@@ -484,6 +564,58 @@ def deactivate(pset: ProgramSet, nonce: bytes, idle: RunEntry | None = None) -> 
     pset.update_switches()
 
 
+@dataclass(frozen=True, slots=True)
+class PreparedRun:
+    """A nonce made ready before its run knows its options (kernel.early): its ring and
+    counter in the set, and an idle entry (flags 0: the programs ignore it) naming a token
+    only this process holds, so the next run to join clears both if this one dies."""
+
+    reservation: Reservation
+    token_fd: int
+    idle: RunEntry
+
+
+def prepare_run(pset: ProgramSet, nonce: bytes) -> PreparedRun:
+    token = new_token()
+    try:
+        reservation = reserve(pset, nonce)
+    except BaseException:
+        os.close(token)
+        raise
+    idle = RunEntry(0, 0, 0, native.map_id(token), os.getpid())
+    try:
+        add_entry(pset, nonce, idle)
+    except BaseException:
+        os.close(token)
+        unreserve(pset, reservation)
+        raise
+    return PreparedRun(reservation, token, idle)
+
+
+def discard_run(pset: ProgramSet, prepared: PreparedRun) -> None:
+    """A prepared run's entry and maps out of the set, its fds closed."""
+    try:
+        with contextlib.suppress(OSError):
+            remove_entry(pset, prepared.reservation.nonce)
+        unreserve(pset, prepared.reservation)
+    finally:
+        os.close(prepared.token_fd)
+
+
+def _activate_prepared(pset: ProgramSet, prepared: PreparedRun, flags: int,
+                       prober_netns: int, host_netns: int
+                       ) -> tuple[RunEntry, dict[str, int]]:
+    """The run's entry in place of its prepared idle one (its slot is taken already)."""
+    entry = RunEntry(flags, prober_netns, host_netns, prepared.idle.token_id, os.getpid())
+    try:
+        activate(pset, prepared.reservation.nonce, entry, idle=prepared.idle)
+    except BaseException:
+        discard_run(pset, prepared)
+        raise
+    return entry, {"ring": prepared.reservation.ring_fd, "lost": prepared.reservation.lost_fd,
+                   "token": prepared.token_fd}
+
+
 def _add_run(pset: ProgramSet, nonce: bytes, flags: int, prober_netns: int,
              host_netns: int, live: dict[bytes, RunEntry]) -> tuple[RunEntry, dict[str, int]]:
     if len(live) >= MAX_RUNS:
@@ -506,29 +638,58 @@ def _add_run(pset: ProgramSet, nonce: bytes, flags: int, prober_netns: int,
     return entry, {"ring": reservation.ring_fd, "lost": reservation.lost_fd, "token": token}
 
 
-def attached_set(path: Path) -> tuple[ProgramSet, bool]:
+def attached_set(path: Path, then: Callable[[ProgramSet], object] | None = None
+                 ) -> tuple[ProgramSet, bool]:
     """The host's program set of this object's build, loaded if none is attached; and
-    whether it was loaded here. Held (its links' fds) until the caller closes it."""
+    whether it was loaded here. Held (its links' fds) until the caller closes it.
+    then(set): run under the lock, once the set is found or while it loads (load's
+    meanwhile)."""
     build = build_of(path)
     with _locked():
         pset = find(build)
-        if pset is not None:
-            return pset, False
-        return load(path, build), True
+        if pset is None:
+            return load(path, build, then), True
+        try:
+            if then is not None:
+                then(pset)
+        except BaseException:
+            pset.close()
+            raise
+        return pset, False
 
 
 def join(path: Path, nonce: bytes, flags: int, prober_netns: int,
-         host_netns: int | None) -> Membership:
-    """Add a run to the host's program set of this build (loaded if there is none)."""
+         host_netns: int | None, held: tuple[ProgramSet, bool] | None = None,
+         prepared: PreparedRun | None = None) -> Membership:
+    """Add a run to the host's program set of this build (loaded if there is none).
+    held: the set already found or loaded for this object (kernel.early), and whether it
+    was loaded then; it stays attached while its fds are open, so it is the host's set.
+    prepared: a run prepared in it for this nonce (prepare_run), activated in place."""
     build = build_of(path)
+    if held is not None and prepared is not None and prepared.reservation.nonce != nonce:
+        discard_run(held[0], prepared)
+        prepared = None
+    if held is not None and held[0].build != build:  # the file changed since
+        if prepared is not None:
+            discard_run(held[0], prepared)
+        held[0].close()
+        held, prepared = None, None
     with _locked():
-        pset = find(build)
-        loaded = pset is None
-        if pset is None:
-            pset = load(path, build)
+        if held is not None:
+            pset, loaded = held
+        else:
+            pset = find(build)
+            loaded = pset is None
+            if pset is None:
+                pset = load(path, build)
         try:
             live = _clear_dead(pset)
-            entry, own = _add_run(pset, nonce, flags, prober_netns, host_netns or 0, live)
+            if prepared is not None:
+                entry, own = _activate_prepared(pset, prepared, flags, prober_netns,
+                                                host_netns or 0)
+            else:
+                entry, own = _add_run(pset, nonce, flags, prober_netns, host_netns or 0,
+                                      live)
         except BaseException:
             pset.close()
             raise

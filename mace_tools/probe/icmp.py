@@ -28,11 +28,22 @@ needs addresses only it knows for sure), so a v6 message that reaches us has a g
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 
 NONCE_LEN = 8
 TAG_LEN = NONCE_LEN + 4  # nonce + probe number
+
+
+def new_nonce() -> bytes:
+    """A run's random probe nonce (never all zero: the kernel side reads zero as unset)."""
+    while True:
+        nonce = os.urandom(NONCE_LEN)
+        if any(nonce):
+            return nonce
+
+
 ICMP_ECHOREPLY = 0
 ICMP_DEST_UNREACH = 3
 ICMP_ECHO = 8
