@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 
 from mace_tools.errors import MaceError
+from mace_tools.kernel import early
 from mace_tools.model import KernelEvent, Namespaces, ProbeRecord
 from mace_tools.probe import netns
 from mace_tools.probe.addresses import sockaddr
@@ -105,7 +106,6 @@ def kernel_events(nonce: bytes | None, ns: Namespaces, **switches: bool) -> Even
     """This run's place in the host's eBPF program set (libbpf is bound only now).
     nonce None: a new one. switches: records (ping's in-kernel correlation), path (an
     event per device), udp/tcp/errors (traceroute's matching): kernel.backend.Backend."""
-    from mace_tools.kernel import early
     from mace_tools.kernel.backend import Backend
 
     backend = Backend(nonce or early.nonce() or new_nonce(), prober_netns=ns.prober,
@@ -162,6 +162,8 @@ class Session:
                 self.nonce = self._events.nonce
                 self.source = self._events.kind
                 self._on_event, self._on_record = on_event, on_record
+        if self.source != "local":
+            early.release()  # what the command started loading for this run, if anything
         if self.nonce is None:
             self.nonce = new_nonce()
         return self.nonce

@@ -15,6 +15,7 @@ set clears those entries and their maps as it clears any dead run's (programs.py
 from __future__ import annotations
 
 import contextlib
+import errno
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -73,17 +74,24 @@ class Reservations:
         return self._make(ring_bytes)
 
     def _make(self, ring_bytes: int = programs.RING_BYTES) -> programs.Reservation:
+        # The idle entry first, then the maps: an agent that dies in between leaves
+        # nothing that the next run to join does not clear (it clears by the runs map).
         while True:
+            nonce = new_nonce()
             try:
-                reservation = programs.reserve(self._pset, new_nonce(), ring_bytes)
-            except MaceError:
-                continue  # the nonce is someone's (2**-64): another
-            try:
-                programs.add_entry(self._pset, reservation.nonce, self._idle_entry)
-            except BaseException:
-                programs.unreserve(self._pset, reservation)
+                programs.add_entry(self._pset, nonce, self._idle_entry)
+            except OSError as exc:
+                if exc.errno == errno.EEXIST:
+                    continue  # the nonce is someone's (2**-64): another
                 raise
-            return reservation
+            try:
+                return programs.reserve(self._pset, nonce, ring_bytes)
+            except BaseException as exc:
+                with contextlib.suppress(OSError):
+                    programs.remove_entry(self._pset, nonce)
+                if isinstance(exc, MaceError):
+                    continue  # maps under the nonce with no entry: another nonce
+                raise
 
     def _take_out(self, reservation: programs.Reservation) -> None:
         with contextlib.suppress(OSError):

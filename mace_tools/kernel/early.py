@@ -8,11 +8,16 @@ options before it asks for the set. On two CPUs these overlap.
 
 A command that will most likely load its own programs calls start() before its heavy
 imports (cli.launch); a run with no nonce of its own takes nonce() for its probes, and
-Backend.open takes the set and the prepared run when it gets there. What is never taken
-(the options chose the agent, or no corrections, or an error ended the run) costs only
-the work: the set is detached when the process exits, and the prepared run's entry names
-a token that dies with it, so the next run to join clears it. A failure is not reported
-here: join() then loads or reserves again and meets the error itself.
+Backend.open takes the set and the prepared run when it gets there. A run that settles on
+another source (the agent, none, probes too short for the nonce) calls release(): the
+prepared run goes and the set is let go as soon as the thread is done, without waiting
+for it. A process that ends first leaves nothing either: the set detaches when its last
+holder goes, and the prepared run's entry (made before its maps) names a token that dies
+with the process, so the next run to join clears it. A failure is not reported here:
+join() then loads or reserves again and meets the error itself.
+
+Importing this module binds nothing (programs and libbpf come with start()), so a run
+that uses the agent can call release() at no cost.
 """
 
 from __future__ import annotations
@@ -21,16 +26,29 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from mace_tools.kernel import programs
 from mace_tools.probe.icmp import new_nonce
+
+if TYPE_CHECKING:
+    from mace_tools.kernel.programs import PreparedRun, ProgramSet
 
 
 @dataclass(frozen=True, slots=True)
 class EarlySet:
-    pset: programs.ProgramSet
+    pset: ProgramSet
     loaded: bool  # loaded by this process (no run had the set attached)
-    prepared: programs.PreparedRun | None  # the nonce() run, if it could be made ready
+    prepared: PreparedRun | None  # the nonce() run, if it could be made ready
+
+
+def _give_back(got: EarlySet) -> None:
+    from mace_tools.kernel import programs
+
+    try:
+        if got.prepared is not None:
+            programs.discard_run(got.pset, got.prepared)
+    finally:
+        got.pset.close()
 
 
 class _Load(threading.Thread):
@@ -38,10 +56,14 @@ class _Load(threading.Thread):
         super().__init__(name="mace-early-load", daemon=True)
         self.path = path
         self.nonce = new_nonce() if prepare else None
-        self.prepared: programs.PreparedRun | None = None
+        self.prepared: PreparedRun | None = None
         self.result: EarlySet | None = None
+        self._lock = threading.Lock()
+        self._unwanted = False
 
     def run(self) -> None:
+        from mace_tools.kernel import programs
+
         try:
             pset, loaded = programs.attached_set(self.path, self._prepare)
         except BaseException:  # join() meets it again and reports it
@@ -49,15 +71,30 @@ class _Load(threading.Thread):
                 self.prepared.reservation.close()
                 os.close(self.prepared.token_fd)
             return
-        self.result = EarlySet(pset, loaded, self.prepared)
+        got = EarlySet(pset, loaded, self.prepared)
+        with self._lock:
+            if not self._unwanted:
+                self.result = got
+                return
+        _give_back(got)
 
-    def _prepare(self, pset: programs.ProgramSet) -> None:
+    def _prepare(self, pset: ProgramSet) -> None:
+        from mace_tools.kernel import programs
+
         if self.nonce is None:
             return
         try:
             self.prepared = programs.prepare_run(pset, self.nonce)
         except BaseException:  # join() reserves on its own and reports a failure
             self.prepared = None
+
+    def give_back(self) -> None:
+        """Whatever the thread got goes back: now if it is done, else when it is."""
+        with self._lock:
+            self._unwanted = True
+            got, self.result = self.result, None
+        if got is not None:
+            _give_back(got)
 
 
 _pending: _Load | None = None
@@ -88,8 +125,14 @@ def take(path: Path) -> EarlySet | None:
     load.join()
     got = load.result
     if got is not None and load.path != path:
-        if got.prepared is not None:
-            programs.discard_run(got.pset, got.prepared)
-        got.pset.close()
+        _give_back(got)
         return None
     return got
+
+
+def release() -> None:
+    """The run will not take what start() gets: it goes back (see the module's text)."""
+    global _pending
+    load, _pending = _pending, None
+    if load is not None:
+        load.give_back()

@@ -48,6 +48,11 @@ class _Lib:
             "bpf_map__fd": (_c_int, [_c_void_p]),
             "bpf_map__max_entries": (ctypes.c_uint32, [_c_void_p]),
             "bpf_map__reuse_fd": (_c_int, [_c_void_p, _c_int]),
+            "bpf_map__inner_map": (_c_void_p, [_c_void_p]),
+            "bpf_map__type": (_c_int, [_c_void_p]),
+            "bpf_map__key_size": (ctypes.c_uint32, [_c_void_p]),
+            "bpf_map__value_size": (ctypes.c_uint32, [_c_void_p]),
+            "bpf_map__map_flags": (ctypes.c_uint32, [_c_void_p]),
             "bpf_program__attach": (_c_void_p, [_c_void_p]),
             "bpf_program__fd": (_c_int, [_c_void_p]),
             "bpf_link__destroy": (_c_int, [_c_void_p]),
@@ -107,6 +112,15 @@ def libbpf() -> ctypes.CDLL:
 
 def last_errno() -> int:
     return ctypes.get_errno()
+
+
+def map_declared(map_ptr: int) -> tuple[int, int, int, int, int]:
+    """A map as an object declares it, before load: (type, key size, value size, max
+    entries, flags)."""
+    lib = libbpf()
+    return (lib.bpf_map__type(map_ptr), lib.bpf_map__key_size(map_ptr),
+            lib.bpf_map__value_size(map_ptr), lib.bpf_map__max_entries(map_ptr),
+            lib.bpf_map__map_flags(map_ptr))
 
 
 def map_initial_value(map_ptr: int) -> memoryview:

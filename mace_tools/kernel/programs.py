@@ -194,12 +194,7 @@ def load(path: Path, build: int,
             raise MaceError(f"BPF object {path} has no .bss: rebuild it ('make build')")
         initial = native.map_initial_value(bss)
         initial[:SWITCHES.size] = SWITCHES.pack(0, 0, 0, 0, build, bytes(NONCE_BITS // 8))
-        _made_run_maps(pset)
-        for role, fd in pset.fds.items():
-            m = lib.bpf_object__find_map_by_name(obj, MAPS[role][0].encode())
-            if not m or lib.bpf_map__reuse_fd(m, fd):
-                raise MaceError(f"BPF object {path} does not declare map {MAPS[role][0]} as "
-                                "programs.py makes it: rebuild it ('make build')")
+        _reuse_run_maps(obj, path, pset)
         for exc in _concurrently([lambda: meanwhile and meanwhile(pset),
                                   lambda: _load_object(obj)]):
             if exc is not None:
@@ -231,20 +226,41 @@ def load(path: Path, build: int,
     return pset
 
 
-def _made_run_maps(pset: ProgramSet) -> None:
-    """The set's runs, rings and lost maps, made as bpf/mace.bpf.c declares them (libbpf
-    refuses to reuse one that differs in type, sizes or flags)."""
-    pset.fds["runs"] = native.map_create(native.BPF_MAP_TYPE_HASH, b"mace_runs", 8,
-                                         RUN.size, MAX_RUNS)
-    ring, lost = _ring_and_counter(RING_BYTES)  # the templates of their maps
-    try:
-        for role, template in (("rings", ring), ("lost", lost)):
-            pset.fds[role] = native.map_create(native.BPF_MAP_TYPE_HASH_OF_MAPS,
-                                               MAPS[role][1].encode(), 8, 4, MAX_RUNS,
-                                               inner_map_fd=template)
-    finally:
-        os.close(ring)
-        os.close(lost)
+# The maps a run goes into, as bpf/mace.bpf.c declares them: (type, key size, value size,
+# max entries, flags), and the template of a map of maps' maps. load() makes them itself
+# and checks the object's declarations first: libbpf 1.1 reuses a map without comparing.
+MapSpec = tuple[int, int, int, int, int]
+RUN_MAPS: dict[str, tuple[MapSpec, MapSpec | None]] = {
+    "runs": ((native.BPF_MAP_TYPE_HASH, 8, RUN.size, MAX_RUNS, 0), None),
+    "rings": ((native.BPF_MAP_TYPE_HASH_OF_MAPS, 8, 4, MAX_RUNS, 0),
+              (native.BPF_MAP_TYPE_RINGBUF, 0, 0, RING_BYTES, 0)),
+    "lost": ((native.BPF_MAP_TYPE_HASH_OF_MAPS, 8, 4, MAX_RUNS, 0),
+             (native.BPF_MAP_TYPE_ARRAY, 4, 8, 1, native.BPF_F_MMAPABLE)),
+}
+
+
+def _reuse_run_maps(obj: int, path: Path, pset: ProgramSet) -> None:
+    """Make the set's runs, rings and lost maps (RUN_MAPS) and have the object use them,
+    if it declares them so (else: rebuild the object)."""
+    lib = native.libbpf()
+    for role, (spec, inner_spec) in RUN_MAPS.items():
+        m = lib.bpf_object__find_map_by_name(obj, MAPS[role][0].encode())
+        inner = lib.bpf_map__inner_map(m) if m else None
+        if not m or native.map_declared(m) != spec or \
+                (native.map_declared(inner) if inner else None) != inner_spec:
+            raise MaceError(f"BPF object {path} does not declare map {MAPS[role][0]} as "
+                            "this mace_tools makes it: rebuild it ('make build')")
+        template = native.map_create(inner_spec[0], b"mace_template", *inner_spec[1:4],
+                                     inner_spec[4]) if inner_spec else 0
+        try:
+            pset.fds[role] = native.map_create(spec[0], MAPS[role][1].encode(), *spec[1:4],
+                                               spec[4], inner_map_fd=template)
+        finally:
+            if template:
+                os.close(template)
+        if lib.bpf_map__reuse_fd(m, pset.fds[role]):
+            raise MaceError(f"cannot give BPF object {path} its map {MAPS[role][0]}: "
+                            f"{os.strerror(native.last_errno())}")
 
 
 def _load_object(obj: int) -> None:
@@ -391,14 +407,17 @@ def _delete_maps(pset: ProgramSet, nonce: bytes) -> None:
 
 
 def _concurrently(calls: list[Callable[[], object]]) -> list[BaseException | None]:
-    """Run each call on a thread of its own (the last on this one) and wait for them all,
-    even through Ctrl-C; what each raised (None: it returned). Ctrl-C is then one of
-    them, as the error of the call on this thread (which may have done its work first).
+    """Run each call on a thread of its own (the last on this one) and wait for them all;
+    what each raised (None: it returned). Ctrl-C is raised once they have all ended (a
+    call interrupted before it started raised nothing and did nothing): the caller then
+    finds out what is in the maps, never guesses.
 
     Putting a map into a map of maps, or taking it out, waits in the kernel for an RCU
     grace period (~12 ms here, each); waits that overlap share one (two inserts: 24 -> 12
     ms measured), and ctypes lets go of the GIL while a thread waits."""
     errors: list[BaseException | None] = [None] * len(calls)
+    threads: list[threading.Thread] = []
+    interrupted = False
 
     def call(i: int) -> None:
         try:
@@ -406,18 +425,23 @@ def _concurrently(calls: list[Callable[[], object]]) -> list[BaseException | Non
         except BaseException as exc:  # handed to the caller
             errors[i] = exc
 
-    threads = [threading.Thread(target=call, args=(i,), name="mace-map-update")
-               for i in range(len(calls) - 1)]
-    for thread in threads:
-        thread.start()
-    if calls:
-        call(len(calls) - 1)
-    for thread in threads:
-        while thread.is_alive():
-            try:
-                thread.join()
-            except KeyboardInterrupt as exc:  # each map must be known in or out first
-                errors[-1] = errors[-1] or exc
+    try:
+        for i in range(len(calls) - 1):
+            threads.append(threading.Thread(target=call, args=(i,), name="mace-map-update"))
+            threads[-1].start()
+        if calls:
+            call(len(calls) - 1)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        for thread in threads:
+            while thread.is_alive():
+                try:
+                    thread.join()
+                except KeyboardInterrupt:
+                    interrupted = True
+    if interrupted or any(isinstance(exc, KeyboardInterrupt) for exc in errors):
+        raise KeyboardInterrupt
     return errors
 
 
@@ -491,11 +515,14 @@ def reserve(pset: ProgramSet, nonce: bytes, ring_bytes: int = RING_BYTES) -> Res
     ring, lost = _ring_and_counter(ring_bytes)
     ours = {"lost": lost, "rings": ring}
     # each only if the nonce is new to it; the entry the programs look up comes later
-    errors = _concurrently([
-        lambda role=role, fd=fd: native.map_update(pset.fds[role], nonce,
-                                                   struct.pack("=I", fd), native.BPF_NOEXIST)
-        for role, fd in ours.items()])
-    failed = next((exc for exc in errors if exc is not None), None)
+    try:
+        errors = _concurrently([
+            lambda role=role, fd=fd: native.map_update(
+                pset.fds[role], nonce, struct.pack("=I", fd), native.BPF_NOEXIST)
+            for role, fd in ours.items()])
+        failed = next((exc for exc in errors if exc is not None), None)
+    except KeyboardInterrupt as exc:
+        failed = exc
     if failed is None:
         return Reservation(nonce, ring, lost)
     for role, fd in ours.items():  # what went in, and only that: never another run's
@@ -576,18 +603,23 @@ class PreparedRun:
 
 
 def prepare_run(pset: ProgramSet, nonce: bytes) -> PreparedRun:
+    """The idle entry first, then the maps: a process that ends at any point between
+    leaves nothing the next run to join does not clear (it clears by the runs map)."""
     token = new_token()
-    try:
-        reservation = reserve(pset, nonce)
-    except BaseException:
-        os.close(token)
-        raise
     idle = RunEntry(0, 0, 0, native.map_id(token), os.getpid())
     try:
         add_entry(pset, nonce, idle)
-    except BaseException:
+    except BaseException as exc:
         os.close(token)
-        unreserve(pset, reservation)
+        if isinstance(exc, OSError) and exc.errno == errno.EEXIST:
+            raise MaceError("the nonce is in use by another run") from None
+        raise
+    try:
+        reservation = reserve(pset, nonce)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            remove_entry(pset, nonce)
+        os.close(token)
         raise
     return PreparedRun(reservation, token, idle)
 
@@ -620,22 +652,7 @@ def _add_run(pset: ProgramSet, nonce: bytes, flags: int, prober_netns: int,
              host_netns: int, live: dict[bytes, RunEntry]) -> tuple[RunEntry, dict[str, int]]:
     if len(live) >= MAX_RUNS:
         raise MaceError(f"too many concurrent runs ({MAX_RUNS}) share the BPF programs")
-    token = new_token()
-    try:
-        reservation = reserve(pset, nonce)
-    except BaseException:
-        os.close(token)
-        raise
-    entry = RunEntry(flags, prober_netns, host_netns, native.map_id(token), os.getpid())
-    try:
-        activate(pset, nonce, entry)
-    except BaseException as exc:
-        os.close(token)
-        unreserve(pset, reservation)
-        if isinstance(exc, OSError) and exc.errno == errno.EEXIST:
-            raise MaceError("the nonce is in use by another run") from None
-        raise
-    return entry, {"ring": reservation.ring_fd, "lost": reservation.lost_fd, "token": token}
+    return _activate_prepared(pset, prepare_run(pset, nonce), flags, prober_netns, host_netns)
 
 
 def attached_set(path: Path, then: Callable[[ProgramSet], object] | None = None
