@@ -243,24 +243,25 @@ def _reuse_run_maps(obj: int, path: Path, pset: ProgramSet) -> None:
     """Make the set's runs, rings and lost maps (RUN_MAPS) and have the object use them,
     if it declares them so (else: rebuild the object)."""
     lib = native.libbpf()
-    for role, (spec, inner_spec) in RUN_MAPS.items():
-        m = lib.bpf_object__find_map_by_name(obj, MAPS[role][0].encode())
-        inner = lib.bpf_map__inner_map(m) if m else None
-        if not m or native.map_declared(m) != spec or \
-                (native.map_declared(inner) if inner else None) != inner_spec:
-            raise MaceError(f"BPF object {path} does not declare map {MAPS[role][0]} as "
-                            "this mace_tools makes it: rebuild it ('make build')")
-        template = native.map_create(inner_spec[0], b"mace_template", *inner_spec[1:4],
-                                     inner_spec[4]) if inner_spec else 0
-        try:
-            pset.fds[role] = native.map_create(spec[0], MAPS[role][1].encode(), *spec[1:4],
-                                               spec[4], inner_map_fd=template)
-        finally:
-            if template:
-                os.close(template)
-        if lib.bpf_map__reuse_fd(m, pset.fds[role]):
-            raise MaceError(f"cannot give BPF object {path} its map {MAPS[role][0]}: "
-                            f"{os.strerror(native.last_errno())}")
+    ring, lost = _ring_and_counter()  # the templates of the maps of maps' maps
+    templates = {"runs": 0, "rings": ring, "lost": lost}
+    try:
+        for role, (spec, inner_spec) in RUN_MAPS.items():
+            m = lib.bpf_object__find_map_by_name(obj, MAPS[role][0].encode())
+            inner = lib.bpf_map__inner_map(m) if m else None
+            if not m or native.map_declared(m) != spec or \
+                    (native.map_declared(inner) if inner else None) != inner_spec:
+                raise MaceError(f"BPF object {path} does not declare map {MAPS[role][0]} "
+                                "as this mace_tools makes it: rebuild it ('make build')")
+            map_type, *sizes, flags = spec
+            pset.fds[role] = native.map_create(map_type, MAPS[role][1].encode(), *sizes,
+                                               flags, inner_map_fd=templates[role])
+            if lib.bpf_map__reuse_fd(m, pset.fds[role]):
+                raise MaceError(f"cannot give BPF object {path} its map {MAPS[role][0]}: "
+                                f"{os.strerror(native.last_errno())}")
+    finally:
+        os.close(ring)
+        os.close(lost)
 
 
 def _load_object(obj: int) -> None:
@@ -479,10 +480,11 @@ def new_token() -> int:
 
 
 def _ring_and_counter(ring_bytes: int = RING_BYTES) -> tuple[int, int]:
+    """A run's ring and lost counter, as the set's maps of maps take them (RUN_MAPS)."""
     ring = native.ringbuf_create(b"mace_run", ring_bytes)
     try:
-        lost = native.map_create(native.BPF_MAP_TYPE_ARRAY, b"mace_run_lost", 4, 8, 1,
-                                 native.BPF_F_MMAPABLE)
+        lost_type, *lost_sizes, lost_flags = RUN_MAPS["lost"][1] or ()
+        lost = native.map_create(lost_type, b"mace_run_lost", *lost_sizes, lost_flags)
     except BaseException:
         os.close(ring)
         raise
@@ -514,7 +516,8 @@ def reserve(pset: ProgramSet, nonce: bytes, ring_bytes: int = RING_BYTES) -> Res
     the map-in-map's type), so a run that expects few records maps little memory."""
     ring, lost = _ring_and_counter(ring_bytes)
     ours = {"lost": lost, "rings": ring}
-    # each only if the nonce is new to it; the entry the programs look up comes later
+    # each only if the nonce is new to it; the programs look at neither until the nonce's
+    # entry has switches (activate)
     try:
         errors = _concurrently([
             lambda role=role, fd=fd: native.map_update(
