@@ -404,6 +404,15 @@ def test_hop_line_as_traceroute() -> None:
     assert numeric.startswith(" 2  198.18.0.2  0.100 ms  corrected=")
 
 
+def test_the_corrected_token_says_which_replies_have_no_correction_and_why() -> None:
+    corrected = hop(ROUTER, 0.3)
+    corrected.measurement.rtt_corrected_ns = 12_000
+    late = hop(ROUTER, 0.2)
+    late.measurement.late_kernel_stamp = True
+    line = hop_line(2, [corrected, hop(ROUTER, 0.1), HopReply(2), late])
+    assert line.endswith("  corrected=0.012,-,*,late")
+
+
 def test_extensions_and_backward_hops_reprint_the_address() -> None:
     line = hop_line(2, [hop(ROUTER, 0.1, ext="MPLS:L=1,E=0,S=1,T=1"),
                         hop(ROUTER, 0.2, ext="MPLS:L=1,E=0,S=1,T=1"),

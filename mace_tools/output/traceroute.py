@@ -6,7 +6,8 @@ Text keeps Linux traceroute's line shape (` 1  gw.lan (198.18.1.1)  0.412 ms  0.
 `<MPLS:...>` for -e, `F=MTU` for --mtu) and appends the corrected times as one token that
 no traceroute parser takes for a probe time (no " ms" after each value):
 ` 1  198.18.1.1  0.412 ms  0.390 ms  0.401 ms  corrected=0.010,0.011,0.012 host-internal`
-(`-` where a reply had no kernel data, `*` for a timeout).
+(`-` where a reply had no kernel data, `late` where its kernel data was refused as late,
+`*` for a timeout).
 """
 
 from __future__ import annotations
@@ -63,11 +64,19 @@ def hop_line(ttl: int, replies: list[HopReply], name_of: NameOf | None = None,
             out += _source(ttl, r, m, name_of, back)
         last = r
         out += f"  {m.rtt_raw_ns / 1e6:.3f} ms{r.annotation}"
-        corrected.append("-" if m.rtt_corrected_ns is None else f"{m.rtt_corrected_ns / 1e6:.3f}")
+        corrected.append(_corrected(m))
     out += f"  corrected={','.join(corrected)}"
     if any(r.host_internal for r in replies):
         out += " host-internal"
     return out
+
+
+def _corrected(m: Measurement) -> str:
+    """A reply's corrected time in the hop line; `late`: its kernel data was refused (a
+    late return stamp, correlate.returned_late), the one count text has no summary for."""
+    if m.late_kernel_stamp:
+        return "late"
+    return "-" if m.rtt_corrected_ns is None else f"{m.rtt_corrected_ns / 1e6:.3f}"
 
 
 def _source(ttl: int, r: HopReply, m: Measurement, name_of: NameOf | None,
