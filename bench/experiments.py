@@ -22,6 +22,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench import floor
 from bench.tools import ToolResult, ToolRun, capture_filter, iputils, mace_ping, scamper
 from mace_tools.kernel import programs
 from mace_tools.lab.capture import Capture, CapturedEcho, TruthCapture
@@ -562,12 +563,20 @@ def foreign_cost(lab: Lab, seconds: float, neighbours: int, flood_target: str | 
             time.sleep(seconds)
             after = mace_program_stats()
             sets = loaded_program_sets()
+            # then as long again beside programs that do nothing: what any program pays
+            # per run here (not attached during the first window: it measures mace alone)
+            with floor.attached() as floor_fds:
+                floor_before, beside_before = floor.stats(floor_fds), mace_program_stats()
+                time.sleep(seconds)
+                floor_after, beside_after = floor.stats(floor_fds), mace_program_stats()
     finally:
         result = interrupt(run)
     if not result.rtt_ms:
         raise NotMeasured(f"the slow mace-ping run got no reply: {last_line(result.stderr)}")
     return {"neighbours": neighbours, "seconds": seconds, "mace_replies": len(result.rtt_ms),
-            "sets_loaded": sets, "programs": _delta(after, before)}
+            "sets_loaded": sets, "programs": _delta(after, before),
+            "floor": _delta(floor_after, floor_before),
+            "beside_floor": _delta(beside_after, beside_before)}
 
 
 def records_per_probe(lab: Lab, count: int, interval: float) -> dict:

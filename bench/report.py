@@ -190,7 +190,11 @@ def _foreign_target(res: dict) -> tuple[str, str, bool | str | None]:
         return target, _why(res, "foreign_cost") if not c else "no program ran", NOT_MEASURED
     worst = max(costs.values())
     each = ", ".join(f"{k} {v:.1f}" for k, v in costs.items())
-    return target, f"{worst:.1f} ns (worst program; {each})", worst <= 40
+    floors = [v["ns_per_run"] for k, v in c.get("floor", {}).items()
+              if k != "all" and v["ns_per_run"] is not None]
+    floor = f"; a program that does nothing, same hooks and traffic: {max(floors):.1f} " \
+        "worst" if floors else ""
+    return target, f"{worst:.1f} ns (worst program; {each}{floor})", worst <= 40
 
 
 def _records_target(res: dict) -> tuple[str, str, bool | str | None]:
@@ -504,7 +508,14 @@ def _foreign_cost(c: dict) -> list[str]:
             f"(echoes without mace's nonce), {c['seconds']:.0f} s window, "
             f"kernel.bpf_stats_enabled; the run got {c['mace_replies']} replies."
             f"{_sets_note(c)}\n",
-            *_program_table(c["programs"])]
+            *_program_table(c["programs"]),
+            *(["\nThen a second window as long, with programs that do nothing attached to "
+               "the same three tracepoints (bench/bpf/floor.bpf.c): the floor any program "
+               "pays per run here (trampoline, the stats' own clock reads), and mace's "
+               "programs beside it in that window.\n",
+               "Programs that do nothing:\n", *_program_table(c["floor"]),
+               "\nmace's, in the same window:\n", *_program_table(c["beside_floor"])]
+              if c.get("floor") else [])]
 
 
 def _records(r: dict) -> list[str]:
