@@ -51,8 +51,10 @@ def assert_accurate_errors(errors_us: Sequence[float]) -> None:
 
 # A reply whose return our program stamped at netif_rx after its receive stamp is shown raw
 # (correlate.LATE_RETURN_SLACK_NS: the program ran late; once in a fresh-clone suite, and 1
-# in 4,400 probes on the macvlan lab, idle and with both CPUs busy). A few in a run of
-# hundreds are a stalled CPU; more would be a fault; in a short run, none.
+# in 4,400 probes on the macvlan lab, idle and with both CPUs busy). One in any run is a
+# stalled vCPU at that instant (a later fresh-clone suite had one in a 40-reply traceroute,
+# so "none in a short run" was flaky), and 1% of a long one; more would be a fault, such
+# as a hop or a path whose every reply is refused.
 LATE_SHARE = 0.01
 
 
@@ -61,4 +63,5 @@ def assert_covered(mace: dict[str, Any], replies: int) -> None:
     for a few refused as late; every other shortfall fails."""
     late = mace["late_kernel_stamps"]
     assert mace["replies_with_kernel_data"] + late == replies, mace
-    assert late <= int(replies * LATE_SHARE), f"{late} of {replies} refused as late"
+    allowed = max(1, int(replies * LATE_SHARE))
+    assert late <= allowed, f"{late} of {replies} refused as late"
