@@ -65,3 +65,11 @@ def assert_covered(mace: dict[str, Any], replies: int) -> None:
     assert mace["replies_with_kernel_data"] + late == replies, mace
     allowed = max(1, int(replies * LATE_SHARE))
     assert late <= allowed, f"{late} of {replies} refused as late"
+
+
+def late_beyond_first_hop(docs: Sequence[dict[str, Any]]) -> int:
+    """Replies refused as late in hops 2 and on of these traceroute documents: the hops
+    that cross the outer device, whose other replies a test measures against the truth
+    (the host's own hop 1 may have its refused one too; assert_covered counts it)."""
+    return sum(bool(r.get("late_kernel_stamp"))
+               for doc in docs for hop in doc["result"][1:] for r in hop["result"])
