@@ -124,12 +124,7 @@ def _await_sets_gone(foreign: int, timeout_s: float = 3.0) -> bool:
     """Until no more than `foreign` mace program sets are loaded (someone else's, there
     before the section began): the agent just stopped and its set goes with its links.
     False if it stays, and the cold row would not be cold."""
-    deadline = time.monotonic() + timeout_s
-    while ex.loaded_program_sets() > foreign:
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
+    return ex.await_program_sets(foreign, timeout_s) <= foreign
 
 
 def agent_startup(lab: Lab, runs: int, seed: int = 3) -> dict:

@@ -314,18 +314,21 @@ def _paired_delta(cond: list[list[float]], base: list[list[float]]) -> tuple[flo
 
 def perturbation(lab: Lab, settings: list[tuple[str, int, str]], count: int,
                  interval: float, rounds: int = 16, seed: int = 1) -> list[dict]:
-    """An independent iputils ping's RTT: nothing attached, mace's programs attached, ftrace
-    on the same tracepoints. Each round runs one short block of each condition, in an order
-    shuffled per round (a fixed order would put any within-round drift on one condition);
-    the effect is the mean of the per-round differences, with its standard error, so a
-    sub-µs claim comes with how well this machine can resolve it."""
+    """An independent iputils ping's RTT: nothing attached, mace's programs attached, empty
+    programs on the same tracepoints (the floor any program there costs), ftrace on them.
+    Each round runs one short block of each condition, in an order shuffled per round (a
+    fixed order would put any within-round drift on one condition); the effect is the mean
+    of the per-round differences, with its standard error, so a sub-µs claim comes with how
+    well this machine can resolve it."""
     rows = []
     block = max(50, count // rounds)
     order = random.Random(seed)
-    conditions = {"base": nullcontext, "bpf": programs_attached, "ftrace": ftrace_enabled}
+    conditions = {"base": nullcontext, "bpf": programs_attached, "floor": floor.attached,
+                  "ftrace": ftrace_enabled}
     for name, neighbours, kind in settings:
-        samples: dict[str, list[list[float]]] = {"base": [], "bpf": [], "ftrace": []}
-        with load_setting(lab, neighbours, kind, 3 * rounds * (block * interval + 1) + 60):
+        samples: dict[str, list[list[float]]] = {k: [] for k in conditions}
+        with load_setting(lab, neighbours, kind,
+                          len(conditions) * rounds * (block * interval + 1) + 60):
             for _ in range(rounds):
                 for cond in order.sample(list(conditions), k=len(conditions)):
                     with conditions[cond]():
@@ -333,16 +336,21 @@ def perturbation(lab: Lab, settings: list[tuple[str, int, str]], count: int,
         base, bpf, ftrace = (_merge(samples[k]) for k in ("base", "bpf", "ftrace"))
         half_a, half_b = _merge(samples["base"][0::2]), _merge(samples["base"][1::2])
         bpf_delta, bpf_se = _paired_delta(samples["bpf"], samples["base"])
+        floor_delta, floor_se = _paired_delta(samples["floor"], samples["base"])
+        above_delta, above_se = _paired_delta(samples["bpf"], samples["floor"])
         ftrace_delta, ftrace_se = _paired_delta(samples["ftrace"], samples["base"])
         row = {"setting": name, "rounds": rounds, "block": block, "baseline": base,
                "bpf": bpf, "ftrace": ftrace,
                "noise_mean_us": abs(half_a["mean"] - half_b["mean"]),
                "bpf_delta_mean_us": bpf_delta, "bpf_delta_mean_se_us": bpf_se,
                "bpf_delta_p99_us": bpf["p99"] - base["p99"],
+               "floor_delta_mean_us": floor_delta, "floor_delta_mean_se_us": floor_se,
+               "bpf_above_floor_us": above_delta, "bpf_above_floor_se_us": above_se,
                "ftrace_delta_mean_us": ftrace_delta, "ftrace_delta_mean_se_us": ftrace_se,
                "ftrace_delta_p99_us": ftrace["p99"] - base["p99"]}
         rows.append(row)
-        print(f"  perturbation {name}: bpf {bpf_delta:+.2f} ± {bpf_se:.2f} µs, ftrace "
+        print(f"  perturbation {name}: bpf {bpf_delta:+.2f} ± {bpf_se:.2f} µs, empty "
+              f"programs {floor_delta:+.2f} ± {floor_se:.2f} µs, ftrace "
               f"{ftrace_delta:+.2f} ± {ftrace_se:.2f} µs (standard errors over {rounds} "
               f"rounds)", flush=True)
     return rows
@@ -383,6 +391,15 @@ def loaded_program_sets() -> int:
     the set; more means another copy is attached too (a private one, or a leaked one),
     and every packet pays for each."""
     return sum(p.get("name") == "mace_xmit" for p in _bpftool_progs())
+
+
+def await_program_sets(at_most: int = 0, timeout_s: float = 3.0) -> int:
+    """Copies of mace's programs still loaded once no more than `at_most` are, or at the
+    timeout: a set whose last holder just exited is freed by the kernel a little later."""
+    deadline = time.monotonic() + timeout_s
+    while (sets := loaded_program_sets()) > at_most and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return sets
 
 
 class NotMeasured(Exception):
@@ -485,7 +502,7 @@ def flood_pair(lab: Lab, seconds: int, neighbours: int, mace_first: bool) -> dic
     """mace-ping -f and iputils ping -f from c0, one right after the other under the same
     neighbours' floods; which goes first alternates over repeats (no order bias)."""
     floods = [("mace", mace_flood), ("iputils", iputils_flood)]
-    stray = loaded_program_sets()  # none of our runs is active: 0 unless someone else's
+    stray = await_program_sets()  # none of our runs is active: 0 unless someone else's
     with load_setting(lab, neighbours, "flood", 2 * seconds + 60):
         got = {name: run(lab, seconds) for name, run in (floods if mace_first
                                                           else floods[::-1])}

@@ -5,6 +5,7 @@ floor that ns per program run is read against."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import subprocess
 import tempfile
@@ -19,11 +20,14 @@ MACE_HEADERS = Path(__file__).resolve().parents[1] / "bpf"
 PROGRAMS = ("floor_xmit", "floor_rx", "floor_receive")
 
 
-def compile_floor(out: Path) -> Path:
-    obj = out / "floor.bpf.o"
-    subprocess.run(["clang", "-g", "-O2", "-Wall", "-target", "bpf", f"-I{MACE_HEADERS}",
-                    "-c", str(SOURCE), "-o", str(obj)], check=True, capture_output=True)
-    return obj
+@functools.cache
+def compiled() -> bytes:
+    """The object, compiled once per process (the perturbation rows attach it per block)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        obj = Path(tmp) / "floor.bpf.o"
+        subprocess.run(["clang", "-g", "-O2", "-Wall", "-target", "bpf", f"-I{MACE_HEADERS}",
+                        "-c", str(SOURCE), "-o", str(obj)], check=True, capture_output=True)
+        return obj.read_bytes()
 
 
 @contextlib.contextmanager
@@ -31,7 +35,9 @@ def attached() -> Iterator[dict[str, int]]:
     """The three empty programs, attached; their fds by name (native.prog_run_stats)."""
     lib = native.libbpf()
     with tempfile.TemporaryDirectory() as tmp:
-        obj = lib.bpf_object__open_file(str(compile_floor(Path(tmp))).encode(), None)
+        path = Path(tmp) / "floor.bpf.o"
+        path.write_bytes(compiled())
+        obj = lib.bpf_object__open_file(str(path).encode(), None)
     if not obj:
         raise MaceError(f"cannot open the floor object: {os.strerror(native.last_errno())}")
     links = []

@@ -465,15 +465,23 @@ def _perturbation(pert: list[dict]) -> list[str]:
            "Each round runs one block of each condition in a shuffled order; Δmean is the "
            "mean over rounds of (block mean - that round's baseline block mean), ± its "
            "standard error. Noise is |odd - even| baseline blocks. iputils prints whole µs, "
-           "so Δp99 moves in steps of 1.\n",
+           "so Δp99 moves in steps of 1. Empty programs: programs that return at once, on "
+           "mace's three tracepoints (bench/bpf/floor.bpf.c): what any program there costs "
+           "the witness; mace above them: the mean of per-round (mace block - empty block).\n",
            "| setting | rounds x block | baseline mean | noise | mace BPF Δmean | Δp99 | "
-           "ftrace Δmean | Δp99 |", "|---|---|---|---|---|---|---|---|"]
+           "empty programs Δmean | mace above empty | ftrace Δmean | Δp99 |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for p in pert:
         bpf_se, ftrace_se = p["bpf_delta_mean_se_us"], p["ftrace_delta_mean_se_us"]
+        if "floor_delta_mean_us" in p:
+            floor = (f"{p['floor_delta_mean_us']:+.2f}{_pm(p['floor_delta_mean_se_us'])} | "
+                     f"{p['bpf_above_floor_us']:+.2f}{_pm(p['bpf_above_floor_se_us'])}")
+        else:  # (a run from before the floor was measured)
+            floor = "- | -"
         out.append(f"| {p['setting']} | {p['rounds']} x {p['block']} | "
                    f"{p['baseline']['mean']:.1f} | {p['noise_mean_us']:.2f} | "
                    f"{p['bpf_delta_mean_us']:+.2f}{_pm(bpf_se)} | "
-                   f"{p['bpf_delta_p99_us']:+.2f} | "
+                   f"{p['bpf_delta_p99_us']:+.2f} | {floor} | "
                    f"{p['ftrace_delta_mean_us']:+.2f}{_pm(ftrace_se)} | "
                    f"{p['ftrace_delta_p99_us']:+.2f} |")
     return out
