@@ -1,13 +1,17 @@
 """Empty programs on mace's tracepoints (bench/bpf/floor.bpf.c), compiled with the same
 clang flags as mace's object and attached for as long as a measurement needs them: the
-floor that ns per program run is read against."""
+floor that ns per program run and the neighbour's slowdown are read against. And an empty
+tc program (bench/bpf/floor_tc.bpf.c) attached by tcx to one device: the floor of
+per-device attachment (bench/hook_floor.py)."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
 import os
+import socket
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,50 +20,90 @@ from mace_tools.errors import MaceError
 from mace_tools.kernel import native
 
 SOURCE = Path(__file__).with_name("bpf") / "floor.bpf.c"
+TC_SOURCE = Path(__file__).with_name("bpf") / "floor_tc.bpf.c"
 MACE_HEADERS = Path(__file__).resolve().parents[1] / "bpf"
 PROGRAMS = ("floor_xmit", "floor_rx", "floor_receive")
 
 
 @functools.cache
-def compiled() -> bytes:
-    """The object, compiled once per process (the perturbation rows attach it per block)."""
+def compiled(source: Path = SOURCE) -> bytes:
+    """An object, compiled once per process (the perturbation rows attach it per block)."""
     with tempfile.TemporaryDirectory() as tmp:
         obj = Path(tmp) / "floor.bpf.o"
         subprocess.run(["clang", "-g", "-O2", "-Wall", "-target", "bpf", f"-I{MACE_HEADERS}",
-                        "-c", str(SOURCE), "-o", str(obj)], check=True, capture_output=True)
+                        "-c", str(source), "-o", str(obj)], check=True, capture_output=True)
         return obj.read_bytes()
+
+
+@contextlib.contextmanager
+def _loaded(source: Path) -> Iterator[int]:
+    """The object of `source`, opened and loaded by libbpf (its pointer)."""
+    lib = native.libbpf()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "floor.bpf.o"
+        path.write_bytes(compiled(source))
+        obj = lib.bpf_object__open_file(str(path).encode(), None)
+    if not obj:
+        raise MaceError(f"cannot open {source.name}: {os.strerror(native.last_errno())}")
+    try:
+        if lib.bpf_object__load(obj):
+            raise MaceError(f"cannot load {source.name}: {os.strerror(native.last_errno())}")
+        yield obj
+    finally:
+        lib.bpf_object__close(obj)
 
 
 @contextlib.contextmanager
 def attached() -> Iterator[dict[str, int]]:
     """The three empty programs, attached; their fds by name (native.prog_run_stats)."""
     lib = native.libbpf()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "floor.bpf.o"
-        path.write_bytes(compiled())
-        obj = lib.bpf_object__open_file(str(path).encode(), None)
-    if not obj:
-        raise MaceError(f"cannot open the floor object: {os.strerror(native.last_errno())}")
     links = []
-    try:
-        if lib.bpf_object__load(obj):
-            raise MaceError(f"cannot load the floor programs: "
-                            f"{os.strerror(native.last_errno())}")
-        fds = {}
-        for name in PROGRAMS:
-            prog = lib.bpf_object__find_program_by_name(obj, name.encode())
-            link = lib.bpf_program__attach(prog) if prog else None
-            if not link:
-                raise MaceError(f"cannot attach {name}: {os.strerror(native.last_errno())}")
-            links.append(link)
-            fds[name] = lib.bpf_program__fd(prog)
-        yield fds
-    finally:
-        for link in links:
-            lib.bpf_link__destroy(link)
-        lib.bpf_object__close(obj)
+    with _loaded(SOURCE) as obj:
+        try:
+            fds = {}
+            for name in PROGRAMS:
+                prog = lib.bpf_object__find_program_by_name(obj, name.encode())
+                link = lib.bpf_program__attach(prog) if prog else None
+                if not link:
+                    raise MaceError(f"cannot attach {name}: "
+                                    f"{os.strerror(native.last_errno())}")
+                links.append(link)
+                fds[name] = lib.bpf_program__fd(prog)
+            yield fds
+        finally:
+            for link in links:
+                lib.bpf_link__destroy(link)
+
+
+def hold_tcx(device: str | None) -> None:
+    """Attach the empty tc program to `device` of this netns, ingress and egress, say
+    "ready" and hold the links until stdin closes (a tcx link names its device by ifindex,
+    so it is made inside the device's netns: bench/hook_floor.py runs this there). With no
+    device only the holder runs: the control for the holding process itself."""
+    if device is None:
+        print("ready", flush=True)
+        sys.stdin.read()
+        return
+    lib = native.libbpf()
+    with _loaded(TC_SOURCE) as obj:
+        prog_fd = lib.bpf_program__fd(lib.bpf_object__find_program_by_name(obj, b"floor_tc"))
+        ifindex = socket.if_nametoindex(device)
+        links = [native.tcx_attach(prog_fd, ifindex, kind)
+                 for kind in (native.BPF_TCX_INGRESS, native.BPF_TCX_EGRESS)]
+        try:
+            print("ready", flush=True)
+            sys.stdin.read()
+        finally:
+            for fd in links:
+                os.close(fd)
 
 
 def stats(fds: dict[str, int]) -> dict[str, tuple[int, int]]:
     """(run_time_ns, run_cnt) per floor program, as mace_program_stats gives mace's."""
     return {name: native.prog_run_stats(fd) for name, fd in fds.items()}
+
+
+if __name__ == "__main__":  # python -m bench.floor hold-tcx [DEVICE] (in DEVICE's netns)
+    if len(sys.argv) not in (2, 3) or sys.argv[1] != "hold-tcx":
+        sys.exit("usage: python -m bench.floor hold-tcx [DEVICE]")
+    hold_tcx(sys.argv[2] if len(sys.argv) == 3 else None)

@@ -55,6 +55,7 @@ class _Lib:
             "bpf_map__map_flags": (ctypes.c_uint32, [_c_void_p]),
             "bpf_program__attach": (_c_void_p, [_c_void_p]),
             "bpf_program__fd": (_c_int, [_c_void_p]),
+            "bpf_link_create": (_c_int, [_c_int, _c_int, _c_int, _c_void_p]),
             "bpf_link__destroy": (_c_int, [_c_void_p]),
             "bpf_map_lookup_elem": (_c_int, [_c_int, _c_void_p, _c_void_p]),
             "bpf_map_update_elem": (_c_int, [_c_int, _c_void_p, _c_void_p, ctypes.c_uint64]),
@@ -190,6 +191,14 @@ def _check(ret: int, what: str) -> int:
 
 
 BPF_ANY, BPF_NOEXIST, BPF_EXIST = 0, 1, 2
+BPF_TCX_INGRESS, BPF_TCX_EGRESS = 46, 47  # uapi enum bpf_attach_type (kernel >= 6.6)
+
+
+def tcx_attach(prog_fd: int, ifindex: int, attach_type: int) -> int:
+    """A tcx link (the fd) of a SCHED_CLS program on a device of the caller's netns.
+    (libbpf 1.1 has no bpf_program__attach_tcx; its bpf_link_create passes the type on.)"""
+    return _check(libbpf().bpf_link_create(prog_fd, ifindex, attach_type, None),
+                  "tcx link")
 
 
 def map_update(fd: int, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
