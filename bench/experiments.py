@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +40,7 @@ IPUTILS_CONTAINER, SCAMPER_CONTAINER, WITNESS_CONTAINER = 9, 10, 11
 EXTRA_MACE = (12, 13, 14, 15, 16, 17, 18)
 ID_IPUTILS_CONTAINER, ID_IPUTILS_HOST, ID_SCAMPER = 4242, 4343, 4545
 PACKAGE = Path(programs.__file__).resolve().parents[1]  # mace_tools/
+REPO = Path(__file__).resolve().parents[1]
 FTRACE_EVENTS = ("net/net_dev_start_xmit", "net/net_dev_xmit", "net/netif_rx",
                  "net/netif_receive_skb")
 TRACEFS = Path("/sys/kernel/tracing")
@@ -279,20 +280,21 @@ _HOLD_A_RUN = ("import os, sys\n"
 
 
 @contextmanager
-def programs_attached() -> Iterator[None]:
-    """mace's programs attached (one run in the shared set, sending nothing), held by a
-    child process as a mace-ping run is: whatever a run holds goes when it exits, so one
-    condition never outlives its block, whatever happens in this process."""
-    proc = subprocess.Popen([sys.executable, "-c", _HOLD_A_RUN], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def held_by_child(command: list[str], what: str, cwd: Path | None = None) -> Iterator[None]:
+    """What `command` sets up and holds: it prints "ready" once it holds it and lets go
+    when its stdin closes (or it dies), so a condition never outlives its block, whatever
+    happens in this process. Every condition that holds something this way pays the same
+    child (its start-up just before the block)."""
+    proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=cwd)
     assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
     try:
         if proc.stdout.readline().strip() != "ready":
             proc.wait(timeout=30)
-            raise NotMeasured(f"no run joined the programs: {last_line(proc.stderr.read())}")
+            raise NotMeasured(f"no {what}: {last_line(proc.stderr.read())}")
         yield
     finally:
-        proc.stdin.close()  # the run leaves
+        proc.stdin.close()  # it lets go
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
@@ -300,6 +302,19 @@ def programs_attached() -> Iterator[None]:
             proc.wait()
         proc.stdout.close()
         proc.stderr.close()
+
+
+def programs_attached() -> AbstractContextManager[None]:
+    """mace's programs attached (one run in the shared set, sending nothing), held by a
+    child process as a mace-ping run is."""
+    return held_by_child([sys.executable, "-c", _HOLD_A_RUN], "run joined the programs")
+
+
+def floor_attached() -> AbstractContextManager[None]:
+    """The empty programs on mace's tracepoints, held by a child as programs_attached()
+    holds mace's (the same child's cost in both conditions)."""
+    return held_by_child([sys.executable, "-m", "bench.floor", "hold-tracepoints"],
+                         "empty programs attached", cwd=REPO)
 
 
 def _paired_delta(cond: list[list[float]], base: list[list[float]]) -> tuple[float, float]:
@@ -315,15 +330,15 @@ def _paired_delta(cond: list[list[float]], base: list[list[float]]) -> tuple[flo
 def perturbation(lab: Lab, settings: list[tuple[str, int, str]], count: int,
                  interval: float, rounds: int = 16, seed: int = 1) -> list[dict]:
     """An independent iputils ping's RTT: nothing attached, mace's programs attached, empty
-    programs on the same tracepoints (the floor any program there costs), ftrace on them.
-    Each round runs one short block of each condition, in an order shuffled per round (a
-    fixed order would put any within-round drift on one condition); the effect is the mean
-    of the per-round differences, with its standard error, so a sub-µs claim comes with how
-    well this machine can resolve it."""
+    programs on the same tracepoints (the floor any program there costs; held by a child
+    as mace's are), ftrace on them. Each round runs one short block of each condition, in
+    an order shuffled per round (a fixed order would put any within-round drift on one
+    condition); the effect is the mean of the per-round differences, with its standard
+    error, so a sub-µs claim comes with how well this machine can resolve it."""
     rows = []
     block = max(50, count // rounds)
     order = random.Random(seed)
-    conditions = {"base": nullcontext, "bpf": programs_attached, "floor": floor.attached,
+    conditions = {"base": nullcontext, "bpf": programs_attached, "floor": floor_attached,
                   "ftrace": ftrace_enabled}
     for name, neighbours, kind in settings:
         samples: dict[str, list[list[float]]] = {k: [] for k in conditions}

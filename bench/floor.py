@@ -12,8 +12,9 @@ import os
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from mace_tools.errors import MaceError
@@ -25,27 +26,36 @@ MACE_HEADERS = Path(__file__).resolve().parents[1] / "bpf"
 PROGRAMS = ("floor_xmit", "floor_rx", "floor_receive")
 
 
+# a program on __sk_buff needs the UAPI headers, and their asm/ directory (multiarch)
+UAPI_INCLUDES = (f"-I/usr/include/{sysconfig.get_config_var('MULTIARCH') or ''}",)
+
+
 @functools.cache
-def compiled(source: Path = SOURCE) -> bytes:
+def compiled(source: Path = SOURCE, includes: tuple[str, ...] = (f"-I{MACE_HEADERS}",)
+             ) -> bytes:
     """An object, compiled once per process (the perturbation rows attach it per block)."""
     with tempfile.TemporaryDirectory() as tmp:
         obj = Path(tmp) / "floor.bpf.o"
-        subprocess.run(["clang", "-g", "-O2", "-Wall", "-target", "bpf", f"-I{MACE_HEADERS}",
+        subprocess.run(["clang", "-g", "-O2", "-Wall", "-target", "bpf", *includes,
                         "-c", str(source), "-o", str(obj)], check=True, capture_output=True)
         return obj.read_bytes()
 
 
 @contextlib.contextmanager
-def _loaded(source: Path) -> Iterator[int]:
-    """The object of `source`, opened and loaded by libbpf (its pointer)."""
+def loaded(source: Path, includes: tuple[str, ...] = (f"-I{MACE_HEADERS}",),
+           before_load: Callable[[int], None] | None = None) -> Iterator[int]:
+    """The object of `source`, opened and loaded by libbpf (its pointer); before_load(obj)
+    may set its .rodata first."""
     lib = native.libbpf()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "floor.bpf.o"
-        path.write_bytes(compiled(source))
+        path.write_bytes(compiled(source, includes))
         obj = lib.bpf_object__open_file(str(path).encode(), None)
     if not obj:
         raise MaceError(f"cannot open {source.name}: {os.strerror(native.last_errno())}")
     try:
+        if before_load is not None:
+            before_load(obj)
         if lib.bpf_object__load(obj):
             raise MaceError(f"cannot load {source.name}: {os.strerror(native.last_errno())}")
         yield obj
@@ -58,7 +68,7 @@ def attached() -> Iterator[dict[str, int]]:
     """The three empty programs, attached; their fds by name (native.prog_run_stats)."""
     lib = native.libbpf()
     links = []
-    with _loaded(SOURCE) as obj:
+    with loaded(SOURCE) as obj:
         try:
             fds = {}
             for name in PROGRAMS:
@@ -85,7 +95,7 @@ def hold_tcx(device: str | None) -> None:
         sys.stdin.read()
         return
     lib = native.libbpf()
-    with _loaded(TC_SOURCE) as obj:
+    with loaded(TC_SOURCE) as obj:
         prog_fd = lib.bpf_program__fd(lib.bpf_object__find_program_by_name(obj, b"floor_tc"))
         ifindex = socket.if_nametoindex(device)
         links = [native.tcx_attach(prog_fd, ifindex, kind)
@@ -103,7 +113,19 @@ def stats(fds: dict[str, int]) -> dict[str, tuple[int, int]]:
     return {name: native.prog_run_stats(fd) for name, fd in fds.items()}
 
 
-if __name__ == "__main__":  # python -m bench.floor hold-tcx [DEVICE] (in DEVICE's netns)
-    if len(sys.argv) not in (2, 3) or sys.argv[1] != "hold-tcx":
-        sys.exit("usage: python -m bench.floor hold-tcx [DEVICE]")
-    hold_tcx(sys.argv[2] if len(sys.argv) == 3 else None)
+def hold_tracepoints() -> None:
+    """The empty programs on mace's tracepoints, held until stdin closes (a child of the
+    bench holds them as a mace-ping run holds mace's: bench/experiments.py)."""
+    with attached():
+        print("ready", flush=True)
+        sys.stdin.read()
+
+
+if __name__ == "__main__":  # (run by the bench) hold-tracepoints | hold-tcx [DEVICE]
+    match sys.argv[1:]:
+        case ["hold-tracepoints"]:
+            hold_tracepoints()
+        case ["hold-tcx", *device] if len(device) <= 1:
+            hold_tcx(device[0] if device else None)
+        case _:
+            sys.exit("usage: python -m bench.floor hold-tracepoints | hold-tcx [DEVICE]")

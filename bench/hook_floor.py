@@ -1,13 +1,14 @@
 """What a hook costs a neighbour's ping before any program does work there:
-`python -m bench.hook_floor [--rounds N] [--out DIR]` (root; ~10 minutes at 40 rounds).
+`python -m bench.hook_floor [--rounds N] [--out DIR]` (root; ~10 minutes at 100 rounds).
 
-The witness (an iputils ping from a lab container mace never probes) under three
+The witness (an iputils ping from a lab container mace never probes) under five
 conditions, shuffled per round as in the perturbation section: nothing attached; empty
 programs on mace's three tracepoints (every packet on the host crosses them ~14 times per
 round trip); an empty tc program attached by tcx, ingress and egress, to the lab host's
 outer device (the witness's packets cross it twice per round trip), or to a device the
-witness never crosses; and the child that holds those links, holding none. The first is
-the floor under mace's programs as they are; the second under per-device attachment; the
+witness never crosses; and the child that holds those links, holding none. Each is held
+by a child process of the same kind. The tracepoint row is the floor under mace's
+programs as they are; the outer-device row the floor under per-device attachment; the
 last two tell the attachment's global effects and the holder's from the runs' own.
 Writes results.json and results.md to --out (default bench/results/hook_floor).
 """
@@ -21,16 +22,14 @@ import random
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 from bench import experiments as ex
-from bench import floor
 from mace_tools.lab.topology import OUTER_DEV, Lab
 
 RESULTS = Path(__file__).with_name("results") / "hook_floor"
-REPO = Path(__file__).resolve().parents[1]
 SETTINGS = [("idle", 0, "flood"), ("4 floods", 4, "flood")]
 BLOCK, INTERVAL = 62, 0.005  # the perturbation section's witness blocks
 # the host side of container 0's veth: a device of the host the witness never crosses
@@ -38,36 +37,17 @@ ELSEWHERE_DEV = "vc0"
 CONDITIONS = ("tracepoints", "tcx", "tcx_elsewhere", "holder")
 
 
-@contextmanager
-def tcx_held(lab: Lab, device: str | None) -> Iterator[None]:
+def tcx_held(lab: Lab, device: str | None) -> AbstractContextManager[None]:
     """The empty tc program on a device of the lab host (None: none, the holder alone),
-    held by a child in the host netns (a tcx link is made in its device's netns); the
-    links go when it exits."""
-    proc = subprocess.Popen(["ip", "netns", "exec", lab.host_ns, sys.executable, "-m",
+    held by a child in the host netns (a tcx link is made in its device's netns)."""
+    return ex.held_by_child(["ip", "netns", "exec", lab.host_ns, sys.executable, "-m",
                              "bench.floor", "hold-tcx", *([device] if device else [])],
-                            cwd=REPO,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
-    try:
-        if proc.stdout.readline().strip() != "ready":
-            proc.wait(timeout=30)
-            raise ex.NotMeasured(f"no tcx link: {ex.last_line(proc.stderr.read())}")
-        yield
-    finally:
-        proc.stdin.close()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
+                            "tcx link", cwd=ex.REPO)
 
 
 def measure(lab: Lab, rounds: int, seed: int = 7) -> list[dict]:
     conditions: dict[str, Callable[[], AbstractContextManager[object]]] = {
-        "base": nullcontext, "tracepoints": floor.attached,
+        "base": nullcontext, "tracepoints": ex.floor_attached,
         "tcx": lambda: tcx_held(lab, OUTER_DEV),
         "tcx_elsewhere": lambda: tcx_held(lab, ELSEWHERE_DEV),
         "holder": lambda: tcx_held(lab, None)}
@@ -100,7 +80,8 @@ def markdown(res: dict) -> str:
            "Witness: iputils ping from a lab container every 5 ms, blocks of 62. Each round "
            "runs one block per condition in a shuffled order; Δ is the mean over rounds of "
            "(block mean - that round's baseline block mean) ± its standard error. "
-           "Tracepoints: programs that return at once on mace's three tracepoints "
+           "Each condition is held by a child process of the same kind. Tracepoints: "
+           "programs that return at once on mace's three tracepoints "
            "(bench/bpf/floor.bpf.c). tcx: a program that returns at once "
            "(bench/bpf/floor_tc.bpf.c), attached by tcx, ingress and egress, to the lab "
            f"host's outer device ({OUTER_DEV}: the witness's packets cross it twice per round "
@@ -120,14 +101,14 @@ def markdown(res: dict) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.hook_floor", description=__doc__)
-    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=100)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("bench.hook_floor: must run as root (BPF, network namespaces)", file=sys.stderr)
         return 2
     started = time.monotonic()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ex.REPO,
                             capture_output=True, text=True).stdout.strip()
     with Lab(prefix=f"mhf{os.getpid() % 100000}", containers=ex.CONTAINERS) as lab:
         lab.warm_up()

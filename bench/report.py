@@ -466,8 +466,9 @@ def _perturbation(pert: list[dict]) -> list[str]:
            "mean over rounds of (block mean - that round's baseline block mean), ± its "
            "standard error. Noise is |odd - even| baseline blocks. iputils prints whole µs, "
            "so Δp99 moves in steps of 1. Empty programs: programs that return at once, on "
-           "mace's three tracepoints (bench/bpf/floor.bpf.c): what any program there costs "
-           "the witness; mace above them: the mean of per-round (mace block - empty block).\n",
+           "mace's three tracepoints (bench/bpf/floor.bpf.c), held by a child process as "
+           "mace's are: what any program there costs the witness; mace above them: the mean "
+           "of per-round (mace block - empty block).\n",
            "| setting | rounds x block | baseline mean | noise | mace BPF Δmean | Δp99 | "
            "empty programs Δmean | mace above empty | ftrace Δmean | Δp99 |",
            "|---|---|---|---|---|---|---|---|---|---|"]
