@@ -18,12 +18,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from mace_tools.errors import MaceError
-from mace_tools.kernel import native
+from mace_tools.kernel import native, programs
 
 SOURCE = Path(__file__).with_name("bpf") / "floor.bpf.c"
 TC_SOURCE = Path(__file__).with_name("bpf") / "floor_tc.bpf.c"
 MACE_HEADERS = Path(__file__).resolve().parents[1] / "bpf"
-PROGRAMS = ("floor_xmit", "floor_rx", "floor_receive")
+PROGRAMS = ("floor_xmit", "floor_rx", "floor_receive")  # in programs.PROGRAMS' order
 
 
 # a program on __sk_buff needs the UAPI headers, and their asm/ directory (multiarch)
@@ -71,12 +71,8 @@ def attached() -> Iterator[dict[str, int]]:
     with loaded(SOURCE) as obj:
         try:
             fds = {}
-            for name in PROGRAMS:
-                prog = lib.bpf_object__find_program_by_name(obj, name.encode())
-                link = lib.bpf_program__attach(prog) if prog else None
-                if not link:
-                    raise MaceError(f"cannot attach {name}: "
-                                    f"{os.strerror(native.last_errno())}")
+            for name, tracepoint in zip(PROGRAMS, programs.PROGRAMS.values(), strict=True):
+                prog, link = programs.attach(obj, name, tracepoint)
                 links.append(link)
                 fds[name] = lib.bpf_program__fd(prog)
             yield fds

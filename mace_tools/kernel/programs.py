@@ -208,11 +208,7 @@ def load(path: Path, build: int,
                                 "('make build')")
             pset.fds[role] = os.dup(lib.bpf_map__fd(m))
         for prog_name, tracepoint in PROGRAMS.items():
-            prog = lib.bpf_object__find_program_by_name(obj, prog_name.encode())
-            link = lib.bpf_program__attach(prog) if prog else None
-            if not link:
-                raise MaceError(f"cannot attach to tracepoint {tracepoint}: "
-                                f"{os.strerror(native.last_errno() or errno.ENOENT)}")
+            prog, link = attach(obj, prog_name, tracepoint)
             links.append(link)
             pset.prog_fds[prog_name] = os.dup(lib.bpf_program__fd(prog))
             pset.links.append(os.dup(lib.bpf_link__fd(link)))
@@ -224,6 +220,18 @@ def load(path: Path, build: int,
             lib.bpf_link__destroy(link)  # closes libbpf's fd; ours keeps it attached
         lib.bpf_object__close(obj)
     return pset
+
+
+def attach(obj: int, prog_name: str, tracepoint: str) -> tuple[int, int]:
+    """libbpf's program `prog_name` of a loaded object and its link, attached where its
+    section says (`tracepoint` names it in the error); the caller destroys the link."""
+    lib = native.libbpf()
+    prog = lib.bpf_object__find_program_by_name(obj, prog_name.encode())
+    link = lib.bpf_program__attach(prog) if prog else None
+    if not link:
+        raise MaceError(f"cannot attach to tracepoint {tracepoint}: "
+                        f"{os.strerror(native.last_errno() or errno.ENOENT)}")
+    return prog, link
 
 
 # The maps a run goes into, as bpf/mace.bpf.c declares them: (type, key size, value size,
