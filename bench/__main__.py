@@ -38,7 +38,7 @@ def machine() -> dict:
     mem_kb = next((int(ln.split()[1]) for ln in Path("/proc/meminfo").read_text().splitlines()
                    if ln.startswith("MemTotal:")), 0)
     return {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-            "commit": cmd("git", "rev-parse", "--short", "HEAD") or "unknown",
+            "commit": cmd("git", "describe", "--always", "--dirty") or "unknown",
             "kernel": platform.release(), "cpus": os.cpu_count(), "cpu_model": cpu,
             "memory_gb": mem_kb / 2**20, "python": platform.python_version()}
 

@@ -264,7 +264,7 @@ def ftrace_enabled() -> Iterator[None]:
             subprocess.run(["umount", str(TRACEFS)], check=False)
 
 
-def _merge(samples: list[list[float]]) -> dict[str, float]:
+def merged_blocks(samples: list[list[float]]) -> dict[str, float]:
     rtts = sorted(v for block in samples for v in block)
     if not rtts:
         return {"n": 0}
@@ -313,11 +313,11 @@ def programs_attached() -> AbstractContextManager[None]:
 def floor_attached() -> AbstractContextManager[None]:
     """The empty programs on mace's tracepoints, held by a child as programs_attached()
     holds mace's (the same child's cost in both conditions)."""
-    return held_by_child([sys.executable, "-m", "bench.floor", "hold-tracepoints"],
-                         "empty programs attached", cwd=REPO)
+    return held_by_child([sys.executable, "-m", "bench.floor", "hold-tracepoints",
+                          str(floor.object_file())], "empty programs attached", cwd=REPO)
 
 
-def _paired_delta(cond: list[list[float]], base: list[list[float]]) -> tuple[float, float]:
+def paired_delta(cond: list[list[float]], base: list[list[float]]) -> tuple[float, float]:
     """Mean and standard error of (condition block mean - baseline block mean) over rounds:
     each round's blocks ran back to back, so the pairing cancels slow drift."""
     diffs = [statistics.fmean(c) - statistics.fmean(b)
@@ -348,12 +348,12 @@ def perturbation(lab: Lab, settings: list[tuple[str, int, str]], count: int,
                 for cond in order.sample(list(conditions), k=len(conditions)):
                     with conditions[cond]():
                         samples[cond].append(witness_ping(lab, block, interval))
-        base, bpf, ftrace = (_merge(samples[k]) for k in ("base", "bpf", "ftrace"))
-        half_a, half_b = _merge(samples["base"][0::2]), _merge(samples["base"][1::2])
-        bpf_delta, bpf_se = _paired_delta(samples["bpf"], samples["base"])
-        floor_delta, floor_se = _paired_delta(samples["floor"], samples["base"])
-        above_delta, above_se = _paired_delta(samples["bpf"], samples["floor"])
-        ftrace_delta, ftrace_se = _paired_delta(samples["ftrace"], samples["base"])
+        base, bpf, ftrace = (merged_blocks(samples[k]) for k in ("base", "bpf", "ftrace"))
+        half_a, half_b = merged_blocks(samples["base"][0::2]), merged_blocks(samples["base"][1::2])
+        bpf_delta, bpf_se = paired_delta(samples["bpf"], samples["base"])
+        floor_delta, floor_se = paired_delta(samples["floor"], samples["base"])
+        above_delta, above_se = paired_delta(samples["bpf"], samples["floor"])
+        ftrace_delta, ftrace_se = paired_delta(samples["ftrace"], samples["base"])
         row = {"setting": name, "rounds": rounds, "block": block, "baseline": base,
                "bpf": bpf, "ftrace": ftrace,
                "noise_mean_us": abs(half_a["mean"] - half_b["mean"]),
@@ -868,7 +868,7 @@ def scaling_row(n: int, rounds: int, block: int, samples: dict[str, list[list[fl
     """One N's figures. The control stands for the instances' probe traffic only if it sent
     as many probes: a rate more than 10% apart makes the row not measured (an earlier bench
     compared clients at 100/s with a control that sent 62.5/s)."""
-    base, mace, control = (_merge(samples[k]) for k in ("base", "mace", "control"))
+    base, mace, control = (merged_blocks(samples[k]) for k in ("base", "mace", "control"))
     if not (base["n"] and mace["n"] and control["n"]):
         raise NotMeasured(f"{n} runs: the witness got no replies")
     mace_rate, control_rate = (statistics.fmean(rates[k]) for k in ("mace", "control"))
@@ -878,10 +878,10 @@ def scaling_row(n: int, rounds: int, block: int, samples: dict[str, list[list[fl
     if not 0.9 <= control_rate / mace_rate <= 1.1:
         raise NotMeasured(f"{n} runs: the control sent {control_rate:.0f} probes/s, the "
                           f"runs {mace_rate:.0f}/s: not the same traffic")
-    witness_d, witness_se = _paired_delta(samples["mace"], samples["base"])
-    control_d, control_se = _paired_delta(samples["control"], samples["base"])
-    share_d, share_se = _paired_delta(samples["mace"], samples["control"])
-    half_a, half_b = _merge(samples["base"][0::2]), _merge(samples["base"][1::2])
+    witness_d, witness_se = paired_delta(samples["mace"], samples["base"])
+    control_d, control_se = paired_delta(samples["control"], samples["base"])
+    share_d, share_se = paired_delta(samples["mace"], samples["control"])
+    half_a, half_b = merged_blocks(samples["base"][0::2]), merged_blocks(samples["base"][1::2])
     coverage = [r.summary.get("mace", {}).get("coverage") for r in results]
     return {"instances": n, "rounds": rounds, "block": block, "runs": len(results),
             "placement": place.label, "probes_per_s": mace_rate,

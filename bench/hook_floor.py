@@ -6,8 +6,9 @@ conditions, shuffled per round as in the perturbation section: nothing attached;
 programs on mace's three tracepoints (every packet on the host crosses them ~14 times per
 round trip); an empty tc program attached by tcx, ingress and egress, to the lab host's
 outer device (the witness's packets cross it twice per round trip), or to a device the
-witness never crosses; and the child that holds those links, holding none. Each is held
-by a child process of the same kind. The tracepoint row is the floor under mace's
+witness never crosses; and the child that holds those links, loading the program without
+attaching it. Each is held by a child process of the same kind, given an object compiled
+once. The tracepoint row is the floor under mace's
 programs as they are; the outer-device row the floor under per-device attachment; the
 last two tell the attachment's global effects and the holder's from the runs' own.
 Writes results.json and results.md to --out (default bench/results/hook_floor).
@@ -19,7 +20,6 @@ import argparse
 import json
 import os
 import random
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -27,7 +27,10 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 from bench import experiments as ex
-from mace_tools.lab.topology import OUTER_DEV, Lab
+from bench import floor
+from bench.__main__ import machine
+from mace_tools.errors import MaceError
+from mace_tools.lab.topology import OUTER_DEV, Lab, LabError
 
 RESULTS = Path(__file__).with_name("results") / "hook_floor"
 SETTINGS = [("idle", 0, "flood"), ("4 floods", 4, "flood")]
@@ -37,11 +40,13 @@ ELSEWHERE_DEV = "vc0"
 CONDITIONS = ("tracepoints", "tcx", "tcx_elsewhere", "holder")
 
 
-def tcx_held(lab: Lab, device: str | None) -> AbstractContextManager[None]:
-    """The empty tc program on a device of the lab host (None: none, the holder alone),
-    held by a child in the host netns (a tcx link is made in its device's netns)."""
+def tcx_held(lab: Lab, device: str, attach: bool = True) -> AbstractContextManager[None]:
+    """The empty tc program on a device of the lab host (attach False: loaded, not
+    attached: the holder alone), held by a child in the host netns (a tcx link is made in
+    its device's netns)."""
     return ex.held_by_child(["ip", "netns", "exec", lab.host_ns, sys.executable, "-m",
-                             "bench.floor", "hold-tcx", *([device] if device else [])],
+                             "bench.floor", "hold-tcx", str(floor.object_file(floor.TC_SOURCE)),
+                             device, *([] if attach else ["--no-attach"])],
                             "tcx link", cwd=ex.REPO)
 
 
@@ -50,7 +55,7 @@ def measure(lab: Lab, rounds: int, seed: int = 7) -> list[dict]:
         "base": nullcontext, "tracepoints": ex.floor_attached,
         "tcx": lambda: tcx_held(lab, OUTER_DEV),
         "tcx_elsewhere": lambda: tcx_held(lab, ELSEWHERE_DEV),
-        "holder": lambda: tcx_held(lab, None)}
+        "holder": lambda: tcx_held(lab, OUTER_DEV, attach=False)}
     order = random.Random(seed)
     rows = []
     for name, neighbours, kind in SETTINGS:
@@ -62,9 +67,9 @@ def measure(lab: Lab, rounds: int, seed: int = 7) -> list[dict]:
                     with conditions[cond]():
                         samples[cond].append(ex.witness_ping(lab, BLOCK, INTERVAL))
         row: dict = {"setting": name, "rounds": rounds, "block": BLOCK,
-                     "baseline_mean_us": ex._merge(samples["base"])["mean"]}
+                     "baseline_mean_us": ex.merged_blocks(samples["base"])["mean"]}
         for cond in CONDITIONS:
-            delta, se = ex._paired_delta(samples[cond], samples["base"])
+            delta, se = ex.paired_delta(samples[cond], samples["base"])
             row[cond] = {"delta_mean_us": delta, "se_us": se}
         rows.append(row)
         print(f"  {name}: " + ", ".join(
@@ -75,7 +80,8 @@ def measure(lab: Lab, rounds: int, seed: int = 7) -> list[dict]:
 
 def markdown(res: dict) -> str:
     out = ["# Hook floor: what attaching costs a neighbour's ping, before any work\n",
-           f"{res['date']} · commit `{res['commit']}` · `{res['command']}` · "
+           f"{res['date']} · commit `{res['commit']}` · kernel {res['kernel']} · "
+           f"{res['cpus']} CPUs ({res['cpu_model']}) · `{res['command']}` · "
            f"{res['duration_s']:.0f} s\n",
            "Witness: iputils ping from a lab container every 5 ms, blocks of 62. Each round "
            "runs one block per condition in a shuffled order; Δ is the mean over rounds of "
@@ -86,8 +92,8 @@ def markdown(res: dict) -> str:
            "(bench/bpf/floor_tc.bpf.c), attached by tcx, ingress and egress, to the lab "
            f"host's outer device ({OUTER_DEV}: the witness's packets cross it twice per round "
            f"trip) or to a device the witness never crosses ({ELSEWHERE_DEV}: what attaching "
-           "anywhere costs). Holder: the child process that holds the tcx links, holding "
-           "none.\n",
+           "anywhere costs). Holder: the same child, loading the tc program without "
+           "attaching it.\n",
            "| setting | rounds x block | baseline mean µs | empty tracepoint programs Δ µs "
            f"| tcx on {OUTER_DEV} Δ µs | tcx on {ELSEWHERE_DEV} Δ µs | holder alone Δ µs |",
            "|---|---|---|---|---|---|---|"]
@@ -108,14 +114,15 @@ def main() -> int:
         print("bench.hook_floor: must run as root (BPF, network namespaces)", file=sys.stderr)
         return 2
     started = time.monotonic()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ex.REPO,
-                            capture_output=True, text=True).stdout.strip()
-    with Lab(prefix=f"mhf{os.getpid() % 100000}", containers=ex.CONTAINERS) as lab:
-        lab.warm_up()
-        rows = measure(lab, args.rounds)
-    res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit,
-           "command": " ".join(["python -m bench.hook_floor", *sys.argv[1:]]),
-           "duration_s": time.monotonic() - started, "rows": rows}
+    res: dict = {**machine(), "command": " ".join(["python -m bench.hook_floor", *sys.argv[1:]])}
+    try:
+        with Lab(prefix=f"mhf{os.getpid() % 100000}", containers=ex.CONTAINERS) as lab:
+            lab.warm_up()
+            res["rows"] = measure(lab, args.rounds)
+    except (ex.NotMeasured, MaceError, LabError) as exc:
+        print(f"bench.hook_floor: {exc}", file=sys.stderr)
+        return 1
+    res["duration_s"] = time.monotonic() - started
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(res, indent=1))
     (args.out / "results.md").write_text(markdown(res))
