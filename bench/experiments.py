@@ -10,6 +10,7 @@ import json
 import os
 import random
 import re
+import select
 import shutil
 import signal
 import statistics
@@ -279,6 +280,9 @@ _HOLD_A_RUN = ("import os, sys\n"
                "    sys.stdin.read()\n")
 
 
+READY_TIMEOUT_S = 60.0  # a child's start-up and load, on a loaded 2-core VM
+
+
 @contextmanager
 def held_by_child(command: list[str], what: str, cwd: Path | None = None) -> Iterator[None]:
     """What `command` sets up and holds: it prints "ready" once it holds it and lets go
@@ -289,6 +293,10 @@ def held_by_child(command: list[str], what: str, cwd: Path | None = None) -> Ite
                             stderr=subprocess.PIPE, text=True, cwd=cwd)
     assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
     try:
+        # (a child stuck before "ready" must not hang the bench)
+        if not select.select([proc.stdout], [], [], READY_TIMEOUT_S)[0]:
+            proc.kill()
+            raise NotMeasured(f"no {what}: not ready within {READY_TIMEOUT_S:.0f} s")
         if proc.stdout.readline().strip() != "ready":
             proc.wait(timeout=30)
             raise NotMeasured(f"no {what}: {last_line(proc.stderr.read())}")

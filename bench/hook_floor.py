@@ -17,20 +17,16 @@ Writes results.json and results.md to --out (default bench/results/hook_floor).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import sys
-import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 from bench import experiments as ex
-from bench import floor
-from bench.__main__ import machine
-from mace_tools.errors import MaceError
-from mace_tools.lab.topology import OUTER_DEV, Lab, LabError
+from bench import floor, standalone
+from mace_tools.lab.topology import OUTER_DEV, Lab
 
 RESULTS = Path(__file__).with_name("results") / "hook_floor"
 SETTINGS = [("idle", 0, "flood"), ("4 floods", 4, "flood")]
@@ -110,24 +106,10 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=100)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    if os.geteuid() != 0:
-        print("bench.hook_floor: must run as root (BPF, network namespaces)", file=sys.stderr)
-        return 2
-    started = time.monotonic()
-    res: dict = {**machine(), "command": " ".join(["python -m bench.hook_floor", *sys.argv[1:]])}
-    try:
-        with Lab(prefix=f"mhf{os.getpid() % 100000}", containers=ex.CONTAINERS) as lab:
-            lab.warm_up()
-            res["rows"] = measure(lab, args.rounds)
-    except (ex.NotMeasured, MaceError, LabError) as exc:
-        print(f"bench.hook_floor: {exc}", file=sys.stderr)
-        return 1
-    res["duration_s"] = time.monotonic() - started
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(res, indent=1))
-    (args.out / "results.md").write_text(markdown(res))
-    print(markdown(res))
-    return 0
+    return standalone.run(
+        "bench.hook_floor",
+        lambda: Lab(prefix=f"mhf{os.getpid() % 100000}", containers=ex.CONTAINERS),
+        lambda lab: measure(lab, args.rounds), markdown, args.out)
 
 
 if __name__ == "__main__":

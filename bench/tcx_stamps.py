@@ -29,12 +29,10 @@ import time
 from pathlib import Path
 
 from bench import experiments as ex
-from bench import floor
-from bench.__main__ import machine
+from bench import floor, standalone
 from bench.tools import mace_ping
-from mace_tools.errors import MaceError
 from mace_tools.kernel import native
-from mace_tools.lab.topology import OUTER_DEV, Lab, LabError
+from mace_tools.lab.topology import OUTER_DEV, Lab
 from mace_tools.stats import percentile
 
 RESULTS = Path(__file__).with_name("results") / "tcx_stamps"
@@ -188,25 +186,10 @@ def main() -> int:
     parser.add_argument("--interval", type=float, default=0.01)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    if os.geteuid() != 0:
-        print("bench.tcx_stamps: must run as root (BPF, network namespaces)", file=sys.stderr)
-        return 2
-    started = time.monotonic()
-    res: dict = {**machine(), "command": " ".join(["python -m bench.tcx_stamps", *sys.argv[1:]]),
-                 "interval": args.interval}
-    try:
-        with Lab(prefix=f"mts{os.getpid() % 100000}", containers=6) as lab:
-            lab.warm_up()
-            res["rows"] = measure(lab, args.probes, args.interval)
-    except (ex.NotMeasured, MaceError, LabError) as exc:
-        print(f"bench.tcx_stamps: {exc}", file=sys.stderr)
-        return 1
-    res["duration_s"] = time.monotonic() - started
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(res, indent=1))
-    (args.out / "results.md").write_text(markdown(res))
-    print(markdown(res))
-    return 0
+    return standalone.run(
+        "bench.tcx_stamps", lambda: Lab(prefix=f"mts{os.getpid() % 100000}", containers=6),
+        lambda lab: measure(lab, args.probes, args.interval), markdown, args.out,
+        interval=args.interval)
 
 
 if __name__ == "__main__":
