@@ -15,7 +15,6 @@ set clears those entries and their maps as it clears any dead run's (programs.py
 from __future__ import annotations
 
 import contextlib
-import errno
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -74,24 +73,12 @@ class Reservations:
         return self._make(ring_bytes)
 
     def _make(self, ring_bytes: int = programs.RING_BYTES) -> programs.Reservation:
-        # The idle entry first, then the maps: an agent that dies in between leaves
-        # nothing that the next run to join does not clear (it clears by the runs map).
         while True:
-            nonce = new_nonce()
-            try:
-                programs.add_entry(self._pset, nonce, self._idle_entry)
-            except OSError as exc:
-                if exc.errno == errno.EEXIST:
-                    continue  # the nonce is someone's (2**-64): another
-                raise
-            try:
-                return programs.reserve(self._pset, nonce, ring_bytes)
-            except BaseException as exc:
-                with contextlib.suppress(OSError):
-                    programs.remove_entry(self._pset, nonce)
-                if isinstance(exc, MaceError):
-                    continue  # maps under the nonce with no entry: another nonce
-                raise
+            try:  # (entry first: programs.reserve_idle)
+                return programs.reserve_idle(self._pset, new_nonce(), self._idle_entry,
+                                             ring_bytes)
+            except MaceError:
+                continue  # the nonce is someone's (2**-64): another
 
     def _take_out(self, reservation: programs.Reservation) -> None:
         with contextlib.suppress(OSError):

@@ -613,23 +613,33 @@ class PreparedRun:
     idle: RunEntry
 
 
-def prepare_run(pset: ProgramSet, nonce: bytes) -> PreparedRun:
-    """The idle entry first, then the maps: a process that ends at any point between
-    leaves nothing the next run to join does not clear (it clears by the runs map)."""
-    token = new_token()
-    idle = RunEntry(0, 0, 0, native.map_id(token), os.getpid())
+def reserve_idle(pset: ProgramSet, nonce: bytes, idle: RunEntry,
+                 ring_bytes: int = RING_BYTES) -> Reservation:
+    """A reservation under an idle entry (flags 0), the entry first, then the maps: a
+    process that ends at any point between leaves nothing the next run to join does not
+    clear (it clears by the runs map). MaceError: the nonce is in use (nothing left in)."""
     try:
         add_entry(pset, nonce, idle)
-    except BaseException as exc:
-        os.close(token)
-        if isinstance(exc, OSError) and exc.errno == errno.EEXIST:
+    except OSError as exc:
+        if exc.errno == errno.EEXIST:
             raise MaceError("the nonce is in use by another run") from None
         raise
     try:
-        reservation = reserve(pset, nonce)
+        return reserve(pset, nonce, ring_bytes)
     except BaseException:
         with contextlib.suppress(OSError):
             remove_entry(pset, nonce)
+        raise
+
+
+def prepare_run(pset: ProgramSet, nonce: bytes) -> PreparedRun:
+    """A run's reservation under an idle entry naming a token of this process
+    (reserve_idle)."""
+    token = new_token()
+    idle = RunEntry(0, 0, 0, native.map_id(token), os.getpid())
+    try:
+        reservation = reserve_idle(pset, nonce, idle)
+    except BaseException:
         os.close(token)
         raise
     return PreparedRun(reservation, token, idle)
