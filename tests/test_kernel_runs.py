@@ -23,7 +23,7 @@ import pytest
 from mace_tools.correlate import correlate, measured
 from mace_tools.kernel import native, programs
 from mace_tools.kernel.backend import Backend, object_path
-from mace_tools.lab.topology import Lab
+from mace_tools.lab.topology import BRIDGE_ADDR, Lab
 from mace_tools.model import Hook, KernelEvent, Namespaces, Probe, ProbeRecord, Reply
 from mace_tools.probe import netns
 from mace_tools.probe.icmp import checksum
@@ -70,17 +70,21 @@ class Run:
         self.backend.drain(self.on_event, self.on_record)
 
 
-def open_run(lab: Lab, *, path: bool = True) -> Run:
+def open_run(lab: Lab, *, path: bool = True, host_known: bool = True) -> Run:
+    """A run probing from c0; host_known False: its host netns is left to the kernel to
+    infer (as for a run started inside the container)."""
     nonce = os.urandom(8)
     backend = Backend(nonce, records=True, path=path,
                       prober_netns=inode_of(lab.container_ns(0)),
-                      host_netns=inode_of(lab.host_ns))
+                      host_netns=inode_of(lab.host_ns) if host_known else None)
     backend.open()
     return Run(lab, backend, nonce)
 
 
-def ping(lab: Lab, runs: list[tuple[Run, range | list[int]]]) -> dict[int, tuple[Run, Reply]]:
-    """Send each run's probe numbers from c0 (interleaved), wait for the replies."""
+def ping(lab: Lab, runs: list[tuple[Run, range | list[int]]],
+         target: str | None = None) -> dict[int, tuple[Run, Reply]]:
+    """Send each run's probe numbers from c0 (interleaved) to target (default: the lab's),
+    wait for the replies."""
     with netns.entered(Path(lab.netns_path(lab.container_ns(0)))):
         sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
     sock.setsockopt(socket.SOL_SOCKET, 35, 1)  # SO_TIMESTAMPNS
@@ -92,7 +96,7 @@ def ping(lab: Lab, runs: list[tuple[Run, range | list[int]]]) -> dict[int, tuple
                 probe = Probe(n, 0, 0, run.backend.lost())
                 probe.sent_real_ns = time.clock_gettime_ns(time.CLOCK_REALTIME)
                 probe.sent_mono_ns = time.monotonic_ns()
-                sock.sendto(echo(0x4d41, n, run.nonce), (lab.target_addr, 0))
+                sock.sendto(echo(0x4d41, n, run.nonce), (target or lab.target_addr, 0))
                 run.sent[n] = probe
             deadline = time.monotonic() + 2
             want = len(replies) + len(batch)
@@ -191,6 +195,35 @@ def test_records_alone_cross_once_per_answer(lab: Lab) -> None:
         assert not run.events
         assert set(run.records) == set(range(1, 51))
         assert run.crossed == 50
+    finally:
+        run.backend.close()
+
+
+@pytest.mark.parametrize("host_known", [True, False], ids=["host-known", "host-inferred"])
+def test_records_alone_take_the_outer_device_and_nothing_inside(lab: Lab,
+                                                                host_known: bool) -> None:
+    """Without the path the kernel leaves out the crossings a record does not use (a
+    request's arrivals once its host netns is known, a reply's departures): the records
+    still correct at out0, the host netns known or inferred. And a probe of the bridge's
+    address, answered by the host netns itself, never leaves it: no correction, where the
+    container's own eth0 would have given one (the request's arrival in the host is what
+    infers the host there)."""
+    run = open_run(lab, path=False, host_known=host_known)
+    try:
+        host = inode_of(lab.host_ns)
+        outward = ping(lab, [(run, range(1, 31))])
+        inward = ping(lab, [(run, range(31, 61))], target=BRIDGE_ADDR)
+        run.drain()
+        assert len(outward) == 30 and len(inward) == 30
+        corrected = late = 0
+        for _run, reply in outward.values():
+            m = measured(run.sent[reply.seq], reply, run.records.get(reply.seq))
+            assert m.late_kernel_stamp or m.outer_dev == f"{lab.outer_dev}@{host}"
+            corrected += m.corrected
+            late += m.late_kernel_stamp
+        assert corrected + late == 30 and late <= 1
+        for _run, reply in inward.values():
+            assert not measured(run.sent[reply.seq], reply, run.records.get(reply.seq)).corrected
     finally:
         run.backend.close()
 
