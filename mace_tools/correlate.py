@@ -31,7 +31,7 @@ traceroute and whenever the path is shown; the tests hold the two to each other.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from mace_tools.model import (
     Hook,
@@ -120,7 +120,7 @@ def outer_departure(path: list[Stage], ns: Namespaces) -> Stage | None:
     return leaving[-1] if leaving else None
 
 
-def raw_measurement(probe: Probe, reply: Reply, path: list[Stage]) -> Measurement:
+def raw_measurement(probe: Probe, reply: Reply, path: Sequence[Stage]) -> Measurement:
     """A reply's measurement before any correction: its raw RTT, as iputils has it."""
     return Measurement(seq=reply.seq, src=reply.src, ttl=reply.ttl,
                        icmp_bytes=reply.icmp_bytes,
@@ -161,23 +161,24 @@ def correlate(probe: Probe, reply: Reply, events: Iterable[KernelEvent],
 
 
 def measured(probe: Probe, reply: Reply, record: ProbeRecord | None, complete: bool = True,
-             path: list[Stage] | None = None) -> Measurement:
+             path: Sequence[Stage] | None = None) -> Measurement:
     """The measurement of one reply from the kernel's record of its probe (None: no
     record came). Same rules as correlate(): nothing corrected unless the request was
     seen leaving the host netns after this probe was sent and the reply arriving back
     on that device, no later than its receive stamp; ingress only when the delivery was
     seen after that."""
-    m = raw_measurement(probe, reply, path or [])
-    if (record is None or not complete or not record.departed_ns or not record.returned_ns
-            or record.departed_ns < probe.sent_mono_ns
-            or record.returned_ns < record.departed_ns):
+    m = raw_measurement(probe, reply, path or ())
+    if record is None or not complete:
         return m
-    if returned_late(record.returned_ns - probe.sent_mono_ns, record.returned_hook, m):
+    sent = probe.sent_mono_ns
+    _, departed, returned, delivered, _, _, _, hook = record  # (unpacked once: a flood's)
+    if not departed or not returned or departed < sent or returned < departed:
+        return m
+    if returned_late(returned - sent, hook, m):
         m.late_kernel_stamp = True
         return m
-    m.rtt_corrected_ns = record.returned_ns - record.departed_ns
-    m.egress_ns = record.departed_ns - probe.sent_mono_ns
-    m.ingress_ns = record.delivered_ns - record.returned_ns \
-        if record.delivered_ns >= record.returned_ns else None
+    m.rtt_corrected_ns = returned - departed
+    m.egress_ns = departed - sent
+    m.ingress_ns = delivered - returned if delivered >= returned else None
     m.outer_dev = record.outer_label
     return m

@@ -363,7 +363,9 @@ class Pinger:
             pace.retry(now, retry_ns)
             return
         result.transmitted += 1
-        pace.sent(now, result.transmitted, result.tally.raw.max)
+        n = result.transmitted
+        # (the longest RTT is read only for the last probe's wait: a read folds the tally)
+        pace.sent(now, n, 0 if pace.more(n) else result.tally.raw.max)
 
     def _send(self, sock: IcmpSocket, n: int, result: RunResult) -> int | None:
         """Send probe n and report it. None: it counts as transmitted, sent or failed for

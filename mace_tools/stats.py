@@ -3,17 +3,24 @@
 A run keeps no per-reply values: each RTT series is running sums (count, sum, sum of
 squares, min, max; exact integers in ns) and, where percentiles are wanted, a fixed-size
 log-bucketed quantile sketch. So a flood of hours costs the same memory as a ping of ten.
+A Tally takes a flood's replies tens of thousands a second: it appends each one's times
+to short lists and folds them into its series a batch at a time (builtins over the batch,
+no Python call per value), and every read of a series folds what is pending first.
 ``rtt_stats``/``percentile`` stay for the short, already-kept lists of the lab and bench.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
+from collections.abc import Sequence
+from itertools import repeat
+from operator import mul, truediv
 
 from mace_tools.model import Measurement, RttStats, RunSummary
 
-__all__ = ["RELATIVE_ERROR", "QuantileSketch", "RttStats", "Series", "Tally", "percentile",
-           "rtt_stats"]
+__all__ = ["FOLD_EVERY", "RELATIVE_ERROR", "QuantileSketch", "RttStats", "Series", "Tally",
+           "percentile", "rtt_stats"]
 
 NS_PER_MS = 1_000_000
 NS_PER_US = 1_000
@@ -24,6 +31,8 @@ RELATIVE_ERROR = 0.01
 # under 1 ns is zero. 1e13 ns (about 2.8 h) is far beyond any RTT, and bounds the
 # sketch at ~1500 buckets per sign (typically a few dozen are used: a few KB).
 _MAX_MAGNITUDE_NS = 1e13
+# Replies a Tally holds before folding them into its series: bounds what is pending.
+FOLD_EVERY = 256
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -61,8 +70,8 @@ class QuantileSketch:
         self._gamma = (1 + relative_error) / (1 - relative_error)
         self._log_gamma = math.log(self._gamma)
         self._max_index = self._index(_MAX_MAGNITUDE_NS)
-        self._positive: dict[int, int] = {}
-        self._negative: dict[int, int] = {}  # corrected/egress/ingress may dip below 0
+        self._positive: Counter[int] = Counter()
+        self._negative: Counter[int] = Counter()  # corrected/egress/ingress may dip below 0
         self._zero = 0
         self.count = 0
 
@@ -73,14 +82,19 @@ class QuantileSketch:
         return 2 * self._gamma ** index / (self._gamma + 1)
 
     def add(self, value: float) -> None:
-        self.count += 1
-        magnitude = abs(value)
-        if magnitude < 1:
-            self._zero += 1
-            return
-        store = self._positive if value > 0 else self._negative
-        index = min(self._index(magnitude), self._max_index)
-        store[index] = store.get(index, 0) + 1
+        self.add_many((value,))
+
+    def add_many(self, values: Sequence[float]) -> None:
+        """Add every value: each bucket index is _index's, computed by builtins over the
+        whole batch (the per-value cost of a flood's replies)."""
+        self.count += len(values)
+        positive = [v for v in values if v >= 1]
+        negative = [-v for v in values if v <= -1]
+        self._zero += len(values) - len(positive) - len(negative)
+        for magnitudes, store in ((positive, self._positive), (negative, self._negative)):
+            if magnitudes:
+                logs = map(truediv, map(math.log, magnitudes), repeat(self._log_gamma))
+                store.update(map(min, map(math.ceil, logs), repeat(self._max_index)))
 
     @property
     def buckets(self) -> int:
@@ -122,15 +136,22 @@ class Series:
         self.sketch = QuantileSketch() if quantiles else None
 
     def add(self, ns: int) -> None:
-        if self.count == 0 or ns < self.min:
-            self.min = ns
-        if self.count == 0 or ns > self.max:
-            self.max = ns
-        self.count += 1
-        self.total += ns
-        self.total_sq += ns * ns
+        self.extend((ns,))
+
+    def extend(self, values: Sequence[int]) -> None:
+        """Add a batch of values (ns)."""
+        if not values:
+            return
+        low, high = min(values), max(values)
+        if self.count == 0 or low < self.min:
+            self.min = low
+        if self.count == 0 or high > self.max:
+            self.max = high
+        self.count += len(values)
+        self.total += sum(values)
+        self.total_sq += sum(map(mul, values, values))
         if self.sketch is not None:
-            self.sketch.add(ns)
+            self.sketch.add_many(values)
 
     def mean_ms(self) -> float | None:
         return self.total / self.count / NS_PER_MS if self.count else None
@@ -161,10 +182,11 @@ class Series:
 
 class Tally:
     """Running totals of a run's replies: what the summary and the SIGQUIT status line
-    need, in memory that does not grow with the number of replies."""
+    need, in memory that does not grow with the number of replies. The RTT series are
+    read through properties, which fold the pending batch in first (module docstring)."""
 
-    __slots__ = ("corrected", "corrupted", "duplicates", "egress", "ewma8_us", "first_ttl",
-                 "ingress", "late_kernel_stamps", "raw", "received")
+    __slots__ = ("_corrected", "_egress", "_ingress", "_pending", "_raw", "corrupted",
+                 "duplicates", "ewma8_us", "first_ttl", "late_kernel_stamps", "received")
 
     def __init__(self) -> None:
         self.received = 0  # distinct replies
@@ -172,10 +194,14 @@ class Tally:
         self.corrupted = 0  # bad checksum: neither received nor timed, as iputils
         self.late_kernel_stamps = 0  # kernel data refused (correlate.returned_late)
         self.first_ttl: int | None = None
-        self.raw = Series()
-        self.corrected = Series()
-        self.egress = Series(quantiles=False)  # only their averages are reported
-        self.ingress = Series(quantiles=False)
+        # Quantiles are reported of corrected RTTs only (the JSON's mace.p50/p95/p99): the
+        # other series keep no sketch, which is most of the cost of a reply here.
+        self._raw = Series(quantiles=False)
+        self._corrected = Series()
+        self._egress = Series(quantiles=False)  # only their averages are reported
+        self._ingress = Series(quantiles=False)
+        # values not yet folded into the series above, in the same order
+        self._pending: tuple[list[int], list[int], list[int], list[int]] = ([], [], [], [])
         # iputils' "ewma": 8 times an exponentially weighted average of the RTT in whole
         # µs (each reply moves it 1/8 of the way), kept in integers as iputils keeps it.
         self.ewma8_us = 0
@@ -192,16 +218,49 @@ class Tally:
         self.received += 1
         if self.first_ttl is None:
             self.first_ttl = m.ttl
-        self.raw.add(m.rtt_raw_ns)
+        raw, corrected, egress, ingress = self._pending
+        raw.append(m.rtt_raw_ns)
         rtt_us = m.rtt_raw_ns // NS_PER_US
         self.ewma8_us = rtt_us * 8 if self.ewma8_us == 0 else \
             self.ewma8_us + rtt_us - self.ewma8_us // 8
         self.late_kernel_stamps += m.late_kernel_stamp
         if m.rtt_corrected_ns is not None and m.egress_ns is not None:
-            self.corrected.add(m.rtt_corrected_ns)
-            self.egress.add(m.egress_ns)
+            corrected.append(m.rtt_corrected_ns)
+            egress.append(m.egress_ns)
             if m.ingress_ns is not None:  # none where the delivery fires no tracepoint
-                self.ingress.add(m.ingress_ns)
+                ingress.append(m.ingress_ns)
+        if len(raw) >= FOLD_EVERY:
+            self._fold()
+
+    def _fold(self) -> None:
+        """Fold the pending values into their series."""
+        for series, pending in zip((self._raw, self._corrected, self._egress, self._ingress),
+                                   self._pending, strict=True):
+            if pending:
+                series.extend(pending)
+                pending.clear()
+
+    @property
+    def raw(self) -> Series:
+        """Raw RTTs of the distinct, undamaged replies."""
+        self._fold()
+        return self._raw
+
+    @property
+    def corrected(self) -> Series:
+        """Corrected RTTs, of the replies that have one."""
+        self._fold()
+        return self._corrected
+
+    @property
+    def egress(self) -> Series:
+        self._fold()
+        return self._egress
+
+    @property
+    def ingress(self) -> Series:
+        self._fold()
+        return self._ingress
 
     def summary(self, transmitted: int, errors: int, elapsed_ms: int,
                 kernel_events_lost: int, kernel_records: int = 0, pipe: int = 0,

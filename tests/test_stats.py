@@ -11,6 +11,7 @@ import pytest
 from mace_tools.model import Measurement, RunSummary
 from mace_tools.output.text import mace_fields
 from mace_tools.stats import (
+    FOLD_EVERY,
     RELATIVE_ERROR,
     QuantileSketch,
     Series,
@@ -116,6 +117,31 @@ def test_series_matches_exact_statistics(seed: int) -> None:
     for q in ("p50", "p95", "p99"):
         want = getattr(exact, q)
         assert abs(getattr(got, q) - want) <= RELATIVE_ERROR * abs(want) + 1e-12, q
+
+
+def test_a_tally_folded_in_batches_equals_one_added_value_by_value() -> None:
+    """A Tally folds its replies into its series FOLD_EVERY at a time: what it reports at
+    any moment (a read folds the rest in) is what series fed one value at a time hold."""
+    values = _random_rtts_ns(3 * FOLD_EVERY + 17, seed=4)
+    tally = Tally()
+    one_by_one = {name: Series(quantiles=name == "corrected")
+                  for name in ("raw", "corrected", "egress", "ingress")}
+    for seq, v in enumerate(values, start=1):
+        reply = Measurement(seq=seq, src="x", ttl=64, icmp_bytes=64, rtt_raw_ns=abs(v))
+        one_by_one["raw"].add(abs(v))
+        if seq % 3:
+            reply.rtt_corrected_ns, reply.egress_ns = v, v // 2
+            one_by_one["corrected"].add(v)
+            one_by_one["egress"].add(v // 2)
+            if seq % 5:
+                reply.ingress_ns = -v
+                one_by_one["ingress"].add(-v)
+        tally.add(reply)
+        if seq in (1, FOLD_EVERY - 1, FOLD_EVERY, FOLD_EVERY + 1, len(values)):
+            for name, series in one_by_one.items():
+                assert getattr(tally, name).stats() == series.stats(), (name, seq)
+    assert tally.corrected.sketch is not None and one_by_one["corrected"].sketch is not None
+    assert tally.corrected.sketch.buckets == one_by_one["corrected"].sketch.buckets
 
 
 def test_mdev_exact_where_floats_cancel() -> None:
