@@ -109,10 +109,12 @@ class _Probes:
     """Probes in flight and what the kernel sent of them, by key: the probe number when
     the payload carries it (numbered), else the 16-bit ICMP seq. A probe is forgotten
     when the one 65536 after it is sent (iputils' window), so nothing here grows past
-    65536 entries however long the run."""
+    65536 entries however long the run. Per-device events are kept only for a run that
+    shows the path (paths): no other run is sent any."""
 
-    def __init__(self, numbered: bool) -> None:
+    def __init__(self, numbered: bool, paths: bool = False) -> None:
         self.numbered = numbered
+        self.paths = paths
         self.sent: dict[int, Probe] = {}
         self.events: dict[int, list[KernelEvent]] = {}
         self.records: dict[int, ProbeRecord] = {}
@@ -131,7 +133,8 @@ class _Probes:
         self.forget(old)
         key = self.key(n)
         self.sent[key] = probe
-        self.events[key] = []
+        if self.paths:
+            self.events[key] = []
         return lapped
 
     def forget(self, key: int) -> None:
@@ -171,9 +174,9 @@ class _Probes:
         span = 0xFFFFFFFF if self.numbered else 0xFFFF
         return transmitted - ((transmitted - key) & span)
 
-    def take(self, key: int) -> tuple[list[KernelEvent], ProbeRecord | None]:
+    def take(self, key: int) -> tuple[Sequence[KernelEvent], ProbeRecord | None]:
         """A reply's events and record; dropped, so a duplicate never reuses them."""
-        return self.events.pop(key, []), self.records.pop(key, None)
+        return self.events.pop(key, ()), self.records.pop(key, None)
 
 
 class _Sent(NamedTuple):
@@ -210,7 +213,7 @@ class Pinger:
         self._template = EchoTemplate(self.ident, self.nonce, opts.size, opts.pattern,
                                       self.family)
         self._backend_factory = backend_factory
-        self._probes = _Probes(numbered=opts.size >= TAG_LEN)
+        self._probes = _Probes(numbered=opts.size >= TAG_LEN, paths=opts.path)
         self._check = EchoCheck(opts.size, opts.pattern)
         self._session: Session | None = None  # set while a run is on
         self._pace: Pace | None = None  # set while a run is on
@@ -514,9 +517,9 @@ class Pinger:
         # a reply cut before its number was matched by nothing in the kernel
         cut = parsed.icmp_len - 8 < TAG_LEN
         kernel = fresh and not cut and key not in self._probes.spoiled
-        events, record = self._probes.take(key) if fresh else ([], None)
+        events, record = self._probes.take(key) if fresh else ((), None)
         if not kernel:
-            events, record = [], None
+            events, record = (), None
         if record is None and kernel and session is not None:
             # No record: the delivery fired no tracepoint in the prober's netns
             # (macvlan); the kernel's state still holds the outer device's times.

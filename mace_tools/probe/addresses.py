@@ -1,4 +1,5 @@
-"""Socket addresses of the targets and sources a run is given as text.
+"""Socket addresses of the targets and sources a run is given as text, and the text of
+the addresses replies come from.
 
 Python takes an IPv6 address of a scope (a link-local one: fe80::1%eth0) as text but drops
 its %scope when it builds the sockaddr: sin6_scope_id comes from the tuple's 4th item, 0
@@ -14,6 +15,20 @@ import socket
 from mace_tools.errors import MaceError
 
 SockAddr = tuple[str, int] | tuple[str, int, int, int]
+
+_TEXT_CACHE_LIMIT = 4096  # distinct addresses whose text is kept: bounded whatever comes in
+_texts: dict[bytes, str] = {}
+
+
+def address_text(raw: bytes) -> str:
+    """A packet's IPv4 (4 bytes) or IPv6 (16 bytes) address as text. A flood's replies all
+    come from one address: its text is made once, not per reply."""
+    text = _texts.get(raw)
+    if text is None:
+        text = socket.inet_ntop(socket.AF_INET6 if len(raw) == 16 else socket.AF_INET, raw)
+        if len(_texts) < _TEXT_CACHE_LIMIT:
+            _texts[raw] = text
+    return text
 
 
 def sockaddr(address: str, port: int = 0) -> SockAddr:

@@ -32,6 +32,8 @@ import os
 import socket
 import struct
 
+from mace_tools.probe.addresses import address_text
+
 NONCE_LEN = 8
 TAG_LEN = NONCE_LEN + 4  # nonce + probe number
 
@@ -179,11 +181,11 @@ class ParsedIcmp:
 
     @property
     def src(self) -> str:
-        return socket.inet_ntoa(self._data[12:16])
+        return address_text(self._data[12:16])
 
     @property
     def dst(self) -> str:
-        return socket.inet_ntoa(self._data[16:20])
+        return address_text(self._data[16:20])
 
     @property
     def payload(self) -> bytes:
@@ -232,11 +234,11 @@ class ParsedIcmp6(ParsedIcmp):
 
     @property
     def src(self) -> str:
-        return socket.inet_ntop(socket.AF_INET6, self._data[8:24])
+        return address_text(self._data[8:24])
 
     @property
     def dst(self) -> str:
-        return socket.inet_ntop(socket.AF_INET6, self._data[24:40])
+        return address_text(self._data[24:40])
 
     @property
     def checksum_ok(self) -> bool:
