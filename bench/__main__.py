@@ -22,6 +22,7 @@ from typing import Any
 
 from bench import agent, fleet, ipv6, report
 from bench import experiments as ex
+from mace_tools.lab.paths import NapiLab
 from mace_tools.lab.topology import Lab
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -66,7 +67,7 @@ class Step:
     key: str
     lab: str
     title: str | None
-    measure: Callable[[Lab], Any]
+    measure: Callable[[Lab | NapiLab], Any]
     after: Callable[[dict], None] | None = None
     group: str | None = None
 
@@ -75,8 +76,9 @@ class Step:
         return self.group or self.key
 
 
-# the lab of 21 containers; the routed lab (2 routers); a dual-stack lab of 5 containers
-STAR, ROUTED, DUAL = "star", "routed", "dual"
+# the lab of 21 containers; the routed lab (2 routers); a dual-stack lab of 5 containers;
+# the NAPI path lab, whose outer link is a wire process (mace_tools/lab/tapwire.py)
+STAR, ROUTED, DUAL, WIRE = "star", "routed", "dual", "wire"
 # the agent's clients' interval in the perturbation rows (0.01 until 2026-11-24; iputils, the
 # control then, sent every 16 ms at -i 0.01 on this 250 Hz kernel)
 CLIENT_INTERVAL = 0.008
@@ -87,7 +89,9 @@ def _print_flood(res: dict, key: str) -> None:
     if "error" in res[key]:
         return
     f = res[key]
-    print(f"  {f['neighbours']} neighbours: {f['probes_per_s']:.0f} probes/s (runs "
+    where = "across the NAPI lab's wire" if key == "flood_wire" else \
+        f"{f['neighbours']} neighbours"
+    print(f"  {where}: {f['probes_per_s']:.0f} probes/s (runs "
           f"{', '.join(f'{r:.0f}' for r in f['probes_per_s_runs'])}), iputils -f "
           f"{', '.join(f'{r:.0f}' for r in f['iputils_per_s_runs'])}, ratio "
           f"{f['ratio_median']:.2f}x, coverage {f['coverage_min']}, "
@@ -126,6 +130,9 @@ def steps(args: argparse.Namespace) -> list[Step]:
         Step("flood_loaded", STAR, None,
              lambda lab: ex.flood_repeated(lab, seconds, 4, repeats),
              after=lambda res: _print_flood(res, "flood_loaded"), group="flood"),
+        Step("flood_wire", WIRE, None,
+             lambda lab: ex.flood_repeated(lab, seconds, 0, repeats),
+             after=lambda res: _print_flood(res, "flood_wire"), group="flood"),
         Step("cost", STAR, "BPF cost", lambda lab: ex.bpf_cost(
             lab, seconds=3 if quick else 5, neighbours=4)),
         Step("foreign_cost", STAR, None, lambda lab: ex.foreign_cost(
@@ -188,7 +195,8 @@ def run_steps(res: dict, todo: list[Step]) -> None:
     labs = {STAR: lambda: Lab(prefix=f"mb{os.getpid() % 100000}", containers=ex.CONTAINERS),
             ROUTED: lambda: Lab(prefix=f"mbr{os.getpid() % 100000}", containers=1,
                                 routers=2),
-            DUAL: lambda: Lab(prefix=f"mbd{os.getpid() % 100000}", containers=5, ipv6=True)}
+            DUAL: lambda: Lab(prefix=f"mbd{os.getpid() % 100000}", containers=5, ipv6=True),
+            WIRE: lambda: NapiLab(prefix=f"mbw{os.getpid() % 100000}", wire_seconds=600)}
     for kind, make in labs.items():
         mine = [s for s in todo if s.lab == kind]
         if not mine:

@@ -28,6 +28,7 @@ from bench.tools import ToolResult, ToolRun, capture_filter, iputils, mace_ping,
 from mace_tools.kernel import programs
 from mace_tools.lab.capture import Capture, CapturedEcho, TruthCapture
 from mace_tools.lab.load import Load
+from mace_tools.lab.paths import PathLab
 from mace_tools.lab.topology import Lab
 from mace_tools.stats import percentile
 
@@ -504,29 +505,35 @@ def ping_summary(tool: str, proc: subprocess.CompletedProcess[str]) -> dict:
             "kernel_events_lost": int(lost.group(1)) if lost else None}
 
 
-def mace_flood(lab: Lab, seconds: int) -> dict:
+def flood_prober(lab: Lab | PathLab) -> str:
+    """The netns floods are run from: the star lab's c0, a path lab's prober."""
+    return lab.prober_ns if isinstance(lab, PathLab) else lab.container_ns(0)
+
+
+def mace_flood(lab: Lab | PathLab, seconds: int) -> dict:
     """mace-ping -f for `seconds` from c0: rate, coverage, lost records, CPU, peak RSS."""
     cmd = lab.on_host(sys.executable, "-m", "mace_tools.cli.ping", "--netns",
-                  lab.netns_path(lab.container_ns(0)), "-f", "-q", "-w", str(seconds),
-                  "-W", "1", lab.target_addr)
+                      lab.netns_path(flood_prober(lab)), "-f", "-q", "-w", str(seconds),
+                      "-W", "1", lab.target_addr)
     proc, usage = run_with_rusage(cmd, seconds + 30)
     return {**ping_summary("mace-ping -f", proc), **usage}
 
 
-def iputils_flood(lab: Lab, seconds: int) -> dict:
+def iputils_flood(lab: Lab | PathLab, seconds: int) -> dict:
     """iputils `ping -f` for `seconds` from the same container (c0): the rate to match."""
-    cmd = ["ip", "netns", "exec", lab.container_ns(0), "ping", "-f", "-q", "-w",
+    cmd = ["ip", "netns", "exec", flood_prober(lab), "ping", "-f", "-q", "-w",
            str(seconds), lab.target_addr]
     proc, usage = run_with_rusage(cmd, seconds + 30)
     return {**ping_summary("iputils ping -f", proc), **usage}
 
 
-def flood_pair(lab: Lab, seconds: int, neighbours: int, mace_first: bool) -> dict:
+def flood_pair(lab: Lab | PathLab, seconds: int, neighbours: int, mace_first: bool) -> dict:
     """mace-ping -f and iputils ping -f from c0, one right after the other under the same
     neighbours' floods; which goes first alternates over repeats (no order bias)."""
     floods = [("mace", mace_flood), ("iputils", iputils_flood)]
     stray = await_program_sets()  # none of our runs is active: 0 unless someone else's
-    with load_setting(lab, neighbours, "flood", 2 * seconds + 60):
+    # (a path lab has no neighbours: its floods run with neighbours 0, no load)
+    with load_setting(lab, neighbours, "flood", 2 * seconds + 60):  # type: ignore[arg-type]
         got = {name: run(lab, seconds) for name, run in (floods if mace_first
                                                           else floods[::-1])}
     mace, ref = got["mace"], got["iputils"]
@@ -535,9 +542,11 @@ def flood_pair(lab: Lab, seconds: int, neighbours: int, mace_first: bool) -> dic
             "stray_sets": stray}
 
 
-def flood_repeated(lab: Lab, seconds: int, neighbours: int, repeats: int) -> dict:
+def flood_repeated(lab: Lab | PathLab, seconds: int, neighbours: int, repeats: int) -> dict:
     """flood_pair `repeats` times: the median mace run's figures, every run's rate, iputils'
-    rate beside each, and each pair's ratio (mace / iputils) with their median."""
+    rate beside each, and each pair's ratio (mace / iputils) with their median. On the
+    star lab the target answers inside sendto() (veth all the way); on the NAPI path lab
+    a wire process carries the packets with timing of its own, as a real link would."""
     pairs = [flood_pair(lab, seconds, neighbours, mace_first=i % 2 == 0)
              for i in range(repeats)]
     by_rate = sorted(pairs, key=lambda r: r["probes_per_s"])

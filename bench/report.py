@@ -310,6 +310,7 @@ def _runs(values: list[float]) -> str:
 
 AGENT_KEYS = ("agent_startup", "agent_accuracy", "agent_perturbation", "agent_resources")
 V2_KEYS = ("flood", "flood_loaded", "accuracy", "scaling", "foreign_cost", "records")
+FLOOD_KEYS = ("flood", "flood_loaded", "flood_wire")
 EARLIER_KEYS = ("accuracy", "flood", "perturbation", "cost", "startup")
 
 
@@ -372,8 +373,8 @@ def markdown(res: dict) -> str:
         out += ["## Targets of the earlier issues\n", *_table(targets(res), partial)]
     for key, render in SECTIONS:
         value = res.get(key)
-        if key == "flood":  # two runs in one table, each may have failed on its own
-            if ran(("flood", "flood_loaded")):
+        if key == "flood":  # three runs in one table, each may have failed on its own
+            if ran(FLOOD_KEYS):
                 out += ["", *_flood(res)]
         elif isinstance(value, dict) and "error" in value:
             out += ["", f"## {TITLES[key]}\n", f"**Not measured**: {value['error']}"]
@@ -436,22 +437,31 @@ def _flood(res: dict) -> list[str]:
            "Each repeat runs mace-ping -f and iputils ping -f from the same container (c0), "
            "one right after the other under the same neighbours' floods (which goes first "
            "alternates); the ratio is mace / iputils per pair. Rates are over each tool's "
-           "own summary `time`. CPU and RSS: the median mace run.\n",
-           "| neighbours flooding | mace probes/s (median; every run) | iputils -f probes/s "
-           "(every run) | ratio (median; every pair) | coverage (lowest) | events lost (all "
-           "runs) | CPU s | peak RSS MB |", "|---|---|---|---|---|---|---|---|"]
-    for f in (res.get("flood"), res.get("flood_loaded")):
+           "own summary `time`. CPU and RSS: the median mace run. On the star lab the "
+           "target answers inside the sender's sendto() (veth and bridge all the way: the "
+           "whole round trip is CPU work of the sending thread, so nothing overlaps mace's "
+           "Python work on a reply); across the NAPI path lab's wire, a process relaying "
+           "frames between the host's nic0 and the target side (mace_tools/lab/tapwire.py), "
+           "the round trip has timing of its own, as on a real link.\n",
+           "| path | neighbours flooding | mace probes/s (median; every run) | iputils -f "
+           "probes/s (every run) | ratio (median; every pair) | coverage (lowest) | events "
+           "lost (all runs) | CPU s | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|"]
+    for key in FLOOD_KEYS:
+        f = res.get(key)
+        path = "NAPI lab's wire" if key == "flood_wire" else "star lab (veth)"
         if not f or "error" in f:
-            out.append(f"| - | not measured: {(f or {}).get('error', 'missing')} ||||||| ")
+            out.append(f"| {path} | not measured: {(f or {}).get('error', 'missing')} "
+                       "||||||| ")
             continue
         runs = f.get("probes_per_s_runs", [f["probes_per_s"]])
         lost = "unknown" if f["lost_unknown"] else f["kernel_events_lost_total"]
-        out.append(f"| {f['neighbours']} | **{f['probes_per_s']:.0f}** ({_runs(runs)}) | "
+        out.append(f"| {path} | {f['neighbours']} | **{f['probes_per_s']:.0f}** "
+                   f"({_runs(runs)}) | "
                    f"{_runs(f['iputils_per_s_runs'])} | **{f['ratio_median']:.2f}x** "
                    f"({', '.join(f'{r:.2f}' for r in f['ratio_runs'])}) | "
                    f"{f['coverage_min'] * 100:.2f}% | {lost} | {f['cpu_s']:.1f} | "
                    f"{f['max_rss_mb']:.1f} |")
-    stray = [f for f in (res.get("flood"), res.get("flood_loaded"))
+    stray = [f for f in (res.get(key) for key in FLOOD_KEYS)
              if f and "error" not in f and f.get("stray_sets")]
     if stray:
         out += ["", f"**{max(f['stray_sets'] for f in stray)} mace program set(s) were loaded "
