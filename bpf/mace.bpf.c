@@ -14,8 +14,9 @@
  * the IPv4 or IPv6 header and what follows it (first_look: no helper call, where the
  * kernel allows it); a foreign echo costs a nonce-bit test, rarely a hash lookup more.
  * Only a packet that may be ours is copied (IPv4 + ICMP headers + nonce, a second read
- * with IP options; IPv6 + 16 bytes, more behind extension headers). Nothing is written
- * to any map for foreign traffic. IPv4 and IPv6 alike: echo, UDP and TCP probes,
+ * with IP options; IPv6 + 16 bytes, more behind extension headers); at netif_receive_skb
+ * such a packet is first looked up in the per-CPU veth dedup (mace_rx_seen). Nothing is
+ * written to any map for foreign traffic. IPv4 and IPv6 alike: echo, UDP and TCP probes,
  * ICMP/ICMPv6 errors quoting them, SYN-ACK and RST answers (VXLAN is read over an IPv4
  * underlay only).
  *
@@ -115,9 +116,13 @@ struct {
  * A probe arriving on a veth or lo is seen at netif_rx and again, later and on the same
  * CPU, at netif_receive_skb; only the first is its arrival. Remember the last few
  * (skb, device) pairs that netif_rx recorded on this CPU and skip their
- * netif_receive_skb. Keyed by the device's address, not its ifindex (ifindex repeats
- * across namespaces). Written for our own probes only; a miss (RPS, eviction) just sends
- * one redundant event, which the per-probe state and userspace both ignore.
+ * netif_receive_skb, before the packet is classified: every packet that may be ours
+ * (record4, record6) is looked up there, foreign ones that pass the cheap filters too
+ * (VXLAN, UDP/TCP while a traceroute runs: one per-CPU lookup). Keyed by the device's
+ * address, not its ifindex (ifindex repeats across namespaces). Written for our own
+ * probes only; a miss (RPS, eviction) just sends one redundant event, which the
+ * per-probe state and userspace both ignore. (A foreign skb that reuses a remembered
+ * address on the same device is skipped: it was not ours anyway.)
  */
 #define RX_SLOTS 4
 struct rx_seen {

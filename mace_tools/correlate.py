@@ -103,7 +103,7 @@ def stages(events: Iterable[KernelEvent], sent_mono_ns: int) -> list[Stage]:
     ]
 
 
-def host_netns(path: list[Stage], ns: Namespaces) -> int:
+def host_netns(path: Sequence[Stage], ns: Namespaces) -> int:
     """H (module doc): known, or inferred from where the request went. Inferred, a netns
     the request entered and did not leave stays H (its departure may be the missing
     event): no correction then, rather than one taken inside the container."""
@@ -113,7 +113,7 @@ def host_netns(path: list[Stage], ns: Namespaces) -> int:
                  if s.packet is Packet.REQUEST and s.netns != ns.prober), ns.prober)
 
 
-def outer_departure(path: list[Stage], ns: Namespaces) -> Stage | None:
+def outer_departure(path: Sequence[Stage], ns: Namespaces) -> Stage | None:
     """The request's last departure from the host's outer device, or None if not seen."""
     host = host_netns(path, ns)
     leaving = [s for s in path if s.packet is Packet.REQUEST and s.leaving and s.netns == host]
@@ -171,7 +171,7 @@ def measured(probe: Probe, reply: Reply, record: ProbeRecord | None, complete: b
     if record is None or not complete:
         return m
     sent = probe.sent_mono_ns
-    _, departed, returned, delivered, _, _, _, hook = record  # (unpacked once: a flood's)
+    _, departed, returned, delivered, _, _, _, hook = record  # (one unpacking per reply)
     if not departed or not returned or departed < sent or returned < departed:
         return m
     if returned_late(returned - sent, hook, m):

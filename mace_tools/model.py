@@ -159,7 +159,8 @@ class RttStats:
     avg: float
     max: float
     mdev: float  # population standard deviation, as iputils: sqrt(mean(x^2) - mean(x)^2)
-    p50: float  # nearest rank; from a run's sketch: within stats.RELATIVE_ERROR
+    p50: float  # nearest rank; from a run's sketch: within stats.RELATIVE_ERROR (nan: the
+    # series keeps no sketch: every one but corrected RTTs, stats.Tally)
     p95: float
     p99: float
     n: int = 0  # values in the series

@@ -5,7 +5,9 @@ squares, min, max; exact integers in ns) and, where percentiles are wanted, a fi
 log-bucketed quantile sketch. So a flood of hours costs the same memory as a ping of ten.
 A Tally takes a flood's replies tens of thousands a second: it appends each one's times
 to short lists and folds them into its series a batch at a time (builtins over the batch,
-no Python call per value), and every read of a series folds what is pending first.
+no Python call per value), and every read of a series folds what is pending first. A fold
+builds new series and swaps them in: Ctrl-C, a KeyboardInterrupt raised wherever the run
+was, then finds the tally as before the fold or after it, never half folded.
 ``rtt_stats``/``percentile`` stay for the short, already-kept lists of the lab and bench.
 """
 
@@ -84,6 +86,14 @@ class QuantileSketch:
     def add(self, value: float) -> None:
         self.add_many((value,))
 
+    def copy(self) -> QuantileSketch:
+        new = QuantileSketch.__new__(QuantileSketch)
+        new._gamma, new._log_gamma, new._max_index = \
+            self._gamma, self._log_gamma, self._max_index
+        new._positive, new._negative = Counter(self._positive), Counter(self._negative)
+        new._zero, new.count = self._zero, self.count
+        return new
+
     def add_many(self, values: Sequence[float]) -> None:
         """Add every value: each bucket index is _index's, computed by builtins over the
         whole batch (the per-value cost of a flood's replies)."""
@@ -138,6 +148,15 @@ class Series:
     def add(self, ns: int) -> None:
         self.extend((ns,))
 
+    def extended(self, values: Sequence[int]) -> Series:
+        """A copy of this series with values added (extend); this one is left as it is."""
+        new = Series.__new__(Series)
+        new.count, new.total, new.total_sq, new.min, new.max = \
+            self.count, self.total, self.total_sq, self.min, self.max
+        new.sketch = None if self.sketch is None else self.sketch.copy()
+        new.extend(values)
+        return new
+
     def extend(self, values: Sequence[int]) -> None:
         """Add a batch of values (ns)."""
         if not values:
@@ -185,8 +204,8 @@ class Tally:
     need, in memory that does not grow with the number of replies. The RTT series are
     read through properties, which fold the pending batch in first (module docstring)."""
 
-    __slots__ = ("_corrected", "_egress", "_ingress", "_pending", "_raw", "corrupted",
-                 "duplicates", "ewma8_us", "first_ttl", "late_kernel_stamps", "received")
+    __slots__ = ("_pending", "_series", "corrupted", "duplicates", "ewma8_us", "first_ttl",
+                 "late_kernel_stamps", "received")
 
     def __init__(self) -> None:
         self.received = 0  # distinct replies
@@ -194,14 +213,14 @@ class Tally:
         self.corrupted = 0  # bad checksum: neither received nor timed, as iputils
         self.late_kernel_stamps = 0  # kernel data refused (correlate.returned_late)
         self.first_ttl: int | None = None
-        # Quantiles are reported of corrected RTTs only (the JSON's mace.p50/p95/p99): the
-        # other series keep no sketch, which is most of the cost of a reply here.
-        self._raw = Series(quantiles=False)
-        self._corrected = Series()
-        self._egress = Series(quantiles=False)  # only their averages are reported
-        self._ingress = Series(quantiles=False)
+        # raw, corrected, egress and ingress RTTs. Quantiles are reported of corrected ones
+        # only (the JSON's mace.p50/p95/p99): a sketch is most of what a value costs here,
+        # so the others keep none (their p50/p95/p99 are nan); egress and ingress only
+        # have their averages reported.
+        self._series: tuple[Series, ...] = (Series(quantiles=False), Series(),
+                                             Series(quantiles=False), Series(quantiles=False))
         # values not yet folded into the series above, in the same order
-        self._pending: tuple[list[int], list[int], list[int], list[int]] = ([], [], [], [])
+        self._pending: tuple[list[int], ...] = ([], [], [], [])
         # iputils' "ewma": 8 times an exponentially weighted average of the RTT in whole
         # µs (each reply moves it 1/8 of the way), kept in integers as iputils keeps it.
         self.ewma8_us = 0
@@ -233,34 +252,37 @@ class Tally:
             self._fold()
 
     def _fold(self) -> None:
-        """Fold the pending values into their series."""
-        for series, pending in zip((self._raw, self._corrected, self._egress, self._ingress),
-                                   self._pending, strict=True):
-            if pending:
-                series.extend(pending)
-                pending.clear()
+        """Fold the pending values into new series, then swap both in (module docstring:
+        no call between the two stores, where a KeyboardInterrupt could be raised)."""
+        pending = self._pending
+        if not pending[0]:  # every reply has a raw RTT: nothing pending anywhere
+            return
+        folded = tuple([series.extended(values) if values else series
+                        for series, values in zip(self._series, pending, strict=True)])
+        emptied: tuple[list[int], ...] = ([], [], [], [])
+        self._series, self._pending = folded, emptied
 
     @property
     def raw(self) -> Series:
         """Raw RTTs of the distinct, undamaged replies."""
         self._fold()
-        return self._raw
+        return self._series[0]
 
     @property
     def corrected(self) -> Series:
         """Corrected RTTs, of the replies that have one."""
         self._fold()
-        return self._corrected
+        return self._series[1]
 
     @property
     def egress(self) -> Series:
         self._fold()
-        return self._egress
+        return self._series[2]
 
     @property
     def ingress(self) -> Series:
         self._fold()
-        return self._ingress
+        return self._series[3]
 
     def summary(self, transmitted: int, errors: int, elapsed_ms: int,
                 kernel_events_lost: int, kernel_records: int = 0, pipe: int = 0,

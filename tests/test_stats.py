@@ -119,29 +119,80 @@ def test_series_matches_exact_statistics(seed: int) -> None:
         assert abs(getattr(got, q) - want) <= RELATIVE_ERROR * abs(want) + 1e-12, q
 
 
-def test_a_tally_folded_in_batches_equals_one_added_value_by_value() -> None:
-    """A Tally folds its replies into its series FOLD_EVERY at a time: what it reports at
-    any moment (a read folds the rest in) is what series fed one value at a time hold."""
+def _expected(values: list[int]) -> tuple[int, int, int, int, int, dict, dict, int]:
+    """count, total, total_sq, min, max and a sketch's buckets (positive, negative, zeros)
+    of these values, one value at a time, as QuantileSketch._index defines the buckets."""
+    sketch = QuantileSketch()
+    top = sketch._index(1e13)
+    positive: dict[int, int] = {}
+    negative: dict[int, int] = {}
+    for v in values:
+        if abs(v) >= 1:
+            store = positive if v > 0 else negative
+            index = min(sketch._index(abs(v)), top)
+            store[index] = store.get(index, 0) + 1
+    zeros = sum(1 for v in values if abs(v) < 1)
+    return (len(values), sum(values), sum(v * v for v in values), min(values), max(values),
+            positive, negative, zeros)
+
+
+def _held(series: Series) -> tuple[int, int, int, int, int, dict, dict, int]:
+    sketch = series.sketch
+    assert sketch is not None
+    return (series.count, series.total, series.total_sq, series.min, series.max,
+            dict(sketch._positive), dict(sketch._negative), sketch._zero)
+
+
+def _reply(seq: int, raw_ns: int, corrected_ns: int | None) -> Measurement:
+    reply = Measurement(seq=seq, src="x", ttl=64, icmp_bytes=64, rtt_raw_ns=raw_ns)
+    if corrected_ns is not None:
+        reply.rtt_corrected_ns, reply.egress_ns, reply.ingress_ns = corrected_ns, 5, 7
+    return reply
+
+
+def test_a_tally_folded_in_batches_holds_what_each_value_adds() -> None:
+    """A Tally folds its replies into its series FOLD_EVERY at a time: read at any moment
+    (a read folds the rest in), a series holds exactly what adding each value by itself
+    gives: sums, min, max and every sketch bucket, zeros and negative values included."""
     values = _random_rtts_ns(3 * FOLD_EVERY + 17, seed=4)
     tally = Tally()
-    one_by_one = {name: Series(quantiles=name == "corrected")
-                  for name in ("raw", "corrected", "egress", "ingress")}
+    corrected: list[int] = []
     for seq, v in enumerate(values, start=1):
-        reply = Measurement(seq=seq, src="x", ttl=64, icmp_bytes=64, rtt_raw_ns=abs(v))
-        one_by_one["raw"].add(abs(v))
-        if seq % 3:
-            reply.rtt_corrected_ns, reply.egress_ns = v, v // 2
-            one_by_one["corrected"].add(v)
-            one_by_one["egress"].add(v // 2)
-            if seq % 5:
-                reply.ingress_ns = -v
-                one_by_one["ingress"].add(-v)
-        tally.add(reply)
+        keep = seq % 3 != 0
+        tally.add(_reply(seq, abs(v), v if keep else None))
+        corrected += [v] if keep else []
         if seq in (1, FOLD_EVERY - 1, FOLD_EVERY, FOLD_EVERY + 1, len(values)):
-            for name, series in one_by_one.items():
-                assert getattr(tally, name).stats() == series.stats(), (name, seq)
-    assert tally.corrected.sketch is not None and one_by_one["corrected"].sketch is not None
-    assert tally.corrected.sketch.buckets == one_by_one["corrected"].sketch.buckets
+            assert _held(tally.corrected) == _expected(corrected), seq
+            raw = tally.raw
+            assert (raw.count, raw.total, raw.min, raw.max) == \
+                (seq, sum(map(abs, values[:seq])), min(map(abs, values[:seq])),
+                 max(map(abs, values[:seq])))
+            assert tally.egress.count == tally.ingress.count == len(corrected)
+
+
+def test_ctrl_c_in_the_middle_of_a_fold_leaves_the_tally_whole(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C raises KeyboardInterrupt wherever the run is; the run then reports what it
+    has, which reads (and so folds) the tally again. A fold cut short changed nothing:
+    every reply is counted once in every series."""
+    tally = Tally()
+    original = Series.extend
+    cut = []
+
+    def extend_then_interrupt(self: Series, values: list[int]) -> None:
+        original(self, values)
+        if self.sketch is not None and not cut:  # the corrected series: raw's went before
+            cut.append(True)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Series, "extend", extend_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        for seq in range(1, FOLD_EVERY + 1):
+            tally.add(_reply(seq, 10_000 + seq, 3_000 + seq))
+    assert cut
+    assert tally.received == FOLD_EVERY
+    assert tally.raw.count == tally.corrected.count == tally.egress.count == FOLD_EVERY
+    assert tally.summary(FOLD_EVERY, 0, 1, 0).coverage == 1.0
 
 
 def test_mdev_exact_where_floats_cancel() -> None:
@@ -194,6 +245,7 @@ def _tally_bytes(tally: Tally, replies: list[Measurement]) -> int:
         before = tracemalloc.get_traced_memory()[0]
         for r in replies:
             tally.add(r)
+        assert tally.raw.count  # a read folds what is pending (at most FOLD_EVERY values)
         return tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
