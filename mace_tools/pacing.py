@@ -105,13 +105,14 @@ class Pace:
         """A probe was counted as sent at `now` (transmitted: the count with it); when the
         next one is due. After the last of -c, how long its answers are awaited."""
         self.last_send = now
-        if not self.on_reply and not self.plan.adaptive:
+        on_reply = self.interval_ns <= 0  # (once: this runs for every probe of a flood)
+        if not on_reply and not self.plan.adaptive:
             self.next_send = now + self._spend_credit(now)  # -l's burst included
         elif self.burst > 0:
             self.burst -= 1
             self.next_send = now
-        elif self.on_reply:
-            self.next_send = now if self.in_flight(transmitted) < self.plan.preload \
+        elif on_reply:
+            self.next_send = now if transmitted - self.acked < self.plan.preload \
                 else now + MIN_INTERVAL_NS
         else:  # -A
             self.next_send = now + self.interval_ns

@@ -115,6 +115,7 @@ class _Probes:
     def __init__(self, numbered: bool, paths: bool = False) -> None:
         self.numbered = numbered
         self.paths = paths
+        self._mask = 0xFFFFFFFF if numbered else 0xFFFF  # (key())
         self.sent: dict[int, Probe] = {}
         self.events: dict[int, list[KernelEvent]] = {}
         self.records: dict[int, ProbeRecord] = {}
@@ -128,10 +129,12 @@ class _Probes:
     def add(self, n: int, probe: Probe) -> bool:
         """Track the n-th probe; True if the probe 65536 before it got no answer, which
         is then lost for good (its seq is this one's)."""
-        old = self.key(n - 0x10000)
-        lapped = old in self.sent and old not in self.answered
-        self.forget(old)
-        key = self.key(n)
+        old = (n - 0x10000) & self._mask
+        lapped = False
+        if old in self.sent:  # (else nothing is held of it: see forget)
+            lapped = old not in self.answered
+            self.forget(old)
+        key = n & self._mask
         self.sent[key] = probe
         if self.paths:
             self.events[key] = []
@@ -378,12 +381,11 @@ class Pinger:
 
     def _transmit(self, sock: IcmpSocket, n: int) -> _Sent:
         """Put probe n on the wire and track it; nothing is reported or counted yet."""
-        seq = n & 0xFFFF
+        seq, probes, session = n & 0xFFFF, self._probes, self._session
         message = self._template.message(n)
-        probe = Probe(seq, 0, 0)
-        lapped = self._probes.add(n, probe)
-        if self._session is not None:
-            probe.lost_at_send = self._session.lost()
+        probe = Probe(seq, 0, 0, session.lost() if session is not None else 0)
+        lapped = probes.add(n, probe)
+        key = probes.key(n)
         # Both clocks just before sendto(): the raw RTT's start (as iputils: wall clock) and
         # the send point egress is measured from (the clock of bpf_ktime_get_ns).
         probe.sent_real_ns = time.clock_gettime_ns(time.CLOCK_REALTIME)
@@ -391,9 +393,9 @@ class Pinger:
         try:
             sock.send(message, self._dst)
         except OSError as exc:
-            self._probes.forget(self._probes.key(n))
-            return _Sent(seq, self._probes.key(n), probe.sent_mono_ns, lapped, exc)
-        return _Sent(seq, self._probes.key(n), probe.sent_mono_ns, lapped, None)
+            probes.forget(key)
+            return _Sent(seq, key, probe.sent_mono_ns, lapped, exc)
+        return _Sent(seq, key, probe.sent_mono_ns, lapped, None)
 
     def _settle(self, sent: _Sent, result: RunResult) -> int | None:
         """Report a transmitted probe to the sink; what _send returns."""
