@@ -511,7 +511,8 @@ def flood_prober(lab: Lab | PathLab) -> str:
 
 
 def mace_flood(lab: Lab | PathLab, seconds: int) -> dict:
-    """mace-ping -f for `seconds` from c0: rate, coverage, lost records, CPU, peak RSS."""
+    """mace-ping -f for `seconds` from flood_prober(lab): rate, coverage, lost records, CPU,
+    peak RSS."""
     cmd = lab.on_host(sys.executable, "-m", "mace_tools.cli.ping", "--netns",
                       lab.netns_path(flood_prober(lab)), "-f", "-q", "-w", str(seconds),
                       "-W", "1", lab.target_addr)
@@ -520,7 +521,7 @@ def mace_flood(lab: Lab | PathLab, seconds: int) -> dict:
 
 
 def iputils_flood(lab: Lab | PathLab, seconds: int) -> dict:
-    """iputils `ping -f` for `seconds` from the same container (c0): the rate to match."""
+    """iputils `ping -f` for `seconds` from the same container: the rate to match."""
     cmd = ["ip", "netns", "exec", flood_prober(lab), "ping", "-f", "-q", "-w",
            str(seconds), lab.target_addr]
     proc, usage = run_with_rusage(cmd, seconds + 30)
@@ -528,12 +529,15 @@ def iputils_flood(lab: Lab | PathLab, seconds: int) -> dict:
 
 
 def flood_pair(lab: Lab | PathLab, seconds: int, neighbours: int, mace_first: bool) -> dict:
-    """mace-ping -f and iputils ping -f from c0, one right after the other under the same
-    neighbours' floods; which goes first alternates over repeats (no order bias)."""
+    """mace-ping -f and iputils ping -f from flood_prober(lab), one right after the other
+    under the same neighbours' floods; which goes first alternates over repeats (no order
+    bias)."""
     floods = [("mace", mace_flood), ("iputils", iputils_flood)]
     stray = await_program_sets()  # none of our runs is active: 0 unless someone else's
-    # (a path lab has no neighbours: its floods run with neighbours 0, no load)
-    with load_setting(lab, neighbours, "flood", 2 * seconds + 60):  # type: ignore[arg-type]
+    if neighbours and not isinstance(lab, Lab):
+        raise NotMeasured("flood neighbours need the star lab's containers")
+    with load_setting(lab, neighbours, "flood", 2 * seconds + 60) if isinstance(lab, Lab) \
+            else nullcontext():
         got = {name: run(lab, seconds) for name, run in (floods if mace_first
                                                           else floods[::-1])}
     mace, ref = got["mace"], got["iputils"]

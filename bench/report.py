@@ -440,9 +440,10 @@ def _flood(res: dict) -> list[str]:
            "own summary `time`. CPU and RSS: the median mace run. On the star lab the "
            "target answers inside the sender's sendto() (veth and bridge all the way: the "
            "whole round trip is CPU work of the sending thread, so nothing overlaps mace's "
-           "Python work on a reply); across the NAPI path lab's wire, a process relaying "
-           "frames between the host's nic0 and the target side (mace_tools/lab/tapwire.py), "
-           "the round trip has timing of its own, as on a real link.\n",
+           "Python work on a reply); across the NAPI path lab's wire, a Python process "
+           "relaying frames between the host's nic0 and the target side "
+           "(mace_tools/lab/tapwire.py) on the same two CPUs, the round trip goes on while "
+           "the sender works (and the relay takes CPU from both tools).\n",
            "| path | neighbours flooding | mace probes/s (median; every run) | iputils -f "
            "probes/s (every run) | ratio (median; every pair) | coverage (lowest) | events "
            "lost (all runs) | CPU s | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|"]
@@ -451,7 +452,7 @@ def _flood(res: dict) -> list[str]:
         path = "NAPI lab's wire" if key == "flood_wire" else "star lab (veth)"
         if not f or "error" in f:
             out.append(f"| {path} | not measured: {(f or {}).get('error', 'missing')} "
-                       "||||||| ")
+                       "|||||||| ")
             continue
         runs = f.get("probes_per_s_runs", [f["probes_per_s"]])
         lost = "unknown" if f["lost_unknown"] else f["kernel_events_lost_total"]

@@ -115,7 +115,7 @@ class _Probes:
     def __init__(self, numbered: bool, paths: bool = False) -> None:
         self.numbered = numbered
         self.paths = paths
-        self._mask = 0xFFFFFFFF if numbered else 0xFFFF  # (key())
+        self._mask = 0xFFFFFFFF if numbered else 0xFFFF  # a key's bits
         self.sent: dict[int, Probe] = {}
         self.events: dict[int, list[KernelEvent]] = {}
         self.records: dict[int, ProbeRecord] = {}
@@ -124,7 +124,7 @@ class _Probes:
 
     def key(self, n: int) -> int:
         """The key of the run's n-th probe (numbers wrap at 2**32, as the payload's)."""
-        return n & 0xFFFFFFFF if self.numbered else n & 0xFFFF
+        return n & self._mask
 
     def add(self, n: int, probe: Probe) -> bool:
         """Track the n-th probe; True if the probe 65536 before it got no answer, which
@@ -174,8 +174,7 @@ class _Probes:
 
     def number_of(self, key: int, transmitted: int) -> int:
         """The run's count of the probe with this key (of the last 2**16 or 2**32 sent)."""
-        span = 0xFFFFFFFF if self.numbered else 0xFFFF
-        return transmitted - ((transmitted - key) & span)
+        return transmitted - ((transmitted - key) & self._mask)
 
     def take(self, key: int) -> tuple[Sequence[KernelEvent], ProbeRecord | None]:
         """A reply's events and record; dropped, so a duplicate never reuses them."""

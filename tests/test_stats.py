@@ -192,6 +192,9 @@ def test_ctrl_c_in_the_middle_of_a_fold_leaves_the_tally_whole(
     assert cut
     assert tally.received == FOLD_EVERY
     assert tally.raw.count == tally.corrected.count == tally.egress.count == FOLD_EVERY
+    # (the sketch too: a copy sharing its buckets with the series it came from would hold
+    # the cut fold's values twice)
+    assert _held(tally.corrected) == _expected([3_000 + seq for seq in range(1, FOLD_EVERY + 1)])
     assert tally.summary(FOLD_EVERY, 0, 1, 0).coverage == 1.0
 
 
