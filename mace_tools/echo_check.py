@@ -18,22 +18,36 @@ that cannot let a stranger's packet count:
 - anything else is not this run's.
 Checking the payload costs the replies that are ours two compares in place; a foreign
 reply is rejected on the nonce as before.
+
+A flood reads tens of thousands of replies a second, nearly all of one kind: a full-size,
+undamaged answer from the target to a probe still unanswered. PlainReply recognises that
+kind in the datagram as read, without parsing it; whatever it does not recognise is
+parsed and judged as above, so it decides nothing the checks above would decide otherwise.
 """
 
 from __future__ import annotations
 
+import socket
+import struct
 from typing import NamedTuple, Protocol
 
 from mace_tools.model import WrongData
+from mace_tools.probe.addresses import address_text
 from mace_tools.probe.icmp import (
+    ICMP6_ECHO_REPLY,
+    ICMP_ECHOREPLY,
+    IPV6_HEADER,
     NONCE_LEN,
     TAG_LEN,
     EchoTemplate,
     ParsedIcmp,
+    checksum,
     fill_bytes,
 )
 
 ICMP_HEADER = 8
+IPV4_HEADER = 20  # without options
+_NUMBER = struct.Struct("!I")
 
 
 class Window(Protocol):
@@ -49,10 +63,14 @@ class Window(Protocol):
 
 
 class Verdict(NamedTuple):
-    key: int  # the probe's key in the window
+    """What ping says of a reply of the run's beside its time."""
+
     corrupted: bool  # bad checksum: shown, counted apart, the probe still unanswered
     truncated: bool  # shorter than the probe
     wrong_data: WrongData | None
+
+
+PLAIN = Verdict(False, False, None)  # nothing to say (one object: a flood's every reply)
 
 
 class EchoCheck:
@@ -65,8 +83,9 @@ class EchoCheck:
         self._pattern = pattern
 
     def judge(self, p: ParsedIcmp, nonce: bytes, ident: int, window: Window,
-              template: EchoTemplate, transmitted: int) -> Verdict | None:
-        """The verdict on an echo reply, or None if it is not one of this run's."""
+              template: EchoTemplate, transmitted: int) -> tuple[int, Verdict] | None:
+        """The key of the probe an echo reply answers and the verdict on it, or None if
+        it is not one of this run's."""
         if p.icmp_type != p.ECHO_REPLY:
             return None
         carried = p.icmp_len - ICMP_HEADER
@@ -79,7 +98,9 @@ class EchoCheck:
             return None  # iputils' own test too: a damaged reply must at least have our id
         truncated = carried < self.size
         wrong = None if truncated or corrupted else self._wrong_data(p)
-        return Verdict(key, corrupted, truncated, wrong)
+        if not (corrupted or truncated or wrong):
+            return key, PLAIN
+        return key, Verdict(corrupted, truncated, wrong)
 
     def _carried_key(self, p: ParsedIcmp, nonce: bytes, ident: int,
                      window: Window) -> int | None:
@@ -122,3 +143,68 @@ class EchoCheck:
                      if a != b)
         return WrongData(TAG_LEN + index, self._tail[index], got[index], TAG_LEN, got)
 
+
+
+class PlainReply:
+    """The common reply of a run (module docstring), recognised in the datagram as read
+    (an IP header, then ICMP, as every socket of ours hands it on: probe/sockets.py).
+    Plain: an echo reply from the target, no IPv4 options, exactly the probe's size, the
+    run's nonce, a probe number that agrees with the seq and names a probe in the window
+    not yet answered, the fill as sent, and for IPv4 a good checksum (the kernel checks
+    ICMPv6's). EchoCheck would judge such a reply that probe's answer, not corrupted,
+    truncated, wrong or from another address; its seq is the number's low 16 bits, its
+    source the target, its size the ICMP header and the probe's payload."""
+
+    def __init__(self, family: int, size: int, nonce: bytes, source: bytes,
+                 pattern: bytes | None = None) -> None:
+        header = IPV4_HEADER if family == 4 else IPV6_HEADER
+        self.icmp_len = ICMP_HEADER + size
+        self._ipv4 = family == 4
+        self._length = header + self.icmp_len
+        self._source = source
+        self._source_at = 12 if family == 4 else 8
+        self._icmp_at = header
+        self._seq_at = header + 6
+        self._nonce = nonce
+        self._nonce_at = header + ICMP_HEADER
+        self._number_at = header + ICMP_HEADER + NONCE_LEN
+        self._tail = fill_bytes(size, pattern)[TAG_LEN:size]
+        self._tail_at = header + ICMP_HEADER + TAG_LEN
+        self.ttl_at = 8 if family == 4 else 7  # its IPv4 TTL, IPv6 hop limit
+
+    @classmethod
+    def of_run(cls, family: int, size: int, nonce: bytes, target: str,
+               pattern: bytes | None) -> PlainReply | None:
+        """The recogniser of a run's replies, or None where none can be plain: probes too
+        short for their number, or a target whose text is not the canonical text of its
+        address (a %scope, say), which no reply's source text equals (other_source)."""
+        if size < TAG_LEN or "%" in target:
+            return None
+        packed = socket.inet_pton(socket.AF_INET if family == 4 else socket.AF_INET6, target)
+        if address_text(packed) != target:
+            return None
+        return cls(family, size, nonce, packed, pattern)
+
+    def key(self, data: bytes, window: Window) -> int | None:
+        """The key of the probe `data` answers if it is plain, else None."""
+        if len(data) != self._length:
+            return None
+        if self._ipv4:
+            if data[0] != 0x45 or data[9] != socket.IPPROTO_ICMP \
+                    or data[2] << 8 | data[3] != self._length or data[20] != ICMP_ECHOREPLY:
+                return None
+        elif data[0] >> 4 != 6 or data[6] != socket.IPPROTO_ICMPV6 \
+                or data[4] << 8 | data[5] != self.icmp_len or data[40] != ICMP6_ECHO_REPLY:
+            return None
+        at = self._source_at
+        if data[at:at + len(self._source)] != self._source \
+                or not data.startswith(self._nonce, self._nonce_at):
+            return None
+        key = _NUMBER.unpack_from(data, self._number_at)[0]
+        seq_at = self._seq_at
+        if key & 0xFFFF != data[seq_at] << 8 | data[seq_at + 1] or key not in window.sent \
+                or key in window.answered or not data.startswith(self._tail, self._tail_at):
+            return None
+        if self._ipv4 and checksum(data[self._icmp_at:]) != 0:
+            return None
+        return key

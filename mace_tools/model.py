@@ -106,7 +106,6 @@ class Reply(NamedTuple):
     ttl: int
     icmp_bytes: int  # ICMP header + payload, as iputils prints it ("64 bytes from")
     recv_real_ns: int  # SO_TIMESTAMPNS: kernel receive timestamp, as iputils uses it
-    recv_mono_ns: int  # when userspace read it (for deadlines only, not for RTT)
 
 
 class WrongData(NamedTuple):

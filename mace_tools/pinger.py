@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import NamedTuple, Protocol
 
 from mace_tools.correlate import measured, stages
-from mace_tools.echo_check import EchoCheck, Verdict
+from mace_tools.echo_check import PLAIN, EchoCheck, PlainReply, Verdict
 from mace_tools.errors import MaceError
 from mace_tools.model import KernelEvent, Measurement, Probe, ProbeRecord, Reply, RunResult
 from mace_tools.pacing import MIN_INTERVAL_NS, NS_PER_S, Pace, Schedule
@@ -217,6 +217,8 @@ class Pinger:
         self._backend_factory = backend_factory
         self._probes = _Probes(numbered=opts.size >= TAG_LEN, paths=opts.path)
         self._check = EchoCheck(opts.size, opts.pattern)
+        self._plain = PlainReply.of_run(self.family, opts.size, self.nonce, opts.dst_addr,
+                                        opts.pattern)  # (again once the nonce is final)
         self._session: Session | None = None  # set while a run is on
         self._pace: Pace | None = None  # set while a run is on
         self._no_room = 0  # consecutive sends refused for lack of buffer (iputils' oom_count)
@@ -246,6 +248,8 @@ class Pinger:
             self._filter_replies(sock)
             self._template = EchoTemplate(self.ident, self.nonce, opts.size, opts.pattern,
                                           self.family)
+            self._plain = PlainReply.of_run(self.family, opts.size, self.nonce,
+                                            opts.dst_addr, opts.pattern)
             result = RunResult(nonce=self.nonce, source_addr=source,
                                kernel=self._probes.numbered, source=session.source,
                                ipg_ewma=opts.flood or opts.adaptive or opts.interval_s <= 0)
@@ -430,22 +434,23 @@ class Pinger:
         new = 0
         probes = self._probes
         pace = self._pace
+        plain = self._plain
         sent_ahead = 0  # flood: probes this batch sent ahead of a reply
         while (got := sock.recv()) is not None:
             data, recv_real = got
             if self.opts.user_latency:  # -U: user-to-user, as iputils' gettimeofday()
                 recv_real = time.clock_gettime_ns(time.CLOCK_REALTIME)
-            parsed = parse_ip_icmp(data)
-            if parsed is None:
-                continue  # malformed or truncated: not ours, never fatal
-            if parsed.icmp_type != parsed.ECHO_REPLY:
-                self._maybe_error(parsed, result)
-                continue
-            verdict = self._check.judge(parsed, self.nonce, self.ident, probes,
-                                        self._template, result.transmitted)
-            if verdict is None:
-                continue  # another program's reply, an earlier lap's, or forged
-            key = verdict.key
+            # most of a flood's replies are recognised without parsing (PlainReply)
+            key = plain.key(data, probes) if plain is not None else None
+            if key is not None:
+                reply = Reply(key & 0xFFFF, self.opts.dst_addr, data[plain.ttl_at],
+                              plain.icmp_len, recv_real)
+                verdict = PLAIN
+            else:
+                judged = self._judge(data, recv_real, result)
+                if judged is None:
+                    continue
+                key, reply, verdict = judged
             dup = key in probes.answered
             ahead = None
             if not dup and not verdict.corrupted:
@@ -467,7 +472,7 @@ class Pinger:
             elif dup:
                 self._acknowledge(key, result)  # (iputils acknowledges a DUP too)
             try:
-                self._reply(parsed, verdict, recv_real, dup, session, result)
+                self._reply(key, reply, verdict, dup, session, result)
             finally:  # (also on Ctrl-C: a probe that left is counted)
                 if ahead is not None:
                     # (no -O line to check for: the previous probe is the one just answered)
@@ -475,6 +480,25 @@ class Pinger:
         if pace is not None and new:
             pace.answered(time.monotonic_ns(), result.transmitted, result.tally.ewma8_us)
         return new
+
+    def _judge(self, data: bytes, recv_real: int,
+               result: RunResult) -> tuple[int, Reply, Verdict] | None:
+        """A datagram parsed as an echo reply of this run's: the key of the probe it
+        answers, the reply, and the verdict on it; None for anything else (an ICMP error
+        about a probe is reported here)."""
+        parsed = parse_ip_icmp(data)
+        if parsed is None:
+            return None  # malformed or truncated: not ours, never fatal
+        if parsed.icmp_type != parsed.ECHO_REPLY:
+            self._maybe_error(parsed, result)
+            return None
+        judged = self._check.judge(parsed, self.nonce, self.ident, self._probes,
+                                   self._template, result.transmitted)
+        if judged is None:
+            return None  # another program's reply, an earlier lap's, or forged
+        key, verdict = judged
+        return key, Reply(parsed.seq, parsed.src, parsed.ttl, parsed.icmp_len, recv_real), \
+            verdict
 
     def _acknowledge(self, key: int, result: RunResult) -> None:
         """An answer (reply or ICMP error) for this probe: iputils' acknowledge(), which
@@ -497,17 +521,15 @@ class Pinger:
             return None
         return self._transmit(sock, result.transmitted + 1)
 
-    def _reply(self, parsed: ParsedIcmp, verdict: Verdict, recv_real: int, dup: bool,
+    def _reply(self, key: int, reply: Reply, verdict: Verdict, dup: bool,
                session: Session | None, result: RunResult) -> None:
-        """Measure a reply from its probe's kernel record, count it and report it."""
-        key = verdict.key
+        """Measure a reply to the probe of this key from the probe's kernel record, count
+        it and report it."""
         probe = self._probes.sent[key]
         complete = True
         if session is not None:
             session.drain()  # a reply's record precedes its delivery to the socket
             complete = session.lost() == probe.lost_at_send
-        reply = Reply(parsed.seq, parsed.src, parsed.ttl, parsed.icmp_len, recv_real,
-                      time.monotonic_ns())
         fresh = not dup and not verdict.corrupted
         if verdict.corrupted and not dup:
             # The kernel checks no checksum: the record it sent (and the state it freed)
@@ -516,7 +538,7 @@ class Pinger:
             self._probes.take(key)
             self._probes.spoiled.add(key)
         # a reply cut before its number was matched by nothing in the kernel
-        cut = parsed.icmp_len - 8 < TAG_LEN
+        cut = reply.icmp_bytes - 8 < TAG_LEN
         kernel = fresh and not cut and key not in self._probes.spoiled
         events, record = self._probes.take(key) if fresh else ((), None)
         if not kernel:
@@ -528,8 +550,9 @@ class Pinger:
         path = stages(events, probe.sent_mono_ns) if events else None
         m = measured(probe, reply, record, complete, path)
         m.dup = dup and not verdict.corrupted  # (iputils: a damaged reply is no DUP)
-        m.corrupted, m.truncated, m.wrong_data = verdict[1:]
-        m.other_source = parsed.src != self.opts.dst_addr and not self.opts.multicast
+        if verdict is not PLAIN:
+            m.corrupted, m.truncated, m.wrong_data = verdict
+        m.other_source = reply.src != self.opts.dst_addr and not self.opts.multicast
         result.tally.add(m)
         self.sink.reply(m)
 

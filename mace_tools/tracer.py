@@ -386,8 +386,7 @@ class Tracer:
     def _outcome(self, f: _InFlight, answer: Answer, data: bytes, recv_real: int,
                  session: Session, ns: Namespaces) -> HopReply:
         complete = session.lost() == f.probe.lost_at_send
-        reply = Reply(f.probe.seq, answer.src, answer.ttl, answer.size,
-                      recv_real, time.monotonic_ns())
+        reply = Reply(f.probe.seq, answer.src, answer.ttl, answer.size, recv_real)
         m = correlate(f.probe, reply, f.events, ns, complete)
         internal = host_internal(m, ns)
         if internal:

@@ -58,7 +58,7 @@ def container_path() -> list[KernelEvent]:
 
 def probe_reply(raw_us: float = 60.0) -> tuple[Probe, Reply]:
     probe = Probe(seq=1, sent_mono_ns=SENT_MONO, sent_real_ns=5_000_000_000)
-    reply = Reply(1, "198.18.0.2", 64, 64, 5_000_000_000 + int(raw_us * 1000), 0)
+    reply = Reply(1, "198.18.0.2", 64, 64, 5_000_000_000 + int(raw_us * 1000))
     return probe, reply
 
 

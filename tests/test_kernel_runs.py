@@ -115,8 +115,7 @@ def ping(lab: Lab, runs: list[tuple[Run, range | list[int]]],
                 number = struct.unpack("!I", icmp[16:20])[0]
                 run.drain()
                 replies[id(run) ^ number] = (run, Reply(number, "", data[8], len(icmp),
-                                                        sec * 10**9 + nsec,
-                                                        time.monotonic_ns()))
+                                                        sec * 10**9 + nsec))
     return replies
 
 

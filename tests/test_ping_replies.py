@@ -275,3 +275,55 @@ def test_a_return_stamped_after_the_receive_stamp_leaves_the_reply_raw() -> None
     assert "corrected=0.012 ms" in receive(2, 17)
     tally = run.result.tally
     assert (tally.received, tally.corrected.count, tally.late_kernel_stamps) == (2, 1, 1)
+
+
+def test_the_plain_lane_says_and_counts_what_the_full_checks_say() -> None:
+    """A flood's clean replies skip parsing (echo_check.PlainReply); the same datagrams
+    through the full checks alone must print the same lines, count the same and correct
+    the same, and the lane must have taken the clean ones (else this proves nothing)."""
+
+    def play(lane: bool) -> tuple[list[str], tuple[int, ...], int]:
+        run = Run(n=6)
+        if not lane:
+            run.pinger._plain = None
+        session = FakeSession(run.pinger)
+        parsed = 0
+        judge = run.pinger._judge
+
+        def counted(*args: object) -> object:
+            nonlocal parsed
+            parsed += 1
+            return judge(*args)  # type: ignore[arg-type]
+
+        run.pinger._judge = counted  # type: ignore[method-assign]
+        bad = bytearray(reply_to(run.request(3)))
+        bad[40] ^= 0x55
+        wrong = bytearray(reply_to(run.request(4)))
+        wrong[8 + 30] ^= 0xFF
+        datagrams = [ip(reply_to(run.request(1))), ip(reply_to(run.request(1))),  # DUP
+                     ip(reply_to(run.request(2)), ttl=50), ip(bytes(bad)),
+                     ip(reply_to(run.request(3))), ip(summed(bytes(wrong))),
+                     ip(reply_to(run.request(5)), src="198.18.0.6"),
+                     ip(reply_to(run.request(6), cut=40))]
+        lines = []
+        for n, data in zip([1, 1, 2, 3, 3, 4, 5, 6], datagrams, strict=True):
+            probe = run.pinger._probes.sent[n]
+            session.pending = [ProbeRecord(n, probe.sent_mono_ns + 1_000,
+                                           probe.sent_mono_ns + 4_000 + n * 1_000,
+                                           probe.sent_mono_ns + 9_000 + n * 1_000, 1, 2,
+                                           "out0", Hook.RX)]
+            run.sock.incoming = [(data, probe.sent_real_ns + 10_000 + n * 1_000)]
+            run.pinger._receive(run.sock, session, run.result)  # type: ignore[arg-type]
+            lines.append(run.out.getvalue().splitlines()[-1])
+        tally = run.result.tally
+        counts = (tally.received, tally.duplicates, tally.corrupted, tally.corrected.count,
+                  tally.corrected.total, tally.raw.total, tally.ingress.total,
+                  run.result.pipesize)
+        return lines, counts, parsed
+
+    lines, counts, parsed = play(lane=True)
+    assert (lines, counts) == play(lane=False)[:2]
+    assert parsed == 5  # the clean replies of probes 1, 2 and 3 were the lane's
+    assert "corrected=0.004 ms" in lines[0] and "(DUP!)" in lines[1]
+    assert "ttl=50" in lines[2] and "corrected=0.005 ms" in lines[2]
+    assert lines[3].endswith("(BAD CHECKSUM!)") and lines[4].endswith("corrected=none")

@@ -436,6 +436,6 @@ def test_the_run_judges_a_foreign_reply_without_a_checksum(counted: CountingChec
     counted.calls = 0  # (building the probes summed them)
     assert check.judge(foreign, NONCE, 9, window, template, 1) is None
     assert counted.calls == 0
-    verdict = check.judge(ours, NONCE, 9, window, template, 1)
-    assert verdict is not None and verdict.key == 1 and not verdict.corrupted
+    judged = check.judge(ours, NONCE, 9, window, template, 1)
+    assert judged is not None and judged[0] == 1 and not judged[1].corrupted
     assert counted.calls == 1
