@@ -32,7 +32,6 @@ import struct
 from typing import NamedTuple, Protocol
 
 from mace_tools.model import WrongData
-from mace_tools.probe.addresses import address_text
 from mace_tools.probe.icmp import (
     ICMP6_ECHO_REPLY,
     ICMP_ECHOREPLY,
@@ -47,7 +46,11 @@ from mace_tools.probe.icmp import (
 
 ICMP_HEADER = 8
 IPV4_HEADER = 20  # without options
-_NUMBER = struct.Struct("!I")
+# PlainReply reads these fields of a reply at once: IPv4 version and IHL, total length,
+# protocol, source; ICMP type, seq, nonce and probe number. IPv6: the first byte, payload
+# length, next header, source; then the same of ICMPv6.
+_HEAD4 = struct.Struct(f"!BxH5xB2x4s4xB5xH{NONCE_LEN}sI")
+_HEAD6 = struct.Struct(f"!B3xHB1x16s16xB5xH{NONCE_LEN}sI")
 
 
 class Window(Protocol):
@@ -157,52 +160,40 @@ class PlainReply:
 
     def __init__(self, family: int, size: int, nonce: bytes, source: bytes,
                  pattern: bytes | None = None) -> None:
-        header = IPV4_HEADER if family == 4 else IPV6_HEADER
         self.icmp_len = ICMP_HEADER + size
-        self._ipv4 = family == 4
+        header = IPV4_HEADER if family == 4 else IPV6_HEADER
         self._length = header + self.icmp_len
-        self._source = source
-        self._source_at = 12 if family == 4 else 8
+        self._ipv4 = family == 4
+        # what the fields key() reads must be (_HEAD4, _HEAD6): IPv4 version 4 and no
+        # options; IPv6 version 6 (the first byte's low half is traffic class: masked)
+        self._first_mask = 0xFF if family == 4 else 0xF0
+        self._expected = (0x45, self._length, socket.IPPROTO_ICMP, source, ICMP_ECHOREPLY,
+                          nonce) if family == 4 else \
+            (0x60, self.icmp_len, socket.IPPROTO_ICMPV6, source, ICMP6_ECHO_REPLY, nonce)
+        self._head = _HEAD4 if family == 4 else _HEAD6
         self._icmp_at = header
-        self._seq_at = header + 6
-        self._nonce = nonce
-        self._nonce_at = header + ICMP_HEADER
-        self._number_at = header + ICMP_HEADER + NONCE_LEN
         self._tail = fill_bytes(size, pattern)[TAG_LEN:size]
         self._tail_at = header + ICMP_HEADER + TAG_LEN
         self.ttl_at = 8 if family == 4 else 7  # its IPv4 TTL, IPv6 hop limit
 
     @classmethod
-    def of_run(cls, family: int, size: int, nonce: bytes, target: str,
+    def of_run(cls, family: int, size: int, nonce: bytes, target: bytes | None,
                pattern: bytes | None) -> PlainReply | None:
-        """The recogniser of a run's replies, or None where none can be plain: probes too
-        short for their number, or a target whose text is not the canonical text of its
-        address (a %scope, say), which no reply's source text equals (other_source)."""
-        if size < TAG_LEN or "%" in target:
+        """The recogniser of a run's replies to the target (packed); None where none can
+        be plain: probes too short for their number, or no numeric target."""
+        if size < TAG_LEN or target is None:
             return None
-        packed = socket.inet_pton(socket.AF_INET if family == 4 else socket.AF_INET6, target)
-        if address_text(packed) != target:
-            return None
-        return cls(family, size, nonce, packed, pattern)
+        return cls(family, size, nonce, target, pattern)
 
     def key(self, data: bytes, window: Window) -> int | None:
         """The key of the probe `data` answers if it is plain, else None."""
         if len(data) != self._length:
             return None
-        if self._ipv4:
-            if data[0] != 0x45 or data[9] != socket.IPPROTO_ICMP \
-                    or data[2] << 8 | data[3] != self._length or data[20] != ICMP_ECHOREPLY:
-                return None
-        elif data[0] >> 4 != 6 or data[6] != socket.IPPROTO_ICMPV6 \
-                or data[4] << 8 | data[5] != self.icmp_len or data[40] != ICMP6_ECHO_REPLY:
-            return None
-        at = self._source_at
-        if data[at:at + len(self._source)] != self._source \
-                or not data.startswith(self._nonce, self._nonce_at):
-            return None
-        key = _NUMBER.unpack_from(data, self._number_at)[0]
-        seq_at = self._seq_at
-        if key & 0xFFFF != data[seq_at] << 8 | data[seq_at + 1] or key not in window.sent \
+        # (one call for every field: this is a flood's per-reply path)
+        first, length, proto, source, icmp_type, seq, nonce, key = \
+            self._head.unpack_from(data)
+        if (first & self._first_mask, length, proto, source, icmp_type, nonce) \
+                != self._expected or key & 0xFFFF != seq or key not in window.sent \
                 or key in window.answered or not data.startswith(self._tail, self._tail_at):
             return None
         if self._ipv4 and checksum(data[self._icmp_at:]) != 0:

@@ -38,7 +38,7 @@ from mace_tools.errors import MaceError
 from mace_tools.model import KernelEvent, Measurement, Probe, ProbeRecord, Reply, RunResult
 from mace_tools.pacing import MIN_INTERVAL_NS, NS_PER_S, Pace, Schedule
 from mace_tools.probe import sockopts
-from mace_tools.probe.addresses import SockAddr, sockaddr
+from mace_tools.probe.addresses import SockAddr, address_text, packed, sockaddr
 from mace_tools.probe.icmp import (
     NONCE_LEN,
     TAG_LEN,
@@ -181,6 +181,13 @@ class _Probes:
         return self.events.pop(key, ()), self.records.pop(key, None)
 
 
+def _packed_or_none(address: str) -> bytes | None:
+    try:
+        return packed(address)
+    except OSError:
+        return None
+
+
 class _Sent(NamedTuple):
     """What putting one probe on the wire did; the sink hears of it and the run counts it
     afterwards (_settle): in flood, once the reply that prompted it is reported."""
@@ -217,7 +224,11 @@ class Pinger:
         self._backend_factory = backend_factory
         self._probes = _Probes(numbered=opts.size >= TAG_LEN, paths=opts.path)
         self._check = EchoCheck(opts.size, opts.pattern)
-        self._plain = PlainReply.of_run(self.family, opts.size, self.nonce, opts.dst_addr,
+        # the target as replies' sources read (fe80::1%eth0's come from fe80::1), and
+        # packed: None if it is no numeric address (a caller's name: sendto resolves it)
+        self._target = _packed_or_none(opts.dst_addr)
+        self._target_text = address_text(self._target) if self._target else opts.dst_addr
+        self._plain = PlainReply.of_run(self.family, opts.size, self.nonce, self._target,
                                         opts.pattern)  # (again once the nonce is final)
         self._session: Session | None = None  # set while a run is on
         self._pace: Pace | None = None  # set while a run is on
@@ -249,7 +260,7 @@ class Pinger:
             self._template = EchoTemplate(self.ident, self.nonce, opts.size, opts.pattern,
                                           self.family)
             self._plain = PlainReply.of_run(self.family, opts.size, self.nonce,
-                                            opts.dst_addr, opts.pattern)
+                                            self._target, opts.pattern)
             result = RunResult(nonce=self.nonce, source_addr=source,
                                kernel=self._probes.numbered, source=session.source,
                                ipg_ewma=opts.flood or opts.adaptive or opts.interval_s <= 0)
@@ -443,7 +454,7 @@ class Pinger:
             # most of a flood's replies are recognised without parsing (PlainReply)
             key = plain.key(data, probes) if plain is not None else None
             if key is not None:
-                reply = Reply(key & 0xFFFF, self.opts.dst_addr, data[plain.ttl_at],
+                reply = Reply(key & 0xFFFF, self._target_text, data[plain.ttl_at],
                               plain.icmp_len, recv_real)
                 verdict = PLAIN
             else:
@@ -552,7 +563,7 @@ class Pinger:
         m.dup = dup and not verdict.corrupted  # (iputils: a damaged reply is no DUP)
         if verdict is not PLAIN:
             m.corrupted, m.truncated, m.wrong_data = verdict
-        m.other_source = reply.src != self.opts.dst_addr and not self.opts.multicast
+        m.other_source = reply.src != self._target_text and not self.opts.multicast
         result.tally.add(m)
         self.sink.reply(m)
 

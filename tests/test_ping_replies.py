@@ -15,6 +15,7 @@ from mace_tools.model import Hook, ProbeRecord, RunResult
 from mace_tools.output.live import TextSink
 from mace_tools.pinger import Pinger, PingOptions
 from mace_tools.probe.icmp import checksum
+from mace_tools.probe.sockets import ipv6_header
 
 TARGET, SOURCE, ROUTER = "198.18.0.2", "198.18.1.10", "198.18.1.1"
 NONCE = bytes.fromhex("0a0b0c0d0e0f1011")
@@ -327,3 +328,36 @@ def test_the_plain_lane_says_and_counts_what_the_full_checks_say() -> None:
     assert "corrected=0.004 ms" in lines[0] and "(DUP!)" in lines[1]
     assert "ttl=50" in lines[2] and "corrected=0.005 ms" in lines[2]
     assert lines[3].endswith("(BAD CHECKSUM!)") and lines[4].endswith("corrected=none")
+
+
+@pytest.mark.parametrize("lane", [True, False])
+@pytest.mark.parametrize("target", ["fe80::1%lo", "2001:2:0:0::2"])
+def test_an_ipv6_target_written_otherwise_is_still_where_replies_come_from(
+        target: str, lane: bool) -> None:
+    """fe80::1%lo's replies come from fe80::1, 2001:2:0:0::2's from 2001:2::2: the same
+    address, so no "(DIFFERENT ADDRESS!)", whether the plain lane or the full checks take
+    the reply."""
+    out = io.StringIO()
+    sink = TextSink(dst_name=target, dst_addr=target, size=56, out=out, err=io.StringIO())
+    ping = Pinger(PingOptions(target, ident=IDENT), sink, nonce=NONCE)
+    if not lane:
+        ping._plain = None
+    sock, result = FakeSocket(), RunResult(NONCE, "fe80::2")
+    assert ping._send(sock, 1, result) is None  # type: ignore[arg-type]
+    result.transmitted = 1
+    reply = bytes([129]) + sock.sent[0][1:]  # (an ICMPv6 checksum is the kernel's to check)
+    source = socket.inet_pton(socket.AF_INET6, target.partition("%")[0])
+    sock.incoming = [(ipv6_header(len(reply), 64, source, bytes(16)) + reply, 0)]
+    ping._receive(sock, None, result)  # type: ignore[arg-type]
+    line = out.getvalue().splitlines()[-1]
+    assert line.startswith(f"64 bytes from {socket.inet_ntop(socket.AF_INET6, source)}: ")
+    assert "DIFFERENT ADDRESS" not in line and result.tally.received == 1
+
+
+def test_a_target_given_by_name_makes_a_run_all_the_same() -> None:
+    """A library caller may pass a name (sendto resolves it): no reply can be plain, and
+    the run is still made (the command always passes an address)."""
+    ping = Pinger(PingOptions("localhost"), TextSink(dst_name="localhost",
+                                                      dst_addr="localhost", size=56,
+                                                      out=io.StringIO(), err=io.StringIO()))
+    assert ping._plain is None

@@ -337,3 +337,22 @@ def test_ping_error_texts_are_iputils() -> None:
     assert error_text(4, 0) == "Source Quench"
     assert error_text(11, 7) == "Time exceeded, Bad Code: 7"
     assert error_text(42, 0) == "Bad ICMP type: 42"
+
+
+def test_a_nonce_the_event_source_chose_is_the_one_replies_are_recognised_by(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An agent chooses the run's nonce: the probes carry it, and the plain lane (echo_check.
+    PlainReply) recognises replies by it, not by the nonce the run started with (else a
+    reply forged with that one would be taken, and the real ones all parsed)."""
+    chosen = bytes.fromhex("a1a2a3a4a5a6a7a8")
+    log: list[tuple[str, int]] = []
+    parsed: list[bytes] = []
+    monkeypatch.setattr(pinger, "open_icmp_socket",
+                        lambda *args, **kwargs: FakeNet(log, delayed=False))
+    monkeypatch.setattr(pinger, "parse_ip_icmp", lambda data: parsed.append(data))
+    run = Pinger(PingOptions(TARGET, source=SOURCE, count=3, interval_s=0.0),
+                 LogSink(log),  # type: ignore[arg-type]
+                 backend_factory=lambda nonce, ns, **switches: FakeEvents(log, chosen))
+    result = run.run()
+    assert result.nonce == chosen and result.tally.received == 3
+    assert parsed == []  # every reply was the lane's

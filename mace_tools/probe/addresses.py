@@ -31,6 +31,14 @@ def address_text(raw: bytes) -> str:
     return text
 
 
+def packed(address: str) -> bytes:
+    """A numeric IPv4 or IPv6 address (an IPv6 %scope dropped) as a packet carries it;
+    OSError if the text is neither."""
+    if ":" in address:
+        return socket.inet_pton(socket.AF_INET6, address.partition("%")[0])
+    return socket.inet_pton(socket.AF_INET, address)
+
+
 def sockaddr(address: str, port: int = 0) -> SockAddr:
     """(address, port) for IPv4; (address, port, 0, scope id) for IPv6, the %scope of the
     text looked up in the current netns (MaceError, in ping's words, if it names none)."""

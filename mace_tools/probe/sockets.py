@@ -36,7 +36,7 @@ from typing import NamedTuple
 
 from mace_tools.errors import MaceError
 from mace_tools.probe import sockfilter, sockopts
-from mace_tools.probe.addresses import SockAddr, sockaddr
+from mace_tools.probe.addresses import SockAddr, packed, sockaddr
 from mace_tools.probe.icmp import (
     ERRORS6_WITH_QUOTE,
     ICMP6_ECHO_REPLY,
@@ -236,7 +236,7 @@ class PingSocket(IcmpSocket):
         host = source or _ANY[self.FAMILY]
         self.sock.bind(sockaddr(host, self._wanted_ident or 0))
         address, self._ident, *_ = self.sock.getsockname()
-        self._local = _packed(address)  # the wildcard unless -I gave one
+        self._local = packed(address)  # the wildcard unless -I gave one
 
     @property
     def ident(self) -> int:
@@ -277,7 +277,7 @@ class PingSocket(IcmpSocket):
             # none waits (EAGAIN), or the pending error of an ICMP error (see send)
             return self._recv_error()
         at, ttl, _ = _controls(ancdata)
-        sender = _packed(addr[0]) if addr else bytes(len(self._local))  # (kernel names it)
+        sender = packed(addr[0]) if addr else bytes(len(self._local))  # (kernel names it)
         return reply_datagram(icmp, sender, self._local, ttl), at
 
     def _recv_error(self) -> tuple[bytes, int] | None:
@@ -305,7 +305,7 @@ class Icmp6Socket(IcmpSocket):
 
     def _bind(self, source: str | None) -> None:
         super()._bind(source)
-        self._local = _packed(self.sock.getsockname()[0])  # :: unless -I gave one
+        self._local = packed(self.sock.getsockname()[0])  # :: unless -I gave one
 
     def filter_replies(self, nonce: bytes | None, ident: int | None = None) -> None:
         """As IcmpSocket's, for ICMPv6: the filter sees the message from its ICMPv6
@@ -342,17 +342,10 @@ def read_datagram6(sock: socket.socket, local: bytes,
     except BlockingIOError:
         return None
     at, hops, _ = _controls(ancdata)
-    return ipv6_header(len(message), hops, _packed(addr[0]), local, nexthdr) + message, at
+    return ipv6_header(len(message), hops, packed(addr[0]), local, nexthdr) + message, at
 
 
 _ANY = {socket.AF_INET: "0.0.0.0", socket.AF_INET6: "::"}
-
-
-def _packed(address: str) -> bytes:
-    """An address as the kernel gave it (IPv4, or IPv6 with a %scope), packed."""
-    if ":" in address:
-        return socket.inet_pton(socket.AF_INET6, address.partition("%")[0])
-    return socket.inet_aton(address)
 
 
 class QueuedError(NamedTuple):
@@ -394,7 +387,7 @@ def read_error(sock: socket.socket,
             continue
         _errno, _origin, icmp_type, code, _pad, info, _data, offender = extended
         # the error queue names the datagram's destination as the message's address
-        target, port = (_packed(addr[0]), addr[1]) if addr else (bytes(4), 0)
+        target, port = (packed(addr[0]), addr[1]) if addr else (bytes(4), 0)
         return ErrorMessage(QueuedError(icmp_type, code, info, offender, ttl), quoted,
                             target, port, at)
 

@@ -30,6 +30,7 @@ import socket
 import struct
 from dataclasses import dataclass
 
+from mace_tools.probe.addresses import packed
 from mace_tools.probe.icmp import (
     ICMP6_DST_UNREACH,
     ICMP6_ECHO_REPLY,
@@ -73,12 +74,8 @@ def _pseudo(src: str, dst: str, proto: int, length: int) -> bytes:
     """The pseudo-header UDP, TCP (and ICMPv6) checksums cover: IPv4's, or IPv6's (RFC 8200
     8.1) where the addresses are IPv6 ones."""
     if ":" in dst:
-        return (_packed6(src) + _packed6(dst) + struct.pack("!I3xB", length, proto))
+        return (packed(src) + packed(dst) + struct.pack("!I3xB", length, proto))
     return socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!BBH", 0, proto, length)
-
-
-def _packed6(address: str) -> bytes:
-    return socket.inet_pton(socket.AF_INET6, address.partition("%")[0])
 
 
 def _compensate(total_without: int, wanted_checksum: int) -> int:
@@ -268,7 +265,7 @@ def _parse_answer6(datagram: bytes, factory: ProbeFactory) -> Answer | None:
 def _same6(a: str, b: str) -> bool:
     """Two IPv6 addresses in text are one (whatever their spelling; a %scope ignored)."""
     try:
-        return _packed6(a) == _packed6(b)
+        return packed(a) == packed(b)
     except OSError:
         return False
 
