@@ -143,10 +143,15 @@ class _Probes:
     def forget(self, key: int) -> None:
         """A probe out of the window, or one that never left (sendto failed)."""
         self.sent.pop(key, None)
-        self.events.pop(key, None)
-        self.records.pop(key, None)
         self.answered.discard(key)
-        self.spoiled.discard(key)
+        # (each probe sent past the first 65536 forgets one: what is mostly empty is
+        # looked at only when it is not)
+        if self.events:
+            self.events.pop(key, None)
+        if self.records:
+            self.records.pop(key, None)
+        if self.spoiled:
+            self.spoiled.discard(key)
 
     def key_of_seq(self, seq: int, transmitted: int) -> int | None:
         """The key of the probe in the window with this 16-bit seq (an ICMP error's quote

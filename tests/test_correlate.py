@@ -130,7 +130,7 @@ def test_missing_reply_arrival_gives_no_correction() -> None:
 def test_no_events_gives_raw_only() -> None:
     probe, reply = probe_reply()
     m = correlate(probe, reply, [], GUESS)
-    assert not m.corrected and m.path == []
+    assert not m.corrected and not m.path
 
 
 def test_reply_arrival_before_departure_is_not_used() -> None:
