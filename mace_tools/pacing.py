@@ -80,11 +80,13 @@ class Pace:
         return count is None or transmitted < count or self.deadline is not None
 
     def in_flight(self, transmitted: int) -> int:
-        return max(0, transmitted - self.acked)
+        # (comparisons, not max(): these run for every probe of a flood)
+        return transmitted - self.acked if transmitted > self.acked else 0
 
     def acknowledge(self, number: int) -> None:
         """Probe `number` was answered (or an error came back for it)."""
-        self.acked = max(self.acked, number)
+        if number > self.acked:
+            self.acked = number
 
     def over(self, now: int, transmitted: int, errors: int) -> bool:
         """iputils' exit checks: with -w the deadline, any error, or -c answers (or

@@ -198,7 +198,6 @@ class _Sent(NamedTuple):
     afterwards (_settle): in flood, once the reply that prompted it is reported."""
 
     seq: int
-    key: int  # the probe's key in _Probes (its number when numbered)
     at: int  # CLOCK_MONOTONIC just before sendto()
     lapped: bool  # it took the seq of a probe 65536 earlier that got no answer
     error: OSError | None  # sendto() failed
@@ -404,7 +403,6 @@ class Pinger:
         message = self._template.message(n)
         probe = Probe(seq, 0, 0, session.lost() if session is not None else 0)
         lapped = probes.add(n, probe)
-        key = probes.key(n)
         # Both clocks just before sendto(): the raw RTT's start (as iputils: wall clock) and
         # the send point egress is measured from (the clock of bpf_ktime_get_ns).
         probe.sent_real_ns = time.clock_gettime_ns(time.CLOCK_REALTIME)
@@ -412,9 +410,9 @@ class Pinger:
         try:
             sock.send(message, self._dst)
         except OSError as exc:
-            probes.forget(key)
-            return _Sent(seq, key, probe.sent_mono_ns, lapped, exc)
-        return _Sent(seq, key, probe.sent_mono_ns, lapped, None)
+            probes.forget(probes.key(n))
+            return _Sent(seq, probe.sent_mono_ns, lapped, exc)
+        return _Sent(seq, probe.sent_mono_ns, lapped, None)
 
     def _settle(self, sent: _Sent, result: RunResult) -> int | None:
         """Report a transmitted probe to the sink; what _send returns."""
@@ -520,7 +518,8 @@ class Pinger:
         """An answer (reply or ICMP error) for this probe: iputils' acknowledge(), which
         keeps the most probes found in flight ("pipe") and the highest answered."""
         number = self._probes.number_of(key, result.transmitted)
-        result.pipesize = max(result.pipesize, result.transmitted - number + 1)
+        if result.transmitted - number + 1 > result.pipesize:
+            result.pipesize = result.transmitted - number + 1
         if self._pace is not None:
             self._pace.acknowledge(number)
 

@@ -18,7 +18,7 @@ import select
 import socket
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from mace_tools.errors import MaceError
 from mace_tools.kernel import early
@@ -27,6 +27,9 @@ from mace_tools.probe import netns
 from mace_tools.probe.addresses import sockaddr
 from mace_tools.probe.icmp import new_nonce
 from mace_tools.status import StatusSignal
+
+if TYPE_CHECKING:
+    from mace_tools.kernel.run_records import Reader
 
 MAX_WAIT_S = 60.0  # a turn's wait is cut to this: epoll takes int ms, and clocks may jump
 
@@ -44,6 +47,8 @@ class EventSource(Protocol):
     def drain(self, on_event: Callable[[KernelEvent], None],
               on_record: Callable[[ProbeRecord], None] | None = None) -> int: ...
     def lost(self) -> int: ...
+    def reader(self, on_event: Callable[[KernelEvent], None],
+               on_record: Callable[[ProbeRecord], None] | None = None) -> Reader: ...
     def probe_state(self, number: int) -> ProbeRecord | None: ...
     def close(self) -> None: ...
 
@@ -118,6 +123,10 @@ def kernel_events(nonce: bytes | None, ns: Namespaces, **switches: bool) -> Even
     return backend
 
 
+def _none_lost() -> int:
+    return 0  # (no event source, or not any more)
+
+
 class Session:
     """A run's sockets, event source and loop; a context manager that closes them all."""
 
@@ -136,8 +145,9 @@ class Session:
         self._after_setup = after_setup
         self._events_factory = events_factory
         self._events: EventSource | None = None
-        self._on_event: Callable[[KernelEvent], None] | None = None
-        self._on_record: Callable[[ProbeRecord], None] | None = None
+        # the source's reader (EventSource.reader), while it is open and the run wants it
+        self._drain_now: Callable[[], int] | None = None
+        self._lost_now: Callable[[], int] = _none_lost
         self.records_read = 0  # records and events that crossed from the kernel
         self.warnings: list[str] = []  # what setting up said that the run should show
         self.source = "none"  # where the kernel data comes from: "local", "agent", "none"
@@ -161,7 +171,7 @@ class Session:
             if self._events is not None:
                 self.nonce = self._events.nonce
                 self.source = self._events.kind
-                self._on_event, self._on_record = on_event, on_record
+                self._drain_now, self._lost_now = self._events.reader(on_event, on_record)
         if self.source != "local":
             early.release()  # what the command started loading for this run, if anything
         if self.nonce is None:
@@ -190,13 +200,13 @@ class Session:
         """Hand every waiting kernel event to the run. The one place the event source is
         read: on every turn of the loop, and by a run before it correlates an answer
         (its events were committed before the answer reached the socket)."""
-        if self._events is not None and self._on_event is not None:
-            self.records_read += self._events.drain(self._on_event, self._on_record)
+        if self._drain_now is not None:
+            self.records_read += self._drain_now()
 
     def lost(self) -> int:
         """The event source's lost count (0 without one): a probe in flight while it
         changed may miss events, and gets no correction."""
-        return self._events.lost() if self._events is not None else 0
+        return self._lost_now()
 
     def probe_state(self, number: int) -> ProbeRecord | None:
         """A probe's state as the kernel holds it, for a reply that came with no record
@@ -244,6 +254,7 @@ class Session:
     def close(self) -> None:
         """Close the event source, then the sockets."""
         try:
+            self._drain_now, self._lost_now = None, _none_lost
             if self._events is not None:
                 events, self._events = self._events, None
                 events.close()

@@ -98,13 +98,19 @@ class QuantileSketch:
         """Add every value: each bucket index is _index's, computed by builtins over the
         whole batch (the per-value cost of a flood's replies)."""
         self.count += len(values)
-        positive = [v for v in values if v >= 1]
-        negative = [-v for v in values if v <= -1]
+        if values and min(values) >= 1:  # (RTTs nearly always: one pass, not three)
+            positive, negative = values, []
+        else:
+            positive = [v for v in values if v >= 1]
+            negative = [-v for v in values if v <= -1]
         self._zero += len(values) - len(positive) - len(negative)
         for magnitudes, store in ((positive, self._positive), (negative, self._negative)):
             if magnitudes:
                 logs = map(truediv, map(math.log, magnitudes), repeat(self._log_gamma))
-                store.update(map(min, map(math.ceil, logs), repeat(self._max_index)))
+                indexes = list(map(math.ceil, logs))
+                if max(indexes) > self._max_index:  # past the range (rare): clamped
+                    indexes = [min(i, self._max_index) for i in indexes]
+                store.update(indexes)
 
     @property
     def buckets(self) -> int:

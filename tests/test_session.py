@@ -47,6 +47,11 @@ class FakeEvents:
     def lost(self) -> int:
         return 0
 
+    def reader(self, on_event: Callable[[KernelEvent], None],
+               on_record: Callable[[ProbeRecord], None] | None = None) \
+            -> tuple[Callable[[], int], Callable[[], int]]:
+        return (lambda: self.drain(on_event, on_record)), self.lost
+
     def probe_state(self, number: int) -> ProbeRecord | None:
         return None
 

@@ -17,12 +17,13 @@ import socket
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from mace_tools.agent import protocol
 from mace_tools.errors import MaceError
-from mace_tools.kernel.run_records import RunRecords
+from mace_tools.kernel.run_records import Reader, RunRecords
 from mace_tools.model import KernelEvent, ProbeRecord
 
 ENV = "MACE_AGENT"  # the agent's socket, when not the default
@@ -104,6 +105,11 @@ class AgentEvents:
             # is not read: the run said it goes on raw, and it does.
             return 0
         return self._records.drain(on_event, on_record)
+
+    def reader(self, on_event: Callable[[KernelEvent], None],
+               on_record: Callable[[ProbeRecord], None] | None = None) -> Reader:
+        """(drain, lost) through this object: both look at whether the agent is gone."""
+        return partial(self.drain, on_event, on_record), self.lost
 
     def _check_agent(self) -> None:
         """The agent is gone when its end of the connection is (it never writes to us

@@ -31,7 +31,7 @@ from mace_tools.agent.metrics import Registry
 from mace_tools.agent.probeconfig import ProbeSpec
 from mace_tools.errors import MaceError
 from mace_tools.kernel import programs
-from mace_tools.kernel.run_records import RunRecords
+from mace_tools.kernel.run_records import Reader, RunRecords
 from mace_tools.model import KernelEvent, Measurement, Namespaces, ProbeRecord
 from mace_tools.probe import netns
 
@@ -79,6 +79,10 @@ class OwnRun:
     def drain(self, on_event: Callable[[KernelEvent], None],
               on_record: Callable[[ProbeRecord], None] | None = None) -> int:
         return self._records.drain(on_event, on_record)
+
+    def reader(self, on_event: Callable[[KernelEvent], None],
+               on_record: Callable[[ProbeRecord], None] | None = None) -> Reader:
+        return self._records.reader(on_event, on_record)[0], self.lost  # (lost: after close)
 
     def lost(self) -> int:
         """The run's lost records; after close(), the count it ended with (the sink

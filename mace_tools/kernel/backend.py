@@ -18,7 +18,7 @@ from pathlib import Path
 
 from mace_tools.errors import MaceError, NoPrivilege
 from mace_tools.kernel import early, native, programs
-from mace_tools.kernel.run_records import RunRecords
+from mace_tools.kernel.run_records import Reader, RunRecords
 from mace_tools.model import KernelEvent, ProbeRecord
 
 VMLINUX_BTF = Path("/sys/kernel/btf/vmlinux")
@@ -143,6 +143,11 @@ class Backend:
         """Decode every waiting record into its sink; return how many."""
         assert self._records is not None
         return self._records.drain(on_event, on_record)
+
+    def reader(self, on_event: Callable[[KernelEvent], None],
+               on_record: Callable[[ProbeRecord], None] | None = None) -> Reader:
+        assert self._records is not None
+        return self._records.reader(on_event, on_record)
 
     def lost(self) -> int:
         """Records the kernel side could not write to this run's ring (full), plus the

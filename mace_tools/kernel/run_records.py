@@ -8,10 +8,16 @@ from __future__ import annotations
 
 import mmap
 from collections.abc import Callable
+from functools import partial
 
 from mace_tools.kernel.events import dispatcher
 from mace_tools.kernel.ringbuf import RingBuffer
 from mace_tools.model import KernelEvent, ProbeRecord
+
+# (drain, lost): an event source's drain() for one pair of sinks and its lost(), as calls
+# of no argument (session.EventSource.reader). A run calls them for every probe, so a
+# source hands out its most direct ones.
+Reader = tuple[Callable[[], int], Callable[[], int]]
 
 
 class RunRecords:
@@ -37,6 +43,12 @@ class RunRecords:
         if self._handler is None or self._handler[:2] != (on_event, on_record):
             self._handler = (on_event, on_record, dispatcher(on_event, on_record))
         return self._ring.consume(self._handler[2])
+
+    def reader(self, on_event: Callable[[KernelEvent], None],
+               on_record: Callable[[ProbeRecord], None] | None = None) -> Reader:
+        """drain() with these sinks and lost(), as calls of no argument (session.Reader):
+        the ring's own consume, its handler built once."""
+        return partial(self._ring.consume, dispatcher(on_event, on_record)), self.lost
 
     def lost(self) -> int:
         """Records the kernel side could not write to the ring (full), plus the times the
