@@ -147,7 +147,6 @@ class EchoCheck:
         return WrongData(TAG_LEN + index, self._tail[index], got[index], TAG_LEN, got)
 
 
-
 class PlainReply:
     """The common reply of a run (module docstring), recognised in the datagram as read
     (an IP header, then ICMP, as every socket of ours hands it on: probe/sockets.py).
