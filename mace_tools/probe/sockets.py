@@ -107,12 +107,6 @@ def read_datagram(sock: socket.socket) -> tuple[bytes, int] | None:
         data, ancdata, _flags, _addr = sock.recvmsg(MAX_DATAGRAM, _ANCILLARY)
     except BlockingIOError:
         return None
-    if len(ancdata) == 1:  # the stamp alone, as nearly always: read here (per reply)
-        level, kind, value = ancdata[0]
-        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS \
-                and len(value) >= _TIMESTAMPNS.size:
-            sec, nsec = _TIMESTAMPNS.unpack_from(value)
-            return data, sec * 1_000_000_000 + nsec
     return data, _receive_time(ancdata)
 
 
