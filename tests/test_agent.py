@@ -28,7 +28,7 @@ from waiting import eventually
 from mace_tools.agent import client, protocol, server
 from mace_tools.agent.protocol import ProtocolError
 from mace_tools.errors import MaceError
-from mace_tools.kernel import programs
+from mace_tools.kernel import native, programs
 from mace_tools.lab.agent import AgentProcess, ping_sockets_open, with_capabilities
 from mace_tools.lab.capture import TruthCapture
 from mace_tools.lab.demo import PingRun, compare, parse_ndjson
@@ -458,6 +458,44 @@ def test_a_netns_cannot_take_more_than_its_share(agent: AgentProcess) -> None:
     finally:
         for ev in runs:
             ev.close()
+
+
+def _mace_links() -> int:
+    """Attached links of mace's programs, any set's."""
+    count = 0
+    for link_id in native.link_ids():
+        fd = native.link_fd(link_id)
+        if fd is None:
+            continue
+        try:
+            prog = native.prog_fd(native.link_prog_id(fd))
+            if prog is not None:
+                count += native.prog_name_and_maps(prog)[0] in programs.PROGRAMS
+                os.close(prog)
+        finally:
+            os.close(fd)
+    return count
+
+
+@pytest.mark.lab
+def test_an_idle_agent_detaches_its_programs_and_a_run_attaches_them(
+        lab: Lab, agent: AgentProcess) -> None:
+    """--idle-detach: with no run on, the agent lets go of its links; a client's run takes
+    them again before it starts (every reply corrected), and they go again after it.
+    (The module's agent, idle by default for 5 s at most, detaches too.)"""
+    idle = running_agent(lab, "--idle-detach", "0.2")
+    try:
+        assert _wait_for(lambda: idle.log_text().count("idle: programs detached") == 1)
+        run = client_ping(lab, 0, idle, "-c", "5", "-i", "0.02")
+        assert run.returncode == 0 and run.stderr == "", run.stderr
+        assert run.summary["mace"]["source"] == "agent"
+        assert run.summary["mace"]["replies_with_kernel_data"] == 5
+        assert "programs attached" in idle.log_text()
+        assert _wait_for(lambda: idle.log_text().count("idle: programs detached") == 2)
+        assert _wait_for(lambda: _mace_links() == 0, 15.0), \
+            "mace programs stayed attached with every agent idle"
+    finally:
+        assert idle.stop() == 0, idle.log_text()
 
 
 def test_the_systemd_unit_is_valid(tmp_path: Path) -> None:

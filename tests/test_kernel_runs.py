@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from waiting import eventually
 
 from mace_tools.correlate import correlate, measured
 from mace_tools.kernel import native, programs
@@ -42,6 +43,21 @@ def echo(ident: int, number: int, nonce: bytes, size: int = 56) -> bytes:
 def prog_ids(backend: Backend) -> set[int]:
     """The kernel ids of the programs a run's set is made of."""
     return {native.prog_id(fd) for fd in backend._member.pset.prog_fds.values()}
+
+
+def attached_links_of(progs: set[int]) -> set[int]:
+    """The ids of the attached links of these programs."""
+    found = set()
+    for link_id in native.link_ids():
+        fd = native.link_fd(link_id)
+        if fd is None:
+            continue
+        try:
+            if native.link_prog_id(fd) in progs:
+                found.add(link_id)
+        finally:
+            os.close(fd)
+    return found
 
 
 def inode_of(name: str) -> int:
@@ -339,3 +355,40 @@ def test_a_run_in_its_own_pid_and_mount_namespace_clears_no_one(lab: Lab) -> Non
         later.backend.close()
     finally:
         keeper.backend.close()
+
+
+def test_a_detached_set_is_attached_again_once_per_program(lab: Lab) -> None:
+    """An idle agent's detach() and reattach(): while a run still holds the set's links,
+    reattaching takes those (a second link would run each program twice a packet); once
+    no one does, the programs detach, and reattaching makes new links, which a run joins
+    and gets its records through."""
+    a = open_run(lab)
+    holder, _ = programs.attached_set(object_path())  # a's set, held as the agent holds it
+    b = None
+    try:
+        progs = prog_ids(a.backend)
+        assert {native.prog_id(fd) for fd in holder.prog_fds.values()} == progs
+        links = attached_links_of(progs)
+        assert len(links) == 3
+        holder.detach()
+        assert not holder.attached and attached_links_of(progs) == links  # a holds them
+        programs.reattach(holder)
+        assert holder.attached and attached_links_of(progs) == links
+        a.backend.close()
+        holder.detach()
+        assert eventually(lambda: not attached_links_of(progs), 5.0, every_s=0.05), \
+            "the programs stayed attached with no holder"
+        programs.reattach(holder)
+        fresh = attached_links_of(progs)
+        assert len(fresh) == 3 and not fresh & links
+        b = open_run(lab, path=False)
+        assert prog_ids(b.backend) == progs  # joined the reattached set
+        replies = ping(lab, [(b, range(1, 21))])
+        assert len(replies) == 20
+        b.drain()
+        assert set(b.records) == set(range(1, 21))
+    finally:
+        a.backend.close()
+        if b is not None:
+            b.backend.close()
+        holder.close()

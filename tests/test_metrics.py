@@ -217,6 +217,10 @@ def test_probes_are_checked_together() -> None:
     (["--metrics", "9386", "--probe", "t.test", "--probe-interval", "nan"],
      "--probe-interval: bad interval"),
     (["--metrics", "9386", "--config", "/nonexistent/agent.toml"], "cannot read"),
+    (["--idle-detach", "nan"], "--idle-detach: bad value 'nan'"),
+    (["--idle-detach", "-1"], "--idle-detach: bad value '-1'"),
+    (["--idle-detach", "1e400"], "--idle-detach: bad value '1e400'"),
+    (["--idle-detach", "soon"], "--idle-detach: bad value 'soon'"),
 ])
 def test_agent_refuses_bad_options_in_one_line(args: list[str], why: str) -> None:
     """Checked before anything is loaded or bound: one line, exit status 2."""

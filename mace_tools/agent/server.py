@@ -18,6 +18,13 @@ last STANDALONE_SLOTS of the set's MAX_RUNS, which stay for privileged runs of t
 Runs are tied to the client's connection: when it closes (the client ended, crashed or
 was killed) its runs end. When the agent ends, its links close and, unless a standalone
 run still holds the set, the programs detach; its entries die with its token.
+
+An idle agent costs packets nothing: with no run on for idle_detach_s, it lets go of its
+links (the programs detach unless a standalone run holds them) and keeps the loaded
+programs and maps; the next run takes the links again (programs.reattach: ~0.5 ms, no
+verifier) before its entry goes in. Attached while idle, the programs would cost every
+packet on the host their empty runs, ~14 a round trip (bench/hook_floor.py). Meanwhile a
+standalone run finds no set and loads one of its own.
 """
 
 from __future__ import annotations
@@ -65,6 +72,7 @@ class AgentOptions:
     runs_per_user: int = 64  # rings that still exist, per uid
     runs_per_netns: int = 16  # rings that still exist, per client netns
     ready_runs: int = 4  # reservations made ahead
+    idle_detach_s: float | None = 5.0  # None: the programs stay attached while idle
     verbose: bool = False
 
 
@@ -105,6 +113,8 @@ class Agent:
         # activate/deactivate from the service thread and the probes' threads, one at a
         # time: each rewrites the switches from every entry (programs.update_switches)
         self._set_lock = threading.Lock()
+        self._active = 0  # runs with switches in the set: while any, the set stays attached
+        self._detach_at: float | None = None  # when an idle agent lets go of its links
         self._probes: list[ProbeWorker] = []
         self._probes_stopping = threading.Event()
         self._probes_stop: tuple[int, int] | None = None  # a pipe, once probes start
@@ -128,6 +138,12 @@ class Agent:
             self._token_id = token_id
             self._reservations = Reservations(self.pset, options.ready_runs, token_id,
                                               os.getpid(), self._wake)
+            self._idle_detach_s = options.idle_detach_s
+            if self._idle_detach_s is not None and not _may_walk_links():
+                self._log("cannot walk the host's BPF links (no CAP_SYS_ADMIN): the "
+                          "programs stay attached while idle")
+                self._idle_detach_s = None
+            self._schedule_detach()
         except BaseException:
             if self._token is not None:
                 os.close(self._token)
@@ -167,11 +183,14 @@ class Agent:
         try:
             while not self._stop and not (until is not None and until()):
                 timeout = 1.0 if until else None
-                if self._accept_paused_until:
-                    timeout = max(0.0, self._accept_paused_until - time.monotonic())
+                for at in (self._accept_paused_until, self._detach_at):
+                    if at:
+                        wait = max(0.0, at - time.monotonic())
+                        timeout = wait if timeout is None else min(timeout, wait)
                 for key, _ in self._selector.select(timeout=timeout):
                     key.data(key.fileobj)
                 self._resume_accepting()
+                self._detach_if_idle()
         finally:
             signal.set_wakeup_fd(old_fd)
             for sig, handler in previous.items():
@@ -351,8 +370,7 @@ class Agent:
                 flags |= programs.RUN_HIDE_HOST
             entry = programs.RunEntry(flags, prober, self.host_netns, self._token_id,
                                       max(client.peer.pid, 0))
-            with self._set_lock:
-                programs.activate(self.pset, reservation.nonce, entry, idle=self._idle)
+            self._activate(reservation.nonce, entry)
         except BaseException as exc:
             self._reservations.end(reservation)
             if isinstance(exc, OSError):
@@ -415,8 +433,7 @@ class Agent:
             try:
                 entry = programs.RunEntry(flags, prober_netns, self.host_netns,
                                           self._token_id, os.getpid())
-                with self._set_lock:
-                    programs.activate(self.pset, reservation.nonce, entry, idle=self._idle)
+                self._activate(reservation.nonce, entry)
             except BaseException:
                 self._reservations.end(reservation)
                 raise
@@ -470,12 +487,60 @@ class Agent:
         set on the worker. If that write fails the entry stays as it is, with its maps:
         taken out with the agent's token when it ends, never reused."""
         try:
-            with self._set_lock:
-                programs.deactivate(self.pset, reservation.nonce, idle=self._idle)
+            self._deactivate(reservation.nonce)
         except (OSError, MaceError) as exc:
             self._log(f"cannot end run {reservation.nonce.hex()}: {exc}")
             return
         self._reservations.end(reservation)
+
+    # --- the set attached while runs are on -----------------------------------------
+
+    def _activate(self, nonce: bytes, entry: programs.RunEntry) -> None:
+        """A reservation's entry becomes a run, the set attached first (any thread)."""
+        with self._set_lock:
+            if not self.pset.attached:
+                try:
+                    programs.reattach(self.pset)
+                except OSError as exc:
+                    raise MaceError(f"cannot attach the BPF programs: {exc.strerror}") \
+                        from None
+                if self.options.verbose:
+                    self._log("programs attached")
+            programs.activate(self.pset, nonce, entry, idle=self._idle)
+            self._active += 1
+            self._detach_at = None
+
+    def _deactivate(self, nonce: bytes) -> None:
+        """A run's entry back to idle (any thread); the last one starts the idle clock.
+        One that fails stays counted: its entry may still have switches."""
+        with self._set_lock:
+            programs.deactivate(self.pset, nonce, idle=self._idle)
+            self._active -= 1
+            if not self._active:
+                self._schedule_detach()
+        self._wake()  # the service loop's select() takes the new deadline
+
+    def _schedule_detach(self) -> None:
+        if self._idle_detach_s is not None:
+            self._detach_at = time.monotonic() + self._idle_detach_s
+
+    def _detach_if_idle(self) -> None:
+        if self._detach_at is None or time.monotonic() < self._detach_at:
+            return
+        with self._set_lock:
+            if self._active or self._detach_at is None or \
+                    time.monotonic() < self._detach_at:
+                return
+            self._detach_at = None
+            if self.pset.attached:
+                self.pset.detach()
+                if self.options.verbose:
+                    self._log("idle: programs detached")
+
+    @property
+    def attached(self) -> bool:
+        """Whether the agent holds the set's links now (idle: see the module doc)."""
+        return self.pset.attached
 
     def _drop(self, client: _Client, why: str | None = None) -> None:
         """Answer a broken client once (best effort), end its runs, close it."""
@@ -528,6 +593,15 @@ class Agent:
             if self._probes_stop is not None:
                 for fd in self._probes_stop:
                     os.close(fd)
+
+
+def _may_walk_links() -> bool:
+    """Whether this process may walk the host's BPF links (programs.reattach needs to)."""
+    try:
+        native.link_ids()
+    except PermissionError:
+        return False
+    return True
 
 
 def _map_exists(map_id: int) -> bool:

@@ -8,6 +8,7 @@ SIGTERM or SIGINT (README "Many containers, one host"; protocol: agent/protocol.
 
 from __future__ import annotations
 
+import math
 import signal
 import sys
 from collections.abc import Iterator
@@ -69,6 +70,10 @@ def agent(
     config: Annotated[Path | None, typer.Option(
         "--config", metavar="FILE", help="probes from a TOML file ([[probe]] tables with "
         "source, target, interval)")] = None,
+    idle_detach: Annotated[str, typer.Option(
+        "--idle-detach", metavar="SECONDS|never", help="with no run on for this long, "
+        "detach the programs (they cost every packet on the host while attached); the "
+        "next run attaches them again")] = "5",
     runtime: Annotated[str, typer.Option(
         "--runtime", help="how container:NAME sources are found: docker, podman, "
         "containerd (via ctr), crio (via crictl) or auto")] = "auto",
@@ -84,6 +89,7 @@ def agent(
     from mace_tools.agent import probeconfig
     from mace_tools.agent.server import Agent, AgentOptions
 
+    idle_detach_s = _idle_detach(idle_detach)
     every = probeconfig.interval(probe_interval, "--probe-interval")
     specs = [probeconfig.parse_probe(text, every) for text in probe or []]
     if config is not None:
@@ -104,7 +110,7 @@ def agent(
     options = AgentOptions(socket_path=socket_path, group=group, reveal_path=reveal_path,
                            max_clients=max_clients, runs_per_client=runs_per_client,
                            runs_per_user=runs_per_user, runs_per_netns=runs_per_netns,
-                           verbose=verbose)
+                           idle_detach_s=idle_detach_s, verbose=verbose)
     with Agent(options) as service, _exporting(service, listen_on) as ping_metrics:
         service.listen()
         print(f"{PROG}: serving on {socket_path}"
@@ -113,6 +119,23 @@ def agent(
             service.start_probes(specs, ping_metrics, runtime)
         service.serve()
     print(f"{PROG}: stopped", file=sys.stderr)
+
+
+MAX_IDLE_DETACH_S = 86400.0
+
+
+def _idle_detach(text: str) -> float | None:
+    """--idle-detach: seconds (finite, 0 to a day), or never (None)."""
+    if text.strip().lower() == "never":
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or not 0.0 <= seconds <= MAX_IDLE_DETACH_S:
+        raise MaceError(f"--idle-detach: bad value {text!r} (seconds from 0 to "
+                        f"{MAX_IDLE_DETACH_S:g}, or never)")
+    return seconds
 
 
 @contextmanager
@@ -129,6 +152,9 @@ def _exporting(service: Agent, listen_on: tuple[str, int] | None) \
     registry = Registry()
     registry.gauge_callback("mace_agent_clients", "Clients connected to the agent's socket",
                             lambda: service.clients)
+    registry.gauge_callback("mace_agent_programs_attached", "1 while the agent holds the "
+                            "program set attached, 0 while idle (--idle-detach)",
+                            lambda: int(service.attached))
     registry.gauge_callback("mace_agent_runs", "Runs the agent serves now: its clients' "
                             "and its own probes'", lambda: service.runs)
     ping_metrics = PingMetrics(registry)

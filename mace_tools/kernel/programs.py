@@ -165,6 +165,19 @@ class ProgramSet:
                 return
         raise MaceError("the BPF program set's runs keep changing: cannot update its switches")
 
+    @property
+    def attached(self) -> bool:
+        """Whether we hold the set's links (detach() lets go of them)."""
+        return bool(self.links)
+
+    def detach(self) -> None:
+        """Let go of our links, keep the programs and maps: once no run holds a link of
+        the set either, its programs detach and cost packets nothing (reattach())."""
+        for fd in self.links:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.links = []
+
     def close(self) -> None:
         """Close every fd: the last holder's close detaches the programs."""
         for fd in (*self.fds.values(), *self.prog_fds.values(), *self.links):
@@ -374,6 +387,33 @@ def _open_set(progs: dict[str, tuple[int, int, list[int]]], build: int) -> Progr
     finally:
         for fd in (*maps.values(), *prog_fds.values()):
             os.close(fd)
+
+
+def reattach(pset: ProgramSet) -> None:
+    """Hold the links of a detached set again: a program's link that a run still holds is
+    taken, never made a second time (each packet would run the program twice); the
+    others are made anew from the loaded programs, with no verifier run. Under the lock,
+    as joining is. Needs to walk the host's links (CAP_SYS_ADMIN): PermissionError."""
+    if pset.attached:
+        return
+    ours = {native.prog_id(fd): name for name, fd in pset.prog_fds.items()}
+    held: dict[str, int] = {}
+    links: list[int] = []
+    try:
+        with _locked():
+            for link, name, prog_id, _ in _attached_links():
+                if ours.get(prog_id) == name and name not in held:
+                    held[name] = link
+                else:
+                    os.close(link)
+            for name in PROGRAMS:
+                links.append(held.pop(name) if name in held
+                             else native.raw_tp_attach(pset.prog_fds[name]))
+    except BaseException:
+        for fd in (*links, *held.values()):
+            os.close(fd)
+        raise
+    pset.links = links
 
 
 @contextlib.contextmanager
