@@ -479,21 +479,51 @@ def _mace_links() -> int:
 
 @pytest.mark.lab
 def test_an_idle_agent_detaches_its_programs_and_a_run_attaches_them(
-        lab: Lab, agent: AgentProcess) -> None:
+        lab: Lab, ping_sockets: None) -> None:
     """--idle-detach: with no run on, the agent lets go of its links; a client's run takes
-    them again before it starts (every reply corrected), and they go again after it.
-    (The module's agent, idle by default for 5 s at most, detaches too.)"""
+    them again before it starts (every reply corrected, with no other set attached to
+    lend it links), and they go again after it."""
     idle = running_agent(lab, "--idle-detach", "0.2")
     try:
         assert _wait_for(lambda: idle.log_text().count("idle: programs detached") == 1)
+        # (the module's agent, if up, detaches within its default 5 s too)
+        assert _wait_for(lambda: _mace_links() == 0, 15.0), \
+            "mace programs stayed attached with every agent idle"
         run = client_ping(lab, 0, idle, "-c", "5", "-i", "0.02")
         assert run.returncode == 0 and run.stderr == "", run.stderr
         assert run.summary["mace"]["source"] == "agent"
         assert run.summary["mace"]["replies_with_kernel_data"] == 5
         assert "programs attached" in idle.log_text()
         assert _wait_for(lambda: idle.log_text().count("idle: programs detached") == 2)
-        assert _wait_for(lambda: _mace_links() == 0, 15.0), \
-            "mace programs stayed attached with every agent idle"
+        assert _wait_for(lambda: _mace_links() == 0, 5.0)
+    finally:
+        assert idle.stop() == 0, idle.log_text()
+
+
+@pytest.mark.lab
+def test_the_programs_stay_attached_until_the_last_run_ends(lab: Lab,
+                                                             ping_sockets: None) -> None:
+    """--idle-detach 0: a run that ends while another is on leaves the programs attached:
+    the long run has kernel data on every reply."""
+    idle = running_agent(lab, "--idle-detach", "0")
+    try:
+        assert _wait_for(lambda: _mace_links() == 0, 15.0), "no set may lend its links"
+        long = subprocess.Popen(client_command(lab, 0, idle, "--ndjson", "-c", "40", "-i",
+                                               "0.05"),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=_env())
+        try:
+            assert _wait_for(lambda: _owners_include(long.pid)), "the long run never showed"
+            short = client_ping(lab, 1, idle, "-c", "2", "-i", "0.02")
+            assert short.summary["mace"]["replies_with_kernel_data"] == 2
+            out, err = long.communicate(timeout=60)
+        finally:
+            if long.poll() is None:
+                long.kill()
+                long.wait()
+        assert long.returncode == 0 and err == "", err
+        summary = parse_ndjson(out)[1]
+        assert summary["mace"]["replies_with_kernel_data"] == 40, summary["mace"]
     finally:
         assert idle.stop() == 0, idle.log_text()
 

@@ -8,6 +8,7 @@ the clean-up of a run that died.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import select
 import signal
@@ -22,6 +23,7 @@ import pytest
 from waiting import eventually
 
 from mace_tools.correlate import correlate, measured
+from mace_tools.errors import MaceError
 from mace_tools.kernel import native, programs
 from mace_tools.kernel.backend import Backend, object_path
 from mace_tools.lab.topology import BRIDGE_ADDR, Lab
@@ -392,3 +394,20 @@ def test_a_detached_set_is_attached_again_once_per_program(lab: Lab) -> None:
         if b is not None:
             b.backend.close()
         holder.close()
+
+
+def test_reattach_waits_for_the_lock_a_bounded_time() -> None:
+    """An agent's reattach() gives up on the host's lock (one clear error) rather than
+    stall its clients behind a run that holds it."""
+    fd = os.open(programs.LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        started = time.monotonic()
+        with pytest.raises(MaceError, match=r"held by another mace run for 0\.2 s"), \
+                programs._locked(0.2):
+            pass
+        assert 0.2 <= time.monotonic() - started < 2.0
+    finally:
+        os.close(fd)
+    with programs._locked(0.2):
+        pass  # free again

@@ -22,9 +22,10 @@ run still holds the set, the programs detach; its entries die with its token.
 An idle agent costs packets nothing: with no run on for idle_detach_s, it lets go of its
 links (the programs detach unless a standalone run holds them) and keeps the loaded
 programs and maps; the next run takes the links again (programs.reattach: ~0.5 ms, no
-verifier) before its entry goes in. Attached while idle, the programs would cost every
-packet on the host their empty runs, ~14 a round trip (bench/hook_floor.py). Meanwhile a
-standalone run finds no set and loads one of its own.
+verifier; ~12 ms within an RCU grace period of the detach) before its entry goes in.
+Attached while idle, the programs would cost every packet on the host their empty runs,
+~14 a round trip (bench/hook_floor.py). Meanwhile a standalone run finds no set and loads
+one of its own.
 """
 
 from __future__ import annotations
@@ -115,6 +116,7 @@ class Agent:
         self._set_lock = threading.Lock()
         self._active = 0  # runs with switches in the set: while any, the set stays attached
         self._detach_at: float | None = None  # when an idle agent lets go of its links
+        self._closed = False  # the set is closed: no run may attach it again
         self._probes: list[ProbeWorker] = []
         self._probes_stopping = threading.Event()
         self._probes_stop: tuple[int, int] | None = None  # a pipe, once probes start
@@ -370,6 +372,7 @@ class Agent:
                 flags |= programs.RUN_HIDE_HOST
             entry = programs.RunEntry(flags, prober, self.host_netns, self._token_id,
                                       max(client.peer.pid, 0))
+            ring_id = native.map_id(reservation.ring_fd)  # before: nothing may fail after
             self._activate(reservation.nonce, entry)
         except BaseException as exc:
             self._reservations.end(reservation)
@@ -379,7 +382,6 @@ class Agent:
         run_id = client.next_run
         client.next_run += 1
         client.runs[run_id] = reservation
-        ring_id = native.map_id(reservation.ring_fd)
         for key in (("uid", client.peer.uid), ("netns", prober)):
             self._rings_of.setdefault(key, []).append(ring_id)
         if self.options.verbose:
@@ -498,15 +500,23 @@ class Agent:
     def _activate(self, nonce: bytes, entry: programs.RunEntry) -> None:
         """A reservation's entry becomes a run, the set attached first (any thread)."""
         with self._set_lock:
-            if not self.pset.attached:
-                try:
-                    programs.reattach(self.pset)
-                except OSError as exc:
-                    raise MaceError(f"cannot attach the BPF programs: {exc.strerror}") \
-                        from None
-                if self.options.verbose:
-                    self._log("programs attached")
-            programs.activate(self.pset, nonce, entry, idle=self._idle)
+            if self._closed:
+                raise MaceError("the agent is stopping")
+            try:
+                if not self.pset.attached:
+                    try:
+                        programs.reattach(self.pset)
+                    except OSError as exc:
+                        raise MaceError(f"cannot attach the BPF programs: {exc.strerror}") \
+                            from None
+                    if self.options.verbose:
+                        self._log("programs attached")
+                programs.activate(self.pset, nonce, entry, idle=self._idle)
+            except BaseException:
+                if not self._active and self._detach_at is None:
+                    self._schedule_detach()  # attached for a run that did not start
+                    self._wake()
+                raise
             self._active += 1
             self._detach_at = None
 
@@ -585,6 +595,8 @@ class Agent:
         try:
             self._reservations.close()
         finally:
+            with self._set_lock:  # a probe thread still starting a run attaches nothing
+                self._closed = True
             if self._token is not None:
                 os.close(self._token)
             self.pset.close()

@@ -12,7 +12,10 @@ No file names the set. A run finds it by walking the kernel's BPF links (ids are
 no bpffs, no mount namespace in the way, as there would be for `ip netns exec`, which
 gives its command a fresh /sys), keeps an fd of each of its three links for as long as
 it runs, and closes them when it leaves: the kernel detaches the set when the last run
-closes its links, or dies. So nothing outlives the runs, whatever way they end. The set
+closes its links, or dies. So nothing outlives the runs, whatever way they end. (An idle
+mace-agent lets go of its links but keeps its set loaded, to attach it again for its next
+run, reattach(): a run that starts meanwhile finds no set and loads its own, and while both
+have runs every packet pays for two sets.) The set
 of the first run that finds none is loaded by it; joining and leaving hold an flock on
 LOCK, so two runs starting together (in one mount namespace: a container has its own
 /run) do not load two sets. A run that died leaves its entry in the map (its fds closed,
@@ -31,6 +34,7 @@ import hashlib
 import os
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +49,7 @@ from mace_tools.model import ProbeRecord
 LOCK = Path("/run/mace-bpf.lock")
 MAX_RUNS = 512  # MACE_MAX_RUNS (bpf/mace.h)
 RING_BYTES = 1 << 20  # MACE_RING_BYTES
+REATTACH_LOCK_S = 2.0  # how long reattach() waits for LOCK (a load under it takes ~0.1 s)
 
 # enum mace_run_flags
 RUN_RECORDS, RUN_PATH, RUN_UDP, RUN_TCP, RUN_ERRORS, RUN_HIDE_HOST = 1, 2, 4, 8, 16, 32
@@ -391,16 +396,18 @@ def _open_set(progs: dict[str, tuple[int, int, list[int]]], build: int) -> Progr
 
 def reattach(pset: ProgramSet) -> None:
     """Hold the links of a detached set again: a program's link that a run still holds is
-    taken, never made a second time (each packet would run the program twice); the
-    others are made anew from the loaded programs, with no verifier run. Under the lock,
-    as joining is. Needs to walk the host's links (CAP_SYS_ADMIN): PermissionError."""
+    taken, never made a second time (kernels before 6.10 refuse it, EEXIST; later ones
+    would run the program twice a packet); the others are made anew from the loaded
+    programs, with no verifier run. Under the lock (waiting REATTACH_LOCK_S at most: an
+    agent's clients wait meanwhile), so two holders of one set do not both make links.
+    Needs to walk the host's links (CAP_SYS_ADMIN): PermissionError."""
     if pset.attached:
         return
     ours = {native.prog_id(fd): name for name, fd in pset.prog_fds.items()}
     held: dict[str, int] = {}
     links: list[int] = []
     try:
-        with _locked():
+        with _locked(REATTACH_LOCK_S):
             for link, name, prog_id, _ in _attached_links():
                 if ours.get(prog_id) == name and name not in held:
                     held[name] = link
@@ -417,12 +424,25 @@ def reattach(pset: ProgramSet) -> None:
 
 
 @contextlib.contextmanager
-def _locked() -> Iterator[None]:
+def _locked(wait_s: float | None = None) -> Iterator[None]:
     """An exclusive flock on LOCK, so only one run at a time finds, loads or changes the
-    set (root's file, mode 0600: no one else can hold it)."""
+    set (root's file, mode 0600: no one else can hold it). wait_s: give up after that
+    long (MaceError), else wait as long as it takes."""
     fd = os.open(LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        if wait_s is None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        else:
+            deadline = time.monotonic() + wait_s
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise MaceError(f"{LOCK} held by another mace run for "
+                                        f"{wait_s:g} s") from None
+                    time.sleep(0.01)
         yield
     finally:
         os.close(fd)  # releases the lock
