@@ -59,14 +59,9 @@ def measure(lab: Lab, rounds: int, seed: int = 11) -> list[dict]:
     order = random.Random(seed)
     rows = []
     for name, neighbours, kind in SETTINGS:
-        samples: dict[str, list[list[float]]] = {k: [] for k in conditions}
-        with ex.load_setting(lab, neighbours, kind,
-                             len(conditions) * rounds * (BLOCK * INTERVAL + SETTLE_S + 3) + 60):
-            for _ in range(rounds):
-                for cond in order.sample(list(conditions), k=len(conditions)):
-                    with conditions[cond]():
-                        samples[cond].append(ex.witness_ping(lab, BLOCK, INTERVAL))
-                    ex.await_program_sets(0, 3.0)  # the stopped agent's set is freed
+        samples = ex.witness_blocks(lab, conditions, rounds, order, neighbours, kind, BLOCK,
+                                    INTERVAL, SETTLE_S,
+                                    after=lambda: ex.await_program_sets(0, 3.0))
         row: dict = {"setting": name, "rounds": rounds, "block": BLOCK,
                      "baseline_mean_us": ex.merged_blocks(samples["base"])["mean"]}
         for cond in CONDITIONS:

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -264,6 +264,25 @@ def ftrace_enabled() -> Iterator[None]:
         (TRACEFS / "trace").write_text("")
         if mounted:
             subprocess.run(["umount", str(TRACEFS)], check=False)
+
+
+def witness_blocks(lab: Lab, conditions: dict[str, Callable[[], AbstractContextManager[object]]],
+                   rounds: int, order: random.Random, neighbours: int, kind: str,
+                   block: int, interval: float, settle_s: float = 0.0,
+                   after: Callable[[], object] | None = None) -> dict[str, list[list[float]]]:
+    """The witness's RTT blocks (µs) under each condition (a context manager held for its
+    block), `rounds` times in a shuffled order per round, under `neighbours` load of
+    `kind`: paired rounds for paired_delta(). after(): once each condition is left."""
+    samples: dict[str, list[list[float]]] = {k: [] for k in conditions}
+    seconds = len(conditions) * rounds * (block * interval + settle_s + 3) + 60
+    with load_setting(lab, neighbours, kind, seconds):
+        for _ in range(rounds):
+            for cond in order.sample(list(conditions), k=len(conditions)):
+                with conditions[cond]():
+                    samples[cond].append(witness_ping(lab, block, interval))
+                if after is not None:
+                    after()
+    return samples
 
 
 def merged_blocks(samples: list[list[float]]) -> dict[str, float]:

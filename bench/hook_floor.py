@@ -55,13 +55,8 @@ def measure(lab: Lab, rounds: int, seed: int = 7) -> list[dict]:
     order = random.Random(seed)
     rows = []
     for name, neighbours, kind in SETTINGS:
-        samples: dict[str, list[list[float]]] = {k: [] for k in conditions}
-        with ex.load_setting(lab, neighbours, kind,
-                             len(conditions) * rounds * (BLOCK * INTERVAL + 1) + 60):
-            for _ in range(rounds):
-                for cond in order.sample(list(conditions), k=len(conditions)):
-                    with conditions[cond]():
-                        samples[cond].append(ex.witness_ping(lab, BLOCK, INTERVAL))
+        samples = ex.witness_blocks(lab, conditions, rounds, order, neighbours, kind, BLOCK,
+                                    INTERVAL)
         row: dict = {"setting": name, "rounds": rounds, "block": BLOCK,
                      "baseline_mean_us": ex.merged_blocks(samples["base"])["mean"]}
         for cond in CONDITIONS:
