@@ -31,7 +31,9 @@ from mace_tools.lab.topology import Lab
 RESULTS = Path(__file__).with_name("results") / "agent_idle"
 SETTINGS = [("idle", 0, "flood"), ("4 floods", 4, "flood")]
 BLOCK, INTERVAL = 62, 0.005  # the perturbation section's witness blocks
-CONDITIONS = ("attached", "detached")
+# each figure: (condition, the condition it is measured against)
+DELTAS = {"attached": ("attached", "base"), "detached": ("detached", "base"),
+          "attached_minus_detached": ("attached", "detached")}
 DETACHED_LINE = "idle: programs detached"
 SETTLE_S = 1.5  # after the agent is up (and detached): its start-up work done
 
@@ -62,17 +64,7 @@ def measure(lab: Lab, rounds: int, seed: int = 11) -> list[dict]:
         samples = ex.witness_blocks(lab, conditions, rounds, order, neighbours, kind, BLOCK,
                                     INTERVAL, SETTLE_S,
                                     after=lambda: ex.await_program_sets(0, 3.0))
-        row: dict = {"setting": name, "rounds": rounds, "block": BLOCK,
-                     "baseline_mean_us": ex.merged_blocks(samples["base"])["mean"]}
-        for cond in CONDITIONS:
-            delta, se = ex.paired_delta(samples[cond], samples["base"])
-            row[cond] = {"delta_mean_us": delta, "se_us": se}
-        delta, se = ex.paired_delta(samples["attached"], samples["detached"])
-        row["attached_minus_detached"] = {"delta_mean_us": delta, "se_us": se}
-        rows.append(row)
-        print(f"  {name}: " + ", ".join(
-            f"{cond} {row[cond]['delta_mean_us']:+.2f} ± {row[cond]['se_us']:.2f} µs"
-            for cond in (*CONDITIONS, "attached_minus_detached")), flush=True)
+        rows.append(ex.delta_row(name, rounds, BLOCK, samples, DELTAS))
     return rows
 
 
@@ -92,8 +84,7 @@ def markdown(res: dict) -> str:
            "| idle agent, detached Δ µs | attached - detached µs |",
            "|---|---|---|---|---|---|"]
     for r in res["rows"]:
-        cells = " | ".join(f"{r[c]['delta_mean_us']:+.2f} ± {r[c]['se_us']:.2f}"
-                           for c in (*CONDITIONS, "attached_minus_detached"))
+        cells = " | ".join(ex.delta_cell(r, name) for name in DELTAS)
         out.append(f"| {r['setting']} | {r['rounds']} x {r['block']} | "
                    f"{r['baseline_mean_us']:.1f} | {cells} |")
     return "\n".join(out) + "\n"

@@ -285,6 +285,25 @@ def witness_blocks(lab: Lab, conditions: dict[str, Callable[[], AbstractContextM
     return samples
 
 
+def delta_row(setting: str, rounds: int, block: int, samples: dict[str, list[list[float]]],
+              deltas: dict[str, tuple[str, str]]) -> dict:
+    """One setting's row from witness_blocks(): the baseline's ("base") mean, and for each
+    name in `deltas` (condition, reference) the paired Δ ± its standard error; printed."""
+    row: dict = {"setting": setting, "rounds": rounds, "block": block,
+                 "baseline_mean_us": merged_blocks(samples["base"])["mean"]}
+    for name, (cond, ref) in deltas.items():
+        delta, se = paired_delta(samples[cond], samples[ref])
+        row[name] = {"delta_mean_us": delta, "se_us": se}
+    print(f"  {setting}: " + ", ".join(f"{name} {delta_cell(row, name)} µs"
+                                       for name in deltas), flush=True)
+    return row
+
+
+def delta_cell(row: dict, name: str) -> str:
+    """A delta_row() figure as the results tables show it."""
+    return f"{row[name]['delta_mean_us']:+.2f} ± {row[name]['se_us']:.2f}"
+
+
 def merged_blocks(samples: list[list[float]]) -> dict[str, float]:
     rtts = sorted(v for block in samples for v in block)
     if not rtts:

@@ -57,15 +57,8 @@ def measure(lab: Lab, rounds: int, seed: int = 7) -> list[dict]:
     for name, neighbours, kind in SETTINGS:
         samples = ex.witness_blocks(lab, conditions, rounds, order, neighbours, kind, BLOCK,
                                     INTERVAL)
-        row: dict = {"setting": name, "rounds": rounds, "block": BLOCK,
-                     "baseline_mean_us": ex.merged_blocks(samples["base"])["mean"]}
-        for cond in CONDITIONS:
-            delta, se = ex.paired_delta(samples[cond], samples["base"])
-            row[cond] = {"delta_mean_us": delta, "se_us": se}
-        rows.append(row)
-        print(f"  {name}: " + ", ".join(
-            f"{cond} {row[cond]['delta_mean_us']:+.2f} ± {row[cond]['se_us']:.2f} µs"
-            for cond in CONDITIONS), flush=True)
+        rows.append(ex.delta_row(name, rounds, BLOCK, samples,
+                                 {cond: (cond, "base") for cond in CONDITIONS}))
     return rows
 
 
@@ -89,8 +82,7 @@ def markdown(res: dict) -> str:
            f"| tcx on {OUTER_DEV} Δ µs | tcx on {ELSEWHERE_DEV} Δ µs | holder alone Δ µs |",
            "|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
-        cells = " | ".join(f"{r[c]['delta_mean_us']:+.2f} ± {r[c]['se_us']:.2f}"
-                           for c in CONDITIONS)
+        cells = " | ".join(ex.delta_cell(r, c) for c in CONDITIONS)
         out.append(f"| {r['setting']} | {r['rounds']} x {r['block']} | "
                    f"{r['baseline_mean_us']:.1f} | {cells} |")
     return "\n".join(out) + "\n"
