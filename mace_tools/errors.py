@@ -15,3 +15,12 @@ class MaceError(Exception):
 
 class NoPrivilege(MaceError):
     """The process may not load or join the BPF programs: a run can still go on raw."""
+
+
+class Finished(Exception):  # (not an error: the command has given its answer)
+    """The command has answered in full (-V, --list-containers, --help) and exits with
+    exit_code."""
+
+    def __init__(self, exit_code: int = 0) -> None:
+        super().__init__(exit_code)
+        self.exit_code = exit_code

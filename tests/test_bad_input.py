@@ -100,7 +100,9 @@ PING_NUMBERS = [
     (["-t", "256"], "invalid argument: '256': out of range: 0 <= value <= 255"),
     (["-t", "0"], "cannot set unicast time-to-live: Invalid argument"),  # the kernel's no
     (["--pid", "99999999999999999999"],  # was: OverflowError
-     "Invalid value for '--pid': 99999999999999999999 is not in the range 1<=x<=2147483647."),
+     "invalid --pid value: '99999999999999999999': Numerical result out of range"),
+    (["--pid", "0"], "invalid --pid value: '0': out of range: 1 <= value <= 2147483647"),
+    (["--pid", "1x"], "invalid --pid value: '1x'"),
 ]
 
 

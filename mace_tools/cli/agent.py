@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from mace_tools.agent.protocol import DEFAULT_SOCKET
-from mace_tools.cli.common import run_app
+from mace_tools.cli.typer_app import run_app
 from mace_tools.errors import MaceError
 
 if TYPE_CHECKING:

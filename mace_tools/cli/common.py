@@ -1,19 +1,15 @@
-"""What every mace command does around its typer app: one line on stderr and ping's
-exit codes for any failure, never a traceback."""
+"""What every mace command shares around its options: the numbers read and worded as
+iputils reads them, the checks of the corrections options, their help, and the steps
+before and after a run. No typer or click here: mace-ping starts without them
+(gnu_options.py); the typer commands add theirs in typer_app.py."""
 
 from __future__ import annotations
 
 import math
 import re
 import sys
-from collections.abc import Callable
-from typing import Annotated
 
-import click
-import typer
-from click.exceptions import ClickException
-
-from mace_tools.errors import MaceError
+from mace_tools.errors import Finished, MaceError
 from mace_tools.probe.site import (  # noqa: F401  (the commands import them from here)
     ProbeSite,
     host_name_bytes,
@@ -31,22 +27,17 @@ _C_LONG = re.compile(r"[ \t\n\v\f\r]*[+-]?[0-9]+")
 _C_DOUBLE = re.compile(r"[ \t\n\v\f\r]*[+-]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
                        r"|inf(?:inity)?|nan(?:\([0-9A-Za-z_]*\))?)", re.IGNORECASE)
 
-# The container options, the same in every mace command.
-ContainerOption = Annotated[str | None, typer.Option(
-    "--container", help="probe from a Docker, Podman, containerd or CRI container (name or "
-    "id)")]
-RuntimeOption = Annotated[str, typer.Option(
-    "--runtime", help="docker, podman, containerd (via ctr), crio (via crictl) or auto")]
-ListContainersOption = Annotated[bool, typer.Option(
-    "--list-containers", help="list the containers that can be measured, and exit")]
+# The help of the options every mace command has (typer_app.py, cli/ping.py).
+CONTAINER_HELP = ("probe from a Docker, Podman, containerd or CRI container (name or id)")
+RUNTIME_HELP = "docker, podman, containerd (via ctr), crio (via crictl) or auto"
+LIST_CONTAINERS_HELP = "list the containers that can be measured, and exit"
 CORRECTIONS = ("auto", "agent", "local", "none")
-CorrectionsOption = Annotated[str, typer.Option(
-    "--corrections", click_type=click.Choice(CORRECTIONS), help="where corrections come from: auto "
-    "(the agent if its socket exists, else programs this process loads, else none), agent, "
-    "local (this process's programs) or none (every reply raw: nothing is loaded or asked)")]
-AgentOption = Annotated[str | None, typer.Option(
-    "--agent", metavar="PATH", help="the mace-agent socket to get corrections from "
-    "(default: $MACE_AGENT, else /run/mace/agent.sock if it exists)")]
+CORRECTIONS_HELP = ("where corrections come from: auto (the agent if its socket exists, "
+                    "else programs this process loads, else none), agent, local (this "
+                    "process's programs) or none (every reply raw: nothing is loaded or "
+                    "asked)")
+AGENT_HELP = ("the mace-agent socket to get corrections from (default: $MACE_AGENT, else "
+              "/run/mace/agent.sock if it exists)")
 
 
 def check_corrections(agent: str | None, corrections: str, entering: bool,
@@ -61,30 +52,6 @@ def check_corrections(agent: str | None, corrections: str, entering: bool,
                         "netns, not with --netns, --pid or --container")
     if corrections == "agent" and nonce:
         raise MaceError("--corrections agent: the agent chooses the nonces, not with --nonce")
-
-
-def run_app(app: typer.Typer, prog: str, argv: list[str] | None = None,
-            errors: tuple[type[Exception], ...] = (),
-            usage: Callable[[ClickException], str] | None = None) -> int:
-    """Run app; MaceError and `errors` print `prog: message` and exit 2 (or their code).
-    usage: words a refused command line as the tool being replaced does (default:
-    click's words)."""
-    command = typer.main.get_command(app)
-    try:
-        # Without standalone mode click returns (not raises) the code of typer.Exit.
-        status = command.main(args=argv if argv is not None else sys.argv[1:], prog_name=prog,
-                              standalone_mode=False)
-    except typer.Exit as exc:
-        return exc.exit_code
-    except (MaceError, *errors) as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
-        return getattr(exc, "exit_code", 2)
-    except ClickException as exc:  # bad option or value: one line, as ping's usage errors
-        print(f"{prog}: {usage(exc) if usage else exc.format_message()}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        return 130
-    return status if isinstance(status, int) else 0
 
 
 def drop_privileges() -> None:
@@ -176,10 +143,10 @@ def required_host(prog: str, version: bool, list_containers: bool, runtime: str,
         from mace_tools import __version__
 
         print(f"{prog} {__version__}")
-        raise typer.Exit(0)
+        raise Finished(0)
     if list_containers:
         print_containers(runtime)
-        raise typer.Exit(0)
+        raise Finished(0)
     if host is None:
         raise MaceError("missing HOST (see --help)")
     return host

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from mace_tools.cli.common import run_app
+from mace_tools.cli.typer_app import run_app
 from mace_tools.lab.topology import Lab, LabError
 
 PROG = "mace-lab"

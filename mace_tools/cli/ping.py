@@ -15,21 +15,20 @@ import signal
 import socket
 import sys
 from collections.abc import Callable, Iterator
-from typing import Annotated, NamedTuple
-
-import typer
+from typing import NamedTuple
 
 from mace_tools.cli import ping_options
 from mace_tools.cli.common import (
+    AGENT_HELP,
+    CONTAINER_HELP,
+    CORRECTIONS,
+    CORRECTIONS_HELP,
     INT_MAX,
+    LIST_CONTAINERS_HELP,
     LONG_MAX,
+    RUNTIME_HELP,
     UINT_MAX,
-    AgentOption,
-    ContainerOption,
-    CorrectionsOption,
-    ListContainersOption,
     ProbeSite,
-    RuntimeOption,
     check_corrections,
     drop_privileges,
     host_name_bytes,
@@ -41,12 +40,12 @@ from mace_tools.cli.common import (
     probe_site,
     required_host,
     resolve_address,
-    run_app,
     seconds_or_err,
     strtol_or_err,
 )
+from mace_tools.cli.gnu_options import Option, OptionTable
 from mace_tools.cli.ping_options import strtoul_or_err
-from mace_tools.errors import MaceError
+from mace_tools.errors import Finished, MaceError
 from mace_tools.probe.sockopts import PMTUDISC, SocketOptions
 
 PROG = "mace-ping"
@@ -55,117 +54,131 @@ MAX_PAYLOAD6 = 65527  # 65535 - 8 (ICMPv6): iputils' ICMPV6_MAX_DATALEN
 IDENTIFIER_MAX = 0xFFFF
 MIN_USER_INTERVAL_MS = 2
 
-app = typer.Typer(
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
+# Each option sets the parameter of ping() its dest names. Numbers are taken as text and
+# checked as iputils checks them (cli/common.py), so nan, inf, 1e999 or a count past
+# LONG_MAX get ping's one-line errors.
+OPTIONS = OptionTable(
+    "[OPTIONS] HOST",
+    "Ping HOST from a container's network namespace; print raw and container-corrected "
+    "RTTs from per-packet eBPF kernel timestamps. Options as iputils ping (README: "
+    "mace-ping options); -R and -T are not supported: IP options would keep every reply "
+    "from being corrected.",
+    [
+        Option(("-c",), "count", "COUNT", "stop after COUNT replies"),
+        Option(("-i",), "interval", "SECONDS", "seconds between probes (default 1; 0 with -f)"),
+        Option(("-s",), "size", "SIZE", "payload bytes (default 56)"),
+        Option(("-t",), "ttl", "TTL", "IP time to live"),
+        Option(("-W",), "linger", "SECONDS", "seconds to wait for a reply (default 10)"),
+        Option(("-w",), "deadline", "SECONDS", "stop after SECONDS"),
+        Option(("-q",), "quiet", help="only the summary"),
+        Option(("-n",), "numeric", help="no reverse DNS name resolution"),
+        Option(("-H",), "force_lookup", help="force reverse DNS name resolution (also for "
+               "address targets, -f)"),
+        Option(("-D",), "timestamps", help="print unix time before each line"),
+        Option(("-O",), "outstanding", help="report unanswered probes"),
+        Option(("-I",), "interface", "INTERFACE", "interface name or source address"),
+        Option(("-f",), "flood", help="flood ping"),
+        Option(("-a",), "audible", help="audible ping (a bell per reply)"),
+        Option(("-A",), "adaptive", help="adaptive ping: interval follows the round trip"),
+        Option(("-b",), "broadcast", help="allow pinging broadcast"),
+        Option(("-B",), "strict_source", help="sticky source address"),
+        Option(("-C",), "connect", help="connect() the socket"),
+        Option(("-d",), "so_debug", help="SO_DEBUG socket option"),
+        Option(("-e",), "ident", "ID", "ICMP identifier (0 needs a raw socket)"),
+        Option(("-F",), "flowlabel", "FLOW", "IPv6 flow label (IPv4 probes have none)"),
+        Option(("-l",), "preload", "PRELOAD", "send PRELOAD probes at once, then keep that "
+               "many in flight (-f, -i 0)"),
+        Option(("-L",), "noloop", help="no loopback of multicast probes"),
+        Option(("-m",), "mark", "MARK", "SO_MARK of the probes"),
+        Option(("-M",), "pmtudisc", "HINT", "path MTU discovery: do, dont, want or probe"),
+        Option(("-p",), "pattern", "PATTERN", "fill the payload with these hex bytes"),
+        Option(("-Q",), "tos", "TOS", "IP TOS / QoS bits (decimal or 0x hex)"),
+        Option(("-r",), "dontroute", help="bypass the routing table (SO_DONTROUTE)"),
+        Option(("-R",), "record_route", help="record route: not supported"),
+        Option(("-S",), "sndbuf", "BYTES", "SO_SNDBUF"),
+        Option(("-T",), "ip_timestamp", "TYPE", "IP timestamp option: not supported"),
+        Option(("-U",), "user_latency", help="user-to-user latency (the raw time ends when "
+               "the reply is read)"),
+        Option(("-v",), "verbose", help="verbose output (ident in replies)"),
+        Option(("-3",), "precise", help="times with 3 decimals, unrounded"),
+        Option(("-j",), "json_lines", help="iputils' JSON lines, with the mace fields"),
+        Option(("-4",), "ipv4", help="IPv4 only"),
+        Option(("-6",), "ipv6", help="IPv6 only"),
+        Option(("--netns",), "netns", "NETNS", "probe from this network namespace: `ip "
+               "netns` name or path"),
+        Option(("--pid",), "pid", "PID", "probe from PID's network namespace"),
+        Option(("--container",), "container", "NAME", CONTAINER_HELP),
+        Option(("--runtime",), "runtime", "RUNTIME", RUNTIME_HELP + " (default auto)"),
+        Option(("--list-containers",), "list_containers", help=LIST_CONTAINERS_HELP),
+        Option(("--json",), "json_out", help="one RIPE Atlas style JSON document at the end"),
+        Option(("--ndjson",), "ndjson", help="one JSON record per probe, then a summary"),
+        Option(("--nonce",), "nonce", "HEX", "the run's 8-byte probe nonce as 16 hex digits "
+               "(default: random); lets a capture filter on it (icmp[8:4], icmp[12:4]); "
+               "must differ between concurrent runs"),
+        Option(("--agent",), "agent", "PATH", AGENT_HELP),
+        Option(("--corrections",), "corrections", "SOURCE", CORRECTIONS_HELP + " (default "
+               "auto)", CORRECTIONS),
+        Option(("-V", "--version"), "version", help="print version"),
+    ])
 
 
-@app.command(help="Ping HOST from a container's network namespace; print raw and "
-                  "container-corrected RTTs from per-packet eBPF kernel timestamps. "
-                  "Options as iputils ping (README: mace-ping options); -R and -T are not "
-                  "supported: IP options would keep every reply from being corrected.")
 def ping(
-    host: Annotated[str | None, typer.Argument(metavar="HOST", show_default=False)] = None,
-    # Numbers are taken as text and checked as iputils checks them (cli/common.py), so
-    # nan, inf, 1e999 or a count past LONG_MAX get ping's one-line errors.
-    count: Annotated[str | None, typer.Option("-c", metavar="COUNT",
-                                              help="stop after COUNT replies")] = None,
-    interval: Annotated[str | None, typer.Option(
-        "-i", metavar="SECONDS", help="seconds between probes (default 1; 0 with -f)")] = None,
-    size: Annotated[str, typer.Option("-s", metavar="SIZE", help="payload bytes")] = "56",
-    ttl: Annotated[str | None, typer.Option("-t", metavar="TTL", help="IP time to live")]
-    = None,
-    linger: Annotated[str, typer.Option("-W", metavar="SECONDS",
-                                        help="seconds to wait for a reply")] = "10",
-    deadline: Annotated[str | None, typer.Option("-w", metavar="SECONDS",
-                                                 help="stop after SECONDS")] = None,
-    quiet: Annotated[bool, typer.Option("-q", help="only the summary")] = False,
-    numeric: Annotated[bool, typer.Option("-n", help="no reverse DNS name resolution")]
-    = False,
-    force_lookup: Annotated[bool, typer.Option(
-        "-H", help="force reverse DNS name resolution (also for address targets, -f)")]
-    = False,
-    timestamps: Annotated[bool, typer.Option("-D", help="print unix time before each line")]
-    = False,
-    outstanding: Annotated[bool, typer.Option("-O", help="report unanswered probes")] = False,
-    interface: Annotated[str | None, typer.Option("-I", help="interface name or source "
-                                                  "address")] = None,
-    flood: Annotated[bool, typer.Option("-f", help="flood ping")] = False,
-    audible: Annotated[bool, typer.Option("-a", help="audible ping (a bell per reply)")]
-    = False,
-    adaptive: Annotated[bool, typer.Option("-A", help="adaptive ping: interval follows "
-                                           "the round trip")] = False,
-    broadcast: Annotated[bool, typer.Option("-b", help="allow pinging broadcast")] = False,
-    strict_source: Annotated[bool, typer.Option("-B", help="sticky source address")]
-    = False,
-    connect: Annotated[bool, typer.Option("-C", help="connect() the socket")] = False,
-    so_debug: Annotated[bool, typer.Option("-d", help="SO_DEBUG socket option")] = False,
-    ident: Annotated[str | None, typer.Option("-e", metavar="ID", help="ICMP identifier "
-                                              "(0 needs a raw socket)")] = None,
-    flowlabel: Annotated[str | None, typer.Option(
-        "-F", metavar="FLOW", help="IPv6 flow label (IPv4 probes have none)")]
-    = None,
-    preload: Annotated[str | None, typer.Option("-l", metavar="PRELOAD", help="send PRELOAD "
-                                                "probes at once, then keep that many in "
-                                                "flight (-f, -i 0)")] = None,
-    noloop: Annotated[bool, typer.Option("-L", help="no loopback of multicast probes")]
-    = False,
-    mark: Annotated[str | None, typer.Option("-m", metavar="MARK", help="SO_MARK of the "
-                                             "probes")] = None,
-    pmtudisc: Annotated[str | None, typer.Option("-M", metavar="HINT", help="path MTU "
-                                                 "discovery: do, dont, want or probe")]
-    = None,
-    pattern: Annotated[str | None, typer.Option("-p", metavar="PATTERN", help="fill the "
-                                                "payload with these hex bytes")] = None,
-    tos: Annotated[str | None, typer.Option("-Q", metavar="TOS", help="IP TOS / QoS bits "
-                                            "(decimal or 0x hex)")] = None,
-    dontroute: Annotated[bool, typer.Option("-r", help="bypass the routing table "
-                                            "(SO_DONTROUTE)")] = False,
-    record_route: Annotated[bool, typer.Option("-R", help="record route: not supported")]
-    = False,
-    sndbuf: Annotated[str | None, typer.Option("-S", metavar="BYTES", help="SO_SNDBUF")]
-    = None,
-    ip_timestamp: Annotated[str | None, typer.Option("-T", metavar="TYPE", help="IP "
-                                                     "timestamp option: not supported")]
-    = None,
-    user_latency: Annotated[bool, typer.Option("-U", help="user-to-user latency (the raw "
-                                               "time ends when the reply is read)")]
-    = False,
-    verbose: Annotated[bool, typer.Option("-v", help="verbose output (ident in replies)")]
-    = False,
-    precise: Annotated[bool, typer.Option("-3", help="times with 3 decimals, unrounded")]
-    = False,
-    json_lines: Annotated[bool, typer.Option("-j", help="iputils' JSON lines, with the mace "
-                                             "fields")] = False,
-    ipv4: Annotated[bool, typer.Option("-4", help="IPv4 only")] = False,
-    ipv6: Annotated[bool, typer.Option("-6", help="IPv6 only")] = False,
-    netns: Annotated[str | None, typer.Option(
-        "--netns", help="probe from this network namespace: `ip netns` name or path")] = None,
-    pid: Annotated[int | None, typer.Option("--pid", help="probe from PID's network namespace",
-                                            min=1, max=INT_MAX)] = None,
-    container: ContainerOption = None,
-    runtime: RuntimeOption = "auto",
-    list_containers: ListContainersOption = False,
-    json_out: Annotated[bool, typer.Option("--json", help="one RIPE Atlas style JSON document "
-                                           "at the end")] = False,
-    ndjson: Annotated[bool, typer.Option("--ndjson", help="one JSON record per probe, then a "
-                                         "summary")] = False,
-    nonce: Annotated[str | None, typer.Option(
-        "--nonce", help="the run's 8-byte probe nonce as 16 hex digits (default: random); "
-        "lets a capture filter on it (icmp[8:4], icmp[12:4]); must differ between "
-        "concurrent runs")] = None,
-    agent: AgentOption = None,
-    corrections: CorrectionsOption = "auto",
-    version: Annotated[bool, typer.Option("-V", "--version", help="print version")] = False,
-) -> None:
+    host: str | None = None,
+    count: str | None = None,
+    interval: str | None = None,
+    size: str = "56",
+    ttl: str | None = None,
+    linger: str = "10",
+    deadline: str | None = None,
+    quiet: bool = False,
+    numeric: bool = False,
+    force_lookup: bool = False,
+    timestamps: bool = False,
+    outstanding: bool = False,
+    interface: str | None = None,
+    flood: bool = False,
+    audible: bool = False,
+    adaptive: bool = False,
+    broadcast: bool = False,
+    strict_source: bool = False,
+    connect: bool = False,
+    so_debug: bool = False,
+    ident: str | None = None,
+    flowlabel: str | None = None,
+    preload: str | None = None,
+    noloop: bool = False,
+    mark: str | None = None,
+    pmtudisc: str | None = None,
+    pattern: str | None = None,
+    tos: str | None = None,
+    dontroute: bool = False,
+    record_route: bool = False,
+    sndbuf: str | None = None,
+    ip_timestamp: str | None = None,
+    user_latency: bool = False,
+    verbose: bool = False,
+    precise: bool = False,
+    json_lines: bool = False,
+    ipv4: bool = False,
+    ipv6: bool = False,
+    netns: str | None = None,
+    pid: str | None = None,
+    container: str | None = None,
+    runtime: str = "auto",
+    list_containers: bool = False,
+    json_out: bool = False,
+    ndjson: bool = False,
+    nonce: str | None = None,
+    agent: str | None = None,
+    corrections: str = "auto",
+    version: bool = False,
+) -> int:
+    """One mace-ping run from its options (OPTIONS); its exit status."""
     if version and json_lines:
         from mace_tools import __version__
 
         print(json.dumps({"version": __version__}))
-        raise typer.Exit(0)
+        return 0
     # parsed as iputils parses them, before it asks for a destination
     numbers = _numbers(count, interval, size, ttl, linger, deadline,
                        _max_payload(ipv4, ipv6, host))
@@ -196,7 +209,8 @@ def ping(
     mode = "jsonlines" if json_lines else output_mode(json_out, ndjson)
     interval_s = (0.0 if flood else 1.0) if numbers.interval_s is None else numbers.interval_s
     _check_user_interval(interval_s)
-    site = probe_site(netns, pid, container, runtime)
+    pid_n = None if pid is None else strtol_or_err(pid, 1, INT_MAX, "invalid --pid value")
+    site = probe_site(netns, pid_n, container, runtime)
     target = _target(host, site, ip_family(ipv4, ipv6))
     flow = flow if ":" in target.addr else None  # (as iputils: IPv4 probes have none)
     multicast = broadcast or _is_multicast(target.addr)
@@ -244,7 +258,8 @@ def ping(
     received = result.tally.received
     wanted = numbers.count
     if received == 0 or (wanted is not None and numbers.deadline_s and received < wanted):
-        raise typer.Exit(1)
+        return 1
+    return 0
 
 
 class _Extra(NamedTuple):
@@ -413,7 +428,22 @@ def main(argv: list[str] | None = None) -> int:
     # As iputils: Ctrl-C (SIGINT) ends the run with its summary even where mace-ping was
     # started with SIGINT ignored (a script's background job, nohup), which Python keeps.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    return run_app(app, PROG, argv)
+    try:
+        given, operands = OPTIONS.parse(sys.argv[1:] if argv is None else argv)
+        if given.pop("help", False):
+            print(OPTIONS.help_text(PROG))
+            return 0
+        if len(operands) > 1:
+            raise MaceError(f"extra operand '{operands[1]}': one HOST only (IP source "
+                            "routes are not supported)")
+        return ping(*operands, **given)  # type: ignore[arg-type]
+    except Finished as exc:
+        return exc.exit_code
+    except MaceError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

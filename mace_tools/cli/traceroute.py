@@ -17,12 +17,7 @@ import typer
 from mace_tools.cli import traceopts as opt
 from mace_tools.cli.common import (
     INT_MAX,
-    AgentOption,
-    ContainerOption,
-    CorrectionsOption,
-    ListContainersOption,
     ProbeSite,
-    RuntimeOption,
     check_corrections,
     drop_privileges,
     ip_family,
@@ -31,6 +26,13 @@ from mace_tools.cli.common import (
     probe_site,
     required_host,
     resolve_address,
+)
+from mace_tools.cli.typer_app import (
+    AgentOption,
+    ContainerOption,
+    CorrectionsOption,
+    ListContainersOption,
+    RuntimeOption,
     run_app,
 )
 from mace_tools.errors import MaceError
