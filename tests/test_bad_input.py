@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import struct
 import subprocess
@@ -224,6 +225,37 @@ def test_no_option_is_defined_twice(module: str) -> None:
 def test_traceroute_needs_a_host(capsys: pytest.CaptureFixture[str]) -> None:
     assert_usage_error(traceroute_cli.main, ["-q", "1"],
                        'mace-traceroute: Specify "host" missing argument.', capsys)
+
+
+MACE_PING_SCRIPT = str(Path(sys.executable).with_name("mace-ping"))
+
+
+def test_a_reader_that_goes_ends_mace_ping_as_sigpipe_ends_ping() -> None:
+    """`mace-ping ... | head -1`: once the reader has gone, the next line ends the run
+    silently by SIGPIPE, as iputils ping ends (was: a BrokenPipeError traceback)."""
+    proc = subprocess.Popen([MACE_PING_SCRIPT, "--corrections", "none", "-c", "3", "-i",
+                             "0.5", "127.0.0.1"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline().startswith(b"PING 127.0.0.1")
+    proc.stdout.close()  # before the second reply's line, 0.5 s on
+    assert proc.wait(timeout=30) == -signal.SIGPIPE
+    assert proc.stderr.read() == b""
+
+
+@pytest.mark.parametrize("closed", [[1], [1, 2]])
+def test_a_closed_stdout_is_no_traceback(closed: list[int]) -> None:
+    """`mace-ping ... >&-` (and 2>&-): the run goes on, its output to nowhere, as
+    ping's; its exit status is the run's (was: an AttributeError traceback)."""
+    def close() -> None:
+        for fd in closed:
+            os.close(fd)
+
+    proc = subprocess.run([MACE_PING_SCRIPT, "--corrections", "none", "-c", "1", "-W", "5",
+                           "127.0.0.1"], preexec_fn=close, stderr=subprocess.PIPE
+                          if closed == [1] else None, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert not proc.stderr
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import NoReturn
 
 # Options after which the run loads no programs of its own (or does not run at all).
 _NO_LOAD = ("-h", "--help", "-V", "--version", "--list-containers", "--agent")
@@ -79,15 +80,17 @@ def _start_loading(prepare: bool) -> None:
         early.start(path, prepare and "--nonce" not in _names(sys.argv[1:]))
 
 
-def ping() -> int:
+def ping() -> NoReturn:
     _start_loading(prepare=True)
+    from mace_tools.cli.common import exit_now
     from mace_tools.cli.ping import main
 
-    return main()
+    exit_now(main())
 
 
-def traceroute() -> int:
+def traceroute() -> NoReturn:
     _start_loading(prepare=False)  # a traceroute chooses its nonce before it asks
+    from mace_tools.cli.common import exit_now
     from mace_tools.cli.traceroute import main
 
-    return main()
+    exit_now(main())

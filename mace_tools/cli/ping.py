@@ -30,7 +30,9 @@ from mace_tools.cli.common import (
     UINT_MAX,
     ProbeSite,
     check_corrections,
+    closed_stdio_to_devnull,
     drop_privileges,
+    end_as_ping_on_broken_pipe,
     host_name_bytes,
     ip_family,
     output_mode,
@@ -428,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     # As iputils: Ctrl-C (SIGINT) ends the run with its summary even where mace-ping was
     # started with SIGINT ignored (a script's background job, nohup), which Python keeps.
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    closed_stdio_to_devnull()
     try:
         given, operands = OPTIONS.parse(sys.argv[1:] if argv is None else argv)
         if given.pop("help", False):
@@ -439,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
         return ping(*operands, **given)  # type: ignore[arg-type]
     except Finished as exc:
         return exc.exit_code
+    except BrokenPipeError:
+        end_as_ping_on_broken_pipe()
     except MaceError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return exc.exit_code

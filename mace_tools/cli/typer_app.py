@@ -19,6 +19,7 @@ from mace_tools.cli.common import (
     CORRECTIONS_HELP,
     LIST_CONTAINERS_HELP,
     RUNTIME_HELP,
+    closed_stdio_to_devnull,
 )
 from mace_tools.errors import Finished, MaceError
 
@@ -39,6 +40,7 @@ def run_app(app: typer.Typer, prog: str, argv: list[str] | None = None,
     usage: words a refused command line as the tool being replaced does (default:
     click's words)."""
     command = typer.main.get_command(app)
+    closed_stdio_to_devnull()
     try:
         # Without standalone mode click returns (not raises) the code of typer.Exit.
         status = command.main(args=argv if argv is not None else sys.argv[1:], prog_name=prog,
