@@ -216,7 +216,8 @@ def test_corrections_is_checked_before_anything_runs(cli: object, prog: str,
 @pytest.mark.parametrize("module", ["mace_tools.cli.ping", "mace_tools.cli.traceroute"])
 def test_no_option_is_defined_twice(module: str) -> None:
     """click only warns of an option name given twice (and the first one wins): an error
-    here, as --corrections was once --source, traceroute's source address."""
+    here, as --corrections was once --source, traceroute's source address. (mace-ping's
+    table refuses a name twice itself, at import: gnu_options.OptionTable.)"""
     proc = subprocess.run([sys.executable, "-W", "error::UserWarning", "-m", module, "--help"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
@@ -232,15 +233,42 @@ MACE_PING_SCRIPT = str(Path(sys.executable).with_name("mace-ping"))
 
 def test_a_reader_that_goes_ends_mace_ping_as_sigpipe_ends_ping() -> None:
     """`mace-ping ... | head -1`: once the reader has gone, the next line ends the run
-    silently by SIGPIPE, as iputils ping ends (was: a BrokenPipeError traceback)."""
-    proc = subprocess.Popen([MACE_PING_SCRIPT, "--corrections", "none", "-c", "3", "-i",
-                             "0.5", "127.0.0.1"], stdout=subprocess.PIPE,
+    silently by SIGPIPE, as iputils ping ends (was: a BrokenPipeError traceback). The run
+    would go on for 20 s: however late the close comes, a line comes after it."""
+    proc = subprocess.Popen([MACE_PING_SCRIPT, "--corrections", "none", "-c", "100", "-i",
+                             "0.2", "127.0.0.1"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
-    assert proc.stdout is not None and proc.stderr is not None
-    assert proc.stdout.readline().startswith(b"PING 127.0.0.1")
-    proc.stdout.close()  # before the second reply's line, 0.5 s on
-    assert proc.wait(timeout=30) == -signal.SIGPIPE
-    assert proc.stderr.read() == b""
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        assert proc.stdout.readline().startswith(b"PING 127.0.0.1")
+        proc.stdout.close()
+        assert proc.wait(timeout=30) == -signal.SIGPIPE
+        assert proc.stderr.read() == b""
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_an_error_line_to_a_reader_that_went_ends_by_sigpipe() -> None:
+    """The last words too (a bad option's line, here into a closed pipe)."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        proc = subprocess.run([MACE_PING_SCRIPT, "-x"], stdout=write, stderr=write,
+                              timeout=30)
+    finally:
+        os.close(write)
+    assert proc.returncode == -signal.SIGPIPE
+
+
+def test_a_full_stdout_is_one_line_and_exit_1() -> None:
+    """`mace-ping ... >/dev/full`: iputils' `write error: No space left on device`."""
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([MACE_PING_SCRIPT, "--corrections", "none", "-c", "1", "-W",
+                               "5", "127.0.0.1"], stdout=full, stderr=subprocess.PIPE,
+                              text=True, timeout=30)
+    assert (proc.returncode, proc.stderr) == (
+        1, "mace-ping: write error: No space left on device\n")
 
 
 @pytest.mark.parametrize("closed", [[1], [1, 2]])

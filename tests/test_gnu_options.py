@@ -56,7 +56,7 @@ def test_read_as_getopt_long(argv: list[str], given: dict, operands: list[str]) 
     (["-qc"], "option requires an argument -- 'c'"),
     (["--bogus"], "unrecognized option '--bogus'"),
     (["--non", "ab"], "unrecognized option '--non'"),  # no abbreviations
-    (["--bogus=1"], "unrecognized option '--bogus'"),
+    (["--bogus=1"], "unrecognized option '--bogus=1'"),  # the whole word, as glibc
     (["--json=yes"], "option '--json' doesn't allow an argument"),
     (["--nonce"], "option '--nonce' requires an argument"),
     (["--corrections", "some"],
@@ -94,6 +94,22 @@ def test_every_option_sets_a_parameter_of_ping() -> None:
             assert default is None or isinstance(default, str), dest
 
 
+# iputils ping's getopt string (ping/ping.c, current source): a letter with ":" takes a
+# value. -N (IPv6 node information queries) and -? are not mace-ping's.
+IPUTILS_OPTSTRING = "h?" "4bRT:" "6F:N:" "3aABc:CdDe:fHi:I:jl:Lm:M:nOp:qQ:rs:S:t:UvVw:W:"
+NOT_OURS = {"N", "?"}
+
+
+def test_each_short_option_takes_a_value_where_iputils_does() -> None:
+    iputils = {}
+    for at, letter in enumerate(IPUTILS_OPTSTRING):
+        if letter != ":":
+            iputils[letter] = IPUTILS_OPTSTRING[at + 1:at + 2] == ":"
+    ours = {name[1]: option.metavar is not None for option in ping_cli.OPTIONS.options
+            for name in option.names if len(name) == 2}
+    assert {k: v for k, v in iputils.items() if k not in NOT_OURS} == ours
+
+
 def test_help_names_every_option(capsys: pytest.CaptureFixture[str]) -> None:
     assert ping_cli.main(["--help"]) == 0
     out, err = capsys.readouterr()
@@ -116,12 +132,12 @@ def test_a_ping_imports_no_cli_framework() -> None:
     """mace-ping -c 1 (the console script's way in) never imports typer or click, nor
     rich or scapy: start-up is a feature (bench start-up)."""
     code = ("import sys\n"
-            "from mace_tools.cli import common, launch\n"
-            "def report(status):\n"
+            "from mace_tools.cli import launch\n"
+            "def report(prog, status):\n"
             "    print(sorted({m.split('.')[0] for m in sys.modules} & "
             "{'typer', 'click', 'rich', 'scapy', 'pyroute2'}), file=sys.stderr)\n"
             "    sys.exit(status)\n"
-            "common.exit_now = report  # (the script's own ends the process at once)\n"
+            "launch.exit_now = report  # (the real one ends the process at once)\n"
             "sys.argv = ['mace-ping', '--corrections', 'none', '-c', '1', '-W', '5', '-q', "
             "'127.0.0.1']\n"
             "launch.ping()\n")

@@ -6,11 +6,8 @@ before and after a run. No typer or click here: mace-ping starts without them
 from __future__ import annotations
 
 import math
-import os
 import re
-import signal
 import sys
-from typing import NoReturn
 
 from mace_tools.errors import Finished, MaceError
 from mace_tools.probe.site import (  # noqa: F401  (the commands import them from here)
@@ -31,7 +28,7 @@ _C_DOUBLE = re.compile(r"[ \t\n\v\f\r]*[+-]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[e
                        r"|inf(?:inity)?|nan(?:\([0-9A-Za-z_]*\))?)", re.IGNORECASE)
 
 # The help of the options every mace command has (typer_app.py, cli/ping.py).
-CONTAINER_HELP = ("probe from a Docker, Podman, containerd or CRI container (name or id)")
+CONTAINER_HELP = "probe from a Docker, Podman, containerd or CRI container (name or id)"
 RUNTIME_HELP = "docker, podman, containerd (via ctr), crio (via crictl) or auto"
 LIST_CONTAINERS_HELP = "list the containers that can be measured, and exit"
 CORRECTIONS = ("auto", "agent", "local", "none")
@@ -55,36 +52,6 @@ def check_corrections(agent: str | None, corrections: str, entering: bool,
                         "netns, not with --netns, --pid or --container")
     if corrections == "agent" and nonce:
         raise MaceError("--corrections agent: the agent chooses the nonces, not with --nonce")
-
-
-def closed_stdio_to_devnull() -> None:
-    """Where stdout or stderr was closed (`mace-ping ... >&-`) Python holds None for it:
-    its output goes to /dev/null, as ping's writes to a closed fd go nowhere."""
-    for name in ("stdout", "stderr"):
-        if getattr(sys, name) is None:
-            setattr(sys, name, open(os.devnull, "w"))  # noqa: SIM115  (the process's life)
-
-
-def end_as_ping_on_broken_pipe() -> NoReturn:
-    """stdout's reader has gone (`mace-ping ... | head -1`): end silently, killed by
-    SIGPIPE, as ping is (the shell's 141). Python ignores SIGPIPE, so the write raised
-    BrokenPipeError instead, and the run's cleanup ran on its way here."""
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    os.kill(os.getpid(), signal.SIGPIPE)
-    os._exit(128 + signal.SIGPIPE)  # (not reached: the signal ends the process)
-
-
-def exit_now(status: int) -> NoReturn:
-    """Exit without the interpreter's teardown, which frees every module one by one
-    (~8 ms of a `mace-ping -c 1`): a run has closed what it opened by the time its command
-    returns, and the kernel frees the rest. Buffered output is written first."""
-    try:
-        for stream in (sys.stdout, sys.stderr):
-            if stream is not None:
-                stream.flush()
-    except BrokenPipeError:
-        end_as_ping_on_broken_pipe()
-    os._exit(status)
 
 
 def drop_privileges() -> None:

@@ -3,7 +3,7 @@ from the raw command line, then the command.
 
 When the run will most likely load its own BPF programs (it may, and no agent and no
 option says otherwise), loading starts on a thread (kernel.early) before the command
-imports typer and its modules and parses its options, so the two overlap: `mace-ping -c 1`
+imports its modules and parses its options, so the two overlap: `mace-ping -c 1`
 alone on a host reaches its first probe ~40 ms sooner (bench start-up: 180 -> 141 ms).
 The guess decides nothing: the command chooses its source from its parsed options as
 always (sources.py), and what was started for nothing is given back (early.release) or
@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from typing import NoReturn
+
+from mace_tools.cli.stdio import closed_stdio_to_devnull, end_as_ping_on_broken_pipe, exit_now
 
 # Options after which the run loads no programs of its own (or does not run at all).
 _NO_LOAD = ("-h", "--help", "-V", "--version", "--list-containers", "--agent")
@@ -81,16 +84,26 @@ def _start_loading(prepare: bool) -> None:
 
 
 def ping() -> NoReturn:
+    closed_stdio_to_devnull()
     _start_loading(prepare=True)
-    from mace_tools.cli.common import exit_now
-    from mace_tools.cli.ping import main
+    from mace_tools.cli.ping import PROG, main
 
-    exit_now(main())
+    _exit_with(PROG, main)
 
 
 def traceroute() -> NoReturn:
+    closed_stdio_to_devnull()
     _start_loading(prepare=False)  # a traceroute chooses its nonce before it asks
-    from mace_tools.cli.common import exit_now
-    from mace_tools.cli.traceroute import main
+    from mace_tools.cli.traceroute import PROG, main
 
-    exit_now(main())
+    _exit_with(PROG, main)
+
+
+def _exit_with(prog: str, main: Callable[[], int]) -> NoReturn:
+    """main's status, the process's exit (stdio.exit_now); a reader of stdout or stderr
+    that went while main wrote its last words (an error line) ends it as ping ends."""
+    try:
+        status = main()
+    except BrokenPipeError:
+        end_as_ping_on_broken_pipe()
+    exit_now(prog, status)

@@ -30,9 +30,7 @@ from mace_tools.cli.common import (
     UINT_MAX,
     ProbeSite,
     check_corrections,
-    closed_stdio_to_devnull,
     drop_privileges,
-    end_as_ping_on_broken_pipe,
     host_name_bytes,
     ip_family,
     output_mode,
@@ -47,6 +45,7 @@ from mace_tools.cli.common import (
 )
 from mace_tools.cli.gnu_options import Option, OptionTable
 from mace_tools.cli.ping_options import strtoul_or_err
+from mace_tools.cli.stdio import closed_stdio_to_devnull, end_as_ping_on_broken_pipe
 from mace_tools.errors import Finished, MaceError
 from mace_tools.probe.sockopts import PMTUDISC, SocketOptions
 
@@ -195,6 +194,7 @@ def ping(
             sndbuf=None if sndbuf is None else strtol_or_err(sndbuf, 1, INT_MAX),
             debug=so_debug, dontroute=dontroute, broadcast=broadcast, noloop=noloop))
     flow = None if flowlabel is None else ping_options.parse_flowlabel(flowlabel)
+    pid_n = None if pid is None else strtol_or_err(pid, 1, INT_MAX, "invalid --pid value")
     ping_options.check_ip_options(record_route, ip_timestamp)
     if host is None and not (version or list_containers):
         raise MaceError("usage error: Destination address required")
@@ -211,7 +211,6 @@ def ping(
     mode = "jsonlines" if json_lines else output_mode(json_out, ndjson)
     interval_s = (0.0 if flood else 1.0) if numbers.interval_s is None else numbers.interval_s
     _check_user_interval(interval_s)
-    pid_n = None if pid is None else strtol_or_err(pid, 1, INT_MAX, "invalid --pid value")
     site = probe_site(netns, pid_n, container, runtime)
     target = _target(host, site, ip_family(ipv4, ipv6))
     flow = flow if ":" in target.addr else None  # (as iputils: IPv4 probes have none)

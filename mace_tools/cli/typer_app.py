@@ -19,8 +19,8 @@ from mace_tools.cli.common import (
     CORRECTIONS_HELP,
     LIST_CONTAINERS_HELP,
     RUNTIME_HELP,
-    closed_stdio_to_devnull,
 )
+from mace_tools.cli.stdio import closed_stdio_to_devnull
 from mace_tools.errors import Finished, MaceError
 
 # The container options, the same in every mace command.

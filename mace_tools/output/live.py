@@ -16,6 +16,7 @@ from typing import IO, Any
 
 from mace_tools.model import Measurement, RunResult, RunSummary
 from mace_tools.output import atlas, text
+from mace_tools.output.writes import write
 from mace_tools.stats import Tally
 
 PROG = "mace-ping"
@@ -47,8 +48,7 @@ class _Sink:
         self.ident: int | None = None  # shown by -v (a raw socket's, or -e's)
 
     def _write(self, line: str) -> None:
-        self.out.write(line + "\n")
-        self.out.flush()
+        write(self.out, line + "\n")
 
     def start(self, source_addr: str, ident: int | None = None) -> None:
         self.source = source_addr
@@ -111,8 +111,7 @@ class TextSink(_Sink):
                                 self.device, self.bound, self.flowlabel))
 
     def _dots(self, chars: str) -> None:
-        self.out.write(chars)
-        self.out.flush()
+        write(self.out, chars)
 
     def sent(self, seq: int) -> None:
         if self.flood and not self.quiet:
@@ -159,7 +158,7 @@ class TextSink(_Sink):
         summary = self._summary(result)
         mace = text.mace_summary(summary, result.kernel, result.source)
         if mace and self.flood and not self.quiet:
-            self.out.write("\n")  # ends the dots' line (else iputils' block does)
+            write(self.out, "\n")  # ends the dots' line (else iputils' block does)
         for line in mace:
             self._write(line)
         self._write(text.summary(self.dst_name, summary))

@@ -20,6 +20,7 @@ from typing import IO, Any
 from mace_tools import __version__
 from mace_tools.model import HopReply, Measurement, TraceResult
 from mace_tools.output.atlas import FW, reply_record
+from mace_tools.output.writes import write
 
 _ERR = {"!X": "A"}  # RIPE Atlas' letter for "administratively prohibited"
 # An address's name (reverse DNS, hosts), None where it has none; None for -n: numeric.
@@ -147,8 +148,7 @@ class TraceOutput:
         self.hops: list[dict[str, Any]] = []
 
     def _write(self, line: str) -> None:
-        self.out.write(line + "\n")
-        self.out.flush()
+        write(self.out, line + "\n")
 
     def start(self, source_addr: str) -> None:
         if self.mode == "text":
