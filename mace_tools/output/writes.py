@@ -11,7 +11,7 @@ from mace_tools.errors import MaceError
 def write(out: IO[str], text: str) -> None:
     """text to out, flushed. A full or failing stdout (ENOSPC, EIO) is iputils' `write
     error: ...` and exit 1; a reader that has gone (BrokenPipeError) is left to the
-    command, which ends as ping does (cli.common.end_as_ping_on_broken_pipe)."""
+    command, which ends as ping does (cli.stdio.end_as_ping_on_broken_pipe)."""
     try:
         out.write(text)
         out.flush()
