@@ -52,8 +52,15 @@ struct mace_run {
 	__u32 token_id;		/* user side only: the id of a map only the run holds; the
 				 * run is alive while that map exists (any pid namespace) */
 	__u32 owner_pid;	/* user side only: its pid, as its own pid namespace saw it */
-	__u32 pad;
+	__u32 probe_gap_ns;	/* the agent's limit on a client's run: a new probe admitted
+				 * every this many ns on average, in bursts of at most
+				 * MACE_PROBE_BURST_NS; 0: no limit (MACE_RUN_HIDE_HOST runs
+				 * only) */
+	__u64 next_probe_ns;	/* kernel side only: the limit's clock (0 when written) */
 };
+
+#define MACE_PROBE_BURST_NS 1000000000ULL /* a limited run may run ahead of its rate by a
+					   * second's worth of probes */
 
 #define MACE_NONCE_BITS 4096	/* nonce_bits: one bit per (first nonce word % 4096) */
 

@@ -558,9 +558,11 @@ class Pinger:
         events, record = self._probes.take(key) if fresh else ((), None)
         if not kernel:
             events, record = (), None
-        if record is None and kernel and session is not None:
+        if record is None and kernel and complete and session is not None:
             # No record: the delivery fired no tracepoint in the prober's netns
-            # (macvlan); the kernel's state still holds the outer device's times.
+            # (macvlan); the kernel's state still holds the outer device's times. (Not
+            # asked when records were lost meanwhile, an agent's client over its
+            # --probe-rate among them: nothing would be corrected from it.)
             record = session.probe_state(key)
         path = stages(events, probe.sent_mono_ns) if events else None
         m = measured(probe, reply, record, complete, path)

@@ -220,6 +220,46 @@ def test_two_clients_at_once_get_their_own_runs(lab: Lab, agent: AgentProcess) -
         assert summary["mace"]["source"] == "agent"
         assert_covered(summary["mace"], 40)
         assert len(records) == 40
+        # one record per answer read from its own ring: the other run's 40 would double it
+        assert summary["mace"]["kernel_records"] == 40, summary["mace"]
+        assert summary["mace"]["kernel_events_lost"] == 0, summary["mace"]
+
+
+@pytest.mark.lab
+def test_a_client_run_past_its_probe_rate_loses_only_its_own_kernel_data(
+        lab: Lab, ping_sockets: None) -> None:
+    """--probe-rate 20: a client run sending 100 probes a second has kernel data for
+    a second's worth of probes at once, then for 20 a second; its other replies are
+    measured raw, and its records counted lost. A run within the limit beside it, on the
+    same agent, has kernel data on every reply."""
+    limited = running_agent(lab, "--probe-rate", "20")
+    try:
+        start = time.monotonic()
+        fast = subprocess.Popen(client_command(lab, 0, limited, "--ndjson", "-c", "150",
+                                               "-i", "0.01"),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=_env())
+        try:
+            within = client_ping(lab, 1, limited, "-c", "8", "-i", "0.1")
+            out, err = fast.communicate(timeout=60)
+        finally:
+            if fast.poll() is None:
+                fast.kill()
+                fast.wait()
+        elapsed_s = time.monotonic() - start
+    finally:
+        assert limited.stop() == 0, limited.log_text()
+    assert within.summary["mace"]["replies_with_kernel_data"] == 8, within.summary["mace"]
+    assert fast.returncode == 0, err
+    records, summary = parse_ndjson(out)
+    assert len(records) == 150  # every reply is shown, raw or corrected
+    mace = summary["mace"]
+    assert mace["source"] == "agent" and mace["kernel_events_lost"] > 0, mace
+    # a second's worth at once, then 20 a second (+1: the first; +2: CPUs racing)
+    assert 20 <= mace["replies_with_kernel_data"] <= 20 + 20 * elapsed_s + 3, \
+        (mace, elapsed_s)
+    assert mace["kernel_records"] == mace["replies_with_kernel_data"] \
+        + mace["late_kernel_stamps"], mace
 
 
 # A client holding a run (records, and the path if argv[3] is "path"): prints its nonce,

@@ -46,6 +46,17 @@ def test_layouts_match_header() -> None:
     assert c_struct_size("mace_switches") == programs.SWITCHES.size
 
 
+def test_a_run_entry_carries_its_probe_limit() -> None:
+    entry = programs.RunEntry(1, 2, 3, 4, 5, programs.probe_gap(20))
+    raw = entry.pack()
+    assert len(raw) == programs.RUN.size
+    assert programs.RunEntry.unpack(raw) == entry
+    assert raw[-8:] == bytes(8)  # the kernel's clock of the limit starts at 0
+    assert programs.probe_gap(20) == 50_000_000
+    assert programs.probe_gap(0) == 0  # no limit
+    assert programs.probe_gap(999_999_999) == 1  # never 0, which would mean no limit
+
+
 def test_probe_state_layout_matches_source() -> None:
     body = re.search(r"struct probe_state {(.*?)};", (SOURCE / "mace.bpf.c").read_text(),
                      re.S).group(1)

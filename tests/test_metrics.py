@@ -221,6 +221,9 @@ def test_probes_are_checked_together() -> None:
     (["--idle-detach", "-1"], "--idle-detach: bad value '-1'"),
     (["--idle-detach", "1e400"], "--idle-detach: bad value '1e400'"),
     (["--idle-detach", "soon"], "--idle-detach: bad value 'soon'"),
+    (["--probe-rate", "-1"], "--probe-rate"),
+    (["--probe-rate", "nan"], "--probe-rate"),
+    (["--probe-rate", "1e9"], "--probe-rate"),
 ])
 def test_agent_refuses_bad_options_in_one_line(args: list[str], why: str) -> None:
     """Checked before anything is loaded or bound: one line, exit status 2."""

@@ -43,6 +43,12 @@ VERSION = 2
 MAX_MESSAGE = 4096
 MAX_FDS = 2  # what an answer carries at most
 DEFAULT_SOCKET = Path("/run/mace/agent.sock")
+# A client run's probes a second with kernel data (mace-agent --probe-rate): 20x what an
+# unprivileged ping may send (-i 0.002 at least); a root client's flood past it is
+# measured raw. The kernel's per-probe states are one LRU map for every run on the host
+# (16384 entries): a client flooding unanswered probes would otherwise evict other runs'
+# probes in flight.
+DEFAULT_PROBE_RATE = 10_000
 _FDS_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 
 

@@ -51,7 +51,7 @@ from mace_tools.agent import listen, protocol
 from mace_tools.agent import peer as peers
 from mace_tools.agent.probeconfig import ProbeSpec
 from mace_tools.agent.probes import PingMetrics, ProbeWorker, probe_idents
-from mace_tools.agent.protocol import ProtocolError
+from mace_tools.agent.protocol import DEFAULT_PROBE_RATE, ProtocolError
 from mace_tools.agent.reservations import Reservations
 from mace_tools.errors import MaceError
 from mace_tools.kernel import native, programs
@@ -72,6 +72,7 @@ class AgentOptions:
     runs_per_client: int = 8
     runs_per_user: int = 64  # rings that still exist, per uid
     runs_per_netns: int = 16  # rings that still exist, per client netns
+    probe_rate: int = DEFAULT_PROBE_RATE  # new probes a second per client run; 0: no limit
     ready_runs: int = 4  # reservations made ahead
     idle_detach_s: float | None = 5.0  # None: the programs stay attached while idle
     verbose: bool = False
@@ -371,7 +372,8 @@ class Agent:
             if not self.options.reveal_path:
                 flags |= programs.RUN_HIDE_HOST
             entry = programs.RunEntry(flags, prober, self.host_netns, self._token_id,
-                                      max(client.peer.pid, 0))
+                                      max(client.peer.pid, 0),
+                                      programs.probe_gap(self.options.probe_rate))
             ring_id = native.map_id(reservation.ring_fd)  # before: nothing may fail after
             self._activate(reservation.nonce, entry)
         except BaseException as exc:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from mace_tools.agent.protocol import DEFAULT_SOCKET
+from mace_tools.agent.protocol import DEFAULT_PROBE_RATE, DEFAULT_SOCKET
 from mace_tools.cli.typer_app import run_app
 from mace_tools.errors import MaceError
 
@@ -57,6 +57,10 @@ def agent(
         "(ring buffers still open count)")] = 16,
     max_clients: Annotated[int, typer.Option(
         "--max-clients", min=1, max=65536, help="concurrent connections")] = 512,
+    probe_rate: Annotated[int, typer.Option(
+        "--probe-rate", min=0, max=1_000_000_000, metavar="N", help="probes a second each "
+        "client run gets kernel data for (a second's worth at once); past it, its probes "
+        "are measured raw and counted lost; 0: no limit")] = DEFAULT_PROBE_RATE,
     metrics: Annotated[str | None, typer.Option(
         "--metrics", metavar="[ADDR:]PORT", help="serve Prometheus metrics on "
         "http://ADDR:PORT/metrics (ADDR: default every IPv4 address; IPv6 in brackets)")
@@ -110,7 +114,8 @@ def agent(
     options = AgentOptions(socket_path=socket_path, group=group, reveal_path=reveal_path,
                            max_clients=max_clients, runs_per_client=runs_per_client,
                            runs_per_user=runs_per_user, runs_per_netns=runs_per_netns,
-                           idle_detach_s=idle_detach_s, verbose=verbose)
+                           probe_rate=probe_rate, idle_detach_s=idle_detach_s,
+                           verbose=verbose)
     with Agent(options) as service, _exporting(service, listen_on) as ping_metrics:
         service.listen()
         print(f"{PROG}: serving on {socket_path}"

@@ -70,7 +70,7 @@ MAPS = {
     "probes": ("mace_probes", "mace_probes"),
     "switches": (".bss", "mace.bss"),  # libbpf names it after the object file
 }
-RUN = struct.Struct("=IIIIII")  # struct mace_run
+RUN = struct.Struct("=IIIIIIQ")  # struct mace_run
 NONCE_BITS = 4096  # MACE_NONCE_BITS
 # struct mace_switches: runs, udp, tcp, errors, build, nonce_bits
 SWITCHES = struct.Struct(f"=IIIIQ{NONCE_BITS // 8}s")
@@ -86,15 +86,23 @@ class RunEntry:
     host_netns: int  # 0: inferred per probe by the kernel
     token_id: int  # a map only the run holds: alive while it exists
     owner_pid: int  # as the run's own pid namespace sees it (for people, not for liveness)
+    probe_gap_ns: int = 0  # the agent's limit on a client's run (probe_gap); 0: none
 
     def pack(self) -> bytes:
+        # (the limit's clock starts at 0: the kernel keeps it)
         return RUN.pack(self.flags, self.prober_netns, self.host_netns, self.token_id,
-                        self.owner_pid, 0)
+                        self.owner_pid, self.probe_gap_ns, 0)
 
     @classmethod
     def unpack(cls, raw: bytes) -> RunEntry:
-        flags, prober, host, token, pid, _ = RUN.unpack(raw)
-        return cls(flags, prober, host, token, pid)
+        flags, prober, host, token, pid, gap, _ = RUN.unpack(raw)
+        return cls(flags, prober, host, token, pid, gap)
+
+
+def probe_gap(probes_per_s: int) -> int:
+    """struct mace_run.probe_gap_ns for a limit of probes_per_s new probes a second (the
+    kernel admits a second's worth at once, then one per gap); 0 (no limit) for 0."""
+    return max(1, round(1_000_000_000 / probes_per_s)) if probes_per_s else 0
 
 
 def alive(entry: RunEntry) -> bool:
