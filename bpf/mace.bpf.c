@@ -889,30 +889,6 @@ static __always_inline void follow_reply(const struct seen_packet *s,
 	bpf_map_delete_elem(&mace_probes, &s->id);
 }
 
-/*
- * The agent's limit on a client's run (struct mace_run.probe_gap_ns): GCRA, one clock per
- * run that moves a gap forward per probe admitted and never stays behind now; a probe
- * that would put it more than MACE_PROBE_BURST_NS ahead is not admitted. Runs on other
- * CPUs may race on the clock: the limit is kept to within a probe or two, and nothing
- * else depends on it. What a run over its limit loses is its own kernel data: the
- * probes' states in the map every run shares (mace_probes, an LRU map that a flood of
- * unanswered probes would otherwise empty of other runs' probes in flight), their
- * records and events.
- */
-static __always_inline bool within_limit(struct mace_run *run)
-{
-	__u64 now, next;
-
-	if (!run->probe_gap_ns)
-		return true;
-	now = bpf_ktime_get_ns();
-	next = run->next_probe_ns > now ? run->next_probe_ns : now;
-	if (next - now > MACE_PROBE_BURST_NS)
-		return false;
-	run->next_probe_ns = next + run->probe_gap_ns;
-	return true;
-}
-
 /* A run the agent serves (MACE_RUN_HIDE_HOST) hears only of probes seen leaving its own
  * netns, and of their answers: its nonce is no password (it is on the wire), so a probe
  * carrying it from anywhere else must not reach its records or its path. Leaving the
@@ -922,10 +898,6 @@ static __always_inline bool admitted(const struct seen_packet *s, __u32 netns, _
 {
 	if (s->packet == MACE_PKT_REQUEST && hook == MACE_HOOK_XMIT &&
 	    netns == s->run->prober_netns) {
-		if (!within_limit(s->run)) {
-			count_lost(s->id.nonce); /* its probes in flight get no correction */
-			return false;
-		}
 		if (!(s->run->flags & MACE_RUN_RECORDS && is_icmp(s))) {
 			struct probe_state fresh = {.host_netns = s->run->host_netns};
 
@@ -934,6 +906,33 @@ static __always_inline bool admitted(const struct seen_packet *s, __u32 netns, _
 		return true;
 	}
 	return bpf_map_lookup_elem(&mace_probes, &s->id) != NULL;
+}
+
+/*
+ * The agent's limit on a client's run (struct mace_run.probe_gap_ns), checked as a request
+ * leaves the prober netns: GCRA, one clock per run that moves a gap forward per crossing
+ * admitted and never stays behind now; one that would put it more than
+ * MACE_PROBE_BURST_NS ahead is refused. Runs on other CPUs may race on the clock: the
+ * limit is kept to within a probe or two, and nothing else depends on it. A refused probe
+ * gets no state in the map every run shares (mace_probes, an LRU map that a flood of
+ * unanswered probes would otherwise empty of other runs' probes in flight), so no record;
+ * and no event of its run's path where it left (an agent's client, MACE_RUN_HIDE_HOST,
+ * none anywhere: admitted() finds no state).
+ */
+static __always_inline bool within_limit(struct mace_run *run)
+{
+	__u64 now, next, at;
+
+	if (!run->probe_gap_ns)
+		return true;
+	now = bpf_ktime_get_ns();
+	/* one read (volatile): another CPU may write it meanwhile */
+	at = *(volatile __u64 *)&run->next_probe_ns;
+	next = at > now ? at : now;
+	if (next - now > MACE_PROBE_BURST_NS)
+		return false;
+	*(volatile __u64 *)&run->next_probe_ns = next + run->probe_gap_ns;
+	return true;
 }
 
 /* What every probe or answer of a run gets, once found (record4, record6): its arrival
@@ -958,6 +957,11 @@ static __always_inline int act(const struct sk_buff *skb, const struct net_devic
 	 * calls cost more than the rest of act(). */
 	ifindex = dev->ifindex;
 	netns = dev->nd_net.net->ns.inum;
+	if (s->packet == MACE_PKT_REQUEST && hook == MACE_HOOK_XMIT &&
+	    netns == s->run->prober_netns && !within_limit(s->run)) {
+		count_lost(s->id.nonce); /* its probes in flight get no correction */
+		return 0;
+	}
 	if (s->run->flags & MACE_RUN_HIDE_HOST && !admitted(s, netns, hook))
 		return 0;
 

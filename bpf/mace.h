@@ -54,8 +54,7 @@ struct mace_run {
 	__u32 owner_pid;	/* user side only: its pid, as its own pid namespace saw it */
 	__u32 probe_gap_ns;	/* the agent's limit on a client's run: a new probe admitted
 				 * every this many ns on average, in bursts of at most
-				 * MACE_PROBE_BURST_NS; 0: no limit (MACE_RUN_HIDE_HOST runs
-				 * only) */
+				 * MACE_PROBE_BURST_NS; 0: no limit */
 	__u64 next_probe_ns;	/* kernel side only: the limit's clock (0 when written) */
 };
 

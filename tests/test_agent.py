@@ -228,13 +228,14 @@ def test_two_clients_at_once_get_their_own_runs(lab: Lab, agent: AgentProcess) -
 
 
 @pytest.mark.lab
+@pytest.mark.parametrize("reveal", [[], ["--reveal-path"]])
 def test_a_client_run_past_its_probe_rate_loses_only_its_own_kernel_data(
-        lab: Lab, ping_sockets: None) -> None:
+        lab: Lab, ping_sockets: None, reveal: list[str]) -> None:
     """--probe-rate 20: a client run sending 100 probes a second has kernel data for
     a second's worth of probes at once, then for 20 a second; its other replies are
     measured raw, and its records counted lost. A run within the limit beside it, on the
     same agent, has kernel data on every reply."""
-    limited = running_agent(lab, "--probe-rate", "20")
+    limited = running_agent(lab, "--probe-rate", "20", *reveal)
     try:
         start = time.monotonic()
         fast = subprocess.Popen(client_command(lab, 0, limited, "--ndjson", "-c", "150",
@@ -260,6 +261,9 @@ def test_a_client_run_past_its_probe_rate_loses_only_its_own_kernel_data(
     # a second's worth at once, then 20 a second (+1: the first; +2: CPUs racing)
     assert 20 <= mace["replies_with_kernel_data"] <= 20 + 20 * elapsed_s + 3, \
         (mace, elapsed_s)
+    # and not the burst alone: the second half of the run (past the ~26 of the burst)
+    late = [r for r in records if r["seq"] > 75 and r.get("rtt_corrected") is not None]
+    assert 5 <= len(late) < 75, len(late)
 
 
 # A client holding a run (records, and the path if argv[3] is "path"): prints its nonce,

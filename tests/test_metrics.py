@@ -223,7 +223,8 @@ def test_probes_are_checked_together() -> None:
     (["--idle-detach", "soon"], "--idle-detach: bad value 'soon'"),
     (["--probe-rate", "-1"], "--probe-rate"),
     (["--probe-rate", "nan"], "--probe-rate"),
-    (["--probe-rate", "1e9"], "--probe-rate"),
+    (["--probe-rate", "1e9"], "--probe-rate"),  # (a whole number only)
+    (["--probe-rate", "1000000001"], "--probe-rate"),
 ])
 def test_agent_refuses_bad_options_in_one_line(args: list[str], why: str) -> None:
     """Checked before anything is loaded or bound: one line, exit status 2."""
