@@ -260,6 +260,10 @@ class Pinger:
                                                  path=opts.path)
             else:
                 self.nonce = session.open_events(None)
+            rate = session.probe_rate
+            if rate and opts.interval_s * rate < 1:  # (-f, -i 0: as fast as replies come)
+                self.sink.warning(f"mace-agent gives kernel data to {rate} probes a second "
+                                  "of a run: past that, replies are measured raw")
             self._filter_replies(sock)
             self._template = EchoTemplate(self.ident, self.nonce, opts.size, opts.pattern,
                                           self.family)

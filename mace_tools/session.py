@@ -41,6 +41,7 @@ class EventSource(Protocol):
 
     nonce: bytes
     kind: str  # "local" or "agent": mace.source in the JSON outputs
+    probe_rate: int  # new probes a second the run gets kernel data for; 0: no limit
 
     @property
     def fd(self) -> int: ...
@@ -207,6 +208,12 @@ class Session:
         """The event source's lost count (0 without one): a probe in flight while it
         changed may miss events, and gets no correction."""
         return self._lost_now()
+
+    @property
+    def probe_rate(self) -> int:
+        """The event source's limit on the run's new probes a second (mace-agent
+        --probe-rate); 0: none, or no source."""
+        return self._events.probe_rate if self._events is not None else 0
 
     def probe_state(self, number: int) -> ProbeRecord | None:
         """A probe's state as the kernel holds it, for a reply that came with no record

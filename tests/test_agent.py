@@ -253,7 +253,10 @@ def test_a_client_run_past_its_probe_rate_loses_only_its_own_kernel_data(
     finally:
         assert limited.stop() == 0, limited.log_text()
     assert within.summary["mace"]["replies_with_kernel_data"] == 8, within.summary["mace"]
+    assert "probes a second" not in within.stderr  # 10 a second: within the limit
     assert fast.returncode == 0, err
+    assert err.splitlines() == ["mace-ping: mace-agent gives kernel data to 20 probes a "
+                                "second of a run: past that, replies are measured raw"], err
     records, summary = parse_ndjson(out)
     assert len(records) == 150  # every reply is shown, raw or corrected
     mace = summary["mace"]

@@ -29,6 +29,7 @@ class FakeEvents:
     """An event source that only logs what the run asks of it."""
 
     kind = "local"
+    probe_rate = 0
 
     def __init__(self, log: list[tuple[str, int]], nonce: bytes = NONCE) -> None:
         self.log = log

@@ -77,8 +77,9 @@ class AgentEvents:
 
     def __init__(self, conn: socket.socket, run_id: int, nonce: bytes, ring_fd: int,
                  lost_fd: int, ring_bytes: int,
-                 warn: Callable[[str], None] | None = None) -> None:
+                 warn: Callable[[str], None] | None = None, probe_rate: int = 0) -> None:
         self.nonce = nonce
+        self.probe_rate = probe_rate  # the agent's limit on this run (0: none)
         self._conn = conn
         self._run = run_id
         self._fds = (ring_fd, lost_fd)
@@ -182,13 +183,17 @@ def open_run(path: Path, warn: Callable[[str], None] | None = None, /,
             nonce = bytes.fromhex(str(answer.get("nonce")))
             run_id = protocol.integer(answer, "run", 1, 2**31 - 1)
             ring_bytes = protocol.integer(answer, "ring_bytes", mmap.PAGESIZE, 1 << 30)
+            # (an agent before --probe-rate does not say: no limit)
+            probe_rate = protocol.integer(answer, "probe_rate", 0, 1_000_000_000) \
+                if "probe_rate" in answer else 0
             if len(fds) != 2 or len(nonce) != 8 or ring_bytes & (ring_bytes - 1):
                 raise ValueError
         except (ValueError, MaceError):
             protocol.close_all(fds)
             raise MaceError("mace-agent: a malformed answer to a run request") from None
         try:
-            return AgentEvents(conn, run_id, nonce, fds[0], fds[1], ring_bytes, warn)
+            return AgentEvents(conn, run_id, nonce, fds[0], fds[1], ring_bytes, warn,
+                               probe_rate)
         except (OSError, ValueError) as exc:
             protocol.close_all(fds)
             raise MaceError(f"cannot map the run's ring buffer: {exc}") from None

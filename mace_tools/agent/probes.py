@@ -64,6 +64,7 @@ class OwnRun:
     """session.EventSource for a run of the agent's own set, read in the agent."""
 
     kind = "agent"
+    probe_rate = 0  # the agent's own runs are not limited
 
     def __init__(self, slots: RunSlots, reservation: programs.Reservation) -> None:
         self.nonce = reservation.nonce

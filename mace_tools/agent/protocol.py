@@ -10,10 +10,12 @@ line for people). A connection is a client: its runs end when it closes.
 
   {"v":2, "op":"run", "records":B, "path":B, "udp":B, "tcp":B, "errors":B}
       -> {"v":2, "ok":true, "run":ID, "nonce":"16 hex digits", "ring_bytes":N,
-          "host_details":B}  with two fds (SCM_RIGHTS): the run's ring buffer (mmap it
-          as libbpf's ring_buffer does) and its lost-records counter (one u64, mmap it
-          read-only). The run probes from the client's own netns; host_details: false
-          when host-side device names and addresses are withheld (agent --reveal-path).
+          "host_details":B, "probe_rate":N}  with two fds (SCM_RIGHTS): the run's ring
+          buffer (mmap it as libbpf's ring_buffer does) and its lost-records counter (one
+          u64, mmap it read-only). The run probes from the client's own netns;
+          host_details: false when host-side device names and addresses are withheld
+          (agent --reveal-path); probe_rate: the new probes a second the run gets kernel
+          data for (agent --probe-rate; 0: no limit; an agent before it sends none).
   {"v":2, "op":"state", "run":ID, "number":N}
       -> {"v":2, "ok":true, "state": null | {"departed":NS, "returned":NS,
           "delivered":NS, "outer_netns":INO, "outer_ifindex":I, "outer_dev":"NAME",

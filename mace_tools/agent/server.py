@@ -389,7 +389,8 @@ class Agent:
         if self.options.verbose:
             self._log(f"client pid {client.peer.pid}: run {run_id} netns {prober}")
         return ({"ok": True, "run": run_id, "nonce": reservation.nonce.hex(),
-                 "ring_bytes": programs.RING_BYTES, "host_details": self.options.reveal_path},
+                 "ring_bytes": programs.RING_BYTES, "host_details": self.options.reveal_path,
+                 "probe_rate": self.options.probe_rate},
                 (reservation.ring_fd, reservation.lost_fd))
 
     def _live_rings(self, key: tuple[str, int]) -> int:

@@ -72,6 +72,7 @@ class Backend:
     """A run's membership in the program set plus its ring buffer; a context manager."""
 
     kind = "local"  # session.EventSource: the programs this process joined or loaded
+    probe_rate = 0  # a run of its own is not limited
 
     def __init__(self, nonce: bytes, obj_path: Path | None = None, *, records: bool = False,
                  path: bool = True, udp: bool = False, tcp: bool = False,
