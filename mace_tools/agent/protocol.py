@@ -48,8 +48,8 @@ DEFAULT_SOCKET = Path("/run/mace/agent.sock")
 # A client run's probes a second with kernel data (mace-agent --probe-rate): 20x what an
 # unprivileged ping may send (-i 0.002 at least); a root client's flood past it is
 # measured raw. The kernel's per-probe states are one LRU map for every run on the host
-# (16384 entries): a client flooding unanswered probes would otherwise evict other runs'
-# probes in flight.
+# (16384 entries): the limit bounds how fast one run can fill it with unanswered probes,
+# evicting other runs' probes in flight.
 DEFAULT_PROBE_RATE = 10_000
 _FDS_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 
